@@ -1,0 +1,63 @@
+"""The ``rayseg`` console script: one subcommand per job.
+
+Each subcommand is a thin module ``jobs/<name>.py`` exposing ``add_parser(subparsers)`` and
+``run(args) -> int``.  Modules import cheaply; heavy imports (ray, torch) happen inside ``run``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+SUBCOMMANDS = ("demo", "validate", "pack", "train", "predict", "evaluate", "serve", "bench")
+
+DESCRIPTION = """\
+rayseg: U-Net image segmentation on Ray, from a laptop to a cluster.
+
+Data flows one way: object storage -> ingest -> train | batch predict | serve -> Parquet.
+Every URI may be a local path, file://, or s3:// (endpoint and keys come from the standard
+AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO).  Run `rayseg <command> --help` for details.
+"""
+
+EPILOG = """\
+typical flow:
+  rayseg demo                                    # everything, end to end, on generated data
+  rayseg validate data/manifest.csv --num-classes 3
+  rayseg pack data/manifest.csv --out s3://bucket/shards/
+  rayseg train --config jobs/configs/train_sample.yaml --set max_iterations=200
+  rayseg predict --model runs/models/unet/v1 --input s3://bucket/shards/ --out s3://bucket/preds/
+  rayseg evaluate --predictions s3://bucket/preds/ --manifest data/manifest.csv
+  rayseg serve --model runs/models/unet/v1
+  rayseg bench all
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="rayseg",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"jobs.{name}")
+        sp = module.add_parser(sub)
+        sp.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rayseg`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

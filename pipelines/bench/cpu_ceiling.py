@@ -1,0 +1,56 @@
+"""``cpu_ceiling``: the fp32 GEMM rate of this machine, the roof the U-Net step is measured against.
+
+torch's GEMM (the path U-Net convolutions lower to) is timed beside numpy's BLAS on the same
+matrices; ``ratio`` is torch / numpy.  On a GPU it times a bf16 GEMM instead.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.bench.common import bench_device, time_fn
+
+
+def gemm_gflops(n: int, *, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n matrix multiply (2 n^3 flops)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_fn(lambda: torch.mm(a, b), device, warmup=2, repeats=repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def numpy_gflops(n: int, *, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    seconds = time_fn(lambda: a @ b, torch.device("cpu"), warmup=2, repeats=repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def measure_ceiling(quick: bool = False) -> dict[str, float]:
+    """Best GEMM GFLOP/s over a few sizes (fp32 on CPU, bf16 on GPU)."""
+    device, amp = bench_device()
+    dtype = amp or torch.float32
+    sizes = (512, 1024) if quick else (1024, 2048)
+    best = max(gemm_gflops(n, device=device, dtype=dtype) for n in sizes)
+    return {"torch_gemm_gflops": best, "n": float(sizes[-1])}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    device, amp = bench_device()
+    ceiling = measure_ceiling(quick)
+    n = 1024 if quick else 2048
+    figures: dict[str, Any] = {
+        "device": device.type,
+        "dtype": str(amp or torch.float32).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch_gemm_gflops": round(ceiling["torch_gemm_gflops"], 2),
+    }
+    if device.type == "cpu":
+        figures["numpy_gemm_gflops"] = round(numpy_gflops(n), 2)
+        ratio = figures["torch_gemm_gflops"] / figures["numpy_gemm_gflops"]
+    else:
+        ratio = 1.0
+    return {"bench": "cpu_ceiling", "figures": figures, "ratio": round(ratio, 3),
+            "goal": "info (torch/numpy GEMM)"}

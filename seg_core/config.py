@@ -1,0 +1,171 @@
+"""Frozen configuration dataclasses shared by every layer.
+
+One dataclass per concern (model, masks, preprocessing).  Jobs build them once from YAML/CLI;
+everything below receives typed objects.  ``to_dict``/``from_dict`` exist for the artifact's
+JSON and for Ray, which wants plain dicts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+NormKind = Literal["batch", "group"]
+UpsampleKind = Literal["transpose", "bilinear"]
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
+    """Build a (possibly nested) frozen dataclass from a dict, rejecting unknown keys.
+
+    Lists become tuples so that the result stays hashable and frozen.
+    """
+    data = dict(data or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}: unknown key(s) {unknown}; expected some of {sorted(names)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        sub = _dataclass_type(names[name].type)
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value)
+        kwargs[name] = _freeze(value)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-JSON view of a config dataclass (tuples become lists)."""
+    return _thaw(dataclasses.asdict(obj))
+
+
+def _dataclass_type(annotation: Any) -> type | None:
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    name = name.split("|")[0].strip()
+    return _REGISTRY.get(name)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """U-Net shape.  ``depth`` down-sampling stages; widths double per stage from ``base_width``."""
+
+    in_channels: int = 3
+    num_classes: int = 2
+    depth: int = 4
+    base_width: int = 16
+    norm: NormKind = "batch"
+    upsample: UpsampleKind = "transpose"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1 or self.num_classes < 1:
+            raise ValueError(
+                f"ModelConfig: in_channels and num_classes must be >= 1, got "
+                f"{self.in_channels} and {self.num_classes}"
+            )
+        if not 1 <= self.depth <= 6:
+            raise ValueError(f"ModelConfig: depth must be in 1..6, got {self.depth}")
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"ModelConfig: norm must be 'batch' or 'group', got {self.norm!r}")
+        if self.upsample not in ("transpose", "bilinear"):
+            raise ValueError(
+                f"ModelConfig: upsample must be 'transpose' or 'bilinear', got {self.upsample!r}"
+            )
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How mask files map to classes.
+
+    - ``mask_values``: raw grey values in class order, e.g. ``(0, 255)`` for ISBI (value 0 ->
+      class 0).  ``None`` means the raw value *is* the class index.
+    - ``palette``: RGB colours in class order, for colour masks.
+    - ``ignore_index``: class id that losses and metrics skip; raw pixels equal to it are kept as
+      "ignore" when ``mask_values`` is None.
+    - ``multilabel``: each class is its own binary channel (one file per class, or a
+      multi-channel TIFF); classes may overlap.
+    """
+
+    num_classes: int = 2
+    class_names: tuple[str, ...] = ()
+    mask_values: tuple[int, ...] | None = None
+    palette: tuple[tuple[int, int, int], ...] | None = None
+    ignore_index: int = 255
+    multilabel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"MaskSpec: num_classes must be >= 1, got {self.num_classes}")
+        for name, seq in (("mask_values", self.mask_values), ("palette", self.palette)):
+            if seq is not None and len(seq) != self.num_classes:
+                raise ValueError(
+                    f"MaskSpec: {name} has {len(seq)} entries but num_classes={self.num_classes}; "
+                    f"give one entry per class"
+                )
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"MaskSpec: {len(self.class_names)} class_names for num_classes={self.num_classes}"
+            )
+        if 0 <= self.ignore_index < self.num_classes and not self.multilabel:
+            raise ValueError(
+                f"MaskSpec: ignore_index={self.ignore_index} collides with a class id "
+                f"(0..{self.num_classes - 1}); pick a value >= num_classes, e.g. 255"
+            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Class names, defaulting to ``class_0 … class_{K-1}``."""
+        return self.class_names or tuple(f"class_{i}" for i in range(self.num_classes))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Deterministic image -> tensor steps, stored in the artifact so that train, batch and serve agree.
+
+    Images are scaled to [0, 1] by their dtype's range, converted to ``channels`` (1 = grey,
+    3 = RGB; alpha is dropped), optionally resized to ``resize`` (H, W), then normalised.
+    Inference on a resized model resizes probabilities back to the input size.
+    """
+
+    channels: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    resize: tuple[int, int] | None = None
+    tile_size: int = 256
+    tile_overlap: float = 0.25
+    max_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"Preprocessing: channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"Preprocessing: mean/std need {self.channels} entries, got "
+                f"{len(self.mean)} and {len(self.std)}"
+            )
+        if not 0.0 <= self.tile_overlap < 1.0:
+            raise ValueError(f"Preprocessing: tile_overlap must be in [0, 1), got {self.tile_overlap}")
+
+
+_REGISTRY: dict[str, type] = {
+    "ModelConfig": ModelConfig,
+    "MaskSpec": MaskSpec,
+    "Preprocessing": Preprocessing,
+}
