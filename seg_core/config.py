@@ -7,7 +7,8 @@ JSON and for Ray, which wants plain dicts.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 NormKind = Literal["batch", "group"]
@@ -23,6 +24,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
     """
     data = dict(data or {})
     names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(
@@ -30,7 +32,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        sub = _dataclass_type(names[name].type)
+        sub = _dataclass_type(hints[name])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value)
         kwargs[name] = _freeze(value)
@@ -43,9 +45,12 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def _dataclass_type(annotation: Any) -> type | None:
-    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    name = name.split("|")[0].strip()
-    return _REGISTRY.get(name)
+    """The dataclass inside ``annotation`` (``X`` or ``X | None``), if any."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if dataclasses.is_dataclass(candidate):
+            return candidate  # type: ignore[return-value]
+    return None
 
 
 def _freeze(value: Any) -> Any:
@@ -163,9 +168,3 @@ class Preprocessing:
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"Preprocessing: tile_overlap must be in [0, 1), got {self.tile_overlap}")
 
-
-_REGISTRY: dict[str, type] = {
-    "ModelConfig": ModelConfig,
-    "MaskSpec": MaskSpec,
-    "Preprocessing": Preprocessing,
-}
