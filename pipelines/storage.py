@@ -1,0 +1,293 @@
+"""The one place that knows about storage: URIs -> filesystems, small-object helpers, Arrow schemas.
+
+Every other module passes plain URIs (``s3://bkt/key``, ``gs://bkt/key``, ``file:///abs``, or a local
+path).  The S3 endpoint and credentials come from ``storage_options`` or, failing that, the standard
+AWS variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so MinIO and
+moto work with the same code as AWS.
+
+Ray Data accepts the ``pyarrow.fs.FileSystem`` returned by :func:`filesystem_for` together with the
+scheme-less path it returns.  Ray Train's ``RunConfig(storage_filesystem=fs)`` needs that scheme-less
+path too (notes §1.1: with ``s3://`` the TrainController dies).  Code that opens URIs *inside* Ray
+tasks should call :func:`resolve_options` on the driver and ship the resulting dict, so the workers
+see the driver's endpoint even when their environment lacks it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+StorageOptions = Mapping[str, Any]
+
+_S3_ENV = (
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+)
+# storage_options keys we understand, with their fsspec/s3fs spellings as aliases.
+_ALIASES = {
+    "endpoint_url": "endpoint_override", "key": "access_key", "secret": "secret_key",
+    "token": "session_token", "region_name": "region", "anon": "anonymous",
+}
+_S3_KEYS = ("endpoint_override", "access_key", "secret_key", "session_token", "region",
+            "anonymous", "scheme", "request_timeout", "connect_timeout")
+
+# --------------------------------------------------------------------------------------- schemas
+
+SHARD_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image_bytes", pa.binary()),          # original encoded image (null: file missing)
+    pa.field("mask_bytes", pa.binary()),           # original lossless mask (see pack_mask_parts)
+    pa.field("image_format", pa.string()),         # png | jpeg | bmp | gif | tiff | null
+    pa.field("height", pa.int32()),                # null when the image does not decode
+    pa.field("width", pa.int32()),
+    pa.field("source_uri", pa.string()),           # where image_bytes came from
+    pa.field("mask_uri", pa.string()),
+    pa.field("sha256", pa.string()),               # of image_bytes
+    pa.field("split", pa.string()),
+    pa.field("fold", pa.int32()),
+])
+"""One packed image/mask pair per row (``rayseg pack``)."""
+
+QUARANTINE_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("image_uri", pa.string()),
+    pa.field("mask_uri", pa.string()),
+    pa.field("stage", pa.string()),                # validate | pack | train | predict | serve
+    pa.field("reason", pa.string()),               # seg_core.errors.Reason
+    pa.field("message", pa.string()),
+    pa.field("hint", pa.string()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
+"""One rejected input per row, with the stable reason code and a hint for the fix."""
+
+PREDICTION_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string()),
+    pa.field("source_sha256", pa.string()),
+    pa.field("model_name", pa.string()),
+    pa.field("model_version", pa.string()),
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("mask_png", pa.binary()),             # class-id mask (multi-class) as PNG
+    pa.field("class_mask_pngs", pa.list_(pa.binary())),   # one binary PNG per class
+    pa.field("class_pixel_counts", pa.list_(pa.int64())),
+    pa.field("mean_confidence", pa.float32()),
+    pa.field("confidence_png", pa.binary(), nullable=True),
+    pa.field("request_id", pa.string(), nullable=True),   # serve only
+    pa.field("latency_ms", pa.float32(), nullable=True),  # serve only
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
+"""One predicted mask per row; written by batch predict and by the Serve endpoint."""
+
+# ---------------------------------------------------------------------------------- filesystems
+
+
+def scheme_of(uri: str) -> str:
+    """``"s3"``, ``"gs"``, ... or ``"file"`` for local paths."""
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def is_local(uri: str) -> bool:
+    return scheme_of(uri) == "file"
+
+
+def strip_scheme(uri: str) -> str:
+    """``s3://bkt/p`` -> ``bkt/p``; ``file:///a/b`` and relative paths -> absolute local path."""
+    if is_local(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.abspath(os.path.expanduser(path))
+    return uri.split("://", 1)[1]
+
+
+def resolve_options(storage_options: StorageOptions | None = None) -> dict[str, Any]:
+    """Explicit S3 options: ``storage_options`` (fsspec or pyarrow spellings) over the AWS env vars.
+
+    The result is a plain dict, safe to ship to Ray workers.
+    """
+    opts: dict[str, Any] = {}
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_override"] = endpoint
+    for key, var in (("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY"),
+                     ("session_token", "AWS_SESSION_TOKEN")):
+        if env.get(var):
+            opts[key] = env[var]
+    region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")
+    if region:
+        opts["region"] = region
+    for key, value in (storage_options or {}).items():
+        name = _ALIASES.get(key, key)
+        if name == "client_kwargs" and isinstance(value, Mapping):   # s3fs style
+            if value.get("endpoint_url"):
+                opts["endpoint_override"] = value["endpoint_url"]
+            if value.get("region_name"):
+                opts["region"] = value["region_name"]
+            continue
+        if name not in _S3_KEYS:
+            raise ValueError(
+                f"storage_options: unknown key {key!r}; expected some of "
+                f"{sorted(set(_S3_KEYS) | set(_ALIASES))}"
+            )
+        opts[name] = value
+    return opts
+
+
+def filesystem_for(uri: str, storage_options: StorageOptions | None = None
+                   ) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow filesystem, path without scheme)`` for ``uri``.
+
+    Filesystems are cached per scheme and options, so calling this per object is cheap.
+    """
+    scheme = scheme_of(uri)
+    path = strip_scheme(uri)
+    opts = resolve_options(storage_options) if scheme in ("s3", "s3a") else {}
+    return _filesystem(scheme, tuple(sorted(opts.items()))), path
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme: str, opts: tuple[tuple[str, Any], ...]) -> pafs.FileSystem:
+    if scheme == "file":
+        return pafs.LocalFileSystem()
+    if scheme in ("s3", "s3a"):
+        kw = dict(opts)
+        endpoint = kw.get("endpoint_override")
+        if endpoint:
+            kw.setdefault("scheme", "http" if str(endpoint).startswith("http://") else "https")
+            # pyarrow wants host:port when scheme is separate; it also accepts the full URL.
+        kw.setdefault("region", "us-east-1")   # avoids a region lookup against the endpoint
+        return pafs.S3FileSystem(**kw)
+    if scheme == "gs":
+        return pafs.GcsFileSystem()
+    import fsspec   # anything else (memory://, az://, ...) through fsspec
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
+
+
+def _with_scheme(uri: str, path: str) -> str:
+    """Re-attach ``uri``'s scheme to a scheme-less ``path`` returned by a filesystem."""
+    return path if is_local(uri) else f"{scheme_of(uri)}://{path}"
+
+
+# ------------------------------------------------------------------------------------ URI helpers
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto ``base`` with ``/`` (keeps the scheme; ``..`` is normalised)."""
+    if is_local(base):
+        return os.path.normpath(os.path.join(strip_scheme(base), *parts))
+    scheme, rest = base.split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, *parts))}"
+
+
+def parent_uri(uri: str) -> str:
+    """The directory holding ``uri``."""
+    if is_local(uri):
+        return os.path.dirname(strip_scheme(uri))
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+
+
+def resolve_against(base_dir: str, ref: str) -> str:
+    """``ref`` if it is absolute (scheme or ``/``), else ``ref`` relative to ``base_dir``."""
+    if "://" in ref or (is_local(base_dir) and os.path.isabs(ref)):
+        return ref
+    return join_uri(base_dir, ref)
+
+
+# ----------------------------------------------------------------------------------- object I/O
+
+
+def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
+    """Whole object as bytes.  Raises ``FileNotFoundError`` when it does not exist."""
+    fs, path = filesystem_for(uri, storage_options)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+    """Create or replace one object (local parent directories are created)."""
+    fs, path = filesystem_for(uri, storage_options)
+    if is_local(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def open_uri(uri: str, mode: str = "rb", storage_options: StorageOptions | None = None):
+    """A binary file object (``rb`` random access, ``wb`` stream) for ``uri``."""
+    fs, path = filesystem_for(uri, storage_options)
+    if mode == "rb":
+        return fs.open_input_file(path)
+    if mode == "wb":
+        if is_local(uri):
+            fs.create_dir(os.path.dirname(path), recursive=True)
+        return fs.open_output_stream(path)
+    raise ValueError(f"open_uri: mode must be 'rb' or 'wb', got {mode!r}")
+
+
+def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
+    """True when ``uri`` is an existing object or directory (prefix)."""
+    fs, path = filesystem_for(uri, storage_options)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_uri(prefix: str, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
+             storage_options: StorageOptions | None = None) -> list[str]:
+    """Sorted URIs of the files under ``prefix`` (optionally only those ending in ``suffixes``)."""
+    fs, path = filesystem_for(prefix, storage_options)
+    selector = pafs.FileSelector(path.rstrip("/"), recursive=recursive, allow_not_found=True)
+    lowered = tuple(s.lower() for s in suffixes)
+    return sorted(
+        _with_scheme(prefix, info.path) for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File and (not lowered or info.path.lower().endswith(lowered))
+    )
+
+
+def copy_dir_to_local(uri: str, local_dir: str | os.PathLike,
+                      storage_options: StorageOptions | None = None) -> Path:
+    """Download every file under ``uri`` into ``local_dir`` (a local ``uri`` is copied too)."""
+    fs, path = filesystem_for(uri, storage_options)
+    dest = Path(local_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(dest), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def copy_dir_from_local(local_dir: str | os.PathLike, uri: str,
+                        storage_options: StorageOptions | None = None) -> str:
+    """Upload every file under ``local_dir`` to ``uri``; returns ``uri``."""
+    fs, path = filesystem_for(uri, storage_options)
+    if is_local(uri):
+        fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    return uri
+
+
+def s3_env() -> dict[str, str]:
+    """The AWS variables set on this process, for a Ray ``runtime_env={"env_vars": ...}``."""
+    return {name: os.environ[name] for name in _S3_ENV if os.environ.get(name)}
+
+
+def write_table(table: pa.Table, uri: str, storage_options: StorageOptions | None = None) -> str:
+    """Write one Parquet file at ``uri`` (zstd); returns ``uri``."""
+    import pyarrow.parquet as pq
+
+    with open_uri(uri, "wb", storage_options) as sink:
+        pq.write_table(table, sink, compression="zstd")
+    return uri
+
+
+def read_table(uri: str, storage_options: StorageOptions | None = None) -> pa.Table:
+    """Read a Parquet file or a directory of Parquet files at ``uri``."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(uri, storage_options)
+    return pq.read_table(path, filesystem=fs)
