@@ -11,6 +11,7 @@ from PIL import Image, ImageFile
 from seg_core.codecs import decode_image, decode_mask, encode_png, sniff_format
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
+from seg_core.sample_data import png_bomb
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (17, 23, 3), dtype=np.uint8)
@@ -215,11 +216,11 @@ def test_corrupt_header() -> None:
 
 
 def test_bomb_refused_before_decode() -> None:
-    # 1-bit 20000 x 20000 PNG compresses to a few kB: refused from the header.
-    buffer = io.BytesIO()
-    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
-    assert len(buffer.getvalue()) < 200_000
-    assert refusal(decode_image, buffer.getvalue()).reason == "too_many_pixels"
+    # A valid blank 1-bit 20000 x 20000 PNG of ~50 kB: refused from the header.
+    bomb = png_bomb(20000, 20000)
+    assert len(bomb) < 100_000
+    assert refusal(decode_image, bomb).reason == "too_many_pixels"
+    assert refusal(decode_image, bomb, max_pixels=10**12).reason == "too_many_pixels"  # PIL's guard
     small = pil_bytes(GREY, "PNG")
     assert refusal(decode_image, small, max_pixels=100).reason == "too_many_pixels"
     assert refusal(decode_image, tiff_bytes(GREY), max_pixels=100).reason == "too_many_pixels"

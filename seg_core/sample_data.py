@@ -1,0 +1,218 @@
+"""A small, learnable synthetic segmentation dataset and a set of deliberately bad files.
+
+Scenes hold discs, rectangles and triangles on a textured background.  Each shape type has its own
+colour and texture, so a U-Net learns it in a few epochs; noise and blur keep it from being trivial.
+
+- Multi-class: class 0 is background, class ``1 + t`` is shape type ``t`` (``num_classes`` 2..4).
+  Masks are single PNG index masks; later shapes occlude earlier ones.
+- Multi-label: one channel per shape type (``num_classes`` 1..3), no background channel; shapes
+  may overlap and are blended in the image.  Masks are one binary PNG per class (0/255), joined
+  with ``;`` in the manifest's mask column.
+
+Images cycle through ``formats`` (PNG, JPEG, BMP, GIF, TIFF); masks are always lossless PNG.
+Everything is a pure function of ``seed`` (each sample has its own generator ``[seed, index]``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import struct
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from seg_core.codecs import encode_png
+
+SHAPES: tuple[str, ...] = ("disc", "rectangle", "triangle")
+_BASE_COLOURS = np.array([[215, 70, 55], [70, 190, 85], [65, 95, 225]], dtype=np.float32)
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "bmp": "bmp", "gif": "gif", "tiff": "tif"}
+
+
+def generate_sample_dataset(out_dir: str | Path, *, n: int = 24, size: tuple[int, int] = (96, 96),
+                            num_classes: int = 3, seed: int = 0,
+                            formats: Sequence[str] = ("png", "jpeg", "bmp", "gif", "tiff"),
+                            multilabel: bool = False, val_fraction: float = 0.25,
+                            nfolds: int = 0) -> Path:
+    """Write ``n`` image/mask pairs under ``out_dir`` and return the path of ``manifest.csv``.
+
+    Manifest columns: ``image, mask, split`` (+ ``fold`` when ``nfolds > 0``), paths relative to
+    the manifest.  ``round(n * val_fraction)`` samples (chosen by ``seed``) are ``val``, the rest
+    ``train``; folds are assigned round-robin over the same shuffled order.
+    """
+    shape_types = num_classes if multilabel else num_classes - 1
+    if not 1 <= shape_types <= len(SHAPES):
+        expected = "1..3" if multilabel else "2..4"
+        raise ValueError(f"generate_sample_dataset: num_classes must be in {expected} "
+                         f"(multilabel={multilabel}), got {num_classes}")
+    unknown = sorted(set(formats) - set(_EXTENSIONS))
+    if unknown or not formats:
+        raise ValueError(f"generate_sample_dataset: formats must be non-empty and from "
+                         f"{sorted(_EXTENSIONS)}, got {list(formats)}")
+    if n < 1 or not 0.0 <= val_fraction < 1.0 or nfolds < 0:
+        raise ValueError(f"generate_sample_dataset: need n >= 1, 0 <= val_fraction < 1 and "
+                         f"nfolds >= 0, got n={n}, val_fraction={val_fraction}, nfolds={nfolds}")
+    root = Path(out_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng([seed, n]).permutation(n)
+    n_val = min(n - 1, round(n * val_fraction)) if n > 1 else 0
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    rows = []
+    for index in range(n):
+        image, mask = render_sample(index, size=size, shape_types=shape_types, seed=seed,
+                                    multilabel=multilabel)
+        fmt = formats[index % len(formats)]
+        image_rel = f"images/sample_{index:04d}.{_EXTENSIONS[fmt]}"
+        (root / image_rel).write_bytes(_encode_image(image, fmt))
+        mask_rels = []
+        for channel, plane in enumerate(mask if multilabel else mask[None]):
+            suffix = f"_c{channel}" if multilabel else ""
+            mask_rels.append(f"masks/sample_{index:04d}{suffix}.png")
+            (root / mask_rels[-1]).write_bytes(encode_png(plane * (255 if multilabel else 1)))
+        row = {"image": image_rel, "mask": ";".join(mask_rels),
+               "split": "val" if rank[index] < n_val else "train"}
+        if nfolds:
+            row["fold"] = str(int(rank[index]) % nfolds)
+        rows.append(row)
+    manifest = root / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def render_sample(index: int, *, size: tuple[int, int] = (96, 96), shape_types: int = 2,
+                  seed: int = 0, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (H x W x 3 uint8 image, mask).
+
+    The mask is H x W uint8 class ids (0 = background) or, with ``multilabel``, K x H x W uint8
+    {0, 1} with one channel per shape type.
+    """
+    rng = np.random.default_rng([seed, index])
+    height, width = size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = _background(rng, yy, xx)
+    mask = np.zeros((shape_types, height, width) if multilabel else (height, width), np.uint8)
+    for _ in range(int(rng.integers(2, 6))):
+        kind = int(rng.integers(0, shape_types))
+        region = _shape_region(SHAPES[kind], rng, yy, xx)
+        colour = _BASE_COLOURS[kind] + rng.normal(0, 12, 3)
+        paint = colour * (0.8 + 0.2 * _texture(kind, rng, yy, xx))[..., None]  # H x W x 3
+        alpha = 0.6 if multilabel else 1.0  # blended overlaps stay visible for multi-label
+        image[region] = (1 - alpha) * image[region] + alpha * paint[region]
+        if multilabel:
+            mask[kind][region] = 1
+        else:
+            mask[region] = kind + 1
+    image += rng.normal(0, 8, image.shape)
+    pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    blurred = pil.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.0))))
+    return np.asarray(blurred).copy(), mask
+
+
+def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Grey-brown low-frequency gradient with fine mottling, H x W x 3 float32."""
+    height, width = yy.shape
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx / width + np.sin(angle) * yy / height)  # roughly -1..1
+    level = 110 + 30 * ramp + rng.normal(0, 6, yy.shape)
+    tint = np.array([1.0, 0.95, 0.85]) * rng.uniform(0.9, 1.1)
+    return (level[..., None] * tint).astype(np.float32)
+
+
+def _shape_region(kind: str, rng: np.random.Generator, yy: np.ndarray,
+                  xx: np.ndarray) -> np.ndarray:
+    height, width = yy.shape
+    scale = min(height, width)
+    cy, cx = rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width
+    if kind == "disc":
+        radius = rng.uniform(0.08, 0.2) * scale
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    if kind == "rectangle":
+        half_h, half_w = rng.uniform(0.07, 0.2, 2) * scale
+        return (np.abs(yy - cy) <= half_h) & (np.abs(xx - cx) <= half_w)
+    radius = rng.uniform(0.12, 0.28) * scale
+    angles = rng.uniform(0, 2 * np.pi) + np.array([0, 2, 4]) * np.pi / 3
+    vy, vx = cy + radius * np.sin(angles), cx + radius * np.cos(angles)
+    inside = np.ones_like(yy, dtype=bool)
+    for a in range(3):  # same side of all three edges as the centroid (counter-clockwise order)
+        b = (a + 1) % 3
+        cross = (vx[b] - vx[a]) * (yy - vy[a]) - (vy[b] - vy[a]) * (xx - vx[a])
+        inside &= cross >= 0
+    return inside
+
+
+def _texture(kind: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Per-type texture in [-1, 1]: stripes (disc), checker (rectangle), dots (triangle)."""
+    phase = rng.uniform(0, 2 * np.pi)
+    if kind == 0:
+        return np.sin((xx + yy) / 2.0 + phase)
+    if kind == 1:
+        return np.sign(np.sin(xx / 2.5 + phase) * np.sin(yy / 2.5 + phase))
+    return np.cos(xx / 1.7 + phase) * np.cos(yy / 1.7 + phase)
+
+
+def _encode_image(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    kwargs = {"quality": 92} if fmt == "jpeg" else {}
+    Image.fromarray(image).save(buffer, format=fmt.upper(), **kwargs)
+    return buffer.getvalue()
+
+
+# -------------------------------------------------------------------------------- bad files
+def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 1-bit blank PNG of ``width`` x ``height`` (a few kB: a decompression bomb)."""
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body)
+            + _png_chunk(b"IEND", b""))
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def write_bad_files(out_dir: str | Path, *, size: tuple[int, int] = (32, 32),
+                    num_classes: int = 3) -> dict[str, Path]:
+    """Write one file per failure mode and return ``{name: path}``.
+
+    Names: ``image`` (a valid RGB PNG of ``size``, to pair masks with), ``corrupt``,
+    ``truncated`` (PNG cut in half), ``empty``, ``text``, ``jpeg_mask``, ``bomb``,
+    ``mask_size_mismatch`` (valid mask of another size) and ``mask_unknown_label`` (value
+    ``num_classes + 6``, outside the classes and not 255).
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    image, mask = render_sample(0, size=size, shape_types=min(num_classes - 1, 3) or 1, seed=7)
+    good_png = _encode_image(image, "png")
+    unknown = mask.copy()
+    unknown[: size[0] // 4, : size[1] // 4] = num_classes + 6
+    corrupt = bytearray(good_png)
+    # Scramble the pixel data, keep signature, IHDR and IEND: recognisable but undecodable.
+    corrupt[41:-12] = bytes((b * 7 + 3) % 256 for b in corrupt[41:-12])
+    files = {
+        "image": ("image.png", good_png),
+        "corrupt": ("corrupt.png", bytes(corrupt)),
+        "truncated": ("truncated.png", good_png[: len(good_png) // 2]),
+        "empty": ("empty.png", b""),
+        "text": ("text.png", b"this is not an image\n"),
+        "jpeg_mask": ("jpeg_mask.jpg", _encode_image(np.repeat(mask[..., None], 3, 2) * 60,
+                                                     "jpeg")),
+        "bomb": ("bomb.png", png_bomb()),
+        "mask_size_mismatch": ("mask_size_mismatch.png",
+                               encode_png(np.zeros((size[0] + 5, size[1] + 3), np.uint8))),
+        "mask_unknown_label": ("mask_unknown_label.png", encode_png(unknown)),
+    }
+    paths = {}
+    for name, (filename, data) in files.items():
+        paths[name] = root / filename
+        paths[name].write_bytes(data)
+    return paths
