@@ -107,19 +107,21 @@ def decode_mask(data: bytes | Sequence[bytes], spec: MaskSpec, *, source: str = 
 def encode_png(arr: np.ndarray) -> bytes:
     """Lossless PNG bytes of a uint8/uint16 H x W array or a uint8 H x W x {1, 3, 4} array.
 
-    Bool and other integer arrays are accepted when their values fit in uint8 (or uint16 for 2-D).
+    Bool and other integer arrays are accepted when their values fit: 8-bit PNG if they are
+    in 0..255, else (2-D only) 16-bit.  uint16 input always gives a 16-bit PNG.
     """
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ValueError(f"encode_png: expected H x W or H x W x {{1, 3, 4}}, got shape {arr.shape}")
+        raise ValueError(f"encode_png: expected H x W or H x W x {{1, 3, 4}}, got {arr.shape}")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     if arr.dtype.kind not in "ui":
         raise ValueError(f"encode_png: expected an integer or bool array, got dtype {arr.dtype}")
     lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-    limit = 65535 if arr.ndim == 2 and arr.dtype.itemsize >= 2 else 255
+    # uint16 stays 16-bit; other integer masks use 8 bits when their values allow it.
+    limit = 65535 if arr.ndim == 2 and (arr.dtype == np.uint16 or hi > 255) else 255
     if lo < 0 or hi > limit:
         raise ValueError(f"encode_png: values must be in 0..{limit}, got {lo}..{hi}")
     arr = np.ascontiguousarray(arr, dtype=np.uint16 if limit == 65535 else np.uint8)

@@ -112,7 +112,10 @@ def test_sniff_format() -> None:
 
 def test_encode_png_round_trips_masks() -> None:
     mask = RNG.integers(0, 5, (10, 12)).astype(np.int64)
-    np.testing.assert_array_equal(decode_image(encode_png(mask))[..., 0], mask)
+    decoded = decode_image(encode_png(mask))
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[..., 0], mask)
+    assert decode_image(encode_png(np.array([[0, 300]]))).dtype == np.uint16
     deep = np.array([[0, 1000], [65535, 3]], dtype=np.uint16)
     np.testing.assert_array_equal(decode_image(encode_png(deep))[..., 0], deep)
     np.testing.assert_array_equal(decode_image(encode_png(RGB)), RGB)
