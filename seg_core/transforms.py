@@ -1,0 +1,243 @@
+"""Paired (image, mask) transforms on NumPy arrays, shared by ingest, training and serving.
+
+- ``image``: ``H, W, C`` float32, uint8 or uint16.
+- ``mask``: ``H, W`` integer class ids, or ``K, H, W`` multi-label channels; ``None`` when there
+  is no mask (inference).  Masks only ever move with nearest-neighbour sampling, and new pixels
+  are filled with ``ignore_index`` so that losses and metrics skip them.
+
+Every transform is a frozen dataclass called as ``t(image, mask, rng) -> (image, mask)`` with a
+``np.random.Generator``; the same generator state gives the same output.  Outputs are
+C-contiguous, so ``torch.from_numpy`` works on them directly.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seg_core.errors import InputError
+
+Mask = np.ndarray | None
+Pair = tuple[np.ndarray, Mask]
+
+
+class PairTransform(Protocol):
+    """Anything called as ``(image, mask, rng) -> (image, mask)``."""
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair: ...
+
+
+@dataclass(frozen=True)
+class Compose:
+    """Apply ``transforms`` in order, sharing one generator."""
+
+    transforms: Sequence[PairTransform]
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        for transform in self.transforms:
+            image, mask = transform(image, mask, rng)
+        return image, mask
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Resize to ``size = (H, W)``: image bilinear (antialiased when shrinking), mask nearest."""
+
+    size: tuple[int, int]
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        _check_pair(image, mask)
+        height, width = _positive_size(self.size, "Resize")
+        return _resize_image(image, height, width), _resize_mask_nearest(mask, height, width)
+
+
+@dataclass(frozen=True)
+class Pad:
+    """Pad bottom/right to at least ``size`` and then to a multiple of ``multiple``.
+
+    The image is filled with ``fill``; the mask with ``ignore_index``.
+    """
+
+    size: tuple[int, int] = (1, 1)
+    multiple: int = 1
+    fill: float = 0.0
+    ignore_index: int = 255
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        _check_pair(image, mask)
+        min_h, min_w = _positive_size(self.size, "Pad")
+        if self.multiple < 1:
+            raise ValueError(f"Pad: multiple must be >= 1, got {self.multiple}")
+        height, width = image.shape[:2]
+        pad_h = -max(height, min_h) % self.multiple + max(min_h - height, 0)
+        pad_w = -max(width, min_w) % self.multiple + max(min_w - width, 0)
+        if pad_h == 0 and pad_w == 0:
+            return image, mask
+        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=self.fill)
+        if mask is not None:
+            _check_ignore_fits(mask, self.ignore_index)
+            lead = ((0, 0),) * (mask.ndim - 2)
+            mask = np.pad(mask, lead + ((0, pad_h), (0, pad_w)), constant_values=self.ignore_index)
+        return image, mask
+
+
+@dataclass(frozen=True)
+class RandomCrop:
+    """Crop a random ``size = (H, W)`` window; smaller inputs are first padded like :class:`Pad`."""
+
+    size: tuple[int, int]
+    fill: float = 0.0
+    ignore_index: int = 255
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        crop_h, crop_w = _positive_size(self.size, "RandomCrop")
+        image, mask = Pad((crop_h, crop_w), 1, self.fill, self.ignore_index)(image, mask, rng)
+        height, width = image.shape[:2]
+        top = int(rng.integers(0, height - crop_h + 1))
+        left = int(rng.integers(0, width - crop_w + 1))
+        rows, cols = slice(top, top + crop_h), slice(left, left + crop_w)
+        image = np.ascontiguousarray(image[rows, cols])
+        mask = None if mask is None else np.ascontiguousarray(mask[..., rows, cols])
+        return image, mask
+
+
+@dataclass(frozen=True)
+class HorizontalFlip:
+    """Mirror left-right with probability ``p``."""
+
+    p: float = 0.5
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        _check_pair(image, mask)
+        if rng.random() >= self.p:
+            return image, mask
+        return _contiguous(image[:, ::-1], None if mask is None else mask[..., ::-1])
+
+
+@dataclass(frozen=True)
+class VerticalFlip:
+    """Mirror top-bottom with probability ``p``."""
+
+    p: float = 0.5
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        _check_pair(image, mask)
+        if rng.random() >= self.p:
+            return image, mask
+        return _contiguous(image[::-1], None if mask is None else mask[..., ::-1, :])
+
+
+@dataclass(frozen=True)
+class RandomRot90:
+    """With probability ``p``, rotate by a uniformly drawn multiple of 90 degrees (0..270)."""
+
+    p: float = 1.0
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        _check_pair(image, mask)
+        turns = int(rng.integers(0, 4)) if rng.random() < self.p else 0
+        if turns == 0:
+            return image, mask
+        image = np.rot90(image, turns, axes=(0, 1))  # H,W of H,W,C
+        mask = None if mask is None else np.rot90(mask, turns, axes=(-2, -1))  # H,W of [K,]H,W
+        return _contiguous(image, mask)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """``(image / dtype_max - mean) / std`` per channel, as float32; the mask is untouched.
+
+    Integer images are first scaled to ``[0, 1]`` by their dtype's maximum (255, 65535);
+    float images are taken to be in ``[0, 1]`` already.
+    """
+
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
+        _check_pair(image, mask)
+        channels = image.shape[2]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(
+                f"Normalize: image has {channels} channels but mean/std have "
+                f"{len(self.mean)}/{len(self.std)} entries"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"Normalize: std must be > 0, got {tuple(self.std)}")
+        scaled = image.astype(np.float32) / np.float32(_dtype_scale(image.dtype))
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return (scaled - mean) / std, mask
+
+
+def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of ``H, W, C`` keeping the dtype (integers are rounded and clipped)."""
+    if image.shape[:2] == (height, width):
+        return image
+    chw = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+    shrinking = height < image.shape[0] or width < image.shape[1]
+    out = F.interpolate(chw[None], size=(height, width), mode="bilinear",
+                        align_corners=False, antialias=shrinking)[0]  # C,h,w
+    result = out.permute(1, 2, 0).numpy()
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        result = np.clip(np.rint(result), info.min, info.max)
+    return np.ascontiguousarray(result.astype(image.dtype))
+
+
+def _resize_mask_nearest(mask: Mask, height: int, width: int) -> Mask:
+    """Nearest-neighbour resize of ``H, W`` or ``K, H, W`` (pixel centres, like ``nearest-exact``)."""
+    if mask is None or mask.shape[-2:] == (height, width):
+        return mask
+    rows = _nearest_index(mask.shape[-2], height)
+    cols = _nearest_index(mask.shape[-1], width)
+    return np.ascontiguousarray(np.take(np.take(mask, rows, axis=-2), cols, axis=-1))
+
+
+def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output pixel centre."""
+    centres = (np.arange(size_out) + 0.5) * (size_in / size_out)
+    return np.minimum(centres.astype(np.int64), size_in - 1)
+
+
+def _check_pair(image: np.ndarray, mask: Mask) -> None:
+    """``image`` must be ``H, W, C``; ``mask`` ``H, W`` or ``K, H, W`` with the same ``H, W``."""
+    if image.ndim != 3:
+        raise ValueError(f"transforms: expected image H,W,C, got shape {image.shape}")
+    if mask is None:
+        return
+    if mask.ndim not in (2, 3):
+        raise ValueError(f"transforms: expected mask H,W or K,H,W, got shape {mask.shape}")
+    if mask.shape[-2:] != image.shape[:2]:
+        raise InputError(
+            "size_mismatch",
+            f"image is {image.shape[0]}x{image.shape[1]} but mask is "
+            f"{mask.shape[-2]}x{mask.shape[-1]}",
+            hint="pair each image with the mask drawn for it, at the same resolution",
+        )
+
+
+def _check_ignore_fits(mask: np.ndarray, ignore_index: int) -> None:
+    if not np.can_cast(np.min_scalar_type(ignore_index), mask.dtype):
+        raise ValueError(
+            f"transforms: ignore_index={ignore_index} does not fit the mask dtype {mask.dtype}; "
+            f"use a wider mask dtype or another ignore_index"
+        )
+
+
+def _positive_size(size: Sequence[int], name: str) -> tuple[int, int]:
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{name}: size must be two positive ints (H, W), got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def _dtype_scale(dtype: np.dtype) -> float:
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
+def _contiguous(image: np.ndarray, mask: Mask) -> Pair:
+    return np.ascontiguousarray(image), None if mask is None else np.ascontiguousarray(mask)
