@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from typing import Literal, Sequence
 
 import numpy as np
@@ -36,7 +37,7 @@ LOSSY_FORMATS: tuple[str, ...] = ("jpeg", "webp")
 # Decoders raise many types on hostile bytes (PIL plugins, zlib, struct, tifffile); all of them
 # mean "these bytes do not decode", which must surface as InputError, never as a crash.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
-                  ZeroDivisionError, struct.error, RuntimeError)
+                  ZeroDivisionError, struct.error, zlib.error, RuntimeError)
 
 _SIGNATURES: tuple[tuple[bytes, Format], ...] = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -144,7 +145,8 @@ def _decode(data: bytes, *, source: str, max_pixels: int, palette_indices: bool)
         raise InputError("unsupported_format", f"{fmt} images are not supported", source=source,
                          hint=f"convert to one of {', '.join(SUPPORTED_FORMATS)}")
     if fmt == "tiff":
-        return _decode_tiff(data, source=source, max_pixels=max_pixels, all_pages=False)
+        return _decode_tiff(data, source=source, max_pixels=max_pixels, all_pages=False,
+                            palette_indices=palette_indices)
     return _decode_pil(data, fmt, source=source, max_pixels=max_pixels,
                        palette_indices=palette_indices)
 
@@ -198,7 +200,8 @@ def _pil_to_array(image: Image.Image, palette_indices: bool, source: str) -> np.
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _decode_tiff(data: bytes, *, source: str, max_pixels: int, all_pages: bool) -> np.ndarray:
+def _decode_tiff(data: bytes, *, source: str, max_pixels: int, all_pages: bool,
+                 palette_indices: bool = True) -> np.ndarray:
     """First page (or, with ``all_pages``, the first series as channels) -> H x W x C."""
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
@@ -210,10 +213,21 @@ def _decode_tiff(data: bytes, *, source: str, max_pixels: int, all_pages: bool) 
             series = tif.series[0] if all_pages else None
             arr = series.asarray() if series is not None else page.asarray()
             axes = series.axes if series is not None else page.axes
+            if page.photometric == tifffile.PHOTOMETRIC.PALETTE and not palette_indices:
+                colormap = np.asarray(page.colormap)  # 3 x 2**bits, 16-bit entries
+                arr, axes = (colormap[:, arr] >> 8).astype(np.uint8), "SYX"  # 3 x H x W
     except InputError:
         raise
     except _DECODE_ERRORS as error:
-        raise _undecodable(data, "tiff", error, source) from error
+        if "imagecodecs" not in str(error):
+            raise _undecodable(data, "tiff", error, source) from error
+        if all_pages:  # PIL reads one page only
+            raise InputError("unsupported_format", f"TIFF compression needs imagecodecs ({error})",
+                             source=source, hint="save uncompressed or zlib TIFF, or install "
+                                                 "imagecodecs") from error
+        # LZW/PackBits/JPEG TIFFs need imagecodecs in tifffile; PIL decodes them natively.
+        return _decode_pil(data, "tiff", source=source, max_pixels=max_pixels,
+                           palette_indices=palette_indices)
     while arr.ndim > 3 and arr.shape[0] == 1:  # leading singleton axes (time, depth, ...)
         arr, axes = arr[0], axes[1:]
     if arr.ndim == 3 and not axes.endswith("S"):

@@ -71,14 +71,17 @@ def test_rgba_png_keeps_alpha() -> None:
     np.testing.assert_array_equal(decode_image(pil_bytes(rgba, "PNG")), rgba)
 
 
-def test_palette_png_becomes_rgb() -> None:
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "BMP"])
+def test_palette_image_becomes_rgb(fmt: str) -> None:
     image = Image.fromarray(np.array([[0, 1], [2, 1]], dtype=np.uint8), mode="P")
     image.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90])
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=fmt)
     out = decode_image(buffer.getvalue())
     assert out.shape == (2, 2, 3)
     assert out[0, 0].tolist() == [10, 20, 30] and out[1, 0].tolist() == [70, 80, 90]
+    mask = decode_mask(buffer.getvalue(), MaskSpec(3))  # masks keep the indices
+    np.testing.assert_array_equal(mask, [[0, 1], [2, 1]])
 
 
 def test_gif_first_frame() -> None:
@@ -96,6 +99,12 @@ def test_16bit_tiff_and_png() -> None:
         out = decode_image(data)
         assert out.dtype == np.uint16 and out.shape == (13, 7, 1)
         np.testing.assert_array_equal(out[..., 0], deep)
+
+
+@pytest.mark.parametrize("compression", ["tiff_lzw", "packbits", "tiff_deflate"])
+def test_compressed_tiff(compression: str) -> None:
+    np.testing.assert_array_equal(decode_image(pil_bytes(RGB, "TIFF", compression=compression)),
+                                  RGB)
 
 
 def test_16bit_rgb_tiff_via_tifffile() -> None:
