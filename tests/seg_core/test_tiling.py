@@ -1,0 +1,99 @@
+"""Tiled inference: trivial predictors are reproduced exactly, edges and odd sizes included."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seg_core.config import ModelConfig
+from seg_core.model import UNet
+from seg_core.tiling import blend_weights, sliding_window, tile_starts
+
+
+def _image(channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(channels, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def test_tile_starts_by_hand() -> None:
+    assert tile_starts(10, 4, 3) == [0, 3, 6]
+    assert tile_starts(11, 4, 3) == [0, 3, 6, 7]  # last window shifted back to the border
+    assert tile_starts(4, 4, 1) == [0]
+    assert tile_starts(3, 8, 2) == [0]
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.8])
+@pytest.mark.parametrize("size", [(37, 53), (16, 16), (17, 5), (1, 1)])
+def test_identity_and_plus_one_are_exact(blend: str, overlap: float, size: tuple[int, int]) -> None:
+    image = _image(3, *size)
+    identity = sliding_window(lambda x: x, image, 16, overlap, 3, batch_size=3, blend=blend)
+    assert identity.shape == (3, *size) and identity.dtype == torch.float32
+    assert torch.equal(identity, image)
+    plus_one = sliding_window(lambda x: x + 1, image[None], 16, overlap, 3, blend=blend)
+    assert torch.equal(plus_one, image + 1)
+
+
+def test_predictor_with_different_output_channels() -> None:
+    image = _image(2, 21, 19)
+    out = sliding_window(lambda x: x.sum(dim=1, keepdim=True) * 2, image, 8, 0.5, 1)
+    assert out.shape == (1, 21, 19)
+    torch.testing.assert_close(out, image.sum(dim=0, keepdim=True) * 2, rtol=0, atol=1e-6)
+
+
+def _tile_constant(x: torch.Tensor) -> torch.Tensor:
+    """Each tile predicts one value: the image value at its top-left pixel."""
+    return x[:, :1, :1, :1].expand(-1, 1, x.shape[2], x.shape[3]).clone()
+
+
+def test_constant_blend_averages_overlaps_by_hand() -> None:
+    image = torch.arange(6, dtype=torch.float32).expand(1, 4, 6).clone()  # value = column
+    # tile 4, stride 2: windows start at columns 0 and 2 -> predict 0 and 2
+    out = sliding_window(_tile_constant, image, 4, 0.5, 1, blend="constant")
+    torch.testing.assert_close(out[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0, 2.0, 2.0]))
+
+
+def test_gaussian_blend_favours_tile_centres() -> None:
+    image = torch.arange(6, dtype=torch.float32).expand(1, 4, 6).clone()
+    out = sliding_window(_tile_constant, image, 4, 0.5, 1, blend="gaussian")[0, 0]
+    # column 2 is the centre-side of window 0 (value 0) and the edge of window 1 (value 2)
+    assert 0.0 < out[2].item() < 1.0 < out[3].item() < 2.0
+    assert out[0].item() == 0.0 and out[5].item() == 2.0
+
+
+def test_blend_weights_shape_and_peak() -> None:
+    weights = blend_weights(5, "gaussian")
+    assert weights.shape == (5, 5) and weights[2, 2] == 1.0
+    assert (weights > 0).all() and weights[0, 0] < weights[1, 1] < weights[2, 2]
+    assert torch.equal(weights, weights.T)
+    assert torch.equal(blend_weights(3, "constant"), torch.ones(3, 3, dtype=torch.float64))
+
+
+def test_batches_respect_batch_size_and_device() -> None:
+    seen: list[tuple[int, str]] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append((x.shape[0], x.device.type))
+        return x
+
+    sliding_window(record, _image(1, 20, 20), 8, 0.0, 1, batch_size=4, device="cpu")
+    # starts [0, 8, 12] on both axes -> 9 tiles -> batches 4, 4, 1
+    assert [b for b, _ in seen] == [4, 4, 1]
+    assert {d for _, d in seen} == {"cpu"}
+
+
+def test_runs_a_real_unet_on_an_odd_image() -> None:
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(in_channels=3, num_classes=2, depth=2, base_width=4)).eval()
+    out = sliding_window(model, _image(3, 23, 30), 16, 0.25, 2, batch_size=2)
+    assert out.shape == (2, 23, 30) and torch.isfinite(out).all()
+
+
+def test_bad_arguments_raise_value_error() -> None:
+    image = _image(3, 10, 10)
+    with pytest.raises(ValueError, match=r"predict_fn must return \(1, 2, 8, 8\), got \(1, 3, 8, 8\)"):
+        sliding_window(lambda x: x, image[:, :8, :8], 8, 0.0, 2)
+    with pytest.raises(ValueError, match=r"overlap must be in \[0, 1\), got 1.0"):
+        sliding_window(lambda x: x, image, 8, 1.0, 3)
+    with pytest.raises(ValueError, match=r"expected image C,H,W or 1,C,H,W, got \(2, 3, 10, 10\)"):
+        sliding_window(lambda x: x, torch.stack([image, image]), 8, 0.0, 3)
+    with pytest.raises(ValueError, match="must be >= 1, got 0, 3, 4"):
+        sliding_window(lambda x: x, image, 0, 0.0, 3)
