@@ -1,0 +1,204 @@
+"""The one pre/post-processing path, shared by validation, batch prediction and Serve.
+
+``image (H x W x C array) -> prepare_image -> tiled model -> probabilities -> Prediction``.
+
+Keeping all three callers on this module is what guarantees parity: the numbers reported at
+validation are the numbers a client gets from the endpoint for the same bytes.
+
+- Multi-class: softmax over K; ``mask`` = argmax (uint8 H x W), ``confidence`` = max probability,
+  ``entropy`` = Shannon entropy / log K, in [0, 1].
+- Multi-label: independent sigmoids; ``mask`` = ``p >= 0.5`` (uint8 K x H x W),
+  ``confidence`` = the least certain class decision ``min_k max(p_k, 1 - p_k)``,
+  ``entropy`` = mean binary entropy / log 2, in [0, 1].
+
+Tiles are blended in probability space (a convex combination keeps them valid probabilities),
+and so are the flip test-time augmentations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seg_core.artifact import Artifact
+from seg_core.codecs import encode_png
+from seg_core.config import MaskSpec, Preprocessing
+from seg_core.errors import InputError
+from seg_core.tiling import sliding_window
+
+# ITU-R BT.601 luma, the same weights PIL uses for RGB -> L.
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+# Flip dims of a C x H x W tensor used for test-time augmentation (each is its own inverse).
+_TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Model output for one image, at the input's H x W (CPU NumPy arrays)."""
+
+    probs: np.ndarray       # K x H x W float32
+    mask: np.ndarray        # H x W uint8 class ids, or K x H x W uint8 {0, 1} (multi-label)
+    confidence: np.ndarray  # H x W float32 in [0, 1]
+    entropy: np.ndarray     # H x W float32 in [0, 1]
+
+
+def prepare_image(image: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    """H x W x C (or H x W) uint8/uint16/bool/float array -> normalised float32 C x H' x W'.
+
+    Steps: scale by the dtype's range (floats are taken as already in [0, 1]); drop alpha;
+    grey <-> RGB to ``pre.channels``; bilinear resize (antialiased when shrinking, as
+    ``transforms.Resize``) to ``pre.resize`` if set;
+    ``(x - mean) / std``.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise InputError("bad_channels", f"expected an H x W x C image with C in 1..4, got "
+                         f"shape {arr.shape}", hint="pass grey, grey+alpha, RGB or RGBA pixels")
+    x = torch.from_numpy(_to_unit_float(arr)).permute(2, 0, 1)  # C x H x W
+    if x.shape[0] in (2, 4):  # drop alpha
+        x = x[:-1]
+    if pre.channels == 1 and x.shape[0] == 3:
+        x = (x * _LUMA).sum(dim=0, keepdim=True)
+    elif pre.channels == 3 and x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    if pre.resize is not None and tuple(x.shape[-2:]) != tuple(pre.resize):
+        shrinking = pre.resize[0] < x.shape[1] or pre.resize[1] < x.shape[2]  # as transforms.Resize
+        x = F.interpolate(x[None], size=tuple(pre.resize), mode="bilinear", align_corners=False,
+                          antialias=shrinking)[0]
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def _to_unit_float(arr: np.ndarray) -> np.ndarray:
+    """Pixels scaled to [0, 1] float32 by their dtype's range."""
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == np.bool_ or arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    raise InputError("unsupported_format", f"pixel type {arr.dtype} is not supported",
+                     hint="pass uint8, uint16 or float images in [0, 1]")
+
+
+class Segmenter:
+    """Loads nothing itself: wraps an :class:`Artifact` (or a live model) for prediction.
+
+    ``device`` is where the model runs; stitching and post-processing stay on the CPU.  The model
+    is moved to ``device`` and put in eval mode (training loops call ``model.train()`` again).
+    """
+
+    def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
+                 batch_size: int = 4) -> None:
+        self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
+                   batch_size)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
+                   device: str | torch.device = "cpu", tta: bool = False,
+                   batch_size: int = 4) -> "Segmenter":
+        """A segmenter around a model in memory (validation during training uses this)."""
+        segmenter = cls.__new__(cls)
+        segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size)
+        return segmenter
+
+    def _init(self, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing,
+              device: str | torch.device, tta: bool, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.mask_spec = mask_spec
+        self.preprocessing = preprocessing
+        self.tta = tta
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray) -> Prediction:
+        """Prediction for one H x W x C image, returned at the same H x W."""
+        height, width = np.asarray(image).shape[:2]
+        x = prepare_image(image, self.preprocessing)  # C x h x w (h, w = resize or H, W)
+        flips = _TTA_FLIPS if self.tta else ((),)
+        probs = torch.zeros(0)
+        for dims in flips:  # average in probability space, each flip undone before adding
+            flipped = self._tiled_probs(x.flip(dims) if dims else x)
+            flipped = flipped.flip(dims) if dims else flipped
+            probs = flipped if probs.numel() == 0 else probs + flipped
+        probs = probs / len(flips)  # K x h x w
+        if tuple(probs.shape[-2:]) != (height, width):
+            probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
+                                  align_corners=False)[0]
+        return _finish(probs.float().clamp_(0.0, 1.0), self.mask_spec.multilabel)
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predictions for images of any (mixed) sizes, in order."""
+        return [self.predict(image) for image in images]
+
+    def _tiled_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities K x h x w on the CPU; tiles run on ``self.device``."""
+        pre = self.preprocessing
+        return sliding_window(self._predict_tiles, x, tile=pre.tile_size,
+                              overlap=pre.tile_overlap, num_out=self.mask_spec.num_classes,
+                              batch_size=self.batch_size, blend="gaussian", device=self.device)
+
+    def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """N x C x t x t tiles on ``self.device`` -> N x K x t x t probabilities (same device)."""
+        logits = self.model(tiles.float())
+        return torch.sigmoid(logits) if self.mask_spec.multilabel else logits.softmax(dim=1)
+
+
+def _finish(probs: torch.Tensor, multilabel: bool) -> Prediction:
+    """K x H x W probabilities -> Prediction with mask, confidence and normalised entropy."""
+    num_classes = probs.shape[0]
+    plogp = torch.special.xlogy(probs, probs)  # 0 log 0 = 0
+    if multilabel:
+        mask = (probs >= 0.5).to(torch.uint8)
+        confidence = torch.maximum(probs, 1 - probs).amin(dim=0)
+        binary = -(plogp + torch.special.xlogy(1 - probs, 1 - probs))  # K x H x W, nats
+        entropy = binary.mean(dim=0) / math.log(2)
+    else:
+        confidence, mask = probs.max(dim=0)
+        mask = mask.to(torch.uint8)
+        entropy = -plogp.sum(dim=0) / math.log(num_classes) if num_classes > 1 else \
+            torch.zeros_like(confidence)
+    return Prediction(probs=probs.numpy(), mask=mask.numpy(),
+                      confidence=confidence.numpy().astype(np.float32),
+                      entropy=entropy.clamp(0.0, 1.0).numpy().astype(np.float32))
+
+
+def encode_prediction(pred: Prediction, spec: MaskSpec,
+                      with_confidence: bool = True) -> dict[str, Any]:
+    """Serialisable view of a prediction (for Parquet rows and HTTP responses).
+
+    - ``mask_png``: class ids as a grey PNG; for multi-label, a bit field (bit k = class k;
+      uint16 PNG when K > 8).
+    - ``class_mask_pngs``: one binary PNG (0/255) per class, in class order.
+    - ``class_pixel_counts``: pixels per class (list of int, length K).
+    - ``mean_confidence``: float; ``confidence_png``: confidence * 255 as uint8 PNG, or None.
+    """
+    k = spec.num_classes
+    if spec.multilabel:
+        planes = pred.mask.astype(bool)  # K x H x W
+        weights = (1 << np.arange(k, dtype=np.int64)).reshape(k, 1, 1)
+        ids = (planes * weights).sum(axis=0).astype(np.uint16 if k > 8 else np.uint8)
+    else:
+        ids = pred.mask
+        planes = ids[None] == np.arange(k, dtype=ids.dtype).reshape(k, 1, 1)
+    confidence_png = None
+    if with_confidence:
+        confidence_png = encode_png(np.rint(pred.confidence * 255).astype(np.uint8))
+    return {
+        "mask_png": encode_png(ids),
+        "class_mask_pngs": [encode_png(plane.astype(np.uint8) * 255) for plane in planes],
+        "class_pixel_counts": [int(n) for n in planes.reshape(k, -1).sum(axis=1)],
+        "mean_confidence": float(pred.confidence.mean()) if pred.confidence.size else 0.0,
+        "confidence_png": confidence_png,
+    }
