@@ -34,6 +34,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 SUPPORTED_FORMATS: tuple[str, ...] = ("png", "jpeg", "bmp", "gif", "tiff")
 LOSSY_FORMATS: tuple[str, ...] = ("jpeg", "webp")
 
+_MAX_MASK_CHANNELS = 64  # multi-page TIFF masks: pages x H x W is bounded by this x max_pixels
+
 # Decoders raise many types on hostile bytes (PIL plugins, zlib, struct, tifffile); all of them
 # mean "these bytes do not decode", which must surface as InputError, never as a crash.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
@@ -211,6 +213,9 @@ def _decode_tiff(data: bytes, *, source: str, max_pixels: int, all_pages: bool,
                 raise _too_many(f"{width}x{height} = {height * width} pixels > limit {max_pixels}",
                                 source)
             series = tif.series[0] if all_pages else None
+            if series is not None and series.size > _MAX_MASK_CHANNELS * max_pixels:
+                raise _too_many(f"TIFF series {series.shape} holds {series.size} values > "
+                                f"{_MAX_MASK_CHANNELS} x limit {max_pixels}", source)
             arr = series.asarray() if series is not None else page.asarray()
             axes = series.axes if series is not None else page.axes
             if page.photometric == tifffile.PHOTOMETRIC.PALETTE and not palette_indices:

@@ -237,6 +237,9 @@ def test_bomb_refused_before_decode() -> None:
     assert refusal(decode_image, small, max_pixels=100).reason == "too_many_pixels"
     assert refusal(decode_image, tiff_bytes(GREY), max_pixels=100).reason == "too_many_pixels"
     assert refusal(decode_mask, small, MaskSpec(2), max_pixels=100).reason == "too_many_pixels"
+    pages = tiff_bytes(np.zeros((70, 4, 4), np.uint8))  # 70 pages of 16 px > 64 x 16
+    spec = MaskSpec(num_classes=70, multilabel=True)
+    assert refusal(decode_mask, pages, spec, max_pixels=16).reason == "too_many_pixels"
 
 
 def test_unsupported_webp() -> None:
