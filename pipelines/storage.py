@@ -237,16 +237,34 @@ def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_uri(prefix: str, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
-             storage_options: StorageOptions | None = None) -> list[str]:
-    """Sorted URIs of the files under ``prefix`` (optionally only those ending in ``suffixes``)."""
+def list_files(prefix: str, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
+               storage_options: StorageOptions | None = None) -> list[tuple[str, int]]:
+    """Sorted ``(uri, size in bytes)`` of the files under ``prefix``, optionally by suffix."""
     fs, path = filesystem_for(prefix, storage_options)
     selector = pafs.FileSelector(path.rstrip("/"), recursive=recursive, allow_not_found=True)
     lowered = tuple(s.lower() for s in suffixes)
     return sorted(
-        _with_scheme(prefix, info.path) for info in fs.get_file_info(selector)
+        (_with_scheme(prefix, info.path), int(info.size or 0))
+        for info in fs.get_file_info(selector)
         if info.type == pafs.FileType.File and (not lowered or info.path.lower().endswith(lowered))
     )
+
+
+def list_uri(prefix: str, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
+             storage_options: StorageOptions | None = None) -> list[str]:
+    """Sorted URIs of the files under ``prefix`` (optionally only those ending in ``suffixes``)."""
+    return [uri for uri, _ in list_files(prefix, recursive=recursive, suffixes=suffixes,
+                                         storage_options=storage_options)]
+
+
+def file_sizes(uris: list[str], storage_options: StorageOptions | None = None) -> list[int | None]:
+    """Size of each object in bytes, ``None`` where it does not exist (one metadata call each)."""
+    sizes: list[int | None] = []
+    for uri in uris:
+        fs, path = filesystem_for(uri, storage_options)
+        info = fs.get_file_info(path)
+        sizes.append(int(info.size) if info.type == pafs.FileType.File else None)
+    return sizes
 
 
 def copy_dir_to_local(uri: str, local_dir: str | os.PathLike,

@@ -1,0 +1,295 @@
+"""Image/mask pairs from object storage into Ray Data, and the decode step that splits off bad rows.
+
+Three sources give the same rows ``{id, image_uri, mask_uri, image_bytes, mask_bytes, split, fold}``:
+
+- a **manifest** (CSV or Parquet) with ``image`` and ``mask`` columns and optional ``id``, ``split``,
+  ``fold``.  Relative paths resolve against the manifest's own location.  A mask cell may hold
+  several ``;``-joined files (one binary mask per class, multi-label).
+- a **prefix** holding ``images/`` and ``masks/``, paired by path stem (``images/a/x.jpg`` with
+  ``masks/a/x.png``).  An unpaired image becomes a row without mask (quarantined as missing_mask).
+- **shards** written by :func:`pipelines.pack.pack` (Parquet, :data:`storage.SHARD_SCHEMA`).
+
+Manifests and listings are metadata, parsed on the driver; the bytes are fetched inside Ray tasks
+(I/O threads per task), so the dataset itself never passes through the driver.  A missing file
+gives null bytes, which the decode step turns into a quarantine row: bad input never crashes a job.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import posixpath
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import storage
+from seg_core.codecs import DEFAULT_MAX_PIXELS, decode_image, decode_mask
+from seg_core.config import MaskSpec
+from seg_core.errors import InputError
+
+if TYPE_CHECKING:
+    import ray.data
+
+SourceKind = Literal["auto", "manifest", "prefix", "shards"]
+
+PAIR_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image_uri", pa.string()), ("mask_uri", pa.string()),
+    ("split", pa.string()), ("fold", pa.int32()),
+])
+"""Pair metadata, before the bytes are fetched."""
+ROW_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [("image_bytes", pa.binary()), ("mask_bytes", pa.binary())])
+"""Rows of :func:`read_pairs`."""
+
+MASK_SEPARATOR = ";"
+_PARTS_MAGIC = b"RSMP"            # multi-part mask container, see pack_mask_parts
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+_FETCH_THREADS = 16
+
+
+# ------------------------------------------------------------------------------ pair metadata
+
+
+def detect_kind(source: str, storage_options: storage.StorageOptions | None = None) -> SourceKind:
+    """Guess the source kind: ``.csv`` / ``.parquet`` manifest, shard directory, or prefix."""
+    lowered = source.lower().rstrip("/")
+    if lowered.endswith((".csv", ".tsv")):
+        return "manifest"
+    if lowered.endswith(".parquet"):
+        names = storage.read_table(source, storage_options).schema.names
+        return "shards" if "image_bytes" in names else "manifest"
+    if storage.exists(storage.join_uri(source, "images"), storage_options):
+        return "prefix"
+    if storage.list_uri(source, suffixes=(".parquet",), storage_options=storage_options):
+        return "shards"
+    raise ValueError(
+        f"{source}: expected a manifest (.csv/.parquet), a prefix with images/ and masks/, or a "
+        f"directory of Parquet shards from `rayseg pack`; found none of these"
+    )
+
+
+def read_manifest(uri: str, storage_options: storage.StorageOptions | None = None) -> pa.Table:
+    """Parse a CSV/Parquet manifest into :data:`PAIR_SCHEMA` with absolute URIs."""
+    if uri.lower().endswith(".parquet"):
+        raw = storage.read_table(uri, storage_options)
+    else:
+        import pyarrow.csv as pcsv
+
+        raw = pcsv.read_csv(io.BytesIO(storage.read_bytes(uri, storage_options)),
+                            convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+    names = set(raw.schema.names)
+    image_col = next((c for c in ("image", "image_uri", "image_path") if c in names), None)
+    mask_col = next((c for c in ("mask", "mask_uri", "mask_path") if c in names), None)
+    if image_col is None or mask_col is None:
+        raise ValueError(f"{uri}: manifest needs 'image' and 'mask' columns, got {sorted(names)}")
+    base = storage.parent_uri(uri)
+    images = [_resolve(base, v) for v in _strings(raw[image_col])]
+    masks = [_resolve(base, v) for v in _strings(raw[mask_col])]
+    ids = _strings(raw["id"]) if "id" in names else _default_ids(images)
+    splits = _strings(raw["split"]) if "split" in names else [None] * len(images)
+    folds = ([None if f is None else int(f) for f in _strings(raw["fold"])] if "fold" in names
+             else [None] * len(images))
+    return pa.table([ids, images, masks, splits, folds], schema=PAIR_SCHEMA)
+
+
+def list_prefix_pairs(uri: str, storage_options: storage.StorageOptions | None = None) -> pa.Table:
+    """Pair ``<uri>/images/**`` with ``<uri>/masks/**`` by relative path without extension."""
+    def by_stem(sub: str) -> dict[str, str]:
+        root = storage.join_uri(uri, sub)
+        found: dict[str, str] = {}
+        for file_uri in storage.list_uri(root, suffixes=_IMAGE_SUFFIXES,
+                                         storage_options=storage_options):
+            found.setdefault(posixpath.splitext(file_uri[len(root) + 1:])[0], file_uri)
+        return found
+
+    images, masks = by_stem("images"), by_stem("masks")
+    stems = sorted(set(images) | set(masks))
+    rows = [stems, [images.get(s) for s in stems], [masks.get(s) for s in stems],
+            [None] * len(stems), [None] * len(stems)]
+    return pa.table(rows, schema=PAIR_SCHEMA)
+
+
+def pair_table(source: str, kind: SourceKind = "auto",
+               storage_options: storage.StorageOptions | None = None) -> pa.Table:
+    """Pair metadata of a manifest or prefix source (shards carry their bytes: use read_pairs)."""
+    kind = detect_kind(source, storage_options) if kind == "auto" else kind
+    if kind == "manifest":
+        return read_manifest(source, storage_options)
+    if kind == "prefix":
+        return list_prefix_pairs(source, storage_options)
+    raise ValueError(f"pair_table: kind must be 'manifest' or 'prefix', got {kind!r}")
+
+
+def select_rows(table: pa.Table, *, split: str | None = None,
+                folds: Sequence[int] | None = None) -> pa.Table:
+    """Rows of ``split`` (if given) whose fold is in ``folds`` (if given)."""
+    import pyarrow.compute as pc
+
+    if split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+    if folds is not None:
+        table = table.filter(pc.is_in(table["fold"], pa.array(list(folds), pa.int32())))
+    return table
+
+
+def _strings(column: pa.ChunkedArray) -> list[str | None]:
+    values = column.cast(pa.string()).to_pylist()
+    return [None if v is None or not v.strip() else v.strip() for v in values]
+
+
+def _resolve(base: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(MASK_SEPARATOR) if p.strip()]
+    return MASK_SEPARATOR.join(storage.resolve_against(base, p) for p in parts) or None
+
+
+def _default_ids(images: list[str | None]) -> list[str]:
+    stems = [posixpath.splitext(posixpath.basename(u or ""))[0] for u in images]
+    if len(set(stems)) == len(stems) and all(stems):
+        return stems
+    return [f"{i:06d}_{s}" for i, s in enumerate(stems)]
+
+
+# -------------------------------------------------------------------------------- reading bytes
+
+
+def read_pairs(source: str, *, kind: SourceKind = "auto", split: str | None = None,
+               folds: Sequence[int] | None = None, shuffle_seed: int | None = None,
+               rows_per_block: int = 32, num_cpus: float = 0.25,
+               storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
+    """A Ray Dataset of :data:`ROW_SCHEMA` rows from a manifest, a prefix or pack shards.
+
+    ``shuffle_seed`` fixes a shuffle of the pair order (file order and block order for shards).
+    ``num_cpus`` is per fetch task; fetching is I/O bound, so it stays small on 2-core machines.
+    """
+    import ray
+
+    kind = detect_kind(source, storage_options) if kind == "auto" else kind
+    if kind == "shards":
+        from pipelines.pack import read_shards
+
+        return read_shards(source, split=split, folds=folds, shuffle_seed=shuffle_seed,
+                           storage_options=storage_options)
+    table = select_rows(pair_table(source, kind, storage_options), split=split, folds=folds)
+    if shuffle_seed is not None:
+        table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
+    step = max(1, rows_per_block)
+    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+    options = storage.resolve_options(storage_options)   # driver's endpoint, shipped to tasks
+    return ray.data.from_arrow(blocks).map_batches(
+        fetch_bytes, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
+        fn_kwargs={"storage_options": options}, udf_modifying_row_count=False)
+
+
+def fetch_bytes(batch: pa.Table, storage_options: dict[str, Any]) -> pa.Table:
+    """Add ``image_bytes`` and ``mask_bytes`` (null where a file is missing) to a pair batch."""
+    images = batch["image_uri"].to_pylist()
+    masks = batch["mask_uri"].to_pylist()
+    with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
+        image_bytes = list(pool.map(lambda u: _read_or_none(u, storage_options), images))
+        mask_bytes = list(pool.map(lambda u: _read_mask(u, storage_options), masks))
+    columns = [batch[name].cast(field.type) for name, field in zip(PAIR_SCHEMA.names, PAIR_SCHEMA)]
+    columns += [pa.array(image_bytes, pa.binary()), pa.array(mask_bytes, pa.binary())]
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
+
+
+def _read_or_none(uri: str | None, storage_options: dict[str, Any]) -> bytes | None:
+    if uri is None:
+        return None
+    try:
+        return storage.read_bytes(uri, storage_options)
+    except FileNotFoundError:
+        return None
+
+
+def _read_mask(uri: str | None, storage_options: dict[str, Any]) -> bytes | None:
+    if uri is None or MASK_SEPARATOR not in uri:
+        return _read_or_none(uri, storage_options)
+    parts = [_read_or_none(u, storage_options) for u in uri.split(MASK_SEPARATOR)]
+    return None if any(p is None for p in parts) else pack_mask_parts(parts)
+
+
+def pack_mask_parts(parts: Sequence[bytes]) -> bytes:
+    """Several mask files (one per class) as one lossless blob: magic, count, (length, bytes)*."""
+    header = _PARTS_MAGIC + struct.pack("<I", len(parts))
+    return header + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+
+
+def unpack_mask_parts(blob: bytes) -> bytes | list[bytes]:
+    """Inverse of :func:`pack_mask_parts`; a plain mask file is returned unchanged."""
+    if not blob.startswith(_PARTS_MAGIC):
+        return blob
+    (count,), offset, parts = struct.unpack_from("<I", blob, 4), 8, []
+    for _ in range(count):
+        (size,) = struct.unpack_from("<Q", blob, offset)
+        parts.append(blob[offset + 8: offset + 8 + size])
+        offset += 8 + size
+    return parts
+
+
+# ------------------------------------------------------------------------------------- decoding
+
+
+def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None, spec: MaskSpec, *,
+                image_uri: str | None = None, mask_uri: str | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and cross-check one pair -> (H x W x C image, H x W or K x H x W mask).
+
+    Raises :class:`InputError` for every kind of bad pair (missing file, undecodable bytes, lossy
+    mask, unknown label, pixel limit, size mismatch).
+    """
+    image_src, mask_src = image_uri or "<image>", mask_uri or "<mask>"
+    if image_bytes is None:
+        raise InputError("missing_image", "no image file for this mask", source=image_src,
+                         hint="check the image path, or remove the row from the manifest")
+    if mask_bytes is None:
+        raise InputError("missing_mask", "no mask file for this image", source=mask_src,
+                         hint="add the mask (same stem under masks/) or drop the image")
+    image = decode_image(image_bytes, source=image_src, max_pixels=max_pixels)
+    mask = decode_mask(unpack_mask_parts(mask_bytes), spec, source=mask_src, max_pixels=max_pixels)
+    if image.shape[:2] != mask.shape[-2:]:
+        raise InputError("size_mismatch", f"image is {image.shape[0]}x{image.shape[1]} (HxW), "
+                         f"mask is {mask.shape[-2]}x{mask.shape[-1]}", source=mask_src,
+                         hint="masks must have exactly the image's height and width")
+    return image, mask
+
+
+def quarantine_row(row: dict[str, Any], error: InputError, stage: str) -> dict[str, Any]:
+    """One :data:`storage.QUARANTINE_SCHEMA` row for a rejected pair."""
+    return {"id": row.get("id"), "image_uri": row.get("image_uri"), "mask_uri": row.get("mask_uri"),
+            "stage": stage, "reason": error.reason, "message": str(error), "hint": error.hint,
+            "created_at": dt.datetime.now(dt.timezone.utc)}
+
+
+def decode_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 *, stage: str = "decode") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Decode a batch of fetched rows -> ``(ok_rows, quarantine_rows)``; never raises on bad data.
+
+    ``ok_rows`` keep ``id, image_uri, mask_uri, split, fold`` and add ``image`` / ``mask`` arrays;
+    ``quarantine_rows`` follow :data:`storage.QUARANTINE_SCHEMA`.  ``len(ok) + len(bad)`` always
+    equals the batch size.
+    """
+    ok, bad = [], []
+    for i in range(len(batch["id"])):
+        row = {k: _scalar(batch[k][i]) for k in PAIR_SCHEMA.names if k in batch}
+        try:
+            image, mask = decode_pair(_scalar(batch["image_bytes"][i]), _scalar(batch["mask_bytes"][i]),
+                                      mask_spec, image_uri=row.get("image_uri"),
+                                      mask_uri=row.get("mask_uri"), max_pixels=max_pixels)
+        except InputError as error:
+            bad.append(quarantine_row(row, error, stage))
+            continue
+        ok.append({**row, "image": image, "mask": mask})
+    return ok, bad
+
+
+def _scalar(value: Any) -> Any:
+    """numpy scalars/None from a numpy batch -> plain Python values."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value

@@ -1,0 +1,179 @@
+"""``rayseg pack``: many small image/mask objects -> a few Parquet shards of bounded size.
+
+Ray Data reads a few hundred large objects far faster than millions of small ones, and S3 stops
+throttling (notes §3.1, ray #55055 / #35826).  Each shard row follows :data:`storage.SHARD_SCHEMA`:
+the original image bytes (no re-encoding), the mask bytes, format, height, width, source URIs,
+sha256 and split/fold.  Packing is faithful, not a filter: a missing or broken file is packed as
+it is (null bytes or unreadable size) and is quarantined when decoded later.  Run
+``rayseg validate`` first to catch it early.
+
+Layout: ``<out>/part-*.parquet``, or ``<out>/split=<name>/...`` (hive) with ``partition_by_split``,
+plus ``<out>/_rayseg_pack.json`` describing the run.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import random
+import warnings
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import pyarrow as pa
+
+from pipelines import storage
+from pipelines.ingest import MASK_SEPARATOR, PAIR_SCHEMA, ROW_SCHEMA, SourceKind, pair_table, read_pairs
+from seg_core.codecs import sniff_format
+
+if TYPE_CHECKING:
+    import ray.data
+
+PACK_META = "_rayseg_pack.json"
+_SIZE_SAMPLE = 32
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"   # how Ray writes a null partition value
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """What ``pack`` wrote."""
+
+    out_uri: str
+    rows: int
+    files: int
+    total_bytes: int
+    rows_per_file: int
+    shard_mb: float
+    partition_by_split: bool
+    source: str
+
+
+def pack(source: str, out_uri: str, *, shard_mb: float = 256.0, partition_by_split: bool = False,
+         kind: SourceKind = "auto", num_cpus: float = 0.5,
+         storage_options: storage.StorageOptions | None = None) -> PackSummary:
+    """Pack ``source`` (manifest, prefix or shards) into Parquet shards under ``out_uri``.
+
+    Shards hold about ``shard_mb`` MB each: rows per file come from the mean object size of a
+    sample of the inputs.  ``out_uri`` is overwritten.
+    """
+    if shard_mb <= 0:
+        raise ValueError(f"pack: shard_mb must be > 0, got {shard_mb}")
+    from ray.data import SaveMode
+
+    kind = _kind(source, kind, storage_options)
+    row_bytes = _mean_row_bytes(source, kind, storage_options)
+    rows_per_file = max(1, int(shard_mb * 1024 * 1024 // max(row_bytes, 1)))
+    rows = read_pairs(source, kind=kind, storage_options=storage_options).map_batches(
+        to_shard_rows, batch_format="pyarrow", num_cpus=num_cpus, udf_modifying_row_count=False)
+    fs, path = storage.filesystem_for(out_uri, storage_options)
+    rows.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file,
+                       max_rows_per_file=rows_per_file, mode=SaveMode.OVERWRITE,
+                       partition_cols=["split"] if partition_by_split else None)
+    files = storage.list_files(out_uri, suffixes=(".parquet",), storage_options=storage_options)
+    count = sum(_parquet_rows(uri, storage_options) for uri, _ in files)
+    summary = PackSummary(out_uri=out_uri, rows=count, files=len(files),
+                          total_bytes=sum(size for _, size in files), rows_per_file=rows_per_file,
+                          shard_mb=shard_mb, partition_by_split=partition_by_split, source=source)
+    meta = {"format_version": 1, **asdict(summary),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    storage.write_bytes(storage.join_uri(out_uri, PACK_META),
+                        json.dumps(meta, indent=2).encode(), storage_options)
+    return summary
+
+
+def to_shard_rows(batch: pa.Table) -> pa.Table:
+    """:data:`ingest.ROW_SCHEMA` rows -> :data:`storage.SHARD_SCHEMA` rows (format, size, sha256)."""
+    images = batch["image_bytes"].to_pylist()
+    formats, heights, widths, digests = [], [], [], []
+    for data in images:
+        size = _header_size(data) if data else None
+        formats.append(sniff_format(data) if data else None)
+        heights.append(size[1] if size else None)
+        widths.append(size[0] if size else None)
+        digests.append(hashlib.sha256(data).hexdigest() if data is not None else None)
+    columns = {
+        "id": batch["id"], "image_bytes": batch["image_bytes"], "mask_bytes": batch["mask_bytes"],
+        "image_format": pa.array(formats, pa.string()), "height": pa.array(heights, pa.int32()),
+        "width": pa.array(widths, pa.int32()), "source_uri": batch["image_uri"],
+        "mask_uri": batch["mask_uri"], "sha256": pa.array(digests, pa.string()),
+        "split": batch["split"], "fold": batch["fold"],
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in storage.SHARD_SCHEMA],
+                                schema=storage.SHARD_SCHEMA)
+
+
+def read_shards(uri: str, *, split: str | None = None, folds: Sequence[int] | None = None,
+                shuffle_seed: int | None = None,
+                storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
+    """Pack shards -> a Ray Dataset of :data:`ingest.ROW_SCHEMA` rows (file/block order seeded)."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    fs, path = storage.filesystem_for(uri, storage_options)
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], shuffle=shuffle)
+    ds = ds.map_batches(shard_to_rows, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"split": split, "folds": None if folds is None else list(folds)})
+    return ds.randomize_block_order(seed=shuffle_seed) if shuffle_seed is not None else ds
+
+
+def shard_to_rows(batch: pa.Table, split: str | None = None,
+                  folds: list[int] | None = None) -> pa.Table:
+    """Shard rows -> :data:`ingest.ROW_SCHEMA` rows, keeping only ``split`` / ``folds`` if given."""
+    import pyarrow.compute as pc
+
+    renamed = {"id": "id", "image_uri": "source_uri", "mask_uri": "mask_uri", "split": "split",
+               "fold": "fold", "image_bytes": "image_bytes", "mask_bytes": "mask_bytes"}
+    table = pa.Table.from_arrays(
+        [batch[renamed[f.name]].cast(f.type) for f in ROW_SCHEMA], schema=ROW_SCHEMA)
+    split_values = pc.if_else(pc.equal(table["split"], _HIVE_NULL), None, table["split"])
+    table = table.set_column(table.schema.get_field_index("split"), "split", split_values)
+    if split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+    if folds is not None:
+        table = table.filter(pc.is_in(table["fold"], pa.array(folds, pa.int32())))
+    return table
+
+
+def _kind(source: str, kind: SourceKind, storage_options) -> SourceKind:
+    from pipelines.ingest import detect_kind
+
+    return detect_kind(source, storage_options) if kind == "auto" else kind
+
+
+def _mean_row_bytes(source: str, kind: SourceKind, storage_options) -> float:
+    """Mean bytes per pair, from the sizes of a random sample of objects (or of the shards)."""
+    if kind == "shards":
+        files = storage.list_files(source, suffixes=(".parquet",), storage_options=storage_options)
+        rows = sum(_parquet_rows(uri, storage_options) for uri, _ in files)
+        return sum(size for _, size in files) / max(rows, 1)
+    table = pair_table(source, kind, storage_options)
+    picks = random.Random(0).sample(range(table.num_rows), min(_SIZE_SAMPLE, table.num_rows))
+    uris = []
+    for i in picks:
+        for name in ("image_uri", "mask_uri"):
+            value = table[name][i].as_py()
+            uris.extend(value.split(MASK_SEPARATOR) if value else [])
+    sizes = [s for s in storage.file_sizes(uris, storage_options) if s is not None]
+    return sum(sizes) / max(len(picks), 1) if sizes else 1.0
+
+
+def _parquet_rows(uri: str, storage_options) -> int:
+    import pyarrow.parquet as pq
+
+    with storage.open_uri(uri, "rb", storage_options) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header without decoding pixels; None if unreadable."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
