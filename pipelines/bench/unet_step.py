@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.bench.common import bench_device, time_fn
+from pipelines.bench.common import bench_device, time_interleaved
 from pipelines.bench.cpu_ceiling import measure_ceiling
 from seg_core.config import ModelConfig
 from seg_core.engine import build_optimizer, train_step
@@ -51,8 +51,6 @@ def measure_layout(cfg: ModelConfig, *, batch_size: int, size: int, channels_las
 
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=1e-4)
     loss_fn = build_loss("ce", num_classes=cfg.num_classes)
-    seg_s = time_fn(lambda: train_step(model, batch, loss_fn, optimizer, amp_dtype=amp),
-                    device, warmup=2, repeats=repeats)
 
     plain = UNet(cfg).to(device=device, memory_format=memory_format)
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -64,8 +62,11 @@ def measure_layout(cfg: ModelConfig, *, batch_size: int, size: int, channels_las
         loss.backward()
         plain_opt.step()
 
-    plain_s = time_fn(plain_step, device, warmup=2, repeats=repeats)
-    return {"seg_s": seg_s, "plain_s": plain_s, "flops": float(flops)}
+    seconds = time_interleaved(
+        {"seg": lambda: train_step(model, batch, loss_fn, optimizer, amp_dtype=amp), "plain": plain_step},
+        device, warmup=2, repeats=repeats,
+    )
+    return {"seg_s": seconds["seg"], "plain_s": seconds["plain"], "flops": float(flops)}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
