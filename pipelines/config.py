@@ -97,6 +97,7 @@ class ScalingSpec:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: 1, or a fraction on small boxes (2-core hang)
     gpus_per_worker: float = 1.0
+    torch_threads: int | None = None  # None: what Ray sets (one per reserved CPU, at least 1)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -147,6 +148,7 @@ class TrainConfig:
     fold_assignment: FoldAssignment = "auto"  # auto: fold column if present, else seeded random
     fold: int | None = None  # held-out fold of this run (set by cross_validate)
     cv_parallelism: int = 1  # folds trained at once (each fold is its own trainer)
+    artifact_weights: Literal["best", "last"] = "best"  # best val mIoU epoch, or the last one
     amp: AmpMode = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     channels_last: bool | None = None  # None: on GPU only
     log_every_steps: int = 10

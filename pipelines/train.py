@@ -1,0 +1,347 @@
+"""``train(cfg) -> TrainResult``: a Ray Train ``TorchTrainer`` over seg_core, then a model artifact.
+
+The driver side of training: build the Ray Datasets, size the workers from the cluster, run
+``TorchTrainer.fit`` (checkpoints to ``storage.storage_path``, automatic restarts from the last
+checkpoint via ``FailureConfig``, resume when the run name already has checkpoints), print
+progress, and turn the final checkpoint into a seg_core artifact at
+``<models_uri>/<name>/<version>/`` with ``metrics.json``, ``learning_curve.png`` and
+``config.yaml`` beside it.  The per-worker loop is :mod:`pipelines.train_loop`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import storage
+from pipelines.config import TrainConfig, config_to_dict, dump_config
+from pipelines.train_loop import STATE_FILE, StepPlan, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training run produced."""
+
+    artifact_uri: str  # <models_uri>/<name>/<version>
+    metrics: dict[str, Any]  # val metrics of the saved weights (see train_loop.val_metrics)
+    history: list[dict[str, Any]]  # one record per epoch
+    run_name: str
+    checkpoint_uri: str  # <storage_path>/<run_name>
+    selected_epoch: int
+    restarts: list[dict[str, Any]]  # {epoch, step, lr} each time the loop resumed
+    stopped: str | None  # why training ended before `epochs`, if it did
+
+    def summary(self) -> str:
+        """A few human lines: where the model is and how good it is."""
+        m = self.metrics
+        per_class = ", ".join(f"{n} IoU {i:.4f} Dice {d:.4f}" for n, i, d in
+                              zip(m["class_names"], m["per_class"]["iou"], m["per_class"]["dice"]))
+        return (f"model     {self.artifact_uri}\n"
+                f"run       {self.checkpoint_uri} ({len(self.history)} epochs, "
+                f"{len(self.restarts)} resumes{'; ' + self.stopped if self.stopped else ''})\n"
+                f"val       mIoU {m['miou']:.4f}  mDice {m['mdice']:.4f}  pixel acc "
+                f"{m['pixel_accuracy']:.4f}  (epoch {self.selected_epoch})\n"
+                f"per class {per_class}")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) ``cfg.run_name`` on Ray Train and write the artifact."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from pipelines.raycluster import ensure_ray
+
+    ensure_ray()
+    cfg = absolute_paths(cfg)
+    data = build_train_data(cfg)
+    plan = plan_steps(cfg, data.num_train)
+    run_uri = storage.join_uri(cfg.storage.storage_path, cfg.run_name)
+    _save_run_config(cfg, run_uri)
+    fs, path = storage.filesystem_for(cfg.storage.storage_path)
+    progress = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "plan": plan, "progress": progress},
+        datasets={"train": data.train, "val": data.val},
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # val: every worker sees all
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=path,  # scheme-less: the filesystem carries the endpoint
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep),
+        ),
+    )
+    print(f"[{cfg.run_name}] {data.num_train} train / {data.num_val} val images, "
+          f"{plan.steps_per_epoch} steps per epoch, schedule {plan.total_steps} steps, "
+          f"checkpoints in {run_uri}", flush=True)
+    printer = _ProgressPrinter(progress)
+    try:
+        result = trainer.fit()
+    finally:
+        printer.stop()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_uri}: training finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        import torch
+
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    return write_artifact(cfg, state, data.source_sha256, run_uri)
+
+
+# ----------------------------------------------------------------------------- sizing and plans
+
+
+def plan_steps(cfg: TrainConfig, num_train: int) -> StepPlan:
+    """Steps per epoch on every worker (the split gives each ``num_train // workers`` rows)."""
+    per_worker = num_train // cfg.scaling.num_workers
+    if per_worker < 1:
+        raise ValueError(f"{num_train} training images cannot feed {cfg.scaling.num_workers} "
+                         f"workers; lower scaling.num_workers or add data")
+    steps = math.ceil(per_worker / cfg.batch_size)
+    total = steps * cfg.epochs
+    if cfg.max_iterations is not None:
+        total = min(total, cfg.max_iterations)
+    return StepPlan(steps_per_epoch=steps, total_steps=max(total, 1))
+
+
+def scaling_config(cfg: TrainConfig) -> Any:
+    """Workers from config; GPUs when the cluster has them; fractional CPUs on small boxes.
+
+    A Train worker holding a whole CPU on a 2-CPU cluster leaves Ray Data nothing to read with
+    and the run hangs (notes §3.2), so by default each worker takes at most
+    ``(cluster CPUs - 1) / workers`` CPUs, never more than 1 and never less than 0.25.
+    """
+    import ray
+    from ray.train import ScalingConfig
+
+    spec = cfg.scaling
+    resources = ray.cluster_resources()
+    use_gpu = spec.use_gpu if spec.use_gpu is not None else resources.get("GPU", 0) > 0
+    cpus = spec.cpus_per_worker
+    if cpus is None:
+        spare = (resources.get("CPU", 1.0) - 1.0) / spec.num_workers
+        cpus = min(1.0, max(0.25, math.floor(spare * 4) / 4))
+    per_worker: dict[str, float] = {"CPU": cpus}
+    if use_gpu:
+        per_worker["GPU"] = spec.gpus_per_worker
+    return ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
+                         resources_per_worker=per_worker)
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local relative paths -> absolute, because Ray workers do not share the driver's cwd."""
+    def fix(uri: str | None) -> str | None:
+        return storage.strip_scheme(uri) if uri and storage.is_local(uri) else uri
+
+    data = dataclasses.replace(cfg.data, manifest=fix(cfg.data.manifest), shards=fix(cfg.data.shards))
+    store = dataclasses.replace(cfg.storage, storage_path=fix(cfg.storage.storage_path),
+                                models_uri=fix(cfg.storage.models_uri))
+    return dataclasses.replace(cfg, data=data, storage=store)
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+
+def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
+                   run_uri: str) -> TrainResult:
+    """Checkpoint state -> ``<models_uri>/<name>/<version>/`` (artifact + metrics + plot + config)."""
+    from pipelines.plots import learning_curve_png
+    from seg_core.artifact import reproducibility_record, save_artifact
+    from seg_core.model import UNet
+
+    best = state.get("best")
+    if cfg.artifact_weights == "best" and best is not None:
+        weights, val, epoch = best["model"], best["val"], best["epoch"]
+    else:
+        weights, val, epoch = state["model"], state["history"][-1]["val"], state["epoch"]
+    unet = UNet(cfg.model)
+    unet.load_state_dict(weights)
+    uri = storage.join_uri(cfg.storage.models_uri, cfg.name, cfg.version)
+    history = state["history"]
+    summary = {"miou": val["miou"], "mdice": val["mdice"], "pixel_accuracy": val["pixel_accuracy"],
+               "class_names": val["class_names"], "iou": val["per_class"]["iou"],
+               "dice": val["per_class"]["dice"], "epoch": epoch}
+    report = {"val": val, "selected_epoch": epoch, "artifact_weights": cfg.artifact_weights,
+              "epochs_completed": state["epoch"], "steps": state["step"],
+              "stopped": state["stopped"], "restarts": state["restarts"],
+              "history": [{k: v for k, v in h.items() if k != "val"} | {"val_iou": h["val"]
+                          ["per_class"]["iou"]} for h in history],
+              "run": run_uri, "fold": cfg.fold}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(storage.strip_scheme(uri)) if storage.is_local(uri) else Path(tmp)
+        save_artifact(local, unet, name=cfg.name, version=cfg.version, mask_spec=cfg.mask,
+                      preprocessing=cfg.preprocessing,
+                      reproducibility=reproducibility_record(seed=cfg.seed,
+                                                             manifest_sha256=source_sha256,
+                                                             fold=cfg.fold),
+                      metrics=summary)
+        (local / "metrics.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
+        (local / "config.yaml").write_text(dump_config(cfg))
+        learning_curve_png(history, local / "learning_curve.png",
+                           title=f"{cfg.name} {cfg.version}")
+        if not storage.is_local(uri):
+            storage.copy_dir_from_local(local, uri)
+    return TrainResult(artifact_uri=uri, metrics=val, history=history, run_name=cfg.run_name,
+                       checkpoint_uri=run_uri, selected_epoch=epoch, restarts=state["restarts"],
+                       stopped=state["stopped"])
+
+
+def _save_run_config(cfg: TrainConfig, run_uri: str) -> None:
+    """Write the resolved config beside the checkpoints; warn when a resume changes it."""
+    target = storage.join_uri(run_uri, "config.yaml")
+    if storage.exists(target):
+        before = yaml.safe_load(storage.read_bytes(target).decode())
+        changed = sorted(k for k, v in config_to_dict(cfg).items() if before.get(k) != v)
+        if changed:
+            logger.warning("%s: resuming with changed settings %s (the LR schedule may jump)",
+                           run_uri, changed)
+    storage.write_bytes(target, dump_config(cfg).encode())
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None so that metrics.json stays strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class _ProgressPrinter:
+    """Prints the loop's progress lines on the driver (worker stdout may not reach it)."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue, self._done = queue, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._done.is_set() or not self._queue.empty():
+            try:
+                print(self._queue.get(timeout=0.5), flush=True)
+            except Empty:
+                continue
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+        self._queue.shutdown()
+
+
+# ------------------------------------------------------------------------------------- data
+# Local adapter until pipelines.ingest offers a training dataset: decode with quarantine
+# (ingest.decode_pairs), then resize + augment + prepare_image per batch in Ray Data tasks.
+
+_TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Ray Datasets for one run: ``train`` (augmented tensors) and ``val`` (decoded originals)."""
+
+    train: Any
+    val: Any
+    num_train: int
+    num_val: int
+    source_sha256: str
+
+
+def build_train_data(cfg: TrainConfig, *, train_folds: list[int] | None = None,
+                     val_folds: list[int] | None = None) -> TrainData:
+    """Datasets from ``cfg.data``: by split, or by fold when cross-validating."""
+    from pipelines import ingest
+
+    source = cfg.data.manifest or cfg.data.shards
+    kind = "manifest" if cfg.data.manifest else "shards"
+    if cfg.fold is None:
+        train_sel = {"split": cfg.data.train_split}
+        val_sel = {"split": cfg.data.val_split}
+    else:
+        others = [f for f in range(cfg.nfolds) if f != cfg.fold]
+        train_sel = {"split": cfg.data.train_split, "folds": others}
+        val_sel = {"split": cfg.data.train_split, "folds": [cfg.fold]}
+    if kind == "manifest":
+        table = ingest.read_manifest(source)
+        counts = [ingest.select_rows(table, **sel).num_rows for sel in (train_sel, val_sel)]
+        digest = sha256_hex(storage.read_bytes(source))
+    else:
+        counts = [ingest.read_pairs(source, kind=kind, **sel).count() for sel in (train_sel, val_sel)]
+        digest = sha256_hex("\n".join(storage.list_uri(source, suffixes=(".parquet",))).encode())
+    if min(counts) == 0:
+        raise ValueError(f"{source}: {counts[0]} train and {counts[1]} val rows for {train_sel} / "
+                         f"{val_sel}; both must be non-empty (check split names and folds)")
+    options = {"num_cpus": _TASK_CPUS, "batch_format": "numpy"}
+    decode = {"fn_kwargs": {"mask_spec": cfg.mask, "max_pixels": cfg.preprocessing.max_pixels}}
+    train = (ingest.read_pairs(source, kind=kind, shuffle_seed=cfg.seed, **train_sel)
+             .map_batches(decode_rows, batch_size=8, **decode, **options)
+             .map_batches(augment_batch, batch_size=cfg.batch_size, fn_kwargs={"cfg": cfg},
+                          **options))
+    val = (ingest.read_pairs(source, kind=kind, **val_sel)
+           .map_batches(decode_rows, batch_size=4, **decode, **options))
+    return TrainData(train=train, val=val, num_train=counts[0], num_val=counts[1],
+                     source_sha256=digest)
+
+
+def decode_rows(batch: dict[str, Any], mask_spec: Any, max_pixels: int) -> dict[str, Any]:
+    """Fetched rows -> ``{id, image, mask}`` originals; undecodable pairs are dropped (logged)."""
+    from pipelines.ingest import decode_pairs
+
+    ok, bad = decode_pairs(batch, mask_spec, max_pixels, stage="train")
+    for row in bad:
+        logger.warning("skipping %s: %s (%s)", row["image_uri"], row["reason"], row["message"])
+    return {"id": [r["id"] for r in ok], "image": [r["image"] for r in ok],
+            "mask": [r["mask"] for r in ok]}
+
+
+def augment_batch(batch: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """Originals -> ``image`` N,C,h,w float32 (prepare_image) and ``mask`` N,h,w int64 (or
+    N,K,h,w uint8): resize, random crop/flips/rot90, then the shared normalisation."""
+    import numpy as np
+
+    from seg_core import transforms as T
+    from seg_core.inference import prepare_image
+
+    pre = cfg.preprocessing
+    steps: list[Any] = [T.Resize(tuple(pre.resize))] if pre.resize else []
+    if cfg.augment.crop:
+        steps.append(T.RandomCrop((cfg.augment.crop, cfg.augment.crop),
+                                  ignore_index=cfg.mask.ignore_index))
+    steps += [T.HorizontalFlip()] if cfg.augment.hflip else []
+    steps += [T.VerticalFlip()] if cfg.augment.vflip else []
+    pipeline = T.Compose(steps)
+    rng = np.random.default_rng()  # fresh per batch: new augmentations every epoch
+    no_resize = dataclasses.replace(pre, resize=None)
+    images, masks = [], []
+    for image, mask in zip(batch["image"], batch["mask"]):
+        image, mask = pipeline(np.asarray(image), np.asarray(mask), rng)
+        if cfg.augment.rot90 and image.shape[0] == image.shape[1]:
+            image, mask = T.RandomRot90()(image, mask, rng)
+        images.append(prepare_image(image, no_resize).numpy())
+        masks.append(mask.astype(np.uint8 if cfg.mask.multilabel else np.int64))
+    shapes = sorted({m.shape for m in masks})
+    if len(shapes) > 1:
+        raise ValueError(f"training images differ in size {shapes[:3]}; set "
+                         f"preprocessing.resize or augment.crop so that batches stack")
+    return {"image": np.stack(images), "mask": np.stack(masks)}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
