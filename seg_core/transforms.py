@@ -190,7 +190,7 @@ def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _resize_mask_nearest(mask: Mask, height: int, width: int) -> Mask:
-    """Nearest-neighbour resize of ``H, W`` or ``K, H, W`` (pixel centres, like ``nearest-exact``)."""
+    """Nearest-neighbour resize of ``H, W`` or ``K, H, W`` (pixel centres, as ``nearest-exact``)."""
     if mask is None or mask.shape[-2:] == (height, width):
         return mask
     rows = _nearest_index(mask.shape[-2], height)

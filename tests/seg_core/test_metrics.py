@@ -173,7 +173,8 @@ def test_scores_stay_within_unit_interval() -> None:
 
 
 def test_bad_arguments_raise_value_error() -> None:
-    with pytest.raises(ValueError, match=r"target values must be 0..2 or ignore_index=255, got \[7\]"):
+    expected = r"target values must be 0..2 or ignore_index=255, got \[7\]"
+    with pytest.raises(ValueError, match=expected):
         confusion_counts(np.zeros((1, 2), dtype=int), np.array([[7, 0]]), 3, IGN)
     with pytest.raises(ValueError, match=r"pred values must be 0..2, got \[3\]"):
         confusion_counts(np.array([[3, 0]]), np.zeros((1, 2), dtype=int), 3, IGN)
@@ -184,7 +185,7 @@ def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match=r"tp must be non-negative integers, got \[-1, 2\]"):
         compute_metrics(np.array([-1, 2]), np.zeros(2), np.zeros(2))  # would give IoU > 1
     with pytest.raises(ValueError, match="reduction must be micro, macro or per_image, got 'mean'"):
-        compute_metrics(np.ones(2), np.ones(2), np.ones(2), reduction="mean")  # type: ignore[arg-type]
+        compute_metrics(np.ones(2), np.ones(2), np.ones(2), reduction="mean")  # type: ignore
     with pytest.raises(ValueError, match=r"per_image needs N,K counts, got shape \(2,\)"):
         compute_metrics(np.ones(2), np.ones(2), np.ones(2), reduction="per_image")
     with pytest.raises(ValueError, match="needs tn counts"):
