@@ -45,7 +45,8 @@ ROW_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [("image_bytes", pa.binary()), ("mask
 
 MASK_SEPARATOR = ";"
 _PARTS_MAGIC = b"RSMP"            # multi-part mask container, see pack_mask_parts
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+_IMAGE_SUFFIXES = IMAGE_SUFFIXES   # old private name, still imported by pipelines.predict
 _FETCH_THREADS = 16
 
 
@@ -99,7 +100,7 @@ def list_prefix_pairs(uri: str, storage_options: storage.StorageOptions | None =
     def by_stem(sub: str) -> dict[str, str]:
         root = storage.join_uri(uri, sub)
         found: dict[str, str] = {}
-        for file_uri in storage.list_uri(root, suffixes=_IMAGE_SUFFIXES,
+        for file_uri in storage.list_uri(root, suffixes=IMAGE_SUFFIXES,
                                          storage_options=storage_options):
             found.setdefault(posixpath.splitext(file_uri[len(root) + 1:])[0], file_uri)
         return found
@@ -165,8 +166,6 @@ def read_pairs(source: str, *, kind: SourceKind = "auto", split: str | None = No
     ``shuffle_seed`` fixes a shuffle of the pair order (file order and block order for shards).
     ``num_cpus`` is per fetch task; fetching is I/O bound, so it stays small on 2-core machines.
     """
-    import ray
-
     kind = detect_kind(source, storage_options) if kind == "auto" else kind
     if kind == "shards":
         from pipelines.pack import read_shards
@@ -176,12 +175,34 @@ def read_pairs(source: str, *, kind: SourceKind = "auto", split: str | None = No
     table = select_rows(pair_table(source, kind, storage_options), split=split, folds=folds)
     if shuffle_seed is not None:
         table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
+    return fetch_pairs(table, rows_per_block=rows_per_block, num_cpus=num_cpus,
+                       storage_options=storage_options)
+
+
+def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = 0.25,
+                storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
+    """Pair metadata (:data:`PAIR_SCHEMA`, e.g. a filtered :func:`pair_table`) -> fetched rows.
+
+    The table is cut into blocks of ``rows_per_block`` rows on the driver (metadata only); each
+    block's objects are read by one Ray task with I/O threads.  Null URIs give null bytes.
+    """
+    import ray
+
     step = max(1, rows_per_block)
     blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
     options = storage.resolve_options(storage_options)   # driver's endpoint, shipped to tasks
     return ray.data.from_arrow(blocks).map_batches(
         fetch_bytes, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
         fn_kwargs={"storage_options": options}, udf_modifying_row_count=False)
+
+
+def list_images(prefix: str, storage_options: storage.StorageOptions | None = None) -> pa.Table:
+    """:data:`PAIR_SCHEMA` rows for a bare prefix of images (no masks): id = path stem."""
+    root = prefix.rstrip("/")
+    uris = storage.list_uri(root, suffixes=IMAGE_SUFFIXES, storage_options=storage_options)
+    ids = [posixpath.splitext(u[len(root) + 1:])[0] for u in uris]
+    nulls = [None] * len(uris)
+    return pa.table([ids, uris, nulls, nulls, nulls], schema=PAIR_SCHEMA)
 
 
 def fetch_bytes(batch: pa.Table, storage_options: dict[str, Any]) -> pa.Table:
