@@ -19,6 +19,7 @@ from seg_core.engine import (
 )
 from seg_core.losses import build_loss
 from seg_core.metrics import compute_metrics
+from seg_core.model import UNet
 
 IGN = 255
 
@@ -46,8 +47,6 @@ def _synthetic_batch(n: int = 4, size: int = 16) -> dict[str, torch.Tensor]:
 
 
 def _tiny_unet() -> nn.Module:
-    from seg_core.model import UNet
-
     torch.manual_seed(0)
     return UNet(ModelConfig(in_channels=1, num_classes=2, depth=2, base_width=8, norm="group"))
 
