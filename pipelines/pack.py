@@ -67,9 +67,12 @@ def pack(source: str, out_uri: str, *, shard_mb: float = 256.0, partition_by_spl
     rows = read_pairs(source, kind=kind, storage_options=storage_options).map_batches(
         to_shard_rows, batch_format="pyarrow", num_cpus=num_cpus, udf_modifying_row_count=False)
     fs, path = storage.filesystem_for(out_uri, storage_options)
-    rows.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file,
-                       max_rows_per_file=rows_per_file, mode=SaveMode.OVERWRITE,
-                       partition_cols=["split"] if partition_by_split else None)
+    # min_rows_per_file with partition_cols is deprecated in 2.60: there max alone bounds shards.
+    sizing = {"max_rows_per_file": rows_per_file}
+    if not partition_by_split:
+        sizing["min_rows_per_file"] = rows_per_file
+    rows.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE,
+                       partition_cols=["split"] if partition_by_split else None, **sizing)
     files = storage.list_files(out_uri, suffixes=(".parquet",), storage_options=storage_options)
     count = sum(_parquet_rows(uri, storage_options) for uri, _ in files)
     summary = PackSummary(out_uri=out_uri, rows=count, files=len(files),

@@ -1,0 +1,223 @@
+"""Ingest: manifest / prefix / shard sources, pack, decode step and the training input pipeline."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import ingest, storage
+from pipelines.pack import pack
+from pipelines.train_data import Augment, resize_mask_nearest, training_dataset
+from seg_core.codecs import encode_png
+from seg_core.config import MaskSpec, Preprocessing
+
+SPEC3 = MaskSpec(num_classes=3)
+
+
+def _key(row: dict) -> tuple:
+    return (row["id"], row["image_uri"], row["mask_uri"], row["image_bytes"], row["mask_bytes"],
+            row["split"])
+
+
+def _manifest_rows(manifest) -> list[dict]:
+    with open(manifest) as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------------- metadata (no Ray)
+
+
+def test_manifest_paths_resolve_against_the_manifest(tmp_path):
+    (tmp_path / "m.csv").write_text(
+        "image,mask,split,fold\n"
+        "images/a.png,masks/a.png,train,1\n"
+        "/abs/b.jpg,masks/b_c0.png;masks/b_c1.png,val,\n"
+        "s3://bkt/c.tif,,,2\n")
+    table = ingest.read_manifest(str(tmp_path / "m.csv"))
+    assert table.schema == ingest.PAIR_SCHEMA
+    assert table.to_pylist() == [
+        {"id": "a", "image_uri": f"{tmp_path}/images/a.png", "mask_uri": f"{tmp_path}/masks/a.png",
+         "split": "train", "fold": 1},
+        {"id": "b", "image_uri": "/abs/b.jpg",
+         "mask_uri": f"{tmp_path}/masks/b_c0.png;{tmp_path}/masks/b_c1.png",
+         "split": "val", "fold": None},
+        {"id": "c", "image_uri": "s3://bkt/c.tif", "mask_uri": None, "split": None, "fold": 2},
+    ]
+
+
+def test_manifest_ids_fall_back_to_index_when_stems_repeat_and_parquet_works(tmp_path):
+    table = pa.table({"image": ["x/1.png", "y/1.png"], "mask": ["m1.png", "m2.png"]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    assert ingest.detect_kind(str(tmp_path / "m.parquet")) == "manifest"
+    got = ingest.read_manifest(str(tmp_path / "m.parquet"))
+    assert got["id"].to_pylist() == ["000000_1", "000001_1"]
+    with pytest.raises(ValueError, match="needs 'image' and 'mask' columns"):
+        (tmp_path / "bad.csv").write_text("img,label\na,b\n")
+        ingest.read_manifest(str(tmp_path / "bad.csv"))
+
+
+def test_prefix_pairs_by_stem_and_keeps_unpaired_files(tmp_path):
+    for rel in ("images/a.jpg", "images/sub/b.png", "images/c.png", "masks/a.png",
+                "masks/sub/b.png", "masks/d.png", "images/readme.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert ingest.detect_kind(str(tmp_path)) == "prefix"
+    rows = {r["id"]: (r["image_uri"], r["mask_uri"])
+            for r in ingest.list_prefix_pairs(str(tmp_path)).to_pylist()}
+    assert rows == {
+        "a": (f"{tmp_path}/images/a.jpg", f"{tmp_path}/masks/a.png"),
+        "sub/b": (f"{tmp_path}/images/sub/b.png", f"{tmp_path}/masks/sub/b.png"),
+        "c": (f"{tmp_path}/images/c.png", None),          # -> missing_mask when decoded
+        "d": (None, f"{tmp_path}/masks/d.png"),            # -> missing_image when decoded
+    }
+
+
+def test_mask_parts_container_roundtrip():
+    parts = [b"\x89PNG one", b"", b"three" * 100]
+    assert ingest.unpack_mask_parts(ingest.pack_mask_parts(parts)) == parts
+    assert ingest.unpack_mask_parts(b"\x89PNG plain") == b"\x89PNG plain"
+
+
+def test_decode_pairs_splits_good_and_bad_rows_without_raising():
+    good_mask = encode_png(np.array([[0, 1], [2, 0]], np.uint8))
+    good_image = encode_png(np.zeros((2, 2, 3), np.uint8))
+    batch = {
+        "id": np.array(["ok", "no_mask", "bad_label", "tiny"], dtype=object),
+        "image_uri": np.array(["i0", "i1", "i2", "i3"], dtype=object),
+        "mask_uri": np.array(["m0", None, "m2", "m3"], dtype=object),
+        "image_bytes": np.array([good_image, good_image, good_image, good_image], dtype=object),
+        "mask_bytes": np.array([good_mask, None, encode_png(np.full((2, 2), 7, np.uint8)),
+                                good_mask], dtype=object),
+    }
+    ok, bad = ingest.decode_pairs(batch, SPEC3, max_pixels=100, stage="test")
+    assert [r["id"] for r in ok] == ["ok", "tiny"]
+    assert ok[0]["mask"].tolist() == [[0, 1], [2, 0]] and ok[0]["image"].shape == (2, 2, 3)
+    assert [(r["id"], r["reason"], r["stage"]) for r in bad] == [
+        ("no_mask", "missing_mask", "test"), ("bad_label", "unknown_label", "test")]
+    assert all(r["hint"] for r in bad)
+    assert pa.Table.from_pylist(bad, schema=storage.QUARANTINE_SCHEMA).num_rows == 2
+
+
+def test_resize_mask_nearest_keeps_labels():
+    mask = np.array([[0, 1], [2, 3]], np.int64)
+    assert resize_mask_nearest(mask, (4, 4)).tolist() == [
+        [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert resize_mask_nearest(np.stack([mask, mask]), (1, 1)).shape == (2, 1, 1)
+
+
+def test_augment_is_seeded_per_epoch_and_crops_with_ignore_padding():
+    batch = {"id": np.array(["a", "b"], dtype=object),
+             "image": np.arange(2 * 3 * 6 * 6, dtype=np.float32).reshape(2, 3, 6, 6),
+             "mask": np.arange(2 * 6 * 6, dtype=np.int64).reshape(2, 6, 6) % 3}
+    aug = Augment(crop_size=4, seed=1)
+    first = aug(batch, aug.rng(epoch=0))
+    assert first["image"].shape == (2, 3, 4, 4) and first["mask"].shape == (2, 4, 4)
+    again = aug(batch, aug.rng(epoch=0))
+    assert np.array_equal(first["image"], again["image"])
+    others = [aug(batch, aug.rng(epoch=e))["image"] for e in range(1, 6)]
+    assert any(not np.array_equal(first["image"], o) for o in others)
+    padded = Augment(crop_size=8, hflip=False, vflip=False, rot90=False)(batch, aug.rng(0))
+    assert padded["mask"].shape == (2, 8, 8) and (padded["mask"] == 255).sum() == 2 * (64 - 36)
+    assert set(np.unique(padded["image"][padded["mask"][:, None].repeat(3, 1) == 255])) == {0.0}
+
+
+# ------------------------------------------------------------------------------ Ray + moto S3
+
+
+def test_three_sources_give_identical_pairs(ray_session, sample_dataset, s3_sample_dataset,
+                                            s3_prefix):
+    sample_root = s3_sample_dataset.rsplit("/", 1)[0]
+    from_manifest = ingest.read_pairs(s3_sample_dataset).take_all()
+    from_prefix = ingest.read_pairs(sample_root).take_all()
+    summary = pack(s3_sample_dataset, f"{s3_prefix}/shards", partition_by_split=True)
+    from_shards = ingest.read_pairs(f"{s3_prefix}/shards").take_all()
+
+    expected = _manifest_rows(sample_dataset)
+    assert len(from_manifest) == len(from_shards) == len(from_prefix) == len(expected) == 24
+    by_id = {r["id"]: r for r in from_manifest}
+    for row in expected:   # the bytes are exactly the local files, via s3:// URIs
+        got = by_id[row["image"].split("/")[-1].rsplit(".", 1)[0]]
+        assert got["image_uri"] == f"{sample_root}/{row['image']}"
+        assert got["image_bytes"] == (sample_dataset.parent / row["image"]).read_bytes()
+        assert got["mask_bytes"] == (sample_dataset.parent / row["mask"]).read_bytes()
+        assert got["split"] == row["split"]
+    assert sorted(map(_key, from_shards)) == sorted(map(_key, from_manifest))
+    strip = lambda rows: sorted((r["id"], r["image_uri"], r["mask_uri"], r["image_bytes"],
+                                 r["mask_bytes"]) for r in rows)
+    assert strip(from_prefix) == strip(from_manifest)   # a prefix has no split column
+
+    assert summary.rows == 24 and summary.partition_by_split
+    assert {u.split("/")[-2] for u in storage.list_uri(f"{s3_prefix}/shards", suffixes=(".parquet",))} \
+        == {"split=train", "split=val"}
+    shards = storage.read_table(f"{s3_prefix}/shards")
+    assert set(shards["image_format"].to_pylist()) == {"png", "jpeg", "bmp", "gif", "tiff"}
+    assert set(zip(shards["height"].to_pylist(), shards["width"].to_pylist())) == {(96, 96)}
+    import hashlib
+
+    assert all(hashlib.sha256(b).hexdigest() == h for b, h in
+               zip(shards["image_bytes"].to_pylist(), shards["sha256"].to_pylist()))
+    val = ingest.read_pairs(f"{s3_prefix}/shards", split="val").take_all()
+    assert sorted(r["id"] for r in val) == sorted(r["id"] for r in from_manifest
+                                                   if r["split"] == "val")
+
+
+def test_pack_bounds_shard_size_and_describes_itself(ray_session, sample_dataset, tmp_path):
+    pair_bytes = sum((sample_dataset.parent / r[c]).stat().st_size
+                     for r in _manifest_rows(sample_dataset) for c in ("image", "mask")) / 24
+    shard_mb = 5 * pair_bytes / 2**20          # about five pairs per shard
+    summary = pack(str(sample_dataset), str(tmp_path / "shards"), shard_mb=shard_mb)
+    files = storage.list_files(str(tmp_path / "shards"), suffixes=(".parquet",))
+    rows = [pq.ParquetFile(u).metadata.num_rows for u, _ in files]
+    assert sum(rows) == summary.rows == 24
+    assert 3 <= summary.rows_per_file <= 8 and max(rows) <= summary.rows_per_file
+    assert len(files) == summary.files >= 24 // summary.rows_per_file
+    meta = json.loads((tmp_path / "shards" / "_rayseg_pack.json").read_text())
+    assert meta["rows"] == 24 and meta["files"] == len(files) and meta["format_version"] == 1
+    assert pq.read_schema(files[0][0]).names == storage.SHARD_SCHEMA.names
+
+
+def test_training_dataset_preprocesses_with_seeded_order_and_quarantines(
+        ray_session, sample_dataset, tmp_path):
+    manifest = tmp_path / "manifest.csv"    # the sample plus one row whose mask is missing
+    root = sample_dataset.parent
+    rows = [{**r, "image": str(root / r["image"]), "mask": str(root / r["mask"])}
+            for r in _manifest_rows(sample_dataset)]
+    rows.append({"image": str(root / rows[0]["image"]), "mask": str(tmp_path / "gone.png"),
+                 "split": "train", "id": "ghost"})
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "image", "mask", "split"])
+        writer.writeheader()
+        writer.writerows({**r, "id": r.get("id") or r["image"].split("/")[-1][:11]} for r in rows)
+    pre = Preprocessing(channels=3, resize=(64, 64))
+    quarantine = str(tmp_path / "quarantine")
+    data = training_dataset(str(manifest), SPEC3, pre, crop_size=48, seed=3, split="train",
+                            quarantine_uri=quarantine)
+    batches = list(data.dataset.iter_batches(batch_size=8, batch_format="numpy"))
+    ids = [i for b in batches for i in b["id"]]
+    n_train = sum(r["split"] == "train" for r in rows) - 1
+    assert len(ids) == n_train == 18 and "ghost" not in ids
+    first = batches[0]
+    assert first["image"].shape[1:] == (3, 64, 64) and first["image"].dtype == np.float32
+    assert first["mask"].shape[1:] == (64, 64) and first["mask"].dtype == np.int64
+    assert set(np.unique(first["mask"])) <= {0, 1, 2}
+    from seg_core.codecs import decode_image
+    from seg_core.inference import prepare_image
+
+    source = next(r for r in rows if r["image"].split("/")[-1][:11] == first["id"][0])
+    expected = prepare_image(decode_image(open(source["image"], "rb").read()), pre).numpy()
+    np.testing.assert_array_equal(first["image"][0], expected)   # parity with inference
+
+    again = [i for b in training_dataset(str(manifest), SPEC3, pre, seed=3, split="train")
+             .dataset.iter_batches(batch_size=8) for i in b["id"]]
+    other = [i for b in training_dataset(str(manifest), SPEC3, pre, seed=4, split="train")
+             .dataset.iter_batches(batch_size=8) for i in b["id"]]
+    assert again == ids and other != ids and sorted(other) == sorted(ids)
+
+    augmented = data.augment(first, data.augment.rng(epoch=0))
+    assert augmented["image"].shape == (len(first["id"]), 3, 48, 48)
+    q = storage.read_table(quarantine).to_pylist()
+    assert [(r["id"], r["reason"], r["stage"]) for r in q] == [("ghost", "missing_mask", "train")]

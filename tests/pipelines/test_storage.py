@@ -1,0 +1,121 @@
+"""pipelines.storage against the local filesystem and a real (moto) S3 endpoint; no Ray."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pytest
+
+from pipelines import storage
+
+
+def test_uri_helpers_keep_scheme_and_resolve_relative_paths(tmp_path):
+    assert storage.scheme_of("s3://bkt/a") == "s3"
+    assert storage.scheme_of("relative/x.png") == "file"
+    assert storage.strip_scheme("s3://bkt/a/b.png") == "bkt/a/b.png"
+    assert storage.strip_scheme(f"file://{tmp_path}/x") == f"{tmp_path}/x"
+    assert storage.join_uri("s3://bkt/data", "images/../masks/1.png") == "s3://bkt/data/masks/1.png"
+    assert storage.parent_uri("s3://bkt/data/manifest.csv") == "s3://bkt/data"
+    assert storage.resolve_against("s3://bkt/data", "images/1.png") == "s3://bkt/data/images/1.png"
+    assert storage.resolve_against("s3://bkt/data", "s3://other/1.png") == "s3://other/1.png"
+    assert storage.resolve_against(str(tmp_path), "/abs/1.png") == "/abs/1.png"
+    assert storage.resolve_against(str(tmp_path), "a/1.png") == f"{tmp_path}/a/1.png"
+
+
+def test_options_come_from_env_and_storage_options_override_them(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://env-s3:2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ak")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sk")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    opts = storage.resolve_options()
+    assert opts == {"endpoint_override": "http://env-s3:2", "access_key": "ak",
+                    "secret_key": "sk", "region": "eu-west-1"}   # the _S3 variable wins
+    opts = storage.resolve_options({"endpoint_url": "http://minio:9000", "key": "k2"})
+    assert opts["endpoint_override"] == "http://minio:9000" and opts["access_key"] == "k2"
+    opts = storage.resolve_options({"client_kwargs": {"endpoint_url": "http://c:3"}})
+    assert opts["endpoint_override"] == "http://c:3"
+    with pytest.raises(ValueError, match="unknown key 'bucket'"):
+        storage.resolve_options({"bucket": "x"})
+
+
+def test_s3_filesystem_uses_http_for_an_http_endpoint(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    fs, path = storage.filesystem_for("s3://bkt/key")
+    assert path == "bkt/key"
+    assert fs.type_name == "s3"
+    assert "127.0.0.1:9" in repr(fs.__reduce__())   # endpoint travels when pickled to workers
+
+
+def test_local_read_write_list_exists(tmp_path):
+    target = tmp_path / "deep" / "a.bin"
+    storage.write_bytes(str(target), b"abc")
+    storage.write_bytes(f"file://{tmp_path}/deep/b.txt", b"")
+    assert storage.read_bytes(str(target)) == b"abc"
+    assert storage.exists(str(target)) and storage.exists(str(tmp_path / "deep"))
+    assert not storage.exists(str(tmp_path / "nope"))
+    assert storage.list_uri(str(tmp_path), suffixes=(".BIN",)) == [str(target)]
+    assert storage.list_files(str(tmp_path)) == [(str(target), 3), (str(tmp_path / "deep/b.txt"), 0)]
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(str(tmp_path / "missing.png"))
+
+
+def test_s3_roundtrip_list_sizes_and_missing(s3_prefix):
+    storage.write_bytes(f"{s3_prefix}/x/1.png", b"one")
+    storage.write_bytes(f"{s3_prefix}/x/sub/2.png", b"two!")
+    storage.write_bytes(f"{s3_prefix}/x/notes.txt", b"n")
+    assert storage.read_bytes(f"{s3_prefix}/x/sub/2.png") == b"two!"
+    assert storage.exists(f"{s3_prefix}/x/1.png") and storage.exists(f"{s3_prefix}/x")
+    assert not storage.exists(f"{s3_prefix}/x/3.png")
+    assert storage.list_uri(f"{s3_prefix}/x", suffixes=(".png",)) == [
+        f"{s3_prefix}/x/1.png", f"{s3_prefix}/x/sub/2.png"]
+    assert storage.list_uri(f"{s3_prefix}/x", recursive=False) == [
+        f"{s3_prefix}/x/1.png", f"{s3_prefix}/x/notes.txt"]
+    assert storage.file_sizes([f"{s3_prefix}/x/sub/2.png", f"{s3_prefix}/gone"]) == [4, None]
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{s3_prefix}/x/missing.png")
+
+
+def test_explicit_storage_options_reach_s3_even_with_a_wrong_env(s3_prefix, s3_endpoint,
+                                                                 monkeypatch):
+    storage.write_bytes(f"{s3_prefix}/k", b"v")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")   # nothing listens there
+    assert storage.read_bytes(f"{s3_prefix}/k", {"endpoint_url": s3_endpoint}) == b"v"
+
+
+def test_copy_dir_to_s3_and_back(tmp_path, s3_prefix):
+    src = tmp_path / "artifact"
+    (src / "sub").mkdir(parents=True)
+    (src / "artifact.json").write_text("{}")
+    (src / "sub" / "weights.pt").write_bytes(b"\x00" * 1000)
+    storage.copy_dir_from_local(src, f"{s3_prefix}/model")
+    back = storage.copy_dir_to_local(f"{s3_prefix}/model", tmp_path / "back")
+    assert (back / "artifact.json").read_text() == "{}"
+    assert (back / "sub" / "weights.pt").read_bytes() == b"\x00" * 1000
+
+
+def test_parquet_table_roundtrip_on_s3(s3_prefix):
+    row = {"id": "a", "image_uri": "s3://b/a.png", "mask_uri": None, "stage": "validate",
+           "reason": "missing_mask", "message": "m", "hint": "h",
+           "created_at": dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)}
+    table = pa.Table.from_pylist([row], schema=storage.QUARANTINE_SCHEMA)
+    storage.write_table(table, f"{s3_prefix}/q/quarantine.parquet")
+    assert storage.read_table(f"{s3_prefix}/q/quarantine.parquet").to_pylist() == [row]
+
+
+def test_schemas_have_the_contract_columns():
+    assert storage.SHARD_SCHEMA.names == [
+        "id", "image_bytes", "mask_bytes", "image_format", "height", "width", "source_uri",
+        "mask_uri", "sha256", "split", "fold"]
+    assert storage.QUARANTINE_SCHEMA.names == [
+        "id", "image_uri", "mask_uri", "stage", "reason", "message", "hint", "created_at"]
+    p = storage.PREDICTION_SCHEMA
+    assert p.names == [
+        "id", "source_uri", "source_sha256", "model_name", "model_version", "height", "width",
+        "mask_png", "class_mask_pngs", "class_pixel_counts", "mean_confidence", "confidence_png",
+        "request_id", "latency_ms", "created_at"]
+    assert p.field("class_mask_pngs").type == pa.list_(pa.binary())
+    assert p.field("class_pixel_counts").type == pa.list_(pa.int64())
+    assert p.field("mean_confidence").type == pa.float32()
+    assert p.field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert p.field("request_id").nullable and p.field("latency_ms").nullable
