@@ -1,0 +1,241 @@
+"""Online segmentation: one Ray Serve deployment behind a FastAPI ingress.
+
+Routes (``route_prefix`` from the Serve config, ``/`` by default):
+
+- ``POST /v1/segment``: an image (raw body or one multipart file part; PNG, JPEG, BMP, GIF or TIFF).
+  ``Accept: image/png`` answers the mask PNG; otherwise JSON with the mask as base64 PNG, per-class
+  areas, mean confidence, the model name/version and server timing (also in ``Server-Timing``).
+  ``?confidence=true`` adds the confidence map.  Bad input answers 413 / 415 / 422 with a message,
+  a missing or wrong ``X-API-Key`` (when a key is configured) answers 401.
+- ``GET /v1/model``: the artifact's metadata and the serving settings.
+- ``GET /healthz``: liveness (never needs the key).
+
+Decoding, pre/post-processing and PNG encoding are :mod:`seg_core.codecs` and
+:mod:`seg_core.inference`, the code that ``rayseg predict`` runs, so one image gives the same mask
+bytes online and in bulk.  Requests are batched with ``@serve.batch``; ``max_batch_size`` and
+``batch_wait_timeout_s`` come from ``user_config`` and change at run time through ``reconfigure``.
+Every answered request adds a row to a per-replica :class:`~pipelines.serve_sink.PredictionSink`,
+flushed when Serve stops the replica (its graceful-shutdown hook is ``__del__``, which Serve calls
+explicitly after draining requests; see ``ray/serve/_private/replica.py::call_destructor``).
+
+Nothing here hard-codes replica counts or batch sizes: ``build_app`` is the typed builder named by
+``jobs/configs/serve.yaml`` and ``infra/rayservice.yaml``, whose ``deployments:`` entries set the
+autoscaling, resources and ``user_config``.  :func:`~pipelines.serve_control.start_endpoint`
+(re-exported here with ``stop_endpoint`` and ``reconfigure_endpoint``) applies that same YAML.
+
+No ``from __future__ import annotations`` here: Serve inspects ``build_app``'s annotation at run
+time to turn the config's ``args`` into :class:`ServeArgs`, and a string annotation would skip it.
+"""
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.serve import Application
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+
+from pipelines import serve_http as http
+from pipelines.serve_control import (DEPLOYMENT_NAME, BatchSettings, ServeArgs,  # noqa: F401
+                                     reconfigure_endpoint, replica_counts, start_endpoint,
+                                     stop_endpoint)
+from pipelines.predict import prediction_row
+from pipelines.serve_sink import PredictionSink
+from pipelines.storage import copy_dir_to_local, is_local, strip_scheme
+from seg_core.config import from_dict
+from seg_core.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="rayseg", description="U-Net segmentation endpoint")
+
+
+# Helpers come before the deployment class: @serve.deployment pickles the class on the spot, and
+# module globals that do not exist yet at that moment are missing in the replicas.
+def _api_key(env_name: str | None) -> str | None:
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name, "")
+    if not key:  # fail closed: a configured but absent key must not serve openly
+        raise ValueError(f"api_key_env={env_name!r} is set but the replica has no such variable "
+                         f"(or it is empty); set it on the workers, or drop api_key_env")
+    return key
+
+
+def _local_artifact(uri: str) -> tuple[Path, str | None]:
+    """A local directory holding the artifact; object-store URIs are copied to a temp dir."""
+    if is_local(uri):
+        return Path(strip_scheme(uri)), None
+    temp_dir = tempfile.mkdtemp(prefix="rayseg-model-")
+    return copy_dir_to_local(uri, temp_dir), temp_dir
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class SegmentService:
+    """Loads the artifact once, batches forwards, answers HTTP, buffers rows for Parquet."""
+
+    def __init__(self, args: ServeArgs) -> None:
+        import torch
+
+        from seg_core.artifact import load_artifact
+        from seg_core.inference import Segmenter
+
+        torch.set_num_threads(args.torch_threads)
+        self._args = args
+        self._api_key = _api_key(args.api_key_env)
+        self._model_dir, self._temp_dir = _local_artifact(args.model_uri)
+        self._artifact = load_artifact(self._model_dir)
+        device = args.device if args.device != "auto" else \
+            ("cuda" if torch.cuda.is_available() else "cpu")
+        self._segmenter = Segmenter(self._artifact, device=device, tta=args.tta)
+        self._max_pixels = args.max_pixels or self._artifact.preprocessing.max_pixels
+        self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._sink = None if args.out_uri is None else PredictionSink(
+            args.out_uri, flush_rows=args.flush_rows, flush_interval_s=args.flush_interval_s,
+            writer_id=self._replica)
+        self._batch = BatchSettings()
+        self._closed = False
+
+    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
+        """Apply ``BatchSettings`` from ``user_config`` (unknown keys are refused)."""
+        self._batch = from_dict(BatchSettings, dict(user_config))
+        self._predict_batch.set_max_batch_size(self._batch.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(self._batch.batch_wait_timeout_s)
+
+    @serve.batch
+    async def _predict_batch(self, images: list[np.ndarray]) -> list[Any]:
+        """One forward for the batch, in the forward thread; per-image results or errors."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._forward_pool, self._forward, images)
+
+    def _forward(self, images: list[np.ndarray]) -> list[Any]:
+        try:
+            return list(self._segmenter.predict_batch(images))
+        except Exception:  # noqa: BLE001 - isolate the failing image, answer the others
+            results: list[Any] = []
+            for image in images:
+                try:
+                    results.append(self._segmenter.predict(image))
+                except Exception as error:  # noqa: BLE001 - handed back to its own request
+                    results.append(error)
+            return results
+
+    @api.post("/v1/segment")
+    async def segment(self, request: Request, confidence: bool = False) -> Response:
+        """Segment one uploaded image (see the module docstring for the protocol)."""
+        started = time.perf_counter()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            http.check_api_key(request, self._api_key)
+            data, name = await http.read_image_bytes(request, self._args.max_request_bytes)
+            image = await run_in_threadpool(self._decode, data, name)
+            decoded = time.perf_counter()
+            prediction = await self._predict_batch(image)
+            if isinstance(prediction, BaseException):
+                raise prediction
+            predicted = time.perf_counter()
+            row = await run_in_threadpool(self._row, prediction, request_id, name, data,
+                                          confidence)
+        except http.RequestRefused as refused:
+            return http.error_response(refused, request_id)
+        except InputError as error:
+            return http.error_response(http.RequestRefused.from_input_error(error), request_id)
+        timing = {"decode": (decoded - started) * 1e3, "infer": (predicted - decoded) * 1e3,
+                  "encode": (time.perf_counter() - predicted) * 1e3}
+        timing["total"] = row["latency_ms"] = (time.perf_counter() - started) * 1e3
+        if self._sink is not None:  # before answering: a 200 always has its row
+            self._sink.add(row)
+        # Serve's proxy puts the request id in x-request-id (taken from the client's header or
+        # generated) and echoes it on every response, so it is not repeated here.
+        headers = {"X-Model-Version": self._artifact.version,
+                   "Server-Timing": http.server_timing(timing)}
+        if http.wants_png(request):
+            return http.png_response(row["mask_png"], headers)
+        body = http.segment_body(
+            row, request_id=request_id, model=self._model_ref(), height=row["height"],
+            width=row["width"], class_names=self._artifact.mask_spec.names,
+            multilabel=self._artifact.mask_spec.multilabel, timing_ms=timing)
+        payload = await run_in_threadpool(http.json_bytes, body)
+        return Response(payload, media_type="application/json", headers=headers)
+
+    @api.get("/v1/model")
+    async def model_info(self, request: Request) -> JSONResponse:
+        """The artifact's metadata plus the serving settings of this replica."""
+        try:
+            http.check_api_key(request, self._api_key)
+        except http.RequestRefused as refused:
+            return http.error_response(refused, uuid.uuid4().hex)
+        settings = {"max_batch_size": self._batch.max_batch_size,
+                    "batch_wait_timeout_s": self._batch.batch_wait_timeout_s,
+                    "max_request_bytes": self._args.max_request_bytes,
+                    "max_pixels": self._max_pixels, "device": str(self._segmenter.device),
+                    "tta": self._args.tta, "parquet_sink": self._args.out_uri is not None}
+        return JSONResponse({**self._model_ref(), "artifact": self._artifact.meta,
+                             "serving": settings, "replica": self._replica})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness: the model is loaded and the sink accepts rows."""
+        return {"status": "ok", **self._model_ref(), "replica": self._replica,
+                "pending_rows": 0 if self._sink is None else self._sink.pending}
+
+    def check_health(self) -> None:
+        """Serve's health probe: fail when the replica was closed underneath us."""
+        if self._closed:
+            raise RuntimeError("replica already closed")
+
+    def __del__(self) -> None:
+        """Graceful shutdown (Serve calls this once, after draining): flush rows, free files."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        if self._sink is not None:
+            written = self._sink.close()
+            logger.info("replica %s: sink closed, %d rows written", self._replica, written)
+        self._forward_pool.shutdown(wait=True)
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _decode(self, data: bytes, name: str) -> np.ndarray:
+        from seg_core.codecs import decode_image
+
+        return decode_image(data, source=name, max_pixels=self._max_pixels)
+
+    def _model_ref(self) -> dict[str, str]:
+        return {"name": self._artifact.name, "version": self._artifact.version}
+
+    def _row(self, prediction: Any, request_id: str, name: str, data: bytes,
+             with_confidence: bool) -> dict[str, Any]:
+        """The bulk-inference row (same encoder as ``rayseg predict``) plus the request id."""
+        row = prediction_row(prediction, self._segmenter, id=request_id,
+                             source_uri=f"upload:{name}",
+                             source_sha256=hashlib.sha256(data).hexdigest(),
+                             model_name=self._artifact.name, model_version=self._artifact.version,
+                             with_confidence=with_confidence)
+        row["request_id"] = request_id
+        return row
+
+
+def build_app(args: ServeArgs) -> Application:
+    """The Serve application builder (``import_path: pipelines.serve:build_app``).
+
+    Deployment options (replicas, autoscaling, resources, ``user_config``) come from the config
+    file that names this builder; only the batch defaults are set here, as ``user_config``.
+    """
+    from seg_core.config import to_dict
+
+    return SegmentService.options(user_config=to_dict(BatchSettings())).bind(args)
+

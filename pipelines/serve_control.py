@@ -1,0 +1,233 @@
+"""Typed settings of the online endpoint and the calls that start, retune and stop it.
+
+- :class:`ServeArgs`: the ``args:`` block of the Serve config, handed to the app builder
+  ``pipelines.serve:build_app``.
+- :class:`BatchSettings`: the deployment's ``user_config`` (``max_batch_size``,
+  ``batch_wait_timeout_s``), applied by ``reconfigure`` in running replicas.
+- :func:`start_endpoint` / :func:`reconfigure_endpoint` / :func:`stop_endpoint`: deploy the
+  ``serve build``-style YAML (``jobs/configs/serve.yaml`` by default) on a local or remote Ray.
+
+The YAML is applied as a declarative config, the way ``serve run serve.yaml`` and a KubeRay
+RayService apply it, so the replica counts, autoscaling and batching in the file are what runs,
+and a later ``user_config`` change reaches running replicas without restarting them.
+"""
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from seg_core.config import from_dict
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "serve.yaml"
+APP_NAME = "rayseg"
+DEPLOYMENT_NAME = "SegmentService"
+
+
+class ServeArgs(BaseModel):
+    """Arguments of the app builder (the ``args:`` block of a Serve config)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model_uri: str = Field(description="artifact directory: local path or s3://")
+    out_uri: str | None = Field(None, description="Parquet sink root; None disables the sink")
+    api_key_env: str | None = Field(None, description="env var holding the API key; None: open")
+    max_request_bytes: int = Field(16 * 2**20, gt=0, description="larger bodies answer 413")
+    max_pixels: int | None = Field(None, gt=0, description="None: the artifact's max_pixels")
+    flush_rows: int = Field(256, ge=1, description="the sink writes a file at this many rows")
+    flush_interval_s: float = Field(30.0, gt=0, description="or when its oldest row is this old")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', ...")
+    tta: bool = False
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """``user_config`` of the deployment; applied by ``reconfigure`` without a restart."""
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ValueError(f"user_config: expected max_batch_size >= 1 and batch_wait_timeout_s "
+                             f">= 0, got {self.max_batch_size} and {self.batch_wait_timeout_s}")
+
+
+# The config last applied per application name, so that reconfigure_endpoint can re-apply it
+# with a new user_config (a lightweight update: replicas stay, Serve calls reconfigure).
+_APPLIED: dict[str, dict[str, Any]] = {}
+
+
+def load_serve_config(config: str | Path | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A one-application Serve config as a plain dict, validated by Ray's own schema."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    if config is None or isinstance(config, (str, Path)):
+        data = yaml.safe_load(Path(config or DEFAULT_CONFIG).read_text())
+    else:
+        data = yaml.safe_load(yaml.safe_dump(dict(config)))  # a deep copy
+    ServeDeploySchema.model_validate(data)  # raises with Ray's message on a malformed file
+    count = len(data.get("applications") or [])
+    if count != 1:
+        raise ValueError(f"serve config: expected exactly one application, got {count}")
+    return data
+
+
+def start_endpoint(model_uri: str, out_uri: str | None = None, *,
+                   config: str | Path | Mapping[str, Any] | None = None,
+                   host: str | None = None, port: int | None = None,
+                   api_key_env: str | None = None, args: Mapping[str, Any] | None = None,
+                   user_config: Mapping[str, Any] | None = None,
+                   timeout_s: float = 180.0) -> str:
+    """Deploy the endpoint (starting a local Ray if none is connected); return its base URL.
+
+    ``config`` is a ``serve build``-style YAML (default ``jobs/configs/serve.yaml``) or its dict;
+    the other arguments override its ``http_options``, ``args`` and ``user_config``.  When
+    ``api_key_env`` names a variable set in this process, its value reaches the replicas through
+    the application's ``runtime_env`` (with the ``AWS_*`` variables, as for every rayseg job).
+    Returns once ``GET /healthz`` answers 200.
+    """
+    from pipelines.raycluster import ensure_ray, worker_env
+
+    data = load_serve_config(config)
+    app = data["applications"][0]
+    app["args"] = {**(app.get("args") or {}), **dict(args or {}), "model_uri": model_uri}
+    if out_uri is not None:
+        app["args"]["out_uri"] = out_uri
+    if api_key_env is not None:
+        app["args"]["api_key_env"] = api_key_env
+    ServeArgs.model_validate(app["args"])  # fail here rather than inside the build task
+    key_env = {api_key_env: os.environ[api_key_env]} \
+        if api_key_env and os.environ.get(api_key_env) else None
+    runtime_env = dict(app.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**worker_env(key_env), **(runtime_env.get("env_vars") or {})}
+    app["runtime_env"] = runtime_env
+    deployment = _deployment_entry(app)
+    if user_config is not None:
+        deployment["user_config"] = {**(deployment.get("user_config") or {}), **user_config}
+    data["http_options"] = {**(data.get("http_options") or {}),
+                            **({"host": host} if host else {}), **({"port": port} if port else {})}
+    ensure_ray()
+    _apply(data, timeout_s)
+    url = endpoint_url(data)
+    _wait_healthy(url, timeout_s)
+    return url
+
+
+def reconfigure_endpoint(app_name: str = APP_NAME, *, timeout_s: float = 60.0,
+                         **user_config: Any) -> None:
+    """Change ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) of a running app."""
+    if app_name not in _APPLIED:
+        raise ValueError(f"no application {app_name!r} was started from this process; "
+                         f"started: {sorted(_APPLIED)}")
+    data = _APPLIED[app_name]
+    deployment = _deployment_entry(data["applications"][0])
+    deployment["user_config"] = {**(deployment.get("user_config") or {}), **user_config}
+    _apply(data, timeout_s)
+
+
+def stop_endpoint(app_name: str = APP_NAME, *, shutdown_serve: bool = True) -> None:
+    """Delete the app (replicas drain, then flush their Parquet rows) and stop Serve.
+
+    ``serve.delete`` returns only after every replica finished its graceful shutdown, so rows of
+    every answered request are on storage when this returns.
+    """
+    from ray import serve
+
+    serve.delete(app_name, _blocking=True)
+    _APPLIED.pop(app_name, None)
+    if shutdown_serve:
+        serve.shutdown()
+
+
+def endpoint_url(data: Mapping[str, Any]) -> str:
+    """Base URL of the (single) application in a Serve config, as seen from this machine."""
+    http_options = data.get("http_options") or {}
+    host = http_options.get("host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    prefix = (data["applications"][0].get("route_prefix") or "/").rstrip("/")
+    return f"http://{host}:{http_options.get('port', 8000)}{prefix}"
+
+
+def replica_counts(app_name: str = APP_NAME) -> dict[str, int]:
+    """Replicas per state (``RUNNING``, ``STARTING``, ``STOPPING``, ...) from ``serve.status()``."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or DEPLOYMENT_NAME not in app.deployments:
+        return {}
+    return {str(k): int(v) for k, v in app.deployments[DEPLOYMENT_NAME].replica_states.items()}
+
+
+# ------------------------------------------------------------------------------------ internals
+def _deployment_entry(app: dict[str, Any]) -> dict[str, Any]:
+    entries = app.setdefault("deployments", [])
+    for entry in entries:
+        if entry.get("name") == DEPLOYMENT_NAME:
+            return entry
+    entries.append({"name": DEPLOYMENT_NAME})
+    return entries[-1]
+
+
+def _check_batching(data: Mapping[str, Any]) -> None:
+    deployment = _deployment_entry(data["applications"][0])
+    batch = from_dict(BatchSettings, dict(deployment.get("user_config") or {}))
+    limit = deployment.get("max_ongoing_requests", 5)  # Serve's default since 2.32
+    if batch.max_batch_size > limit:
+        raise ValueError(f"user_config.max_batch_size={batch.max_batch_size} exceeds "
+                         f"max_ongoing_requests={limit}, so a batch could never fill; raise "
+                         f"max_ongoing_requests to at least max_batch_size")
+
+
+def _apply(data: dict[str, Any], timeout_s: float) -> None:
+    """Start Serve with the config's HTTP options and apply the config; wait for RUNNING.
+
+    This is what ``serve run serve.yaml`` does (``ray/serve/scripts.py``): the controller builds
+    the application from ``import_path`` + ``args``.  Serve has no public Python call that
+    applies a declarative config, so the two private calls live here and nowhere else.
+    """
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    _check_batching(data)
+    schema = ServeDeploySchema.model_validate(data)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                   proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+    name = schema.applications[0].name
+    _APPLIED[name] = data
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        status = str(app.status) if app is not None else "NOT_STARTED"
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
+            message = "" if app is None else "; ".join(
+                [app.message] + [f"{n}: {d.message}" for n, d in app.deployments.items()
+                                 if d.message])
+            raise RuntimeError(f"serve application {name!r} is {status} after "
+                               f"{timeout_s:.0f}s: {message}")
+        time.sleep(0.2)
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    """Poll ``GET <url>/healthz`` until 200 (the proxy learns new routes asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+            last = error
+        time.sleep(0.2)
+    raise RuntimeError(f"{url}/healthz did not answer 200 within {timeout_s:.0f}s: {last}")

@@ -1,0 +1,154 @@
+"""HTTP edges of the online endpoint: reading uploads within limits, API keys, response bodies.
+
+Plain functions over Starlette requests, kept apart from the deployment so that the route handlers
+in :mod:`pipelines.serve` read as "read -> decode -> predict -> encode -> answer".
+Every refusal becomes a :class:`RequestRefused` carrying an HTTP status and a message that says
+what arrived, what was expected and how to fix it; nothing here raises anything else on bad input.
+"""
+import base64
+import hmac
+import json
+from typing import Any, AsyncIterator, Mapping
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from seg_core.errors import InputError
+
+API_KEY_HEADER = "X-API-Key"
+MAX_FORM_FIELDS = 16
+
+
+class RequestRefused(Exception):
+    """A client error that ends the request with ``status`` (4xx) and a JSON body."""
+
+    def __init__(self, status: int, reason: str, detail: str, hint: str = "") -> None:
+        super().__init__(f"{status} {reason}: {detail}")
+        self.status, self.reason, self.detail, self.hint = status, reason, detail, hint
+
+    @classmethod
+    def from_input_error(cls, error: InputError) -> "RequestRefused":
+        """413 / 415 / 422 from the decoder's stable reason code."""
+        return cls(error.http_status, error.reason, error.detail, error.hint)
+
+
+def check_api_key(request: Request, expected: str | None) -> None:
+    """Refuse with 401 unless ``expected`` is None or the request carries it in ``X-API-Key``."""
+    if expected is None:
+        return
+    given = request.headers.get(API_KEY_HEADER, "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        why = "wrong" if given else "missing"
+        raise RequestRefused(401, "unauthorized", f"{API_KEY_HEADER} header is {why}",
+                             hint=f"send the key in the {API_KEY_HEADER} header")
+
+
+async def read_image_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The uploaded image and its name: the raw body, or the file part of a multipart form.
+
+    Refuses with 413 when the body is larger than ``max_bytes`` (checked on ``Content-Length``
+    first, then while streaming, so an oversized upload is never held in memory whole) and with
+    422 when a multipart body has no file part or does not parse.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(len(body), max_bytes)
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        return await _multipart_file(request, bytes(body), max_bytes)
+    return bytes(body), "body"
+
+
+def wants_png(request: Request) -> bool:
+    """True when the client asks for the bare mask (``Accept: image/png``)."""
+    return "image/png" in request.headers.get("accept", "").lower()
+
+
+def error_response(refused: RequestRefused, request_id: str) -> JSONResponse:
+    """The JSON body of every 4xx: ``{error, detail, hint, request_id}``."""
+    body = {"error": refused.reason, "detail": refused.detail, "hint": refused.hint,
+            "request_id": request_id}
+    return JSONResponse(body, status_code=refused.status)
+
+
+def segment_body(encoded: Mapping[str, Any], *, request_id: str, model: Mapping[str, str],
+                 class_names: tuple[str, ...], multilabel: bool, height: int, width: int,
+                 timing_ms: Mapping[str, float]) -> dict[str, Any]:
+    """The JSON answer of ``POST /v1/segment`` from :func:`seg_core.inference.encode_prediction`.
+
+    ``class_areas`` maps each class name to its pixel count and its fraction of the image.
+    """
+    total = max(height * width, 1)
+    counts = encoded["class_pixel_counts"]
+    body: dict[str, Any] = {
+        "request_id": request_id,
+        "model": dict(model),
+        "height": height,
+        "width": width,
+        "multilabel": multilabel,
+        "mask_png": _b64(encoded["mask_png"]),
+        "class_names": list(class_names),
+        "class_pixel_counts": list(counts),
+        "class_areas": {name: {"pixels": n, "fraction": round(n / total, 6)}
+                        for name, n in zip(class_names, counts)},
+        "mean_confidence": encoded["mean_confidence"],
+        "timing_ms": {k: round(v, 3) for k, v in timing_ms.items()},
+    }
+    if multilabel:
+        body["class_mask_pngs"] = [_b64(png) for png in encoded["class_mask_pngs"]]
+    if encoded.get("confidence_png") is not None:
+        body["confidence_png"] = _b64(encoded["confidence_png"])
+    return body
+
+
+def json_bytes(body: Mapping[str, Any]) -> bytes:
+    """Compact JSON (built in a worker thread: base64 masks can be large)."""
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def server_timing(timing_ms: Mapping[str, float]) -> str:
+    """``Server-Timing`` header value, e.g. ``decode;dur=1.2, infer;dur=8.0``."""
+    return ", ".join(f"{name};dur={value:.2f}" for name, value in timing_ms.items())
+
+
+def png_response(png: bytes, headers: Mapping[str, str]) -> Response:
+    return Response(content=png, media_type="image/png", headers=dict(headers))
+
+
+# ------------------------------------------------------------------------------------ internals
+async def _multipart_file(request: Request, body: bytes, max_bytes: int) -> tuple[bytes, str]:
+    async def one_chunk() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(request.headers, one_chunk(), max_files=1,
+                             max_fields=MAX_FORM_FIELDS, max_part_size=max_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise RequestRefused(422, "bad_multipart", f"multipart body does not parse: {error}",
+                             hint="send one file part, e.g. curl -F image=@photo.png") from error
+    try:
+        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not uploads:
+            raise RequestRefused(422, "missing_image", "multipart form has no file part",
+                                 hint="send the image as a file part, e.g. -F image=@photo.png")
+        return await uploads[0].read(), uploads[0].filename or "upload"
+    finally:
+        await form.close()
+
+
+def _too_large(size: int, max_bytes: int) -> RequestRefused:
+    return RequestRefused(413, "payload_too_large",
+                          f"request body has {size} bytes, the limit is {max_bytes}",
+                          hint="downscale or crop the image, or raise max_request_bytes")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,289 @@
+"""The online endpoint over real HTTP on 127.0.0.1, on the session's local Ray and moto S3.
+
+One application serves the whole module (starting one costs ~10 s on two cores); the auth tests
+redeploy it with a key, and the last test stops it and counts the Parquet rows on S3.  Every 200
+answer is recorded, so the sink check covers every request the module sent.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from email.message import Message
+from datetime import timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import prediction_store as store
+from pipelines.serve import replica_counts, start_endpoint, stop_endpoint
+from pipelines.serve_control import load_serve_config
+from pipelines.storage import list_uri, read_table
+from seg_core.artifact import load_artifact, save_artifact
+from seg_core.codecs import decode_image
+from seg_core.config import MaskSpec, ModelConfig, Preprocessing
+from seg_core.inference import Segmenter, encode_prediction
+from seg_core.model import UNet
+from seg_core.sample_data import png_bomb, render_sample
+
+pytestmark = pytest.mark.slow
+
+FORMATS = ("png", "jpeg", "bmp", "gif", "tiff")
+MAX_REQUEST_BYTES = 200_000
+MAX_PIXELS = 1_000_000
+KEY_ENV = "RAYSEG_TEST_SERVE_KEY"
+
+
+# ------------------------------------------------------------------------------------ helpers
+def encode_as(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt.upper())
+    return buffer.getvalue()
+
+
+def post(url: str, data: bytes, *, headers: dict | None = None, query: str = "",
+         answered: list | None = None) -> tuple[int, Message, bytes]:
+    """POST /v1/segment; returns (status, headers, body) and records ids of 200 answers."""
+    request = urllib.request.Request(f"{url}/v1/segment{query}", data=data, method="POST",
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, head, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, head, body = error.code, error.headers, error.read()
+    if status == 200 and answered is not None:
+        answered.append(head["X-Request-Id"])
+    return status, head, body
+
+
+def get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_artifact(path: Path) -> Path:
+    """A tiny U-Net whose random weights are scaled so that its masks use several classes."""
+    import torch
+
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.ndim == 4:
+                param.mul_(3.0)
+    return save_artifact(path, model.eval(), name="tiny", version="t1",
+                         mask_spec=MaskSpec(num_classes=3, class_names=("bg", "a", "b")),
+                         preprocessing=Preprocessing(tile_size=64, tile_overlap=0.25),
+                         metrics={})
+
+
+def endpoint_config(port: int) -> dict:
+    """jobs/configs/serve.yaml with a quarter CPU per replica and small limits."""
+    data = load_serve_config()
+    deployment = data["applications"][0]["deployments"][0]
+    deployment["ray_actor_options"] = {"num_cpus": 0.25}
+    deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    data["http_options"].update(host="127.0.0.1", port=port)
+    return data
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("serve-model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def segmenter(model_dir) -> Segmenter:
+    return Segmenter(load_artifact(model_dir))
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    """One 96 x 80 scene in each of the five formats (GIF is palette-quantised, JPEG lossy)."""
+    image, _ = render_sample(3, size=(96, 80), shape_types=2, seed=1)
+    return {fmt: encode_as(image, fmt) for fmt in FORMATS}
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session, s3_bucket, model_dir):
+    """The app on a free loopback port; the sink holds every row until shutdown."""
+    out = f"s3://{s3_bucket}/serve-{uuid.uuid4().hex[:8]}"
+    config = endpoint_config(free_port())
+    args = {"flush_rows": 10_000, "flush_interval_s": 3600, "max_request_bytes": MAX_REQUEST_BYTES,
+            "max_pixels": MAX_PIXELS}
+    url = start_endpoint(str(model_dir), out, config=config, args=args)
+    state = {"url": url, "out": out, "config": config, "args": args, "answered": [],
+             "running": True}
+    yield state
+    if state["running"]:
+        stop_endpoint()
+
+
+# -------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_gets_the_local_mask(endpoint, segmenter, images, fmt):
+    status, headers, body = post(endpoint["url"], images[fmt], answered=endpoint["answered"])
+    assert status == 200, body
+    answer = json.loads(body)
+    expected = encode_prediction(segmenter.predict(decode_image(images[fmt])),
+                                 segmenter.mask_spec, with_confidence=False)
+    assert base64.b64decode(answer["mask_png"]) == expected["mask_png"]
+    assert answer["class_pixel_counts"] == expected["class_pixel_counts"]
+    assert sum(1 for n in answer["class_pixel_counts"] if n) >= 2  # a mask worth comparing
+    assert answer["class_areas"]["a"]["pixels"] == expected["class_pixel_counts"][1]
+    assert (answer["height"], answer["width"]) == (96, 80)
+    assert answer["model"] == {"name": "tiny", "version": "t1"}
+    assert answer["mean_confidence"] == pytest.approx(expected["mean_confidence"], abs=1e-6)
+    assert answer["timing_ms"]["total"] >= answer["timing_ms"]["infer"] > 0
+    assert "confidence_png" not in answer
+    assert headers["X-Request-Id"] == answer["request_id"]
+    assert "infer;dur=" in headers["Server-Timing"]
+
+
+def test_png_accept_multipart_and_confidence(endpoint, segmenter, images):
+    url, answered = endpoint["url"], endpoint["answered"]
+    expected = encode_prediction(segmenter.predict(decode_image(images["png"])),
+                                 segmenter.mask_spec, with_confidence=True)
+    status, headers, body = post(url, images["png"], headers={"Accept": "image/png"},
+                                 answered=answered)
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert body == expected["mask_png"]
+    form, content_type = multipart("image", "scene.tiff", images["tiff"])
+    status, _, body = post(url, form, headers={"Content-Type": content_type}, answered=answered)
+    assert status == 200, body
+    tiff_mask = encode_prediction(segmenter.predict(decode_image(images["tiff"])),
+                                  segmenter.mask_spec, with_confidence=False)["mask_png"]
+    assert base64.b64decode(json.loads(body)["mask_png"]) == tiff_mask
+    status, _, body = post(url, images["png"], query="?confidence=true", answered=answered)
+    assert status == 200
+    assert base64.b64decode(json.loads(body)["confidence_png"]) == expected["confidence_png"]
+
+
+BAD_INPUTS = {
+    "garbage": (b"this is not an image at all\n" * 4, 415, "not_an_image"),
+    "empty": (b"", 422, "empty_file"),
+    "bomb": (png_bomb(), 413, "too_many_pixels"),
+    "oversized": (b"\x89PNG\r\n\x1a\n" + bytes(MAX_REQUEST_BYTES), 413, "payload_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_INPUTS, "truncated", "multipart_without_file"])
+def test_bad_input_gets_4xx_and_the_replica_keeps_answering(endpoint, images, case):
+    url = endpoint["url"]
+    headers: dict = {}
+    if case == "truncated":
+        data, status_expected, reason = images["png"][: len(images["png"]) // 2], 422, "truncated"
+    elif case == "multipart_without_file":
+        boundary = uuid.uuid4().hex
+        data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n"
+                f"--{boundary}--\r\n").encode()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        status_expected, reason = 422, "missing_image"
+    else:
+        data, status_expected, reason = BAD_INPUTS[case]
+    status, _, body = post(url, data, headers=headers)
+    assert status == status_expected, body
+    answer = json.loads(body)
+    assert answer["error"] == reason and answer["detail"] and answer["request_id"]
+    assert get(url, "/healthz")[0] == 200
+    assert post(url, images["bmp"], answered=endpoint["answered"])[0] == 200
+
+
+def test_model_route_reports_artifact_and_batching(endpoint):
+    status, info = get(endpoint["url"], "/v1/model")
+    assert status == 200
+    assert info["name"] == "tiny" and info["artifact"]["mask_spec"]["class_names"] == ["bg", "a", "b"]
+    user_config = endpoint["config"]["applications"][0]["deployments"][0]["user_config"]
+    assert info["serving"]["max_batch_size"] == user_config["max_batch_size"]
+    assert info["serving"]["max_pixels"] == MAX_PIXELS
+    assert replica_counts() == {"RUNNING": 1}
+
+
+def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
+    """The batch job (Ray Data + predictor actors) and the endpoint give the same mask bytes."""
+    from pipelines.predict import PredictConfig, run_predict
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for fmt, data in images.items():
+        (folder / f"scene_{fmt}.{'tif' if fmt == 'tiff' else fmt}").write_bytes(data)
+    out = str(tmp_path / "predictions")
+    run_predict(PredictConfig(model=str(model_dir), input=str(folder), out=out, batch_size=2,
+                              actors=1, cpus_per_actor=0.5, progress=False), log=lambda _: None)
+    batch = {row["id"]: row["mask_png"]
+             for row in store.read_predictions(out, ["id", "mask_png"]).to_pylist()}
+    assert sorted(batch) == sorted(f"scene_{fmt}" for fmt in FORMATS)
+    for fmt, data in images.items():
+        status, _, body = post(endpoint["url"], data, headers={"Accept": "image/png"},
+                               answered=endpoint["answered"])
+        assert status == 200
+        assert body == batch[f"scene_{fmt}"], fmt
+
+
+def test_api_key_on_and_off(endpoint, images, model_dir, monkeypatch):
+    url, answered = endpoint["url"], endpoint["answered"]
+    assert post(url, images["png"], answered=answered)[0] == 200  # off: no header needed
+    monkeypatch.setenv(KEY_ENV, "s3cret-key")
+    start_endpoint(str(model_dir), endpoint["out"], config=endpoint["config"],
+                   args=endpoint["args"], api_key_env=KEY_ENV)
+    status, _, body = post(url, images["png"])
+    assert status == 401 and json.loads(body)["error"] == "unauthorized"
+    assert post(url, images["png"], headers={"X-API-Key": "wrong"})[0] == 401
+    assert get(url, "/v1/model")[0] == 401
+    assert get(url, "/healthz")[0] == 200  # probes never need the key
+    status, _, _ = post(url, images["png"], headers={"X-API-Key": "s3cret-key"},
+                        answered=answered)
+    assert status == 200
+
+
+def test_every_answered_request_is_in_parquet_after_shutdown(endpoint, images):
+    url, answered = endpoint["url"], endpoint["answered"]
+    headers = {"X-API-Key": "s3cret-key"}
+    own = [f"sink-{i}" for i in range(12)]
+    for request_id in own:
+        status, head, _ = post(url, images["gif"], headers={**headers, "X-Request-Id": request_id},
+                               answered=answered)
+        assert status in (200, 401)
+        if status == 401:  # run alone: the key test did not run, the endpoint is open
+            status, head, _ = post(url, images["gif"], headers={"X-Request-Id": request_id},
+                                   answered=answered)
+        assert status == 200 and head["X-Request-Id"] == request_id
+    stop_endpoint()
+    endpoint["running"] = False
+    files = list_uri(endpoint["out"], suffixes=(".parquet",))
+    table = read_table(endpoint["out"])
+    ids = table.column("request_id").to_pylist()
+    assert len(ids) == len(answered) and sorted(ids) == sorted(answered)
+    assert set(own) <= set(ids)
+    assert table.column("id").to_pylist() == ids
+    assert min(table.column("latency_ms").to_pylist()) > 0
+    # Buffered: one file per replica lifetime (the key test restarted it once), not per request.
+    assert 1 <= len(files) <= 2 < len(ids)
+    dates = {c.astimezone(timezone.utc).strftime("%Y-%m-%d")
+             for c in table.column("created_at").to_pylist()}
+    assert all(uri.split("/")[-2] in {f"date={d}" for d in dates} for uri in files), files
