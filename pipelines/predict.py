@@ -1,0 +1,383 @@
+"""Bulk offline inference: images in object storage -> one Parquet row per image, exactly once.
+
+Pipeline (Ray Data, streaming)::
+
+    ingest source (manifest | prefix | shards), minus ids already done     [fetch tasks]
+      -> map_batches(Predictor, compute=ActorPoolStrategy(size=n))         [artifact once per actor]
+      -> write_datasink(CommitSink)                                         [atomic Parquet files]
+
+Every image goes through :func:`predict_rows`, the code the Serve endpoint can call too
+(:func:`predict_one`, :func:`prediction_row`): decode with :mod:`seg_core.codecs`, tiled
+:class:`seg_core.inference.Segmenter` (so a 4000 x 4000 image only ever holds its tiles on the
+device), :func:`seg_core.inference.encode_prediction`.  Bad bytes become quarantine rows with their
+reason; they never stop the job, so ``input rows = predicted + quarantined``.
+
+Exactly once: see :mod:`pipelines.prediction_store`.  A rerun reads the ids already committed
+under ``--out``, leaves them out *before* any bytes are fetched, and reports how many it skipped.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import prediction_store as store
+from pipelines import storage
+from seg_core.codecs import decode_image
+from seg_core.errors import InputError
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from seg_core.inference import Prediction, Segmenter
+
+STAGE = "predict"
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything ``rayseg predict`` needs; field names are the keys of ``jobs/configs/predict.yaml``."""
+
+    model: str                      # artifact directory (local path or s3://)
+    input: str                      # manifest (.csv/.parquet), prefix (images/[, masks/]) or shards
+    out: str                        # output prefix (local path or s3://)
+    split: str | None = None        # only rows of this split (manifests and shards); None: all
+    tta: bool = False               # flip test-time augmentation, averaged in probability space
+    confidence_maps: bool = False   # add an 8-bit confidence PNG per row
+    batch_size: int = 8             # images per predictor call
+    actors: int | None = None       # predictor actors; None: one per GPU, else one per 4 CPUs
+    cpus_per_actor: float | None = None  # None: the CPUs left after fetch/write tasks
+    rows_per_file: int = 256        # rows per committed Parquet file (the unit of resume)
+    address: str | None = None      # Ray cluster to join; None starts a local one
+    progress: bool = True           # Ray Data progress bars (rows done per stage)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.rows_per_file < 1:
+            raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
+                             f"{self.batch_size} and {self.rows_per_file}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"predict: actors must be >= 1 (or null for auto), got {self.actors}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"predict: cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many predictor actors, and the resources and torch threads of each."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+
+# ---------------------------------------------------------------------------- per-image rows
+
+
+def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
+                   source_uri: str | None, source_sha256: str, model_name: str,
+                   model_version: str, with_confidence: bool,
+                   created_at: dt.datetime | None = None) -> dict[str, Any]:
+    """One :data:`storage.PREDICTION_SCHEMA` row for ``prediction`` (serve-only fields null)."""
+    from seg_core.inference import encode_prediction
+
+    encoded = encode_prediction(prediction, segmenter.mask_spec, with_confidence=with_confidence)
+    height, width = prediction.mask.shape[-2:]
+    return {"id": id, "source_uri": source_uri, "source_sha256": source_sha256,
+            "model_name": model_name, "model_version": model_version,
+            "height": int(height), "width": int(width), **encoded,
+            "request_id": None, "latency_ms": None,
+            "created_at": created_at or dt.datetime.now(dt.timezone.utc)}
+
+
+def predict_one(segmenter: "Segmenter", image_bytes: bytes, *, model_name: str,
+                model_version: str, id: str = "", source_uri: str | None = None,
+                with_confidence: bool = False) -> dict[str, Any]:
+    """Decode, predict and encode one image -> its Parquet row.  Raises :class:`InputError`.
+
+    The same steps :func:`predict_rows` runs inside the batch actors, for callers holding one
+    image (the online endpoint, the parity test).
+    """
+    source = source_uri or id or "<bytes>"
+    image = _decode(image_bytes, source, segmenter.preprocessing.max_pixels)
+    return prediction_row(segmenter.predict(image), segmenter, id=id, source_uri=source_uri,
+                          source_sha256=_sha256(image_bytes), model_name=model_name,
+                          model_version=model_version, with_confidence=with_confidence)
+
+
+def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_name: str,
+                 model_version: str, with_confidence: bool) -> list[dict[str, Any]]:
+    """Input rows (``id, image_uri, image_bytes, ...``) -> one result row each, in order.
+
+    Result rows follow :data:`prediction_store.RESULT_SCHEMA`: a prediction, or (``reason`` set)
+    a quarantine row.  Never raises on bad bytes.
+    """
+    now = dt.datetime.now(dt.timezone.utc)
+    results: list[dict[str, Any] | None] = [None] * len(rows)
+    decoded: list[tuple[int, Any]] = []
+    for i, row in enumerate(rows):
+        try:
+            source = row.get("image_uri") or row["id"]
+            decoded.append((i, _decode(row.get("image_bytes"), source,
+                                       segmenter.preprocessing.max_pixels)))
+        except InputError as error:
+            results[i] = _quarantine_row(row, error, now)
+    for (i, image), prediction in zip(decoded, _predict_isolated(segmenter,
+                                                                [im for _, im in decoded])):
+        row = rows[i]
+        if isinstance(prediction, InputError):
+            results[i] = _quarantine_row(row, prediction, now)
+            continue
+        results[i] = prediction_row(prediction, segmenter, id=row["id"],
+                                    source_uri=row.get("image_uri"),
+                                    source_sha256=_sha256(row["image_bytes"]),
+                                    model_name=model_name, model_version=model_version,
+                                    with_confidence=with_confidence, created_at=now)
+    return results  # type: ignore[return-value]
+
+
+def _predict_isolated(segmenter: "Segmenter", images: list[Any]) -> list[Any]:
+    """``predict_batch``; if one image is refused, predict one by one so only it is quarantined."""
+    try:
+        return segmenter.predict_batch(images)
+    except InputError:
+        results: list[Any] = []
+        for image in images:
+            try:
+                results.append(segmenter.predict(image))
+            except InputError as error:
+                results.append(error)
+        return results
+
+
+def _decode(data: bytes | None, source: str, max_pixels: int) -> Any:
+    if data is None:
+        raise InputError("missing_image", "the image file does not exist", source=source,
+                         hint="check the path in the manifest, or remove the row")
+    return decode_image(data, source=source, max_pixels=max_pixels)
+
+
+def _quarantine_row(row: dict[str, Any], error: InputError, now: dt.datetime) -> dict[str, Any]:
+    return {"id": row["id"], "source_uri": row.get("image_uri"), "image_uri": row.get("image_uri"),
+            "mask_uri": row.get("mask_uri"), "stage": STAGE, "reason": error.reason,
+            "message": str(error), "hint": error.hint, "created_at": now}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------ the actor
+
+
+class Predictor:
+    """Ray Data callable class: loads the artifact once per actor, predicts pyarrow batches."""
+
+    def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int) -> None:
+        import torch
+
+        from seg_core.artifact import load_artifact
+        from seg_core.inference import Segmenter
+
+        torch.set_num_threads(threads)
+        artifact = load_artifact(local_artifact(model_uri))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.segmenter = Segmenter(artifact, device=device, tta=tta)
+        self.model_name, self.model_version = artifact.name, artifact.version
+        self.with_confidence = with_confidence
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = predict_rows(self.segmenter, batch.to_pylist(), model_name=self.model_name,
+                            model_version=self.model_version,
+                            with_confidence=self.with_confidence)
+        return pa.Table.from_pylist(rows, schema=store.RESULT_SCHEMA)
+
+
+@lru_cache(maxsize=4)
+def local_artifact(uri: str) -> Path:
+    """A local directory holding the artifact at ``uri`` (copied once per process if remote)."""
+    if storage.is_local(uri):
+        return Path(storage.strip_scheme(uri))
+    return storage.copy_dir_to_local(uri, tempfile.mkdtemp(prefix="rayseg-model-"))
+
+
+def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
+    """One actor per GPU when there are GPUs; on CPUs, one actor per 4 CPUs (at least one).
+
+    Fetch and write tasks ask for 0.25 CPU each, so the actors leave half a CPU for them; an
+    actor pool holding every CPU would starve the reads (notes §3.2, ray #44687).
+    """
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    if gpus:
+        size = cfg.actors or gpus
+        return ActorPlan(size, cfg.cpus_per_actor or 1.0, 1.0, int(cfg.cpus_per_actor or 1))
+    size = cfg.actors or max(1, int(cpus // 4))
+    share = cfg.cpus_per_actor or max(0.5, (cpus - 0.5) / size)
+    return ActorPlan(size, share, 0.0, max(1, round(share)))
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
+                fail_after_files: int | None = None) -> dict[str, Any]:
+    """Predict every input not yet in ``cfg.out``; return (and print) the run summary.
+
+    ``fail_after_files`` is for tests: the job fails once that many files are committed.
+    """
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipelines.raycluster import ensure_ray
+    from seg_core.artifact import read_artifact_meta
+
+    started = time.perf_counter()
+    resources = ensure_ray(cfg.address)
+    DataContext.get_current().enable_progress_bars = cfg.progress
+    meta = read_artifact_meta(local_artifact(cfg.model))
+    store.claim_output(cfg.out, {"uri": cfg.model, "name": meta["name"], "version": meta["version"],
+                                 "mask_spec": meta["mask_spec"], "tta": cfg.tta,
+                                 "confidence_maps": cfg.confidence_maps})
+    inputs = plan_inputs(cfg.input, store.done_ids(cfg.out), split=cfg.split)
+    if inputs.skipped:
+        log(f"predict: skipped {inputs.skipped} of {len(inputs.ids)} inputs already committed "
+            f"under {cfg.out}")
+    plan = plan_actors(cfg, resources)
+    sink = store.CommitSink(cfg.out, rows_per_file=cfg.rows_per_file,
+                            fail_after_files=fail_after_files)
+    if inputs.todo:
+        log(f"predict: {inputs.todo} inputs -> {plan.size} actor(s) x {plan.num_cpus:g} CPU"
+            f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}, {plan.threads} thread(s)")
+        inputs.dataset.map_batches(
+            Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta,
+                                   "with_confidence": cfg.confidence_maps,
+                                   "threads": plan.threads},
+            compute=ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus or None, udf_modifying_row_count=False,
+        ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    summary = _summary(cfg, sink.written, inputs, seconds=time.perf_counter() - started,
+                       model=meta)
+    store.write_success(cfg.out, summary)
+    log(format_summary(summary))
+    return summary
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """The inputs of one run: every input id, and a dataset of the ones still to do."""
+
+    dataset: "ray.data.Dataset | None"
+    ids: pa.Array
+    skipped: int
+
+    @property
+    def todo(self) -> int:
+        return len(self.ids) - self.skipped
+
+
+def plan_inputs(source: str, done: pa.Array, *, split: str | None = None) -> InputPlan:
+    """Ingest rows of ``source`` minus the ids in ``done`` (dropped before any bytes are fetched
+    for manifests and prefixes; shards hold their bytes, so theirs are dropped after the read).
+    Masks are never fetched: predict does not need them."""
+    from pipelines import ingest
+
+    kind = _kind(source)
+    if kind == "shards":
+        from pipelines.pack import read_shards
+
+        ids = _shard_ids(source, split)
+        _check_unique(ids, source)
+        skipped = int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
+        ds = read_shards(source, split=split)
+        if skipped:
+            ds = ds.map_batches(_drop_done, batch_format="pyarrow", num_cpus=0.25,
+                                fn_kwargs={"done": done})
+        return InputPlan(ds, ids, skipped)
+    table = ingest.list_images(_absolute(source)) if kind == "images" else \
+        ingest.pair_table(source, kind)
+    table = ingest.select_rows(table, split=split)
+    ids = table["id"].combine_chunks()
+    _check_unique(ids, source)
+    todo = table.filter(pc.invert(pc.is_in(ids, value_set=done)))
+    todo = todo.set_column(todo.schema.get_field_index("mask_uri"), "mask_uri",
+                           pa.nulls(todo.num_rows, pa.string()))
+    dataset = ingest.fetch_pairs(todo) if todo.num_rows else None
+    return InputPlan(dataset, ids, len(ids) - todo.num_rows)
+
+
+def _kind(source: str) -> str:
+    """ingest's source kinds, plus ``images``: a bare prefix of images (masks optional here)."""
+    from pipelines.ingest import detect_kind, list_images
+
+    try:
+        return detect_kind(source)
+    except ValueError:
+        if list_images(_absolute(source)).num_rows:
+            return "images"
+        raise
+
+
+def _absolute(source: str) -> str:
+    return storage.strip_scheme(source) if storage.is_local(source) else source
+
+
+def _shard_ids(source: str, split: str | None) -> pa.Array:
+    """Ids of the shard rows (of ``split``), reading only the id and split columns."""
+    import pyarrow.dataset as pads
+
+    files = storage.list_uri(source, suffixes=(".parquet",))
+    fs, _ = storage.filesystem_for(source)
+    dataset = pads.dataset([storage.strip_scheme(f) for f in files], filesystem=fs,
+                           format="parquet")
+    table = dataset.to_table(columns=["id", "split"])
+    if split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+    return table.column("id").combine_chunks()
+
+
+def _drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=done)))
+
+
+def _check_unique(ids: pa.Array | pa.ChunkedArray, source: str) -> None:
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        raise ValueError(f"{source}: ids must be unique for exactly-once output, but "
+                         f"{len(repeated)} repeat (e.g. {repeated.field('values')[:3].to_pylist()}); "
+                         f"give the manifest an explicit unique 'id' column")
+
+
+def _summary(cfg: PredictConfig, written: list[dict[str, Any]], inputs: InputPlan, *,
+             seconds: float, model: dict[str, Any]) -> dict[str, Any]:
+    """Counts of this run, checked against what is committed: duplicates and missing ids."""
+    rows = sum(w["rows"] for w in written)
+    quarantined = sum(w["quarantined"] for w in written)
+    done = store.done_ids(cfg.out)
+    return {
+        "out": cfg.out, "model": f"{model['name']}:{model['version']}", "config": asdict(cfg),
+        "inputs": len(inputs.ids), "skipped": inputs.skipped, "predicted": rows,
+        "quarantined": quarantined, "files": sum(w["files"] for w in written),
+        "seconds": round(seconds, 2),
+        "images_per_s": round((rows + quarantined) / seconds, 2) if seconds > 0 else None,
+        "committed_rows": len(done), "duplicates": len(done) - len(pc.unique(done)),
+        "missing": len(inputs.ids) - int(pc.sum(pc.is_in(inputs.ids, value_set=done)).as_py() or 0),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human summary printed at the end of ``rayseg predict``."""
+    return (f"predict: {summary['predicted']} predicted, {summary['quarantined']} quarantined, "
+            f"{summary['skipped']} skipped (already done) of {summary['inputs']} inputs in "
+            f"{summary['seconds']} s ({summary['images_per_s']} images/s); "
+            f"{summary['committed_rows']} rows committed under {summary['out']} "
+            f"({summary['duplicates']} duplicate ids, {summary['missing']} inputs missing)")

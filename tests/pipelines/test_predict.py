@@ -1,0 +1,164 @@
+"""``rayseg predict`` on a real local Ray and moto S3: counts, schema, parity, crash + resume."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+from PIL import Image
+
+from pipelines import prediction_store as store
+from pipelines.predict import PredictConfig, predict_one, run_predict
+from pipelines.storage import (PREDICTION_SCHEMA, QUARANTINE_SCHEMA, copy_dir_from_local,
+                               read_bytes, write_bytes)
+from seg_core.artifact import load_artifact, save_artifact
+from seg_core.codecs import decode_image
+from seg_core.config import MaskSpec, ModelConfig, Preprocessing
+from seg_core.inference import Segmenter
+from seg_core.model import UNet
+from seg_core.sample_data import write_bad_files
+
+# Planted bad inputs and the quarantine reason each must get.
+BAD = {"corrupt": "corrupt", "truncated": "truncated", "empty": "empty_file",
+       "text": "not_an_image", "bomb": "too_many_pixels"}
+
+
+def make_artifact(path: Path, *, seed: int = 0) -> Path:
+    """A tiny untrained U-Net artifact; 64-px tiles so the 96-px samples are really tiled."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=4))
+    return save_artifact(path, model, name="tiny", version="t1",
+                         mask_spec=MaskSpec(num_classes=3, class_names=("bg", "a", "b")),
+                         preprocessing=Preprocessing(tile_size=64, tile_overlap=0.25),
+                         metrics={})
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def s3_case(sample_dataset, s3_bucket, artifact_dir, tmp_path_factory) -> dict:
+    """Sample images plus planted bad files and a missing file, behind one manifest on S3."""
+    root = f"s3://{s3_bucket}/predict-case"
+    bad_dir = tmp_path_factory.mktemp("bad")
+    bad = write_bad_files(bad_dir)
+    copy_dir_from_local(sample_dataset.parent, f"{root}/sample")
+    copy_dir_from_local(bad_dir, f"{root}/bad")
+    model_uri = copy_dir_from_local(artifact_dir, f"{root}/model")
+    with open(sample_dataset, newline="") as handle:
+        rows = [{"image": f"sample/{r['image']}", "mask": f"sample/{r['mask']}"}
+                for r in csv.DictReader(handle)]
+    rows += [{"image": f"bad/{bad[name].name}", "mask": ""} for name in ("image", *BAD)]
+    rows.append({"image": "bad/does_not_exist.png", "mask": ""})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["image", "mask"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(f"{root}/manifest.csv", text.getvalue().encode())
+    return {"manifest": f"{root}/manifest.csv", "model": model_uri, "root": root,
+            "n_good": 25, "n_bad": len(BAD) + 1}
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_session, s3_case) -> dict:
+    """One predict run over the S3 case (TTA and confidence maps on)."""
+    out = f"{s3_case['root']}/out"
+    cfg = PredictConfig(model=s3_case["model"], input=s3_case["manifest"], out=out, tta=True,
+                        confidence_maps=True, batch_size=4, rows_per_file=8, progress=False)
+    summary = run_predict(cfg, log=lambda _: None)
+    return {"summary": summary, "out": out, "cfg": cfg,
+            "predictions": store.read_predictions(out), "quarantine": store.read_quarantine(out)}
+
+
+def test_counts_schema_and_quarantine_reasons(s3_run, s3_case):
+    preds, bad, summary = s3_run["predictions"], s3_run["quarantine"], s3_run["summary"]
+    assert preds.schema.equals(PREDICTION_SCHEMA)
+    assert bad.schema.equals(QUARANTINE_SCHEMA)
+    assert (preds.num_rows, bad.num_rows) == (s3_case["n_good"], s3_case["n_bad"])
+    assert summary["inputs"] == preds.num_rows + bad.num_rows == summary["committed_rows"]
+    assert (summary["predicted"], summary["quarantined"]) == (preds.num_rows, bad.num_rows)
+    assert (summary["duplicates"], summary["missing"], summary["skipped"]) == (0, 0, 0)
+    reasons = {row["id"]: row["reason"] for row in bad.to_pylist()}
+    assert reasons == {**BAD, "does_not_exist": "missing_image"}
+    assert set(bad.column("stage").to_pylist()) == {"predict"}
+    assert all(hint for hint in bad.column("hint").to_pylist())
+
+
+def test_rows_carry_provenance(s3_run):
+    rows = s3_run["predictions"].to_pylist()
+    for row in rows:
+        data = read_bytes(row["source_uri"])
+        image = decode_image(data)
+        assert row["source_sha256"] == hashlib.sha256(data).hexdigest()
+        assert (row["model_name"], row["model_version"]) == ("tiny", "t1")
+        assert (row["height"], row["width"]) == image.shape[:2]
+        assert sum(row["class_pixel_counts"]) == row["height"] * row["width"]
+        assert len(row["class_mask_pngs"]) == 3
+        confidence = np.asarray(Image.open(io.BytesIO(row["confidence_png"])))
+        assert confidence.shape == image.shape[:2]
+        assert abs(confidence.mean() / 255 - row["mean_confidence"]) < 0.01
+        assert row["created_at"] is not None and row["request_id"] is None
+    model = store.read_model_record(s3_run["out"])
+    assert (model["name"], model["version"], model["tta"]) == ("tiny", "t1", True)
+
+
+def test_parity_with_segmenter(s3_run, artifact_dir):
+    """Each Parquet mask is exactly what seg_core predicts directly, and predict_one agrees."""
+    segmenter = Segmenter(load_artifact(artifact_dir), tta=True)
+    for row in s3_run["predictions"].to_pylist():
+        data = read_bytes(row["source_uri"])
+        expected = segmenter.predict(decode_image(data)).mask
+        stored = np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+        np.testing.assert_array_equal(stored, expected, err_msg=row["id"])
+        for k, png in enumerate(row["class_mask_pngs"]):
+            plane = np.asarray(Image.open(io.BytesIO(png)))
+            np.testing.assert_array_equal(plane == 255, expected == k)
+        again = predict_one(segmenter, data, model_name="tiny", model_version="t1",
+                            id=row["id"], source_uri=row["source_uri"], with_confidence=True)
+        assert again["mask_png"] == row["mask_png"]
+        assert again["confidence_png"] == row["confidence_png"]
+        assert again["class_pixel_counts"] == row["class_pixel_counts"]
+
+
+def test_rerun_after_success_skips_everything(s3_run, capsys):
+    summary = run_predict(s3_run["cfg"])
+    assert summary["skipped"] == summary["inputs"] == 31
+    assert (summary["predicted"], summary["quarantined"], summary["duplicates"]) == (0, 0, 0)
+    assert "skipped 31 of 31 inputs" in capsys.readouterr().out
+
+
+def test_other_model_in_same_output_is_refused(s3_run):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="different setup"):
+        run_predict(replace(s3_run["cfg"], tta=False), log=lambda _: None)
+
+
+def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, artifact_dir,
+                                                  tmp_path, capsys):
+    out = str(tmp_path / "out")
+    cfg = PredictConfig(model=str(artifact_dir), input=str(sample_dataset), out=out,
+                        batch_size=2, rows_per_file=4, actors=1, progress=False)
+    with pytest.raises(Exception, match="injected failure"):
+        run_predict(cfg, fail_after_files=2)
+    before = store.done_ids(out)
+    assert 0 < len(before) < 24, "the failure must leave a partial output"
+    assert not (Path(out) / store.SUCCESS_FILE).exists()
+    capsys.readouterr()
+
+    summary = run_predict(cfg)
+    assert f"skipped {len(before)} of 24 inputs" in capsys.readouterr().out
+    after = store.done_ids(out).to_pylist()
+    assert len(after) == len(set(after)) == 24, "no duplicate ids, no missing ids"
+    assert summary["skipped"] == len(before)
+    assert summary["predicted"] == 24 - len(before)
+    assert pc.all(pc.is_in(before, value_set=store.done_ids(out))).as_py()
+    assert not list((Path(out) / ".tmp").glob("*")), "no staging leftovers"
