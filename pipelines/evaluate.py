@@ -1,0 +1,294 @@
+"""Score batch predictions against ground truth: per-class metrics, confusion matrix, bootstrap CIs.
+
+``rayseg evaluate --predictions OUT --manifest MANIFEST [--model URI] [--split val] --out DIR``::
+
+    predictions (Parquet under OUT)  --map_batches(score_batch)-->  per-image counts (tp, fp, fn, tn)
+    manifest masks (same MaskSpec)  ---^                             -> summed on the driver
+                                                                     -> report.json, report.md, overlays
+
+Predicted masks are stored at the input's full resolution, and truth masks are decoded from the
+original files with the artifact's own :class:`MaskSpec` (recorded in ``OUT/_model.json``), so
+scores are computed pixel for pixel at full resolution.  Counts are integers per image; every
+reduction (micro, macro, per-image; :func:`seg_core.metrics.compute_metrics`) and every bootstrap
+resample is computed from those counts, never by averaging batch scores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import prediction_store as store
+from pipelines import storage
+from seg_core.config import MaskSpec, from_dict
+from seg_core.errors import InputError
+
+EmptyPolicy = Literal["nan", "one", "zero"]
+REDUCTIONS = ("micro", "macro", "per_image")
+SCORES = ("iou", "dice", "precision", "recall")
+COUNT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("message", pa.string()),
+                          ("tp", pa.list_(pa.int64())), ("fp", pa.list_(pa.int64())),
+                          ("fn", pa.list_(pa.int64())), ("tn", pa.list_(pa.int64())),
+                          ("confusion", pa.list_(pa.int64()))])
+"""One scored image: status ``ok`` or a reason code, counts per class, flattened K x K matrix."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything ``rayseg evaluate`` needs."""
+
+    manifest: str                       # ground truth: manifest, prefix or shards (ingest sources)
+    out: str = "rayseg_work/eval"       # report directory (local)
+    predictions: str | None = None      # output of `rayseg predict`; None: predict with `model`
+    model: str | None = None            # predict with this artifact first (into predictions, or
+                                        # <out>/predictions), then score
+    split: str | None = "val"           # rows of this split only; None: all rows
+    empty_policy: EmptyPolicy = "nan"   # score of a class absent from truth and prediction
+    bootstrap: int = 1000               # resamples over images for the 95% intervals
+    seed: int = 0
+    overlays: int = 3                   # best and worst images rendered (each)
+    mask_values: tuple[int, ...] | None = None  # override the artifact's MaskSpec.mask_values
+    address: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.predictions is None and self.model is None:
+            raise ValueError("evaluate: give --predictions (output of rayseg predict) or --model "
+                             "(predict first), got neither")
+        if self.empty_policy not in ("nan", "one", "zero"):
+            raise ValueError(f"evaluate: empty_policy must be nan, one or zero, "
+                             f"got {self.empty_policy!r}")
+        if self.bootstrap < 0 or self.overlays < 0:
+            raise ValueError(f"evaluate: bootstrap and overlays must be >= 0, got "
+                             f"{self.bootstrap} and {self.overlays}")
+
+
+# ------------------------------------------------------------------------ per-image counting
+
+
+def score_mask(pred: np.ndarray, truth: np.ndarray, spec: MaskSpec) -> dict[str, np.ndarray]:
+    """Counts ``tp, fp, fn, tn`` (K each) and ``confusion`` (K x K, multi-class) of one image.
+
+    ``pred`` is H x W class ids (or K x H x W {0, 1} multi-label); ``truth`` is what
+    :func:`seg_core.codecs.decode_mask` gives for ``spec``.  Shapes must match exactly.
+    """
+    from seg_core.metrics import confusion_matrix, counts_from_confusion, multilabel_counts
+
+    if pred.shape != truth.shape:
+        raise InputError("size_mismatch", f"prediction is {pred.shape}, truth mask is "
+                         f"{truth.shape}", hint="predictions must be at the mask's resolution")
+    if spec.multilabel:
+        counts = multilabel_counts(pred, truth, ignore_index=spec.ignore_index)
+        return {**counts, "confusion": np.zeros(0, np.int64)}
+    matrix = confusion_matrix(pred, truth, spec.num_classes, spec.ignore_index)
+    return {**counts_from_confusion(matrix), "confusion": matrix}
+
+
+def decode_prediction(row: dict[str, Any], spec: MaskSpec) -> np.ndarray:
+    """The mask stored in a prediction row: H x W class ids, or K x H x W {0, 1} multi-label."""
+    from PIL import Image
+
+    if spec.multilabel:
+        planes = [np.asarray(Image.open(io.BytesIO(png))) for png in row["class_mask_pngs"]]
+        return (np.stack(planes) > 0).astype(np.uint8)
+    return np.asarray(Image.open(io.BytesIO(row["mask_png"])))
+
+
+def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
+                storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Ray Data stage: prediction rows -> :data:`COUNT_SCHEMA` rows (ids not in ``truth`` dropped).
+
+    ``truth`` maps id -> mask URI.  A truth mask that cannot be read or does not fit gives a row
+    with its reason as ``status`` and no counts, so it is reported rather than silently skipped.
+    """
+    from pipelines.ingest import unpack_mask_parts
+    from seg_core.codecs import decode_mask
+
+    mask_spec = from_dict(MaskSpec, spec)
+    out = []
+    for row in batch.to_pylist():
+        uri = truth.get(row["id"])
+        if row["id"] not in truth:
+            continue
+        try:
+            if uri is None:
+                raise InputError("missing_mask", "the manifest gives no mask for this image")
+            data = storage.read_bytes(uri, storage_options)
+            mask = decode_mask(unpack_mask_parts(data), mask_spec, source=uri)
+            counts = score_mask(decode_prediction(row, mask_spec), mask, mask_spec)
+        except FileNotFoundError:
+            out.append(_unscored(row["id"], "missing_mask", f"{uri}: no such file"))
+            continue
+        except InputError as error:
+            out.append(_unscored(row["id"], error.reason, str(error)))
+            continue
+        out.append({"id": row["id"], "status": "ok", "message": None,
+                    **{k: v.reshape(-1).tolist() for k, v in counts.items()}})
+    return pa.Table.from_pylist(out, schema=COUNT_SCHEMA)
+
+
+def _unscored(id_: str, reason: str, message: str) -> dict[str, Any]:
+    return {"id": id_, "status": reason, "message": message}
+
+
+# ------------------------------------------------------------------------- aggregate scores
+
+
+def summarize(counts: dict[str, np.ndarray], spec: MaskSpec, empty_policy: EmptyPolicy
+              ) -> dict[str, Any]:
+    """Micro, macro and per-image metrics from per-image counts (each N x K int64)."""
+    from seg_core.metrics import compute_metrics
+
+    args = (counts["tp"], counts["fp"], counts["fn"], counts["tn"])
+    return {reduction: compute_metrics(*args, reduction=reduction, empty_policy=empty_policy,
+                                       multilabel=spec.multilabel)
+            for reduction in REDUCTIONS}
+
+
+def bootstrap_ci(counts: dict[str, np.ndarray], spec: MaskSpec, empty_policy: EmptyPolicy, *,
+                 resamples: int, seed: int) -> dict[str, Any]:
+    """95% percentile intervals over images: resample image indices with replacement.
+
+    Each resample re-sums the integer counts and re-scores them, so micro and macro intervals
+    honour the same reductions as the point estimates.  Seeded, hence reproducible.
+    """
+    n = counts["tp"].shape[0]
+    if resamples == 0 or n == 0:
+        return {"resamples": 0, "seed": seed}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, dict[str, list[float]]] = {r: {s: [] for s in SCORES} for r in REDUCTIONS}
+    per_class: dict[str, list[list[float]]] = {s: [] for s in ("iou", "dice")}
+    for _ in range(resamples):
+        index = rng.integers(0, n, size=n)
+        metrics = summarize({k: v[index] for k, v in counts.items()}, spec, empty_policy)
+        for reduction in REDUCTIONS:
+            for score in SCORES:
+                draws[reduction][score].append(metrics[reduction][score])
+        for score in per_class:
+            per_class[score].append(metrics["macro"]["per_class"][score])
+    return {"resamples": resamples, "seed": seed,
+            **{r: {s: _interval(v) for s, v in draws[r].items()} for r in REDUCTIONS},
+            "per_class": {s: [_interval(col) for col in np.asarray(v, float).T]
+                          for s, v in per_class.items()}}
+
+
+def _interval(values: Any) -> list[float | None]:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        return [None, None]
+    low, high = np.percentile(arr, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Predict first if asked, score, and write ``report.json``, ``report.md`` and overlays."""
+    import ray
+    from ray.data import DataContext
+
+    from pipelines.ingest import pair_table, select_rows
+    from pipelines.raycluster import ensure_ray
+    from pipelines.report import write_report
+
+    started = time.perf_counter()
+    ensure_ray(cfg.address)
+    DataContext.get_current().enable_progress_bars = cfg.progress
+    predictions = _predict_first(cfg, log) if cfg.model else cfg.predictions
+    record = store.read_model_record(predictions)
+    spec = from_dict(MaskSpec, record["mask_spec"])
+    if cfg.mask_values is not None:
+        spec = dataclasses.replace(spec, mask_values=tuple(cfg.mask_values))
+    truth = select_rows(pair_table(cfg.manifest), split=cfg.split)
+    truth_masks = dict(zip(truth["id"].to_pylist(), truth["mask_uri"].to_pylist()))
+    files = store.prediction_files(predictions)
+    if not files:
+        raise ValueError(f"{predictions}: no prediction files; run `rayseg predict` first")
+    fs, _ = storage.filesystem_for(files[0])
+    ds = ray.data.read_parquet([storage.strip_scheme(f) for f in files], filesystem=fs,
+                               columns=["id", "mask_png", "class_mask_pngs"])
+    scored = ds.map_batches(score_batch, batch_format="pyarrow", fn_kwargs={
+        "truth": truth_masks, "spec": _spec_dict(spec),
+        "storage_options": storage.resolve_options()}).to_arrow_refs()
+    table = pa.concat_tables(ray.get(scored)).sort_by("id") if scored else \
+        COUNT_SCHEMA.empty_table()
+    report = build_report(table, spec, cfg, truth_ids=truth_masks, predictions=predictions,
+                          record=record)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    write_report(report, cfg, spec, truth=truth, predictions=predictions)
+    log(f"evaluate: {report['images_scored']} images scored "
+        f"(split={cfg.split}); macro IoU {report['metrics']['macro']['iou']:.4f}, "
+        f"micro IoU {report['metrics']['micro']['iou']:.4f}; report in {cfg.out}")
+    return report
+
+
+def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
+                 truth_ids: dict[str, str | None], predictions: str,
+                 record: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``report.json`` from scored rows (:data:`COUNT_SCHEMA`)."""
+    rows = table.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        raise ValueError(f"evaluate: no image could be scored ({len(truth_ids)} truth rows in "
+                         f"split {cfg.split!r}, {len(rows)} with predictions); check that "
+                         f"--manifest and --split match the predicted inputs")
+    counts = {k: np.asarray([r[k] for r in ok], dtype=np.int64) for k in ("tp", "fp", "fn", "tn")}
+    metrics = summarize(counts, spec, cfg.empty_policy)
+    k = spec.num_classes
+    confusion = None if spec.multilabel else \
+        np.asarray([r["confusion"] for r in ok], np.int64).sum(axis=0).reshape(k, k).tolist()
+    image_iou = metrics["per_image"]["per_image"]["iou"]
+    ranked = sorted(zip([r["id"] for r in ok], image_iou), key=lambda p: (-_rank(p[1]), p[0]))
+    scored_ids = {r["id"] for r in rows}
+    return {
+        "predictions": predictions, "manifest": cfg.manifest, "split": cfg.split,
+        "model": {k_: record.get(k_) for k_ in ("uri", "name", "version", "tta")},
+        "mask_spec": _spec_dict(spec), "class_names": list(spec.names),
+        "empty_policy": cfg.empty_policy,
+        "empty_policy_meaning": _POLICY_TEXT[cfg.empty_policy],
+        "images_in_split": len(truth_ids), "images_scored": len(ok),
+        "missing_predictions": sorted(set(truth_ids) - scored_ids),
+        "unscored": [{"id": r["id"], "reason": r["status"], "message": r["message"]}
+                     for r in rows if r["status"] != "ok"],
+        "metrics": metrics, "confusion_matrix": confusion,
+        "bootstrap_ci95": bootstrap_ci(counts, spec, cfg.empty_policy,
+                                       resamples=cfg.bootstrap, seed=cfg.seed),
+        "per_image_iou": dict(ranked),
+        "best": [i for i, _ in ranked[: cfg.overlays]],
+        "worst": [i for i, _ in ranked[::-1][: cfg.overlays]],
+    }
+
+
+_POLICY_TEXT = {
+    "nan": "a class absent from both truth and prediction is left out of the means (0/0 = nan)",
+    "one": "a class absent from both truth and prediction scores 1",
+    "zero": "a class absent from both truth and prediction scores 0",
+}
+
+
+def _rank(value: float) -> float:
+    return -1.0 if value is None or np.isnan(value) else value
+
+
+def _spec_dict(spec: MaskSpec) -> dict[str, Any]:
+    from seg_core.config import to_dict
+
+    return to_dict(spec)
+
+
+def _predict_first(cfg: EvaluateConfig, log: Callable[[str], None]) -> str:
+    """Predict the split with ``cfg.model`` into ``--predictions`` (or ``<out>/predictions``);
+    resumable like any ``rayseg predict`` run, so a second evaluate only scores."""
+    from pipelines.predict import PredictConfig, run_predict
+
+    out = cfg.predictions or storage.join_uri(cfg.out, "predictions")
+    run_predict(PredictConfig(model=cfg.model, input=cfg.manifest, out=out, split=cfg.split,
+                              address=cfg.address, progress=cfg.progress), log=log)
+    return out

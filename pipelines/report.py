@@ -1,0 +1,109 @@
+"""Evaluation report files: ``report.json`` (everything), ``report.md`` (for people), overlays.
+
+The JSON is strict (NaN written as ``null``); the Markdown shows the headline table with 95%
+bootstrap intervals, per-class scores, the confusion matrix (rows = truth, columns = prediction),
+the empty-mask policy and the best/worst images with their overlay files.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipelines import storage
+
+if TYPE_CHECKING:
+    from pipelines.evaluate import EvaluateConfig
+    from seg_core.config import MaskSpec
+
+SCORES = ("iou", "dice", "precision", "recall")
+
+
+def write_report(report: dict[str, Any], cfg: "EvaluateConfig", spec: "MaskSpec", *,
+                 truth: pa.Table, predictions: str) -> None:
+    """Render overlays into ``<out>/overlays/``, then write ``report.json`` and ``report.md``."""
+    from pipelines.overlays import render_overlays
+
+    report["overlays"] = {}
+    for group in ("best", "worst"):
+        report["overlays"][group] = render_overlays(
+            report[group], group, truth=truth, predictions=predictions, spec=spec,
+            scores=report["per_image_iou"], out_dir=storage.join_uri(cfg.out, "overlays"))
+    text = json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
+    storage.write_bytes(storage.join_uri(cfg.out, "report.json"), text.encode())
+    storage.write_bytes(storage.join_uri(cfg.out, "report.md"), render_markdown(report).encode())
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: headline metrics with CIs, per-class table, confusion matrix, extremes."""
+    ci = report["bootstrap_ci95"]
+    names = report["class_names"]
+    lines = [
+        f"# Evaluation: {report['model'].get('name')} {report['model'].get('version')}",
+        "",
+        f"- predictions: `{report['predictions']}`",
+        f"- ground truth: `{report['manifest']}` (split: {report['split'] or 'all'})",
+        f"- images scored: {report['images_scored']} of {report['images_in_split']} "
+        f"(missing predictions: {len(report['missing_predictions'])}, "
+        f"unscored: {len(report['unscored'])})",
+        f"- empty-mask policy `{report['empty_policy']}`: {report['empty_policy_meaning']}",
+        f"- 95% intervals: percentile bootstrap over images, {ci.get('resamples', 0)} resamples, "
+        f"seed {ci.get('seed')}",
+        "",
+        "## Metrics",
+        "",
+        "| reduction | " + " | ".join(SCORES) + " | pixel accuracy |",
+        "|---|" + "---|" * (len(SCORES) + 1),
+    ]
+    for reduction, metrics in report["metrics"].items():
+        cells = [_with_ci(metrics[s], ci.get(reduction, {}).get(s)) for s in SCORES]
+        lines.append(f"| {reduction} | " + " | ".join(cells)
+                     + f" | {_num(metrics['pixel_accuracy'])} |")
+    per_class = report["metrics"]["macro"]["per_class"]
+    lines += ["", "## Per class (counts summed over images)", "",
+              "| class | " + " | ".join(SCORES) + " | support (pixels) |",
+              "|---|" + "---|" * (len(SCORES) + 1)]
+    for k, name in enumerate(names):
+        cells = [_with_ci(per_class[s][k], ci.get("per_class", {}).get(s, [None] * (k + 1))[k])
+                 if s in ("iou", "dice") else _num(per_class[s][k]) for s in SCORES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_class['support'][k]} |")
+    if report["confusion_matrix"] is not None:
+        lines += ["", "## Confusion matrix (rows: truth, columns: prediction; pixels)", "",
+                  "| truth \\ pred | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for name, row in zip(names, report["confusion_matrix"]):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    for group in ("best", "worst"):
+        lines += ["", f"## {group.capitalize()} images (per-image mean IoU)", ""]
+        for image_id, path in zip(report[group], report["overlays"].get(group, [])):
+            lines.append(f"- `{image_id}`: {_num(report['per_image_iou'][image_id])} "
+                         f"([overlay]({path}))")
+    if report["unscored"]:
+        lines += ["", "## Unscored", ""]
+        lines += [f"- `{u['id']}`: {u['reason']}: {u['message']}" for u in report["unscored"]]
+    return "\n".join(lines) + "\n"
+
+
+def _with_ci(value: float | None, interval: list[float | None] | None) -> str:
+    if not interval or interval[0] is None:
+        return _num(value)
+    return f"{_num(value)} [{_num(interval[0])}, {_num(interval[1])}]"
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}"
+
+
+def _strict(value: Any) -> Any:
+    """NaN/inf -> None, tuples -> lists, recursively (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
