@@ -1,0 +1,68 @@
+"""``rayseg serve``: Serve config YAML + flags -> pipelines.serve.start_endpoint -> URL, until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Online segmentation on Ray Serve.  Deploys the model artifact behind an HTTP endpoint, prints its
+URL and a curl example, and serves until Ctrl-C; then the replicas drain and flush their rows.
+
+  POST /v1/segment   an image (raw body or multipart; PNG, JPEG, BMP, GIF, TIFF).  JSON answer:
+                     base64 mask PNG, per-class areas, mean confidence, model version, timing.
+                     `Accept: image/png` answers the mask PNG; ?confidence=true adds the
+                     confidence map.  Too large: 413; not an image / undecodable: 415 / 422.
+  GET  /v1/model     the artifact's metadata and the serving settings
+  GET  /healthz      liveness
+
+Replicas autoscale between min and max (num_replicas: auto), batch requests (max_batch_size,
+batch_wait_timeout_s), and append every answered request to Parquet under
+<out>/date=YYYY-MM-DD/, flushed by row count or age and again at shutdown.  All of this is set in
+the Serve config (--config, `serve build` format; default jobs/configs/serve.yaml), the same
+application that infra/rayservice.yaml deploys on Kubernetes.
+"""
+
+EPILOG = """\
+examples:
+  rayseg serve --model rayseg_work/models/unet/v1
+  rayseg serve --model s3://bucket/models/unet/v1 --out s3://bucket/serve-preds --port 8080
+  RAYSEG_API_KEY=... rayseg serve --model rayseg_work/models/unet/v1 --api-key-env RAYSEG_API_KEY
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve", help="real-time endpoint on Ray Serve (autoscaling, batching, Parquet log)",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model artifact directory (local or s3://)")
+    parser.add_argument("--config", metavar="YAML",
+                        help="Serve config in `serve build` format (default jobs/configs/serve.yaml)")
+    parser.add_argument("--out", help="Parquet prefix for answered requests (local or s3://)")
+    parser.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
+    parser.add_argument("--api-key-env", metavar="VAR",
+                        help="require the key held in environment variable VAR (X-API-Key header)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pipelines.serve import start_endpoint, stop_endpoint
+
+    url = start_endpoint(args.model, args.out, config=args.config, host=args.host,
+                         port=args.port, api_key_env=args.api_key_env)
+    key = f" -H \"X-API-Key: ${args.api_key_env}\"" if args.api_key_env else ""
+    print(f"rayseg serve: listening on {url}  (Ctrl-C stops and flushes)\n"
+          f"  curl -s{key} --data-binary @image.png -H 'Accept: image/png' "
+          f"{url}/v1/segment -o mask.png\n"
+          f"  curl -s{key} -F image=@image.jpg '{url}/v1/segment?confidence=true'", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):  # a timeout keeps the main thread responsive to signals
+        pass
+    print("rayseg serve: stopping (replicas drain and flush their Parquet rows) ...", flush=True)
+    stop_endpoint()
+    return 0
