@@ -2,7 +2,9 @@
 
 One application serves the whole module (starting one costs ~10 s on two cores); the auth tests
 redeploy it with a key, and the last test stops it and counts the Parquet rows on S3.  Every 200
-answer is recorded, so the sink check covers every request the module sent.
+answer is recorded, so the sink check covers every request the module sent.  The Parquet buffer
+and the Serve configs (jobs/configs/serve.yaml, infra/rayservice.yaml) are also tested without
+Ray, first.
 """
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ import base64
 import io
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
 from email.message import Message
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ from PIL import Image
 
 from pipelines import prediction_store as store
 from pipelines.serve import replica_counts, start_endpoint, stop_endpoint
-from pipelines.serve_control import load_serve_config
+from pipelines.serve_control import BatchSettings, ServeArgs, load_serve_config
+from pipelines.serve_sink import PredictionSink
 from pipelines.storage import list_uri, read_table
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image
@@ -31,8 +35,6 @@ from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.inference import Segmenter, encode_prediction
 from seg_core.model import UNet
 from seg_core.sample_data import png_bomb, render_sample
-
-pytestmark = pytest.mark.slow
 
 FORMATS = ("png", "jpeg", "bmp", "gif", "tiff")
 MAX_REQUEST_BYTES = 200_000
@@ -111,6 +113,102 @@ def endpoint_config(port: int) -> dict:
     return data
 
 
+# ------------------------------------------------------------------ without Ray: sink, configs
+def sink_row(request_id: str) -> dict:
+    return {"id": request_id, "request_id": request_id, "mask_png": b"png", "latency_ms": 1.5,
+            "class_pixel_counts": [1, 2], "created_at": datetime(2026, 11, 24, 23, 59,
+                                                                 tzinfo=timezone.utc)}
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_sink_flushes_by_count_then_the_rest_on_close(tmp_path):
+    sink = PredictionSink(str(tmp_path), flush_rows=3, flush_interval_s=3600, writer_id="r1")
+    for i in range(3):
+        sink.add(sink_row(f"req-{i}"))
+    assert wait_for(lambda: sink.rows_written == 3)
+    sink.add(sink_row("req-3"))
+    sink.add(sink_row("req-4"))
+    time.sleep(0.3)
+    assert sink.pending == 2 and len(sink.files_written) == 1  # below the count: buffered
+    assert sink.close() == 5 and sink.close() == 5  # idempotent
+    assert len(sink.files_written) == 2
+    assert all("/date=2026-11-24/serve-r1-" in uri for uri in sink.files_written)
+    table = read_table(str(tmp_path))
+    assert sorted(table.column("request_id").to_pylist()) == [f"req-{i}" for i in range(5)]
+    with pytest.raises(RuntimeError, match="after close"):
+        sink.add(sink_row("late"))
+
+
+def test_sink_flushes_by_age_into_one_file(tmp_path):
+    sink = PredictionSink(str(tmp_path), flush_rows=1000, flush_interval_s=0.2)
+    sink.add(sink_row("a"))
+    sink.add(sink_row("b"))
+    assert wait_for(lambda: sink.rows_written == 2, timeout_s=5)
+    assert len(sink.files_written) == 1 and sink.pending == 0
+    sink.close()
+    assert len(sink.files_written) == 1  # nothing left: no empty file
+
+
+def test_sink_keeps_rows_when_storage_fails_and_writes_them_later(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output directory should be")
+    sink = PredictionSink(str(blocker), flush_rows=1000, flush_interval_s=3600)
+    sink.add(sink_row("kept"))
+    with pytest.raises(OSError):
+        sink.flush()
+    assert sink.pending == 1
+    blocker.unlink()
+    assert sink.close() == 1
+    assert read_table(str(blocker)).column("id").to_pylist() == ["kept"]
+
+
+def test_serve_configs_validate_and_agree():
+    """jobs/configs/serve.yaml and the RayService's serveConfigV2 deploy the same application."""
+    import yaml
+
+    local = load_serve_config()
+    manifest = yaml.safe_load(Path("infra/rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    cluster = load_serve_config(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
+    for data in (local, cluster):
+        app = data["applications"][0]
+        assert app["import_path"] == "pipelines.serve:build_app"
+        ServeArgs.model_validate(app["args"])
+        (deployment,) = app["deployments"]
+        assert deployment["name"] == "SegmentService" and deployment["num_replicas"] == "auto"
+        scaling = deployment["autoscaling_config"]
+        assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+        assert scaling["target_ongoing_requests"] > 0
+        assert scaling["upscale_delay_s"] >= scaling["look_back_period_s"]  # no flapping
+        batch = BatchSettings(**deployment["user_config"])
+        assert batch.max_batch_size <= deployment["max_ongoing_requests"]
+    assert cluster["applications"][0]["args"]["api_key_env"]
+    assert local["http_options"]["host"] == "127.0.0.1"
+
+
+def test_builder_takes_typed_args_and_sets_no_replica_counts():
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from pipelines.serve import build_app
+
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"model_uri": "m"})
+    deployment = app._bound_deployment
+    assert deployment.init_args[0] == ServeArgs(model_uri="m")
+    assert deployment.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+    assert deployment.num_replicas == 1  # Serve's default: the config file sets "auto"
+    with pytest.raises(Exception, match="model_uri"):
+        call_user_app_builder_with_args_if_necessary(build_app, {"out_uri": "x"})
+
+
 # ----------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
@@ -145,6 +243,7 @@ def endpoint(ray_session, s3_bucket, model_dir):
 
 
 # -------------------------------------------------------------------------------------- tests
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_gets_the_local_mask(endpoint, segmenter, images, fmt):
     status, headers, body = post(endpoint["url"], images[fmt], answered=endpoint["answered"])
@@ -165,6 +264,7 @@ def test_each_format_gets_the_local_mask(endpoint, segmenter, images, fmt):
     assert "infer;dur=" in headers["Server-Timing"]
 
 
+@pytest.mark.slow
 def test_png_accept_multipart_and_confidence(endpoint, segmenter, images):
     url, answered = endpoint["url"], endpoint["answered"]
     expected = encode_prediction(segmenter.predict(decode_image(images["png"])),
@@ -192,6 +292,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [*BAD_INPUTS, "truncated", "multipart_without_file"])
 def test_bad_input_gets_4xx_and_the_replica_keeps_answering(endpoint, images, case):
     url = endpoint["url"]
@@ -214,6 +315,7 @@ def test_bad_input_gets_4xx_and_the_replica_keeps_answering(endpoint, images, ca
     assert post(url, images["bmp"], answered=endpoint["answered"])[0] == 200
 
 
+@pytest.mark.slow
 def test_model_route_reports_artifact_and_batching(endpoint):
     status, info = get(endpoint["url"], "/v1/model")
     assert status == 200
@@ -224,6 +326,7 @@ def test_model_route_reports_artifact_and_batching(endpoint):
     assert replica_counts() == {"RUNNING": 1}
 
 
+@pytest.mark.slow
 def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
     """The batch job (Ray Data + predictor actors) and the endpoint give the same mask bytes."""
     from pipelines.predict import PredictConfig, run_predict
@@ -245,6 +348,7 @@ def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
         assert body == batch[f"scene_{fmt}"], fmt
 
 
+@pytest.mark.slow
 def test_api_key_on_and_off(endpoint, images, model_dir, monkeypatch):
     url, answered = endpoint["url"], endpoint["answered"]
     assert post(url, images["png"], answered=answered)[0] == 200  # off: no header needed
@@ -261,6 +365,7 @@ def test_api_key_on_and_off(endpoint, images, model_dir, monkeypatch):
     assert status == 200
 
 
+@pytest.mark.slow
 def test_every_answered_request_is_in_parquet_after_shutdown(endpoint, images):
     url, answered = endpoint["url"], endpoint["answered"]
     headers = {"X-API-Key": "s3cret-key"}
