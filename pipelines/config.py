@@ -49,6 +49,7 @@ class DataSpec:
     train_split: str = "train"
     val_split: str = "val"
     fold_column: str = "fold"
+    cache_decoded: bool = True  # decode once into the object store; off when it would not fit
 
     def __post_init__(self) -> None:
         if (self.manifest is None) == (self.shards is None):
@@ -116,7 +117,7 @@ class StorageSpec:
 
     storage_path: str = "rayseg_work/ray_results"
     models_uri: str = "rayseg_work/models"
-    run_name: str | None = None  # default: "<name>-<version>" (+ "-fold<k>")
+    run_name: str | None = None  # default: "<name>-<version>"; CV folds add "-fold<k>"
     max_failures: int = 2  # automatic restarts from the last checkpoint
     num_to_keep: int = 2  # checkpoints kept (the newest always survives)
 
@@ -183,12 +184,13 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """Stable name of this run's checkpoint directory; the same name resumes."""
-        base = self.storage.run_name or f"{self.name}-{self.version}"
-        return base if self.fold is None else f"{base}-fold{self.fold}"
+        return self.storage.run_name or f"{self.name}-{self.version}"
 
     def with_fold(self, fold: int) -> "TrainConfig":
-        """The config of one cross-validation fold (model version gets a ``-fold<k>`` suffix)."""
-        return dataclasses.replace(self, fold=fold, version=f"{self.version}-fold{fold}")
+        """The config of one cross-validation fold: version and run name get ``-fold<k>``."""
+        run_name = self.storage.run_name and f"{self.storage.run_name}-fold{fold}"
+        return dataclasses.replace(self, fold=fold, version=f"{self.version}-fold{fold}",
+                                   storage=dataclasses.replace(self.storage, run_name=run_name))
 
 
 # --------------------------------------------------------------------------------------------

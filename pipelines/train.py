@@ -133,13 +133,21 @@ def scaling_config(cfg: TrainConfig) -> Any:
     use_gpu = spec.use_gpu if spec.use_gpu is not None else resources.get("GPU", 0) > 0
     cpus = spec.cpus_per_worker
     if cpus is None:
-        spare = (resources.get("CPU", 1.0) - 1.0) / spec.num_workers
-        cpus = min(1.0, max(0.25, math.floor(spare * 4) / 4))
+        cpus = default_cpus_per_worker(resources.get("CPU", 1.0), spec.num_workers)
     per_worker: dict[str, float] = {"CPU": cpus}
     if use_gpu:
         per_worker["GPU"] = spec.gpus_per_worker
     return ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
                          resources_per_worker=per_worker)
+
+
+def default_cpus_per_worker(cluster_cpus: float, num_workers: int, trainers: int = 1) -> float:
+    """``(cluster CPUs - 1) / (workers * trainers)`` in quarter steps, clamped to 0.25 .. 1.
+
+    One CPU stays free for Ray Data; e.g. 2 CPUs, 2 workers -> 0.5 each (the 2-core hang fix).
+    """
+    spare = (cluster_cpus - 1.0) / (num_workers * trainers)
+    return min(1.0, max(0.25, math.floor(spare * 4) / 4))
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -291,11 +299,14 @@ def build_train_data(cfg: TrainConfig, *, train_folds: list[int] | None = None,
     options = {"num_cpus": _TASK_CPUS, "batch_format": "numpy"}
     decode = {"fn_kwargs": {"mask_spec": cfg.mask, "max_pixels": cfg.preprocessing.max_pixels}}
     train = (ingest.read_pairs(source, kind=kind, shuffle_seed=cfg.seed, **train_sel)
-             .map_batches(decode_rows, batch_size=8, **decode, **options)
-             .map_batches(augment_batch, batch_size=cfg.batch_size, fn_kwargs={"cfg": cfg},
-                          **options))
+             .map_batches(decode_rows, batch_size=8, **decode, **options))
     val = (ingest.read_pairs(source, kind=kind, **val_sel)
            .map_batches(decode_rows, batch_size=4, **decode, **options))
+    if cfg.data.cache_decoded:  # deterministic work once, before the trainer holds any CPUs
+        train, val = train.materialize(), val.materialize()
+        counts = [train.count(), val.count()]  # after undecodable pairs were dropped
+    train = train.map_batches(augment_batch, batch_size=cfg.batch_size, fn_kwargs={"cfg": cfg},
+                              **options)  # random, so per epoch
     return TrainData(train=train, val=val, num_train=counts[0], num_val=counts[1],
                      source_sha256=digest)
 

@@ -77,6 +77,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
     amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)) else None
     seed_everything(cfg.seed * 1000 + rank)
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
 
     unet = UNet(cfg.model)
     if channels_last:
@@ -229,6 +231,10 @@ def report(state: LoopState, record: dict[str, Any], unet: UNet, optimizer: Any,
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_epoch_{state.epoch:04d}")
+    # report() returns before the controller has registered the checkpoint; a worker lost in
+    # that window would take it along.  Wait for the commit so a restart resumes from here.
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def restore(path: str, unet: UNet, optimizer: Any, scheduler: Any, rank: int) -> LoopState:
