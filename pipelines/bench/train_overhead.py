@@ -1,0 +1,94 @@
+"""``train_overhead``: Ray Train step time / plain PyTorch loop step time.
+
+Both sides train the same seg_core U-Net with the same batch size, input size and number of
+torch threads, in one run of this module:
+
+- **rayseg**: ``pipelines.train.train`` (TorchTrainer, one worker, Ray Data shard with per-batch
+  augmentation, per-epoch validation and checkpoint) on a generated dataset.  The step time is
+  the loop's own training time per step, from the epochs after the first (validation,
+  checkpointing and start-up are reported separately, not hidden in it).
+- **plain**: ``seg_core.engine.train_step`` in a Python ``for`` loop over tensors already in
+  memory, timed before and after the Ray run (the mean of both, so a drifting machine load
+  hits both sides).
+
+Threads: the Ray worker gets ``max(1, cpus - 1)`` torch threads (one core stays free for Ray
+Data) and the plain loop the same number.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from pipelines.bench.common import bench_device, time_fn
+from pipelines.config import load_train_config
+from seg_core.engine import build_optimizer, train_step
+from seg_core.losses import build_loss
+from seg_core.model import UNet
+
+
+def plain_step_seconds(cfg: Any, *, size: int, threads: int, repeats: int) -> float:
+    """Median seconds of one plain ``train_step`` on an in-memory batch."""
+    device, amp = bench_device()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = UNet(cfg.model).to(device)
+        optimizer = build_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        loss_fn = build_loss(cfg.loss, num_classes=cfg.model.num_classes)
+        batch = {"image": torch.randn(cfg.batch_size, cfg.model.in_channels, size, size, device=device),
+                 "mask": torch.randint(0, cfg.model.num_classes, (cfg.batch_size, size, size),
+                                       device=device)}
+        return time_fn(lambda: train_step(model, batch, loss_fn, optimizer, amp_dtype=amp,
+                                          clip_grad=cfg.optim.clip_grad),
+                       device, warmup=2, repeats=repeats)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from pipelines.raycluster import ensure_ray
+    from pipelines.train import train
+    from seg_core.sample_data import generate_sample_dataset
+
+    resources = ensure_ray()
+    threads = max(1, int(resources.get("CPU", 1)) - 1)
+    size, images, epochs = (64, 24, 3) if quick else (128, 48, 4)
+    with tempfile.TemporaryDirectory(prefix="rayseg-bench-") as tmp:
+        manifest = generate_sample_dataset(os.path.join(tmp, "data"), n=images, size=(size, size),
+                                           num_classes=3, seed=0, formats=("png",))
+        cfg = load_train_config("jobs/configs/train_sample.yaml", [
+            f"data.manifest={manifest}", f"storage.storage_path={tmp}/runs",
+            f"storage.models_uri={tmp}/models", f"epochs={epochs}", "batch_size=4",
+            "stopping_rounds=null", f"scaling.torch_threads={threads}",
+            "scaling.num_workers=1", "log_every_steps=0"])
+        repeats = 5 if quick else 10
+        plain_before = plain_step_seconds(cfg, size=size, threads=threads, repeats=repeats)
+        started = time.perf_counter()
+        result = train(cfg)
+        wall = time.perf_counter() - started
+        plain_after = plain_step_seconds(cfg, size=size, threads=threads, repeats=repeats)
+    steady = result.history[1:]  # epoch 1 pays for the pipeline's first execution
+    ray_step = statistics.mean(cfg.batch_size / h["images_per_s"] for h in steady)
+    plain_step = (plain_before + plain_after) / 2
+    train_seconds = sum(h["step"] - p["step"] for h, p in zip(steady, result.history)) * ray_step
+    figures = {
+        "device": bench_device()[0].type, "threads": threads, "batch": cfg.batch_size,
+        "size": size, "base_width": cfg.model.base_width, "depth": cfg.model.depth,
+        "epochs": epochs, "steps_per_epoch": result.history[0]["step"],
+        "ray_step_ms": round(ray_step * 1000, 2),
+        "plain_step_ms": round(plain_step * 1000, 2),
+        "plain_step_ms_before_after": [round(plain_before * 1000, 2), round(plain_after * 1000, 2)],
+        "ray_images_per_s": round(cfg.batch_size / ray_step, 2),
+        "plain_images_per_s": round(cfg.batch_size / plain_step, 2),
+        "ray_epoch1_images_per_s": round(result.history[0]["images_per_s"], 2),
+        "fit_wall_s": round(wall, 1),
+        "fit_wall_minus_steady_training_s": round(wall - train_seconds, 1),
+    }
+    return {"bench": "train_overhead", "figures": figures,
+            "ratio": round(ray_step / plain_step, 3), "goal": "<=1.10"}
