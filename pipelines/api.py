@@ -1,0 +1,474 @@
+"""The H2O-style API: ``init``, ``import_file``, ``Frame``, ``UNetSegmentationEstimator``.
+
+::
+
+    from pipelines.api import init, import_file, UNetSegmentationEstimator
+    init()
+    data = import_file("rayseg_work/sample/manifest.csv")
+    train, valid = data.split_frame(ratios=[0.75], seed=1)
+    model = UNetSegmentationEstimator(x="image", y="mask", training_frame=train,
+                                      validation_frame=valid, num_classes=3, seed=123)
+    model.train(max_iterations=100)
+    predictions = model.predict(valid)          # a Frame of mask rows (bulk predict -> Parquet)
+    perf = model.model_performance(valid)       # per-class IoU, Dice/F1, precision, recall
+
+Everything here is a thin layer over the jobs' own code paths: ``train`` is
+:func:`pipelines.train.train` (Ray Train), ``predict`` is :func:`pipelines.predict.run_predict`
+(Ray Data actor pool writing Parquet), ``model_performance`` is the ``rayseg evaluate`` scorer.
+Frames handed to them are written as manifests under the work directory (default
+``rayseg_work``; on a multi-node cluster pass ``init(work_dir="s3://bucket/prefix")`` so every
+node can read them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import uuid
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import pyarrow as pa
+
+from pipelines import storage
+from pipelines.frame import Frame, read_frame
+from pipelines.performance import ModelPerformance
+
+if TYPE_CHECKING:
+    import pandas
+
+    from pipelines.config import TrainConfig
+
+__all__ = ["init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
+           "load_model", "hyperparameter_names"]
+
+DEFAULT_WORK_DIR = "rayseg_work"
+_SESSION: dict[str, Any] = {"work_dir": None}
+ESTIMATOR_FILE = "estimator.json"
+
+
+# ------------------------------------------------------------------------------------ session
+
+
+def init(address: str | None = None, *, num_cpus: int | None = None, work_dir: str | None = None,
+         quiet: bool = True) -> dict[str, float]:
+    """Connect to a Ray cluster (``address``, or ``RAY_ADDRESS``), else start a local one.
+
+    A local cluster gets every core (``num_cpus`` to change that) and an object store sized to
+    leave room for PyTorch.  ``work_dir`` is where frames, checkpoints, models and predictions go
+    (default ``./rayseg_work``; use an ``s3://`` prefix when the cluster has several nodes).
+    Returns the cluster's resources.
+    """
+    from pipelines.raycluster import ensure_ray
+
+    resources = ensure_ray(address=address, num_cpus=num_cpus, quiet=quiet)
+    if work_dir is not None:
+        _SESSION["work_dir"] = work_dir
+    print(f"rayseg: Ray ready ({resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU); "
+          f"work dir {work_directory()}", flush=True)
+    return resources
+
+
+def work_directory() -> str:
+    """The session's work directory (``init(work_dir=...)``, ``RAYSEG_WORK_DIR`` or rayseg_work)."""
+    chosen = _SESSION["work_dir"] or os.environ.get("RAYSEG_WORK_DIR") or DEFAULT_WORK_DIR
+    return storage.strip_scheme(chosen) if storage.is_local(chosen) else chosen
+
+
+def import_file(path: str, *, storage_options: dict[str, Any] | None = None) -> Frame:
+    """A :class:`Frame` over a manifest (``.csv``/``.parquet``), a dataset directory holding
+    ``manifest.csv``, a prefix with ``images/`` and ``masks/``, ``rayseg pack`` shards, or bulk
+    predictions; any URI (local, ``file://``, ``s3://``).  Only metadata is read."""
+    return read_frame(path, storage_options)
+
+
+# ------------------------------------------------------------------------------- parameters
+
+# TrainConfig sections whose fields become flat estimator parameters (``lr`` -> ``optim.lr``).
+_SECTIONS = ("model", "mask", "preprocessing", "augment", "optim", "scaling", "storage")
+# Set by the estimator itself, never by the user.
+_MANAGED = {"data", "fold", "name", "version", "in_channels", "fail_at_step"}
+
+
+def hyperparameter_names() -> dict[str, tuple[str, ...]]:
+    """Flat estimator parameter -> the TrainConfig paths it sets (``num_classes`` sets two)."""
+    from pipelines.config import TrainConfig
+
+    paths: dict[str, tuple[str, ...]] = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in _MANAGED:
+            continue
+        if field.name in _SECTIONS:
+            section = type(getattr(TrainConfig(), field.name))
+            for sub in dataclasses.fields(section):
+                if sub.name not in _MANAGED:
+                    paths[sub.name] = paths.get(sub.name, ()) + (f"{field.name}.{sub.name}",)
+        else:
+            paths[field.name] = (field.name,)
+    paths["channels"] += ("model.in_channels",)   # the model's input is the preprocessed image
+    return paths
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    known = hyperparameter_names()
+    dotted = {p for paths in known.values() for p in paths}
+    unknown = sorted(k for k in params if k not in known and k not in dotted)
+    if unknown:
+        raise ValueError(f"UNetSegmentationEstimator: unknown parameter(s) {unknown}; expected "
+                         f"some of {sorted(known)} (or a dotted TrainConfig key like 'optim.lr')")
+
+
+# ------------------------------------------------------------------------------- estimator
+
+
+class UNetSegmentationEstimator:
+    """A U-Net segmentation model trained on Ray, in the style of H2O's estimators.
+
+    Args:
+        x: column holding image URIs (default ``"image"``).
+        y: column holding mask URIs (default ``"mask"``; ``;``-joined files for multi-label).
+        training_frame / validation_frame: :class:`Frame` objects (also accepted by ``train``).
+            Every training row trains; validation rows score each epoch (early stopping, best
+            epoch).  Without a validation frame the model is scored on nothing during training.
+        nfolds: ``>= 2`` runs k-fold cross-validation first, then trains the main model on all
+            training rows (as H2O does).  ``fold_column`` names a column of fold ids instead
+            of a seeded random assignment.
+        seed: seeds weights, shuffling, augmentation and fold assignment.
+        num_classes / mask_values / multilabel: how mask files map to classes (see README
+            "Mask conventions").  ``num_classes`` defaults to ``len(mask_values)`` or 2.
+        model_id: the artifact name (default ``unet_<random>``).
+        **hyperparameters: any TrainConfig field by its flat name (``epochs``, ``batch_size``,
+            ``lr``, ``base_width``, ``depth``, ``loss``, ``num_workers`` ...; see
+            :func:`hyperparameter_names`) or by its dotted path (``"optim.lr"``).
+    """
+
+    algo = "unet_segmentation"
+
+    def __init__(self, x: str = "image", y: str = "mask", training_frame: Frame | None = None,
+                 validation_frame: Frame | None = None, nfolds: int = 0, seed: int | None = None,
+                 num_classes: int | None = None, mask_values: Sequence[int] | None = None,
+                 multilabel: bool = False, fold_column: str | None = None,
+                 model_id: str | None = None, **hyperparameters: Any) -> None:
+        _check_params(hyperparameters)
+        self.x, self.y = x, y
+        self.training_frame, self.validation_frame = training_frame, validation_frame
+        self.fold_column = fold_column
+        self.model_id = model_id or f"unet_{uuid.uuid4().hex[:8]}"
+        given = {"nfolds": nfolds, "seed": seed, "multilabel": multilabel, **hyperparameters}
+        if mask_values is not None:
+            given["mask_values"] = list(mask_values)
+        hints = (mask_values, hyperparameters.get("palette"), hyperparameters.get("class_names"))
+        self._infer_classes = num_classes is None and not any(hints)
+        if num_classes is None:   # 2 stands in until train() reads the masks
+            num_classes = next((len(h) for h in hints if h), 2)
+        given["num_classes"] = num_classes
+        self._params = {k: v for k, v in given.items() if v is not None}
+        self.artifact_uri: str | None = None
+        self.train_result: Any = None
+        self.cv_result: Any = None
+        self._versions = 0
+        self.build_config(manifest="<frame>")   # fail now, in the user's terms, not after Ray starts
+
+    # --------------------------------------------------------------------------- parameters
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters set on this estimator (flat names)."""
+        return dict(self._params)
+
+    def build_config(self, manifest: str, *, max_iterations: int | None = None,
+                     version: str = "v1", nfolds: int | None = None) -> "TrainConfig":
+        """The :class:`TrainConfig` this estimator trains with (for inspection or ``rayseg``)."""
+        from pipelines.config import config_from_dict, set_dotted
+
+        known = hyperparameter_names()
+        work = work_directory()
+        data: dict[str, Any] = {
+            "name": self.model_id, "version": version,
+            "data": {"manifest": manifest, "train_split": "train", "val_split": "val",
+                     "fold_column": "fold"},
+            "storage": {"storage_path": storage.join_uri(work, "ray_results"),
+                        "models_uri": storage.join_uri(work, "models"),
+                        "run_name": f"{self.model_id}-{version}-{uuid.uuid4().hex[:6]}"},
+        }
+        params = dict(self._params)
+        if nfolds is not None:
+            params["nfolds"] = nfolds
+        if max_iterations is not None:
+            params["max_iterations"] = max_iterations
+        if params.get("multilabel"):
+            params.setdefault("loss", "bce_dice")
+        channels = params.get("channels")
+        if channels is not None and "mean" not in params and "std" not in params:
+            params["mean"], params["std"] = [0.5] * channels, [0.25] * channels
+        if self.fold_column is not None:
+            params.setdefault("fold_assignment", "column")
+        for key, value in params.items():
+            value = list(value) if isinstance(value, tuple) else value
+            for path in known.get(key, (key,)):
+                set_dotted(data, path, value)
+        return config_from_dict(data)
+
+    # --------------------------------------------------------------------------- training
+    def train(self, x: str | None = None, y: str | None = None,
+              training_frame: Frame | None = None, validation_frame: Frame | None = None,
+              max_iterations: int | None = None, **overrides: Any) -> "UNetSegmentationEstimator":
+        """Train on Ray Train (cross-validating first when ``nfolds >= 2``); returns ``self``.
+
+        ``max_iterations`` caps optimizer steps (H2O's name); ``overrides`` set any other
+        hyperparameter for this and later runs (e.g. ``epochs=3``).
+        """
+        from pipelines.raycluster import ensure_ray
+        from pipelines.train import train as run_train
+
+        _check_params(overrides)
+        self._params.update(overrides)
+        self.x, self.y = x or self.x, y or self.y
+        if training_frame is not None:
+            self.training_frame = training_frame
+        if validation_frame is not None:
+            self.validation_frame = validation_frame
+        if self.training_frame is None:
+            raise ValueError("train: no training_frame; pass one to the estimator or to train()")
+        self._versions += 1
+        version = f"v{self._versions}"
+        manifest = self._training_manifest(version)   # checks x / y / fold_column first
+        self.build_config(manifest, max_iterations=max_iterations)
+        ensure_ray()
+        if self._infer_classes:
+            self._params["num_classes"] = infer_num_classes(manifest, bool(self._params.get(
+                "multilabel")))
+            self._infer_classes = False
+        nfolds = int(self._params.get("nfolds") or 0)
+        if nfolds >= 2:
+            from pipelines.cv import cross_validate
+
+            self.cv_result = cross_validate(self.build_config(
+                manifest, max_iterations=max_iterations, version=f"{version}-cv"))
+        cfg = self.build_config(manifest, max_iterations=max_iterations, version=version, nfolds=0)
+        self.train_result = run_train(cfg)
+        self.artifact_uri = self.train_result.artifact_uri
+        return self
+
+    def _training_manifest(self, version: str) -> str:
+        if self.fold_column is not None:
+            self.training_frame.require(self.fold_column, role="fold_column")
+        parts = [(self.training_frame, "train")]
+        if self.validation_frame is not None:
+            parts.append((self.validation_frame, "val"))
+        uri = storage.join_uri(work_directory(), "frames", f"{self.model_id}-{version}.csv")
+        return write_manifest(parts, uri, x=self.x, y=self.y, fold_column=self.fold_column)
+
+    def _require_model(self) -> str:
+        if self.artifact_uri is None:
+            raise ValueError(f"model {self.model_id} is not trained yet: call train() first, "
+                             f"or load_model(path)")
+        return self.artifact_uri
+
+    # --------------------------------------------------------------------------- scoring
+    def predict(self, test_data: Frame, *, out: str | None = None, tta: bool = False,
+                confidence_maps: bool = False) -> Frame:
+        """Masks for every row of ``test_data`` via the bulk path; a ``predictions`` Frame.
+
+        The Parquet goes to ``out`` (default ``<work_dir>/predictions/<model_id>-<random>``);
+        the frame's ``mask(i)`` decodes one predicted mask.
+        """
+        from pipelines.predict import PredictConfig, run_predict
+
+        model = self._require_model()
+        token = uuid.uuid4().hex[:8]
+        manifest = write_manifest([(test_data, None)], storage.join_uri(
+            work_directory(), "frames", f"predict-{token}.csv"), x=self.x, y=None)
+        out = out or storage.join_uri(work_directory(), "predictions", f"{self.model_id}-{token}")
+        run_predict(PredictConfig(model=model, input=manifest, out=out, tta=tta,
+                                  confidence_maps=confidence_maps, progress=False),
+                    log=lambda line: None)
+        return read_frame(out)
+
+    def model_performance(self, test_data: Frame | None = None, *, valid: bool = False,
+                          out: str | None = None) -> ModelPerformance:
+        """Scores on ``test_data`` (scored by the ``rayseg evaluate`` code), or, without it,
+        the validation metrics recorded at training (``valid=True`` is H2O's spelling)."""
+        if test_data is None:
+            if self.train_result is None:
+                raise ValueError("model_performance(): no test_data and no training record; "
+                                 "pass a Frame to score")
+            return ModelPerformance.from_training(self.train_result.metrics,
+                                                  self.train_result.history, self.artifact_uri)
+        from pipelines.performance import evaluate_frame
+
+        model = self._require_model()
+        token = uuid.uuid4().hex[:8]
+        manifest = write_manifest([(test_data, None)], storage.join_uri(
+            work_directory(), "frames", f"score-{token}.csv"), x=self.x, y=self.y)
+        out = out or storage.join_uri(work_directory(), "evaluations", f"{self.model_id}-{token}")
+        history = self.train_result.history if self.train_result is not None else ()
+        return evaluate_frame(model, manifest, out, history=history)
+
+    def cross_validation_metrics_summary(self) -> "pandas.DataFrame":
+        """Per-fold metrics with mean and sd, one row per metric (H2O's layout)."""
+        if self.cv_result is None:
+            raise ValueError("no cross-validation: train with nfolds >= 2")
+        return cv_summary_frame(self.cv_result)
+
+    def scoring_history(self) -> "pandas.DataFrame":
+        """One row per epoch: step, train loss, val mIoU, learning rate."""
+        import pandas
+
+        if self.train_result is None:
+            raise ValueError("scoring_history(): train first")
+        keep = [{k: v for k, v in h.items() if not isinstance(v, (dict, list))}
+                for h in self.train_result.history]
+        return pandas.DataFrame(keep)
+
+    # --------------------------------------------------------------------------- persistence
+    def save_model(self, path: str, *, force: bool = False) -> str:
+        """Copy the artifact (and its metrics and learning curve) to ``path/<model_id>``;
+        returns that URI.  :func:`load_model` reads it back."""
+        source = self._require_model()
+        target = storage.join_uri(path, self.model_id)
+        if storage.exists(storage.join_uri(target, "artifact.json")) and not force:
+            raise FileExistsError(f"{target} already holds a model; pass force=True to replace it")
+        _copy_tree(source, target)
+        state = {"x": self.x, "y": self.y, "model_id": self.model_id, "params": self._params,
+                 "fold_column": self.fold_column, "trained_from": source,
+                 "cv_summary": (cv_summary_frame(self.cv_result).to_dict()
+                                if self.cv_result is not None else None)}
+        storage.write_bytes(storage.join_uri(target, ESTIMATOR_FILE),
+                            json.dumps(state, indent=2, default=str).encode())
+        return target
+
+    def export(self, format: Literal["torchscript", "onnx"] = "torchscript",
+               path: str | None = None) -> str:
+        """Export the network for CPU serving outside rayseg; returns the local file path.
+
+        Both formats take ``N x C x H x W`` float input, already normalised (see the artifact's
+        preprocessing), with H and W multiples of ``2**depth``, and give logits.  TorchScript
+        embeds ``artifact.json`` as an extra file.  ONNX needs ``pip install onnx onnxscript``.
+        """
+        from pipelines.export import export_artifact
+
+        out_dir = os.path.join(work_directory(), "exports", self.model_id) \
+            if storage.is_local(work_directory()) else os.path.join(DEFAULT_WORK_DIR, "exports")
+        return export_artifact(self._require_model(), out_dir, format, path)
+
+    def __repr__(self) -> str:
+        state = f"trained -> {self.artifact_uri}" if self.artifact_uri else "not trained"
+        return f"<UNetSegmentationEstimator {self.model_id}: {state}; params {self._params}>"
+
+
+def load_model(path: str) -> UNetSegmentationEstimator:
+    """An estimator over a saved model (``save_model``'s directory, or any rayseg artifact)."""
+    from seg_core.artifact import read_artifact_meta
+
+    if not storage.exists(storage.join_uri(path, "artifact.json")):
+        raise FileNotFoundError(f"load_model: {path} holds no artifact.json (expected a directory "
+                                f"written by save_model or rayseg train)")
+    local = storage.strip_scheme(path) if storage.is_local(path) else \
+        str(storage.copy_dir_to_local(path, os.path.join(work_directory(), "loaded",
+                                                         uuid.uuid4().hex[:8])))
+    meta = read_artifact_meta(local)
+    state_uri = storage.join_uri(path, ESTIMATOR_FILE)
+    state = json.loads(storage.read_bytes(state_uri)) if storage.exists(state_uri) else {}
+    spec = meta["mask_spec"]
+    params = state.get("params") or {"num_classes": spec["num_classes"],
+                                     "multilabel": spec["multilabel"]}
+    model = UNetSegmentationEstimator(x=state.get("x", "image"), y=state.get("y", "mask"),
+                                      model_id=state.get("model_id", meta["name"]),
+                                      fold_column=state.get("fold_column"), **params)
+    model.artifact_uri = path
+    return model
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def write_manifest(parts: Sequence[tuple[Frame, str | None]], uri: str, *, x: str,
+                   y: str | None, fold_column: str | None = None) -> str:
+    """Write frames as one CSV manifest (absolute URIs, explicit ids); returns ``uri``.
+
+    ``parts`` pairs each frame with the split its rows get (``None`` keeps the frame's own
+    ``split`` column, if any); frames without ``fold_column`` get no folds (validation rows).
+    ``y=None`` leaves the mask column empty (prediction input).
+    """
+    import pyarrow.csv as pcsv
+
+    tables = []
+    for frame, split in parts:
+        if frame.kind == "predictions":
+            raise ValueError("a predictions frame holds masks, not training data; import the "
+                             "manifest or shards instead")
+        frame.require(x, role="x (image column)")
+        if y is not None:
+            frame.require(y, role="y (mask column)")
+        n = frame.nrow
+        has_folds = fold_column is not None and fold_column in frame.columns
+        own_split = frame.to_arrow()["split"].to_pylist() if "split" in frame.columns else [None] * n
+        tables.append(pa.table({
+            "id": frame.to_arrow()["id"].cast(pa.string()).to_pylist(),
+            "image": frame.resolved(x),
+            "mask": frame.resolved(y) if y is not None else [None] * n,
+            "split": own_split if split is None else [split] * n,
+            "fold": (frame.to_arrow()[fold_column].cast(pa.int32()).to_pylist()
+                     if has_folds else [None] * n),
+        }, schema=pa.schema([("id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
+                             ("split", pa.string()), ("fold", pa.int32())])))
+    table = pa.concat_tables(tables)
+    if fold_column is None:
+        table = table.drop_columns(["fold"])
+    ids = table["id"].to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError("the frames share rows (repeated ids); training and validation frames "
+                         "must be disjoint, e.g. from split_frame()")
+    buffer = io.BytesIO()
+    pcsv.write_csv(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def infer_num_classes(manifest: str, multilabel: bool = False) -> int:
+    """The class count of the masks in ``manifest``, read by a Ray Data pass (``rayseg
+    validate``'s): highest mask value + 1, or the number of files per multi-label mask."""
+    from pipelines.ingest import MASK_SEPARATOR, read_manifest
+    from pipelines.validate import validate
+    from seg_core.config import MaskSpec
+
+    if multilabel:
+        masks = [m for m in read_manifest(manifest)["mask_uri"].to_pylist() if m]
+        counts = {m.count(MASK_SEPARATOR) + 1 for m in masks}
+        if len(counts) != 1:
+            raise ValueError(f"multi-label masks list {sorted(counts)} files per row; they must "
+                             f"all list one file per class (pass num_classes=)")
+        return counts.pop()
+    report = validate(manifest, MaskSpec(num_classes=255, ignore_index=255))
+    present = [k for k, n in enumerate(report.class_pixels) if n > 0]
+    if report.ok == 0 or not present:
+        raise ValueError(f"could not read class ids from the masks ({report.reasons}); pass "
+                         f"num_classes= (and mask_values= or palette= for non-index masks)")
+    if report.ignore_pixels and len(present) == 1:
+        raise ValueError(f"the masks hold only value {present[0]} and 255; if 255 is a class "
+                         f"(e.g. ISBI membranes 0/255) pass mask_values=[{present[0]}, 255], "
+                         f"else pass num_classes=")
+    print(f"rayseg: num_classes={present[-1] + 1} inferred from the mask values "
+          f"{present[:6]}{' ...' if len(present) > 6 else ''} (pass num_classes= to skip this "
+          f"pass over the masks)", flush=True)
+    return present[-1] + 1
+
+
+def cv_summary_frame(cv: Any) -> "pandas.DataFrame":
+    """H2O-style CV summary: one row per metric, columns mean, sd, cv_1_valid .. cv_k_valid."""
+    import pandas
+
+    from pipelines.cv import fold_metric
+
+    rows = {name: {"mean": stats["mean"], "sd": stats["std"],
+                   **{f"cv_{k + 1}_valid": fold_metric(fold, name)
+                      for k, fold in enumerate(cv.folds)}}
+            for name, stats in cv.summary_metrics.items()}
+    return pandas.DataFrame.from_dict(rows, orient="index")
+
+
+def _copy_tree(source: str, target: str) -> None:
+    for uri in storage.list_uri(source):
+        relative = uri[len(source.rstrip("/")) + 1:] if not storage.is_local(source) else \
+            os.path.relpath(uri, storage.strip_scheme(source))
+        storage.write_bytes(storage.join_uri(target, relative), storage.read_bytes(uri))

@@ -1,0 +1,58 @@
+"""Export a trained U-Net to TorchScript or ONNX for CPU serving outside rayseg.
+
+The exported graph is the bare network: ``N x C x H x W`` float input, already normalised the
+way the artifact's ``preprocessing`` says, logits out.  Tiling, resizing and softmax stay with
+the caller (or with :class:`seg_core.inference.Segmenter`).  The trace is taken at the artifact's
+tile size, a multiple of ``2**depth``, so the graph holds no padding branch and accepts any H, W
+that are multiples of ``2**depth``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Literal
+
+ExportFormat = Literal["torchscript", "onnx"]
+
+
+def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "torchscript",
+                    path: str | None = None) -> str:
+    """Write ``<out_dir>/model.pt`` (TorchScript) or ``model.onnx`` (or ``path``); return it."""
+    import warnings
+
+    import torch
+
+    from pipelines.predict import local_artifact
+    from seg_core.artifact import load_artifact, read_artifact_meta
+
+    if format not in ("torchscript", "onnx"):
+        raise ValueError(f"export: format must be 'torchscript' or 'onnx', got {format!r}")
+    if format == "onnx" and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
+        raise RuntimeError("ONNX export needs the onnx exporter packages, which are not "
+                           "installed: pip install onnx onnxscript  (or use format='torchscript')")
+    local = local_artifact(artifact_uri)
+    artifact = load_artifact(local)
+    model = artifact.model.eval()
+    side = _trace_side(artifact.preprocessing.tile_size, model.size_multiple)
+    example = torch.zeros(1, artifact.model_config.in_channels, side, side)
+    default = Path(out_dir) / ("model.pt" if format == "torchscript" else "model.onnx")
+    target = Path(path) if path else default
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if format == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            # The input check and the padding branch are constant at the trace size: intended.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, example)
+        meta = json.dumps(read_artifact_meta(local))
+        torch.jit.save(traced, str(target), _extra_files={"artifact.json": meta})
+    else:
+        torch.onnx.export(model, (example,), str(target), input_names=["image"],
+                          output_names=["logits"], dynamo=True,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    return str(target)
+
+
+def _trace_side(tile_size: int, multiple: int) -> int:
+    """The tile size rounded up to a multiple of ``2**depth`` (no padding path in the trace)."""
+    return max(multiple, -(-tile_size // multiple) * multiple)
