@@ -85,9 +85,10 @@ def import_file(path: str, *, storage_options: dict[str, Any] | None = None) -> 
 # ------------------------------------------------------------------------------- parameters
 
 # TrainConfig sections whose fields become flat estimator parameters (``lr`` -> ``optim.lr``).
-_SECTIONS = ("model", "mask", "preprocessing", "augment", "optim", "scaling", "storage")
-# Set by the estimator itself, never by the user.
-_MANAGED = {"data", "fold", "name", "version", "in_channels", "fail_at_step"}
+_SECTIONS = ("data", "model", "mask", "preprocessing", "augment", "optim", "scaling", "storage")
+# Set by the estimator itself (from its frames, x, y, model_id), never by the user.
+_MANAGED = {"manifest", "shards", "train_split", "val_split", "fold_column", "fold", "name",
+            "version", "in_channels", "fail_at_step"}
 
 
 def hyperparameter_names() -> dict[str, tuple[str, ...]]:
