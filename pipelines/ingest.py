@@ -59,7 +59,10 @@ def detect_kind(source: str, storage_options: storage.StorageOptions | None = No
     if lowered.endswith((".csv", ".tsv")):
         return "manifest"
     if lowered.endswith(".parquet"):
-        names = storage.read_table(source, storage_options).schema.names
+        import pyarrow.parquet as pq
+
+        with storage.open_uri(source, "rb", storage_options) as handle:
+            names = pq.read_schema(handle).names
         return "shards" if "image_bytes" in names else "manifest"
     if storage.exists(storage.join_uri(source, "images"), storage_options):
         return "prefix"
@@ -78,7 +81,9 @@ def read_manifest(uri: str, storage_options: storage.StorageOptions | None = Non
     else:
         import pyarrow.csv as pcsv
 
+        delimiter = "\t" if uri.lower().endswith(".tsv") else ","
         raw = pcsv.read_csv(io.BytesIO(storage.read_bytes(uri, storage_options)),
+                            parse_options=pcsv.ParseOptions(delimiter=delimiter),
                             convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
     names = set(raw.schema.names)
     image_col = next((c for c in ("image", "image_uri", "image_path") if c in names), None)
@@ -90,8 +95,7 @@ def read_manifest(uri: str, storage_options: storage.StorageOptions | None = Non
     masks = [_resolve(base, v) for v in _strings(raw[mask_col])]
     ids = _strings(raw["id"]) if "id" in names else _default_ids(images)
     splits = _strings(raw["split"]) if "split" in names else [None] * len(images)
-    folds = ([None if f is None else int(f) for f in _strings(raw["fold"])] if "fold" in names
-             else [None] * len(images))
+    folds = _folds(raw["fold"], uri) if "fold" in names else [None] * len(images)
     return pa.table([ids, images, masks, splits, folds], schema=PAIR_SCHEMA)
 
 
@@ -140,6 +144,15 @@ def _strings(column: pa.ChunkedArray) -> list[str | None]:
     return [None if v is None or not v.strip() else v.strip() for v in values]
 
 
+def _folds(column: pa.ChunkedArray, uri: str) -> list[int | None]:
+    values = _strings(column)
+    try:
+        return [None if v is None else int(float(v)) for v in values]
+    except ValueError as error:
+        raise ValueError(f"{uri}: fold column must hold integers (or be empty), got "
+                         f"{sorted({v for v in values if v is not None})[:5]}") from error
+
+
 def _resolve(base: str, value: str | None) -> str | None:
     if value is None:
         return None
@@ -163,20 +176,33 @@ def read_pairs(source: str, *, kind: SourceKind = "auto", split: str | None = No
                storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
     """A Ray Dataset of :data:`ROW_SCHEMA` rows from a manifest, a prefix or pack shards.
 
-    ``shuffle_seed`` fixes a shuffle of the pair order (file order and block order for shards).
-    ``num_cpus`` is per fetch task; fetching is I/O bound, so it stays small on 2-core machines.
+    ``shuffle_seed`` fixes a shuffle of the pair order (file order and block order for shards)
+    and makes the iteration order reproducible (:func:`seeded_order`).
+    ``num_cpus`` is per fetch (or shard read) task; fetching is I/O bound, so it stays small on
+    2-core machines.  A following ``map_batches`` with the same ``num_cpus`` fuses with it.
     """
     kind = detect_kind(source, storage_options) if kind == "auto" else kind
     if kind == "shards":
         from pipelines.pack import read_shards
 
         return read_shards(source, split=split, folds=folds, shuffle_seed=shuffle_seed,
-                           storage_options=storage_options)
+                           num_cpus=num_cpus, storage_options=storage_options)
     table = select_rows(pair_table(source, kind, storage_options), split=split, folds=folds)
     if shuffle_seed is not None:
         table = table.take(np.random.default_rng(shuffle_seed).permutation(table.num_rows))
-    return fetch_pairs(table, rows_per_block=rows_per_block, num_cpus=num_cpus,
-                       storage_options=storage_options)
+    dataset = fetch_pairs(table, rows_per_block=rows_per_block, num_cpus=num_cpus,
+                          storage_options=storage_options)
+    return seeded_order(dataset) if shuffle_seed is not None else dataset
+
+
+def seeded_order(dataset: "ray.data.Dataset") -> "ray.data.Dataset":
+    """Make ``dataset`` (and everything derived from it) yield rows in a reproducible order.
+
+    Ray Data streams blocks out as they finish; ``preserve_order`` keeps the planned order, so
+    the seeded shuffle is the order a consumer sees.  Only this dataset's context changes.
+    """
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = 0.25,

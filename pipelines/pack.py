@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Sequence
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.ingest import MASK_SEPARATOR, PAIR_SCHEMA, ROW_SCHEMA, SourceKind, pair_table, read_pairs
+from pipelines.ingest import (MASK_SEPARATOR, ROW_SCHEMA, SourceKind, detect_kind, pair_table,
+                              read_pairs)
 from seg_core.codecs import sniff_format
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def pack(source: str, out_uri: str, *, shard_mb: float = 256.0, partition_by_spl
         raise ValueError(f"pack: shard_mb must be > 0, got {shard_mb}")
     from ray.data import SaveMode
 
-    kind = _kind(source, kind, storage_options)
+    kind = detect_kind(source, storage_options) if kind == "auto" else kind
     row_bytes = _mean_row_bytes(source, kind, storage_options)
     rows_per_file = max(1, int(shard_mb * 1024 * 1024 // max(row_bytes, 1)))
     rows = read_pairs(source, kind=kind, storage_options=storage_options).map_batches(
@@ -107,18 +108,27 @@ def to_shard_rows(batch: pa.Table) -> pa.Table:
 
 
 def read_shards(uri: str, *, split: str | None = None, folds: Sequence[int] | None = None,
-                shuffle_seed: int | None = None,
+                shuffle_seed: int | None = None, num_cpus: float = 0.25,
                 storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
-    """Pack shards -> a Ray Dataset of :data:`ingest.ROW_SCHEMA` rows (file/block order seeded)."""
+    """Pack shards -> a Ray Dataset of :data:`ingest.ROW_SCHEMA` rows (file/block order seeded).
+
+    Read and rename tasks ask for ``num_cpus`` each; a following ``map_batches`` with the same
+    ``num_cpus`` fuses into the same task (no object-store hop between read and decode).
+    """
     import ray
     from ray.data import FileShuffleConfig
 
     fs, path = storage.filesystem_for(uri, storage_options)
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], shuffle=shuffle)
-    ds = ds.map_batches(shard_to_rows, batch_format="pyarrow", num_cpus=0.25,
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], shuffle=shuffle,
+                               num_cpus=num_cpus)
+    ds = ds.map_batches(shard_to_rows, batch_format="pyarrow", num_cpus=num_cpus,
                         fn_kwargs={"split": split, "folds": None if folds is None else list(folds)})
-    return ds.randomize_block_order(seed=shuffle_seed) if shuffle_seed is not None else ds
+    if shuffle_seed is None:
+        return ds
+    from pipelines.ingest import seeded_order
+
+    return seeded_order(ds.randomize_block_order(seed=shuffle_seed))
 
 
 def shard_to_rows(batch: pa.Table, split: str | None = None,
@@ -137,12 +147,6 @@ def shard_to_rows(batch: pa.Table, split: str | None = None,
     if folds is not None:
         table = table.filter(pc.is_in(table["fold"], pa.array(folds, pa.int32())))
     return table
-
-
-def _kind(source: str, kind: SourceKind, storage_options) -> SourceKind:
-    from pipelines.ingest import detect_kind
-
-    return detect_kind(source, storage_options) if kind == "auto" else kind
 
 
 def _mean_row_bytes(source: str, kind: SourceKind, storage_options) -> float:

@@ -134,14 +134,14 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
     With ``preprocessing`` the image becomes ``prepare_image``'s float32 C x H x W and the mask is
     resized to match; without it both stay as decoded.
     """
-    from seg_core.inference import prepare_image
-
     limit = max_pixels or (preprocessing.max_pixels if preprocessing else 64_000_000)
     ok, bad = decode_pairs(batch, mask_spec, limit, stage=stage)
     ids, images, masks = [], [], []
     for row in ok:
         image, mask = row["image"], row["mask"]
         if preprocessing is not None:
+            from seg_core.inference import prepare_image   # torch: only when preprocessing
+
             try:
                 image = prepare_image(image, preprocessing).numpy()  # C x H' x W'
             except InputError as error:

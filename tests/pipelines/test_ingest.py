@@ -160,6 +160,9 @@ def test_three_sources_give_identical_pairs(ray_session, sample_dataset, s3_samp
 
     assert all(hashlib.sha256(b).hexdigest() == h for b, h in
                zip(shards["image_bytes"].to_pylist(), shards["sha256"].to_pylist()))
+    seeded = [[r["id"] for r in ingest.read_pairs(f"{s3_prefix}/shards", shuffle_seed=5)
+               .select_columns(["id"]).take_all()] for _ in range(2)]
+    assert seeded[0] == seeded[1] and sorted(seeded[0]) == sorted(by_id)
     val = ingest.read_pairs(f"{s3_prefix}/shards", split="val").take_all()
     assert sorted(r["id"] for r in val) == sorted(r["id"] for r in from_manifest
                                                    if r["split"] == "val")

@@ -1,0 +1,205 @@
+"""``ingest``: decoded image+mask pairs per second from a local S3, three paths side by side.
+
+- ``loose``: one object per image and per mask, through Ray Data (``ingest.read_pairs`` of the
+  manifest -> decode tasks -> batches on the driver);
+- ``shards``: the same pairs after ``rayseg pack``, through Ray Data (same decode, same consumer);
+- ``plain``: a single-process loop: boto3 ``get_object`` for each image and mask, PIL decode.
+
+Every path ends with decoded numpy image and mask arrays in the driver.  The S3 server is moto
+in this process on 127.0.0.1 (a free port); it competes for the same cores, as a co-located MinIO
+would.  Each Ray path runs once untimed (worker start-up, imports) and is then timed.
+``ratio`` = shards / plain.  Memory: the driver's peak RSS and the peak PSS of the whole process
+tree (driver + Ray workers + moto) sampled during each timed run.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import resource
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from seg_core.config import MaskSpec
+
+GOAL = ">=1.8"
+_SPEC = MaskSpec(num_classes=3)
+_AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Measure the three paths; quick: 96 pairs of 128 x 128, else 384 pairs of 256 x 256."""
+    n, size = (96, 128) if quick else (384, 256)
+    with _moto_s3() as endpoint:
+        from pipelines.raycluster import ensure_ray
+
+        ensure_ray()
+        manifest, shards, total_mb = _prepare(n, size)
+        loose = _timed(lambda: _consume(_ray_pipeline(manifest)))
+        packed = _timed(lambda: _consume(_ray_pipeline(shards)))
+        plain = _timed(lambda: _plain_loop(manifest, endpoint), warmup=False)
+    figures = {
+        "pairs": n, "image_size": size, "dataset_mb": round(total_mb, 1),
+        "loose_pairs_per_s": round(n / loose["seconds"], 1),
+        "shards_pairs_per_s": round(n / packed["seconds"], 1),
+        "plain_pairs_per_s": round(n / plain["seconds"], 1),
+        "loose_vs_plain": round(plain["seconds"] / loose["seconds"], 3),
+        "loose_tree_pss_peak_mb": loose["tree_pss_mb"],
+        "shards_tree_pss_peak_mb": packed["tree_pss_mb"],
+        "plain_tree_pss_peak_mb": plain["tree_pss_mb"],
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpus": os.cpu_count(),
+    }
+    return {"bench": "ingest", "figures": figures,
+            "ratio": round(plain["seconds"] / packed["seconds"], 3), "goal": GOAL}
+
+
+# ----------------------------------------------------------------------------------- the paths
+
+
+def _ray_pipeline(source: str):
+    from pipelines.ingest import read_pairs
+    from pipelines.train_data import prepare_batch
+
+    # Same CPU share for read and decode, so Ray fuses them into one task per block.
+    return read_pairs(source, rows_per_block=32, num_cpus=1).map_batches(
+        prepare_batch, batch_format="numpy", num_cpus=1,
+        fn_kwargs={"mask_spec": _SPEC, "preprocessing": None})
+
+
+def _consume(dataset) -> int:
+    pairs = 0
+    for batch in dataset.iter_batches(batch_size=32, batch_format="numpy"):
+        assert batch["image"][0].ndim == 3 and batch["mask"][0].ndim == 2
+        pairs += len(batch["id"])
+    return pairs
+
+
+def _plain_loop(manifest: str, endpoint: str) -> int:
+    """The baseline a user writes first: list the manifest, GET each object, decode with PIL."""
+    import csv
+
+    import boto3
+    from PIL import Image
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    bucket, key = manifest[len("s3://"):].split("/", 1)
+    root = key.rsplit("/", 1)[0]
+    text = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    pairs = 0
+    for row in csv.DictReader(io.StringIO(text)):
+        image_bytes = s3.get_object(Bucket=bucket, Key=f"{root}/{row['image']}")["Body"].read()
+        mask_bytes = s3.get_object(Bucket=bucket, Key=f"{root}/{row['mask']}")["Body"].read()
+        image = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+        mask = np.asarray(Image.open(io.BytesIO(mask_bytes)))
+        assert image.ndim == 3 and mask.ndim == 2
+        pairs += 1
+    return pairs
+
+
+# --------------------------------------------------------------------------------- plumbing
+
+
+class _moto_s3:
+    """moto's S3 on 127.0.0.1:<free port> with the AWS variables pointing at it (restored after)."""
+
+    def __enter__(self) -> str:
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        self._saved = {k: os.environ.get(k) for k in (*_AWS_ENV, "AWS_ENDPOINT_URL")}
+        os.environ.update(_AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+        return endpoint
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self._saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._server.stop()
+
+
+def _prepare(n: int, size: int) -> tuple[str, str, float]:
+    """Generate ``n`` pairs, upload them, pack them; returns (manifest, shards, dataset MB)."""
+    import pyarrow.fs as pafs
+
+    from pipelines import storage
+    from pipelines.pack import pack
+    from seg_core.sample_data import generate_sample_dataset
+
+    fs = pafs.S3FileSystem(**storage.resolve_options(), scheme="http", allow_bucket_creation=True)
+    fs.create_dir("bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = generate_sample_dataset(tmp, n=n, size=(size, size), num_classes=3, seed=0)
+        files = [p for p in manifest.parent.rglob("*") if p.is_file()]
+        total_mb = sum(p.stat().st_size for p in files) / 2**20
+        with ThreadPoolExecutor(8) as pool:   # upload in parallel; setup is not measured
+            list(pool.map(lambda p: storage.write_bytes(
+                f"s3://bench/loose/{p.relative_to(manifest.parent)}", p.read_bytes()), files))
+    # ~8 shards: enough blocks for every core, few objects.
+    pack("s3://bench/loose/manifest.csv", "s3://bench/shards", shard_mb=max(total_mb / 8, 0.1))
+    return "s3://bench/loose/manifest.csv", "s3://bench/shards", total_mb
+
+
+def _timed(fn: Callable[[], int], *, warmup: bool = True) -> dict[str, float]:
+    """Seconds of one timed call of ``fn`` (after one untimed call) and the tree's peak PSS."""
+    if warmup:
+        fn()
+    sampler = _TreePss()
+    sampler.start()
+    started = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - started
+    sampler.stop()
+    return {"seconds": seconds, "tree_pss_mb": round(sampler.peak_mb, 1)}
+
+
+class _TreePss(threading.Thread):
+    """Samples the summed PSS of this process and all its descendants every 0.2 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak_mb = 0.0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.peak_mb = max(self.peak_mb, _tree_pss_mb(os.getpid()))
+            self._done.wait(0.2)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def _tree_pss_mb(root: int) -> float:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total_kb, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                total_kb += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total_kb / 1024
