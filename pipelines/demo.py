@@ -216,6 +216,7 @@ def _serve_once(model: str, out_uri: str, manifest: str) -> str:
     image_uri = read_manifest(manifest)["image_uri"][0].as_py()
     body = storage.read_bytes(image_uri)
     url = start_endpoint(model, out_uri, port=_free_port(), args={"flush_rows": 1})
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)   # Serve resets it on start
     try:
         request = urllib.request.Request(f"{url}/v1/segment", data=body, method="POST",
                                          headers={"Content-Type": "application/octet-stream"})
