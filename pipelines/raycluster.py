@@ -114,3 +114,5 @@ def _quiet_data() -> None:
     ctx.verbose_stats_logs = False
     # "Dataset ... execution finished" and "Data sink Parquet finished" are INFO lines per run.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ... and a warning that progress bars are off, which is what quiet asked for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
