@@ -49,7 +49,8 @@ class DataSpec:
     train_split: str = "train"
     val_split: str = "val"
     fold_column: str = "fold"
-    cache_decoded: bool = True  # decode once into the object store; off when it would not fit
+    cache_decoded: bool = True  # preprocess once into the object store; off if it won't fit
+    shuffle_buffer: int = 64  # rows shuffled per worker and epoch (seeded); 0 keeps file order
 
     def __post_init__(self) -> None:
         if (self.manifest is None) == (self.shards is None):

@@ -73,7 +73,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "plan": plan, "progress": progress},
+        train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,
+                           "progress": progress},
         datasets={"train": data.train, "val": data.val},
         dataset_config=DataConfig(datasets_to_split=["train"]),  # val: every worker sees all
         scaling_config=scaling_config(cfg),
@@ -255,103 +256,61 @@ class _ProgressPrinter:
 
 
 # ------------------------------------------------------------------------------------- data
-# Local adapter until pipelines.ingest offers a training dataset: decode with quarantine
-# (ingest.decode_pairs), then resize + augment + prepare_image per batch in Ray Data tasks.
 
 _TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
 
 
 @dataclass(frozen=True)
 class TrainData:
-    """Ray Datasets for one run: ``train`` (augmented tensors) and ``val`` (decoded originals)."""
+    """Ray Datasets of one run and the augmentation the loop applies per batch."""
 
-    train: Any
-    val: Any
+    train: Any  # preprocessed rows {id, image C,h,w float32, mask}
+    val: Any  # decoded originals {id, image H,W,C, mask}
+    augment: Any  # pipelines.train_data.Augment
     num_train: int
     num_val: int
     source_sha256: str
 
 
-def build_train_data(cfg: TrainConfig, *, train_folds: list[int] | None = None,
-                     val_folds: list[int] | None = None) -> TrainData:
-    """Datasets from ``cfg.data``: by split, or by fold when cross-validating."""
+def build_train_data(cfg: TrainConfig) -> TrainData:
+    """Datasets from ``cfg.data``: by split, or by fold when cross-validating.
+
+    Bad pairs are dropped and written to ``<storage_path>/<run_name>/quarantine/``.  With
+    ``data.cache_decoded`` the deterministic work (fetch, decode, resize, normalise) runs once
+    here, before the trainer reserves CPUs; random augmentation stays per batch in the loop.
+    """
     from pipelines import ingest
+    from pipelines.train_data import decoded_dataset, training_dataset
 
     source = cfg.data.manifest or cfg.data.shards
     kind = "manifest" if cfg.data.manifest else "shards"
-    if cfg.fold is None:
-        train_sel = {"split": cfg.data.train_split}
-        val_sel = {"split": cfg.data.val_split}
-    else:
+    train_sel: dict[str, Any] = {"split": cfg.data.train_split}
+    val_sel: dict[str, Any] = {"split": cfg.data.val_split}
+    if cfg.fold is not None:  # CV partitions the training rows only
         others = [f for f in range(cfg.nfolds) if f != cfg.fold]
-        train_sel = {"split": cfg.data.train_split, "folds": others}
-        val_sel = {"split": cfg.data.train_split, "folds": [cfg.fold]}
+        train_sel, val_sel = {**train_sel, "folds": others}, {**train_sel, "folds": [cfg.fold]}
     if kind == "manifest":
-        table = ingest.read_manifest(source)
-        counts = [ingest.select_rows(table, **sel).num_rows for sel in (train_sel, val_sel)]
         digest = sha256_hex(storage.read_bytes(source))
     else:
-        counts = [ingest.read_pairs(source, kind=kind, **sel).count() for sel in (train_sel, val_sel)]
         digest = sha256_hex("\n".join(storage.list_uri(source, suffixes=(".parquet",))).encode())
-    if min(counts) == 0:
-        raise ValueError(f"{source}: {counts[0]} train and {counts[1]} val rows for {train_sel} / "
-                         f"{val_sel}; both must be non-empty (check split names and folds)")
-    options = {"num_cpus": _TASK_CPUS, "batch_format": "numpy"}
-    decode = {"fn_kwargs": {"mask_spec": cfg.mask, "max_pixels": cfg.preprocessing.max_pixels}}
-    train = (ingest.read_pairs(source, kind=kind, shuffle_seed=cfg.seed, **train_sel)
-             .map_batches(decode_rows, batch_size=8, **decode, **options))
-    val = (ingest.read_pairs(source, kind=kind, **val_sel)
-           .map_batches(decode_rows, batch_size=4, **decode, **options))
-    if cfg.data.cache_decoded:  # deterministic work once, before the trainer holds any CPUs
+    common = {"kind": kind, "num_cpus": _TASK_CPUS, "quarantine_uri": storage.join_uri(
+        cfg.storage.storage_path, cfg.run_name, "quarantine")}
+    aug = cfg.augment
+    prepared = training_dataset(source, cfg.mask, cfg.preprocessing, crop_size=aug.crop,
+                                seed=cfg.seed, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
+                                **train_sel, **common)
+    train = prepared.dataset
+    val = decoded_dataset(source, cfg.mask, max_pixels=cfg.preprocessing.max_pixels, **val_sel,
+                          **common)
+    if cfg.data.cache_decoded:
         train, val = train.materialize(), val.materialize()
-        counts = [train.count(), val.count()]  # after undecodable pairs were dropped
-    train = train.map_batches(augment_batch, batch_size=cfg.batch_size, fn_kwargs={"cfg": cfg},
-                              **options)  # random, so per epoch
-    return TrainData(train=train, val=val, num_train=counts[0], num_val=counts[1],
-                     source_sha256=digest)
-
-
-def decode_rows(batch: dict[str, Any], mask_spec: Any, max_pixels: int) -> dict[str, Any]:
-    """Fetched rows -> ``{id, image, mask}`` originals; undecodable pairs are dropped (logged)."""
-    from pipelines.ingest import decode_pairs
-
-    ok, bad = decode_pairs(batch, mask_spec, max_pixels, stage="train")
-    for row in bad:
-        logger.warning("skipping %s: %s (%s)", row["image_uri"], row["reason"], row["message"])
-    return {"id": [r["id"] for r in ok], "image": [r["image"] for r in ok],
-            "mask": [r["mask"] for r in ok]}
-
-
-def augment_batch(batch: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
-    """Originals -> ``image`` N,C,h,w float32 (prepare_image) and ``mask`` N,h,w int64 (or
-    N,K,h,w uint8): resize, random crop/flips/rot90, then the shared normalisation."""
-    import numpy as np
-
-    from seg_core import transforms as T
-    from seg_core.inference import prepare_image
-
-    pre = cfg.preprocessing
-    steps: list[Any] = [T.Resize(tuple(pre.resize))] if pre.resize else []
-    if cfg.augment.crop:
-        steps.append(T.RandomCrop((cfg.augment.crop, cfg.augment.crop),
-                                  ignore_index=cfg.mask.ignore_index))
-    steps += [T.HorizontalFlip()] if cfg.augment.hflip else []
-    steps += [T.VerticalFlip()] if cfg.augment.vflip else []
-    pipeline = T.Compose(steps)
-    rng = np.random.default_rng()  # fresh per batch: new augmentations every epoch
-    no_resize = dataclasses.replace(pre, resize=None)
-    images, masks = [], []
-    for image, mask in zip(batch["image"], batch["mask"]):
-        image, mask = pipeline(np.asarray(image), np.asarray(mask), rng)
-        if cfg.augment.rot90 and image.shape[0] == image.shape[1]:
-            image, mask = T.RandomRot90()(image, mask, rng)
-        images.append(prepare_image(image, no_resize).numpy())
-        masks.append(mask.astype(np.uint8 if cfg.mask.multilabel else np.int64))
-    shapes = sorted({m.shape for m in masks})
-    if len(shapes) > 1:
-        raise ValueError(f"training images differ in size {shapes[:3]}; set "
-                         f"preprocessing.resize or augment.crop so that batches stack")
-    return {"image": np.stack(images), "mask": np.stack(masks)}
+    counts = [train.count(), val.count()]  # after bad pairs were dropped
+    if min(counts) == 0:
+        raise ValueError(f"{source}: {counts[0]} usable train and {counts[1]} val rows for "
+                         f"{train_sel} / {val_sel}; both must be non-empty (check split names, "
+                         f"folds and the quarantine)")
+    return TrainData(train=train, val=val, augment=prepared.augment, num_train=counts[0],
+                     num_val=counts[1], source_sha256=digest)
 
 
 def sha256_hex(data: bytes) -> str:

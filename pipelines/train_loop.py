@@ -61,25 +61,69 @@ class LoopState:
     stopped: str | None = None
 
 
+@dataclass
+class Parts:
+    """What one worker trains with (``model`` is ``unet`` wrapped by DDP when world > 1)."""
+
+    unet: UNet
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    loss_fn: torch.nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point.  ``loop_config``: ``cfg`` (TrainConfig), ``plan`` (StepPlan),
-    ``progress`` (optional ``ray.util.queue.Queue`` for console lines on the driver)."""
+    ``augment`` (per-batch augmentation), ``progress`` (optional ``ray.util.queue.Queue`` for
+    console lines on the driver)."""
     import ray.train
-    import ray.train.torch
 
     cfg: TrainConfig = loop_config["cfg"]
     plan: StepPlan = loop_config["plan"]
-    progress = loop_config.get("progress")
+    say = _Say(loop_config.get("progress"), cfg.run_name)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
-    amp_dtype = torch.bfloat16 if (cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)) else None
     seed_everything(cfg.seed * 1000 + rank)
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
+    parts = build_parts(cfg, plan)
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = restore(os.path.join(directory, STATE_FILE), parts, rank)
+        lr = current_lr(parts.optimizer)
+        state.restarts.append({"epoch": state.epoch, "step": state.step, "lr": lr})
+        say(rank, f"resumed at epoch {state.epoch} step {state.step} lr {lr:.3g}")
 
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    started = time.monotonic()
+    while state.epoch < cfg.epochs and state.stopped is None:
+        totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
+                             rank, world, started, say)
+        counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world)
+        record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world)
+        state.epoch += 1
+        state.history.append(record)
+        _early_stopping(cfg, state, parts.unet, record)
+        say(rank, f"epoch {state.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} val mIoU "
+                  f"{record['val_miou']:.4f} acc {record['val_pixel_accuracy']:.4f} "
+                  f"{record['images_per_s']:.1f} images/s")
+        report(state, record, parts, rank, world)
+    return {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
+
+
+def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
+    """Model (channels_last on GPU, DDP via prepare_model), AdamW, schedule and loss."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
     unet = UNet(cfg.model)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -91,58 +135,43 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                                 power=cfg.optim.poly_power)
     loss_fn = build_loss(cfg.loss, num_classes=cfg.model.num_classes,
                          ignore_index=cfg.mask.ignore_index, class_weights=cfg.class_weights)
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)
+    return Parts(unet, model, optimizer, scheduler, loss_fn, device,
+                 torch.bfloat16 if amp else None, channels_last)
 
-    state = LoopState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = restore(os.path.join(directory, STATE_FILE), unet, optimizer, scheduler, rank)
-        state.restarts.append({"epoch": state.epoch, "step": state.step, "lr": current_lr(optimizer)})
-        _say(progress, rank, f"[{cfg.run_name}] resumed at epoch {state.epoch} step {state.step} "
-                             f"lr {current_lr(optimizer):.3g}")
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    started = time.monotonic()
-    while state.epoch < cfg.epochs and state.stopped is None:
-        model.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss * images, images, seconds
-        steps_this_epoch = 0
-        t0 = time.perf_counter()
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device,
-                                                    prefetch_batches=2):
-            _maybe_fail(cfg, state.step, rank, world)
-            images = batch["image"]
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            loss = train_step(model, {"image": images, "mask": batch["mask"]}, loss_fn, optimizer,
-                              scheduler=scheduler, amp_dtype=amp_dtype,
-                              clip_grad=cfg.optim.clip_grad)["loss"]
-            state.step += 1
-            steps_this_epoch += 1
-            totals[0] += loss * len(images)
-            totals[1] += len(images)
-            if cfg.log_every_steps and state.step % cfg.log_every_steps == 0:
-                _say(progress, rank, f"[{cfg.run_name}] epoch {state.epoch + 1}/{cfg.epochs} step "
-                                     f"{state.step} loss {loss:.4f} "
-                                     f"lr {current_lr(optimizer):.3g}")
-            state.stopped = _should_stop(cfg, state.step, started, world, device)
-            if state.stopped or steps_this_epoch == plan.steps_per_epoch:
-                break  # an epoch is exactly steps_per_epoch steps on every worker
-        totals[2] = time.perf_counter() - t0
-        totals = all_reduce_sum(totals, device, world)
-        counts = validate(unet, val_shard, cfg, device, rank, world)
-        model.train()
-        record = epoch_record(cfg, state, totals, counts, current_lr(optimizer), world)
-        state.epoch += 1
-        state.history.append(record)
-        _early_stopping(cfg, state, unet, record)
-        _say(progress, rank, f"[{cfg.run_name}] epoch {state.epoch}/{cfg.epochs} loss "
-                             f"{record['train_loss']:.4f} val mIoU {record['val_miou']:.4f} "
-                             f"acc {record['val_pixel_accuracy']:.4f} "
-                             f"{record['images_per_s']:.1f} images/s")
-        report(state, record, unet, optimizer, scheduler, rank, world)
-    return {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
+def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: StepPlan,
+                state: LoopState, rank: int, world: int, started: float,
+                say: "_Say") -> torch.Tensor:
+    """At most ``plan.steps_per_epoch`` steps; returns summed (loss*images, images, seconds)."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    steps, t0 = 0, time.perf_counter()
+    rng = augment.rng(state.epoch, rank)  # per epoch and worker: reproducible on resume
+    shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
+               "local_shuffle_seed": (cfg.seed * 10_000 + state.epoch) * 1_000 + rank
+               } if cfg.data.shuffle_buffer else {}
+    for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                    prefetch_batches=2, **shuffle):
+        _maybe_fail(cfg, state.step, rank, world)
+        batch = augment(batch, rng)
+        images = torch.from_numpy(batch["image"]).to(parts.device, non_blocking=True)
+        if parts.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        masks = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(parts.device)
+        loss = train_step(parts.model, {"image": images, "mask": masks}, parts.loss_fn,
+                          parts.optimizer, scheduler=parts.scheduler, amp_dtype=parts.amp_dtype,
+                          clip_grad=cfg.optim.clip_grad)["loss"]
+        state.step, steps = state.step + 1, steps + 1
+        totals[0] += loss * len(images)
+        totals[1] += len(images)
+        if cfg.log_every_steps and state.step % cfg.log_every_steps == 0:
+            say(rank, f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step} loss {loss:.4f} "
+                      f"lr {current_lr(parts.optimizer):.3g}")
+        state.stopped = _should_stop(cfg, state.step, started, world, parts.device)
+        if state.stopped or steps == plan.steps_per_epoch:
+            break  # an epoch is exactly steps_per_epoch steps on every worker
+    totals[2] = time.perf_counter() - t0
+    return all_reduce_sum(totals, parts.device, world)
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -210,8 +239,8 @@ def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
 # ---------------------------------------------------------------------------- checkpointing
 
 
-def report(state: LoopState, record: dict[str, Any], unet: UNet, optimizer: Any, scheduler: Any,
-           rank: int, world: int) -> None:
+def report(state: LoopState, record: dict[str, Any], parts: Parts, rank: int,
+           world: int) -> None:
     """``ray.train.report`` on every worker (a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -222,8 +251,9 @@ def report(state: LoopState, record: dict[str, Any], unet: UNet, optimizer: Any,
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            torch.save({"model": _cpu_state(unet), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rng,
+            torch.save({"model": _cpu_state(parts.unet),
+                        "optimizer": parts.optimizer.state_dict(),
+                        "scheduler": parts.scheduler.state_dict(), "rng": rng,
                         "epoch": state.epoch, "step": state.step, "history": state.history,
                         "best": state.best, "restarts": state.restarts,
                         "bad_epochs": state.bad_epochs, "stopped": state.stopped},
@@ -237,12 +267,12 @@ def report(state: LoopState, record: dict[str, Any], unet: UNet, optimizer: Any,
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
-def restore(path: str, unet: UNet, optimizer: Any, scheduler: Any, rank: int) -> LoopState:
+def restore(path: str, parts: Parts, rank: int) -> LoopState:
     """Load ``state.pt`` into the model, optimizer, scheduler and this rank's generators."""
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    unet.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    parts.unet.load_state_dict(saved["model"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
     rng = saved.get("rng") or []
     if rank < len(rng):  # same world size: exact; otherwise keep the fresh per-rank seed
         set_rng_state(rng[rank])
@@ -297,13 +327,19 @@ def _maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
     os._exit(1)  # no cleanup, no exception: the actor process is gone
 
 
-def _say(progress: Any, rank: int, line: str) -> None:
-    if rank != 0:
-        return
-    if progress is None:
-        print(line, flush=True)
-    else:
-        progress.put(line, block=False)
+class _Say:
+    """Rank 0's progress lines, to the driver's queue (or stdout when there is none)."""
+
+    def __init__(self, progress: Any, run_name: str) -> None:
+        self.progress, self.prefix = progress, f"[{run_name}] "
+
+    def __call__(self, rank: int, line: str) -> None:
+        if rank != 0:
+            return
+        if self.progress is None:
+            print(self.prefix + line, flush=True)
+        else:
+            self.progress.put(self.prefix + line, block=False)
 
 
 def current_lr(optimizer: Any) -> float:
