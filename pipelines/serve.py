@@ -35,6 +35,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -80,6 +81,17 @@ def _local_artifact(uri: str) -> tuple[Path, str | None]:
     return copy_dir_to_local(uri, temp_dir), temp_dir
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One decoded request on its way through the batch."""
+
+    image: np.ndarray
+    data: bytes
+    name: str
+    request_id: str
+    with_confidence: bool
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class SegmentService:
@@ -115,22 +127,31 @@ class SegmentService:
         self._predict_batch.set_batch_wait_timeout_s(self._batch.batch_wait_timeout_s)
 
     @serve.batch
-    async def _predict_batch(self, images: list[np.ndarray]) -> list[Any]:
-        """One forward for the batch, in the forward thread; per-image results or errors."""
+    async def _predict_batch(self, jobs: list[_Job]) -> list[Any]:
+        """Forward + row encoding for the batch in the forward thread (one hop per batch)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._forward_pool, self._forward, images)
+        return await loop.run_in_executor(self._forward_pool, self._forward, jobs)
 
-    def _forward(self, images: list[np.ndarray]) -> list[Any]:
+    def _forward(self, jobs: list[_Job]) -> list[Any]:
+        """Per job: ``(row, encode_ms)``, or the exception that job alone raised."""
         try:
-            return list(self._segmenter.predict_batch(images))
+            predictions = list(self._segmenter.predict_batch([job.image for job in jobs]))
         except Exception:  # noqa: BLE001 - isolate the failing image, answer the others
-            results: list[Any] = []
-            for image in images:
+            predictions = []
+            for job in jobs:
                 try:
-                    results.append(self._segmenter.predict(image))
+                    predictions.append(self._segmenter.predict(job.image))
                 except Exception as error:  # noqa: BLE001 - handed back to its own request
-                    results.append(error)
-            return results
+                    predictions.append(error)
+        results: list[Any] = []
+        for job, prediction in zip(jobs, predictions):
+            if isinstance(prediction, BaseException):
+                results.append(prediction)
+                continue
+            started = time.perf_counter()
+            row = self._row(prediction, job)
+            results.append((row, (time.perf_counter() - started) * 1e3))
+        return results
 
     @api.post("/v1/segment")
     async def segment(self, request: Request, confidence: bool = False) -> Response:
@@ -142,19 +163,19 @@ class SegmentService:
             data, name = await http.read_image_bytes(request, self._args.max_request_bytes)
             image = await run_in_threadpool(self._decode, data, name)
             decoded = time.perf_counter()
-            prediction = await self._predict_batch(image)
-            if isinstance(prediction, BaseException):
-                raise prediction
-            predicted = time.perf_counter()
-            row = await run_in_threadpool(self._row, prediction, request_id, name, data,
-                                          confidence)
+            result = await self._predict_batch(_Job(image, data, name, request_id, confidence))
+            if isinstance(result, BaseException):
+                raise result
         except http.RequestRefused as refused:
             return http.error_response(refused, request_id)
         except InputError as error:
             return http.error_response(http.RequestRefused.from_input_error(error), request_id)
-        timing = {"decode": (decoded - started) * 1e3, "infer": (predicted - decoded) * 1e3,
-                  "encode": (time.perf_counter() - predicted) * 1e3}
-        timing["total"] = row["latency_ms"] = (time.perf_counter() - started) * 1e3
+        row, encode_ms = result
+        done = time.perf_counter()
+        timing = {"decode": (decoded - started) * 1e3,
+                  "infer": (done - decoded) * 1e3 - encode_ms,  # batch wait + forward
+                  "encode": encode_ms, "total": (done - started) * 1e3}
+        row["latency_ms"] = timing["total"]
         if self._sink is not None:  # before answering: a 200 always has its row
             self._sink.add(row)
         # Serve's proxy puts the request id in x-request-id (taken from the client's header or
@@ -217,15 +238,14 @@ class SegmentService:
     def _model_ref(self) -> dict[str, str]:
         return {"name": self._artifact.name, "version": self._artifact.version}
 
-    def _row(self, prediction: Any, request_id: str, name: str, data: bytes,
-             with_confidence: bool) -> dict[str, Any]:
+    def _row(self, prediction: Any, job: "_Job") -> dict[str, Any]:
         """The bulk-inference row (same encoder as ``rayseg predict``) plus the request id."""
-        row = prediction_row(prediction, self._segmenter, id=request_id,
-                             source_uri=f"upload:{name}",
-                             source_sha256=hashlib.sha256(data).hexdigest(),
+        row = prediction_row(prediction, self._segmenter, id=job.request_id,
+                             source_uri=f"upload:{job.name}",
+                             source_sha256=hashlib.sha256(job.data).hexdigest(),
                              model_name=self._artifact.name, model_version=self._artifact.version,
-                             with_confidence=with_confidence)
-        row["request_id"] = request_id
+                             with_confidence=job.with_confidence)
+        row["request_id"] = job.request_id
         return row
 
 
