@@ -20,7 +20,6 @@ Frames behave like H2OFrames where that makes sense: ``nrow``, ``ncol``, ``colum
 from __future__ import annotations
 
 import io
-import posixpath
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
@@ -324,6 +323,44 @@ def _resolve(base: str, value: str | None) -> str | None:
     return _MASK_SEPARATOR.join(storage.resolve_against(base, p) for p in parts)
 
 
-def stem(uri: str) -> str:
-    """File name without directory and extension."""
-    return posixpath.splitext(posixpath.basename(uri))[0]
+def write_manifest(parts: Sequence[tuple[Frame, str | None]], uri: str, *, x: str,
+                   y: str | None, fold_column: str | None = None) -> str:
+    """Write frames as one CSV manifest (absolute URIs, explicit ids); returns ``uri``.
+
+    ``parts`` pairs each frame with the split its rows get (``None`` keeps the frame's own
+    ``split`` column, if any); frames without ``fold_column`` get no folds (validation rows).
+    ``y=None`` leaves the mask column empty (prediction input).
+    """
+    import pyarrow.csv as pcsv
+
+    tables = []
+    for frame, split in parts:
+        if frame.kind == "predictions":
+            raise ValueError("a predictions frame holds masks, not training data; import the "
+                             "manifest or shards instead")
+        frame.require(x, role="x (image column)")
+        if y is not None:
+            frame.require(y, role="y (mask column)")
+        n = frame.nrow
+        has_folds = fold_column is not None and fold_column in frame.columns
+        own_split = frame.to_arrow()["split"].to_pylist() if "split" in frame.columns else [None] * n
+        tables.append(pa.table({
+            "id": frame.to_arrow()["id"].cast(pa.string()).to_pylist(),
+            "image": frame.resolved(x),
+            "mask": frame.resolved(y) if y is not None else [None] * n,
+            "split": own_split if split is None else [split] * n,
+            "fold": (frame.to_arrow()[fold_column].cast(pa.int32()).to_pylist()
+                     if has_folds else [None] * n),
+        }, schema=pa.schema([("id", pa.string()), ("image", pa.string()), ("mask", pa.string()),
+                             ("split", pa.string()), ("fold", pa.int32())])))
+    table = pa.concat_tables(tables)
+    if fold_column is None:
+        table = table.drop_columns(["fold"])
+    ids = table["id"].to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError("the frames share rows (repeated ids); training and validation frames "
+                         "must be disjoint, e.g. from split_frame()")
+    buffer = io.BytesIO()
+    pcsv.write_csv(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri
