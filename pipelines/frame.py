@@ -337,7 +337,13 @@ def write_manifest(parts: Sequence[tuple[Frame, str | None]], uri: str, *, x: st
     for frame, split in parts:
         if frame.kind == "predictions":
             raise ValueError("a predictions frame holds masks, not training data; import the "
-                             "manifest or shards instead")
+                             "manifest instead")
+        if frame.kind == "shards":
+            raise ValueError(
+                f"{frame.source}: frames over `rayseg pack` shards cannot be written as a "
+                f"manifest (their bytes live in the shards); import the manifest the shards "
+                f"were packed from, or use `rayseg train --set data.shards={frame.source}` / "
+                f"`rayseg predict --input {frame.source}`")
         frame.require(x, role="x (image column)")
         if y is not None:
             frame.require(y, role="y (mask column)")

@@ -133,6 +133,20 @@ def test_import_prefix_and_s3(tiny_manifest, s3_bucket):
     assert listed.nrow == 16 and listed.columns == ["id", "image", "mask", "split", "fold"]
 
 
+@pytest.mark.slow
+def test_import_shards_reads_metadata_only(ray_session, tiny_manifest, tmp_path):
+    from pipelines.pack import pack
+
+    pack(str(tiny_manifest), str(tmp_path / "shards"), partition_by_split=True)
+    shards = import_file(str(tmp_path / "shards"))
+    assert shards.kind == "shards" and shards.nrow == 16
+    assert {"id", "image", "mask", "split", "height", "width"} <= set(shards.columns)
+    assert not {"image_bytes", "mask_bytes"} & set(shards.columns)       # bytes stay in Parquet
+    assert shards.filter(split="val").nrow == 4 and set(shards.head(99)["height"]) == {48}
+    with pytest.raises(ValueError, match="data.shards="):
+        write_manifest([(shards, "train")], str(tmp_path / "m.csv"), x="image", y="mask")
+
+
 # ----------------------------------------------------------------- estimator on real local Ray
 
 
