@@ -7,8 +7,8 @@
 
 Every path ends with decoded numpy image and mask arrays in the driver.  The S3 server is moto
 in this process on 127.0.0.1 (a free port); it competes for the same cores, as a co-located MinIO
-would.  Each Ray path runs once untimed (worker start-up, imports) and is then timed.
-``ratio`` = shards / plain.  Memory: the driver's peak RSS and the peak PSS of the whole process
+would.  Every path runs once untimed (worker start-up, imports), then the paths are timed in
+alternating rounds and the median is kept.  ``ratio`` = shards / plain pairs per second.  Memory: the driver's peak RSS and the peak PSS of the whole process
 tree (driver + Ray workers + moto) sampled during each timed run.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import resource
+import statistics
 import tempfile
 import threading
 import time
@@ -34,30 +35,29 @@ _AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """Measure the three paths; quick: 96 pairs of 128 x 128, else 384 pairs of 256 x 256."""
-    n, size = (96, 128) if quick else (384, 256)
+    """Measure the three paths; quick: 96 pairs of 128 x 128 once, else 384 of 256 x 256, 3 rounds."""
+    n, size, rounds = (96, 128, 1) if quick else (384, 256, 3)
     with _moto_s3() as endpoint:
         from pipelines.raycluster import ensure_ray
 
         ensure_ray()
         manifest, shards, total_mb = _prepare(n, size)
-        loose = _timed(lambda: _consume(_ray_pipeline(manifest)))
-        packed = _timed(lambda: _consume(_ray_pipeline(shards)))
-        plain = _timed(lambda: _plain_loop(manifest, endpoint), warmup=False)
+        paths = {"loose": lambda: _consume(_ray_pipeline(manifest)),
+                 "shards": lambda: _consume(_ray_pipeline(shards)),
+                 "plain": lambda: _plain_loop(manifest, endpoint)}
+        timed = _interleaved(paths, rounds=rounds)
+    rate = {name: round(n / t["seconds"], 1) for name, t in timed.items()}
     figures = {
-        "pairs": n, "image_size": size, "dataset_mb": round(total_mb, 1),
-        "loose_pairs_per_s": round(n / loose["seconds"], 1),
-        "shards_pairs_per_s": round(n / packed["seconds"], 1),
-        "plain_pairs_per_s": round(n / plain["seconds"], 1),
-        "loose_vs_plain": round(plain["seconds"] / loose["seconds"], 3),
-        "loose_tree_pss_peak_mb": loose["tree_pss_mb"],
-        "shards_tree_pss_peak_mb": packed["tree_pss_mb"],
-        "plain_tree_pss_peak_mb": plain["tree_pss_mb"],
+        "pairs": n, "image_size": size, "dataset_mb": round(total_mb, 1), "rounds": rounds,
+        **{f"{name}_pairs_per_s": value for name, value in rate.items()},
+        "loose_vs_plain": round(timed["plain"]["seconds"] / timed["loose"]["seconds"], 3),
+        **{f"{name}_tree_pss_peak_mb": t["tree_pss_mb"] for name, t in timed.items()},
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "cpus": os.cpu_count(),
+        "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
     }
     return {"bench": "ingest", "figures": figures,
-            "ratio": round(plain["seconds"] / packed["seconds"], 3), "goal": GOAL}
+            "ratio": round(timed["plain"]["seconds"] / timed["shards"]["seconds"], 3),
+            "goal": GOAL}
 
 
 # ----------------------------------------------------------------------------------- the paths
@@ -152,17 +152,27 @@ def _prepare(n: int, size: int) -> tuple[str, str, float]:
     return "s3://bench/loose/manifest.csv", "s3://bench/shards", total_mb
 
 
-def _timed(fn: Callable[[], int], *, warmup: bool = True) -> dict[str, float]:
-    """Seconds of one timed call of ``fn`` (after one untimed call) and the tree's peak PSS."""
-    if warmup:
-        fn()
-    sampler = _TreePss()
-    sampler.start()
-    started = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - started
-    sampler.stop()
-    return {"seconds": seconds, "tree_pss_mb": round(sampler.peak_mb, 1)}
+def _interleaved(paths: dict[str, Callable[[], int]], *, rounds: int) -> dict[str, dict]:
+    """Median seconds per path over ``rounds`` alternating rounds (after one untimed round), and
+    the peak PSS of the process tree seen while each path ran.
+
+    Alternating means a burst of load from elsewhere on a shared machine hits every path alike.
+    """
+    for fn in paths.values():
+        fn()                                    # worker start-up, imports, moto warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    peak = dict.fromkeys(paths, 0.0)
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            sampler = _TreePss()
+            sampler.start()
+            started = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - started)
+            sampler.stop()
+            peak[name] = max(peak[name], round(sampler.peak_mb, 1))
+    return {name: {"seconds": statistics.median(s), "tree_pss_mb": peak[name]}
+            for name, s in seconds.items()}
 
 
 class _TreePss(threading.Thread):
