@@ -1,4 +1,4 @@
-"""``rayseg serve``: Serve config YAML + flags -> pipelines.serve.start_endpoint -> URL, until Ctrl-C."""
+"""``rayseg serve``: Serve YAML + flags -> pipelines.serve.start_endpoint -> URL, until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model artifact directory (local or s3://)")
     parser.add_argument("--config", metavar="YAML",
-                        help="Serve config in `serve build` format (default jobs/configs/serve.yaml)")
+                        help="Serve config in `serve build` format "
+                             "(default jobs/configs/serve.yaml)")
     parser.add_argument("--out", help="Parquet prefix for answered requests (local or s3://)")
     parser.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")

@@ -319,7 +319,8 @@ def test_bad_input_gets_4xx_and_the_replica_keeps_answering(endpoint, images, ca
 def test_model_route_reports_artifact_and_batching(endpoint):
     status, info = get(endpoint["url"], "/v1/model")
     assert status == 200
-    assert info["name"] == "tiny" and info["artifact"]["mask_spec"]["class_names"] == ["bg", "a", "b"]
+    assert info["name"] == "tiny"
+    assert info["artifact"]["mask_spec"]["class_names"] == ["bg", "a", "b"]
     user_config = endpoint["config"]["applications"][0]["deployments"][0]["user_config"]
     assert info["serving"]["max_batch_size"] == user_config["max_batch_size"]
     assert info["serving"]["max_pixels"] == MAX_PIXELS
