@@ -13,8 +13,9 @@ Run the whole platform end to end on generated data, in a few minutes on 2 CPUs:
   5. predict   bulk inference over every image -> Parquet, exactly once
   6. serve     start the Ray Serve endpoint, send one request, stop it
 
-Each stage prints a status line with its elapsed time.  Outputs go to <work-dir>/demo/, which
-each run clears first; the closing table says where everything went.  With --s3 the same flow
+Each stage prints a status line with its elapsed time.  The dataset goes to <work-dir>/sample/
+(where jobs/configs/train_sample.yaml finds it), the outputs to <work-dir>/demo/, which each run
+clears first; the closing table says where everything went.  With --s3 the same flow
 runs against a local S3 server (moto on 127.0.0.1, a free port) that the demo starts and stops.
 """
 
@@ -35,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default=defaults.work_dir,
-                        help="outputs go to <work-dir>/demo/ (default: %(default)s)")
+                        help="data to <work-dir>/sample/, outputs to <work-dir>/demo/ (default: %(default)s)")
     parser.add_argument("--s3", action="store_true",
                         help="run against a local S3 server (moto) started for the demo")
     parser.add_argument("--images", type=int, default=defaults.images,

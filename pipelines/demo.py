@@ -9,8 +9,9 @@ Stages, each printing a status line with its elapsed time (and a heartbeat while
     predict   bulk inference over every image -> Parquet (exactly once)
     serve     start the Ray Serve endpoint, send one request, stop it (its row lands in Parquet)
 
-Everything lands under ``<work_dir>/demo/`` (default ``./rayseg_work/demo``), which each run
-clears first, so the demo always starts fresh.  With ``s3=True`` a local S3 server (moto, on
+The sample dataset goes to ``<work_dir>/sample/`` (where ``jobs/configs/train_sample.yaml``
+expects it); everything else lands under ``<work_dir>/demo/`` (default ``./rayseg_work/demo``),
+which each run clears first, so the demo always starts fresh.  With ``s3=True`` a local S3 server (moto, on
 127.0.0.1 and a free port) is started first and every dataset, checkpoint, model and Parquet
 URI is ``s3://rayseg-demo/...``; the outputs are copied to ``<work_dir>/demo/s3_copy/`` before
 the server stops, so the printed paths stay readable.
@@ -197,10 +198,11 @@ def demo_train_config(cfg: DemoConfig, manifest: str, root: str) -> Any:
 def _generate(cfg: DemoConfig, root: str, local: Path) -> str:
     from seg_core.sample_data import generate_sample_dataset
 
-    manifest = generate_sample_dataset(local / "sample", n=cfg.images, size=(cfg.size, cfg.size),
-                                       num_classes=3, seed=cfg.seed)
+    # <work_dir>/sample, where jobs/configs/train_sample.yaml looks for it after a demo
+    manifest = generate_sample_dataset(local.parent / "sample", n=cfg.images,
+                                       size=(cfg.size, cfg.size), num_classes=3, seed=cfg.seed)
     if root == str(local):
-        return str(manifest)
+        return str(manifest.resolve())
     remote = storage.copy_dir_from_local(manifest.parent, storage.join_uri(root, "sample"))
     return storage.join_uri(remote, "manifest.csv")
 

@@ -26,7 +26,7 @@ def readme_snippet() -> str:
 
 def test_snippet_is_the_h2o_flow():
     code = readme_snippet()
-    for line in ("init()", 'import_file("rayseg_work/sample/manifest.csv")',
+    for line in ("init()", 'import_file("rayseg_work/api_sample/manifest.csv")',
                  "UNetSegmentationEstimator(", "model.train(max_iterations=", "model.predict(",
                  "model.model_performance("):
         assert line in code, f"README snippet lost {line!r}"
@@ -45,7 +45,7 @@ def test_readme_snippet_runs_as_written(ray_session, tmp_path, monkeypatch, caps
     assert "mIoU" in printed and "predicted" in printed        # print(perf), confusion matrix
 
     valid, predictions, perf = namespace["valid"], namespace["predictions"], namespace["perf"]
-    assert (tmp_path / "rayseg_work" / "sample" / "manifest.csv").exists()
+    assert (tmp_path / "rayseg_work" / "api_sample" / "manifest.csv").exists()
     assert isinstance(predictions, Frame) and predictions.kind == "predictions"
     assert predictions.nrow == valid.nrow == 6
     assert sorted(predictions.head(99)["id"]) == sorted(valid.head(99)["id"])
