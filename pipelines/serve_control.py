@@ -91,7 +91,8 @@ def start_endpoint(model_uri: str, out_uri: str | None = None, *,
     the other arguments override its ``http_options``, ``args`` and ``user_config``.  When
     ``api_key_env`` names a variable set in this process, its value reaches the replicas through
     the application's ``runtime_env`` (with the ``AWS_*`` variables, as for every rayseg job).
-    Returns once ``GET /healthz`` answers 200.
+    Returns once ``GET /healthz`` answers 200.  The config is applied declaratively: it is the
+    whole set of applications on this Serve instance, so one started from another config goes.
     """
     from pipelines.raycluster import ensure_ray, worker_env
 
@@ -198,8 +199,13 @@ def _apply(data: dict[str, Any], timeout_s: float) -> None:
 
     _check_batching(data)
     schema = ServeDeploySchema.model_validate(data)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                   proxy_location=schema.proxy_location)
+    wanted = schema.http_options.model_dump()
+    client = serve_api.serve_start(http_options=wanted, proxy_location=schema.proxy_location)
+    running = client.get_serve_details().get("http_options") or {}
+    if (running.get("host"), running.get("port")) != (wanted["host"], wanted["port"]):
+        raise ValueError(f"Serve already listens on {running.get('host')}:{running.get('port')}, "
+                         f"not {wanted['host']}:{wanted['port']}; call stop_endpoint() first, "
+                         f"or ask for that address")
     client.deploy_apps(schema)
     name = schema.applications[0].name
     _APPLIED[name] = data

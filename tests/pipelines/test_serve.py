@@ -328,6 +328,15 @@ def test_model_route_reports_artifact_and_batching(endpoint):
 
 
 @pytest.mark.slow
+def test_a_second_address_is_refused_while_serve_runs(endpoint, model_dir):
+    other = load_serve_config(endpoint["config"])
+    other["http_options"]["port"] = free_port()
+    with pytest.raises(ValueError, match="already listens on"):
+        start_endpoint(str(model_dir), endpoint["out"], config=other, args=endpoint["args"])
+    assert get(endpoint["url"], "/healthz")[0] == 200
+
+
+@pytest.mark.slow
 def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
     """The batch job (Ray Data + predictor actors) and the endpoint give the same mask bytes."""
     from pipelines.predict import PredictConfig, run_predict
