@@ -47,12 +47,14 @@ class CVResult:
 
     def summary(self) -> str:
         """A table: one line per fold, then mean +- std."""
-        head = f"{'fold':>4} {'val rows':>8} " + " ".join(f"{m:>14}" for m in self.summary_metrics)
-        lines = [f"{self.assignment} folds from {self.folds_uri}", head]
+        widths = {m: max(14, len(m)) for m in self.summary_metrics}
+        lines = [f"{self.assignment} folds from {self.folds_uri}",
+                 f"{'fold':>4} {'val rows':>8} " + " ".join(f"{m:>{w}}" for m, w in widths.items())]
         for k, (fold, size) in enumerate(zip(self.folds, self.fold_sizes)):
-            values = " ".join(f"{fold_metric(fold, m):>14.4f}" for m in self.summary_metrics)
+            values = " ".join(f"{fold_metric(fold, m):>{w}.4f}" for m, w in widths.items())
             lines.append(f"{k:>4} {size:>8} {values}")
-        stats = " ".join(f"{s['mean']:>7.4f}+-{s['std']:<6.4f}" for s in self.summary_metrics.values())
+        stats = " ".join(f"{s['mean']:.4f}+-{s['std']:.4f}".rjust(widths[m])
+                         for m, s in self.summary_metrics.items())
         lines.append(f"{'mean':>4} {'':>8} {stats}")
         return "\n".join(lines)
 
