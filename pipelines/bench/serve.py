@@ -28,6 +28,7 @@ client.  The other goals (batching beats batch size 1 at concurrency 16; zero er
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import statistics
 import tempfile
@@ -67,7 +68,8 @@ def _run(quick: bool) -> dict[str, Any]:
         bare = _Bare(model_dir, png)
         figures: dict[str, Any] = {"image": f"{SIZE}x{SIZE} PNG, {len(png)} bytes",
                                    "model": "UNet depth 3, base width 16, 3 classes",
-                                   "torch_threads": THREADS}
+                                   "torch_threads": THREADS,
+                                   "load_average_1m_at_start": round(os.getloadavg()[0], 1)}
         ensure_ray()
         config = _config(load_serve_config(), max_replicas=1)
         config["http_options"].update(host="127.0.0.1", port=_free_port())
@@ -99,6 +101,7 @@ def _run(quick: bool) -> dict[str, Any]:
         figures.update(scale)
         stop_endpoint()
         figures["sink_rows"] = read_table(f"{tmp}/sink").num_rows
+        figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 1)
     figures["answered_200"] = warm["ok"] + sum(r["ok"] for r in rows) + scale["scale_requests"]
     errors = warm["errors"] + sum(r["errors"] for r in rows) + scale["scale_errors"]
     batched, single = rows[2]["rps"], rows[3]["rps"]

@@ -28,7 +28,7 @@ from pipelines import prediction_store as store
 from pipelines.serve import replica_counts, start_endpoint, stop_endpoint
 from pipelines.serve_control import BatchSettings, ServeArgs, load_serve_config
 from pipelines.serve_sink import PredictionSink
-from pipelines.storage import list_uri, read_table
+from pipelines.storage import copy_dir_from_local, list_uri, read_table
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
@@ -360,15 +360,19 @@ def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_api_key_on_and_off(endpoint, images, model_dir, monkeypatch):
+    """Redeploys with a key, and with the artifact read from S3 (copied to the replica)."""
     url, answered = endpoint["url"], endpoint["answered"]
     assert post(url, images["png"], answered=answered)[0] == 200  # off: no header needed
     monkeypatch.setenv(KEY_ENV, "s3cret-key")
-    start_endpoint(str(model_dir), endpoint["out"], config=endpoint["config"],
+    model_uri = copy_dir_from_local(model_dir, f"{endpoint['out']}-model")
+    start_endpoint(model_uri, endpoint["out"], config=endpoint["config"],
                    args=endpoint["args"], api_key_env=KEY_ENV)
     status, _, body = post(url, images["png"])
     assert status == 401 and json.loads(body)["error"] == "unauthorized"
     assert post(url, images["png"], headers={"X-API-Key": "wrong"})[0] == 401
     assert get(url, "/v1/model")[0] == 401
+    status, info = get(url, "/v1/model", headers={"X-API-Key": "s3cret-key"})
+    assert status == 200 and info["version"] == "t1"
     assert get(url, "/healthz")[0] == 200  # probes never need the key
     status, _, _ = post(url, images["png"], headers={"X-API-Key": "s3cret-key"},
                         answered=answered)
