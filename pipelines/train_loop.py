@@ -183,6 +183,7 @@ def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device,
     every worker.  Each worker predicts the val rows whose id hashes to its rank (the val set is
     not split, so every row is scored exactly once), through the same Segmenter as batch predict.
     """
+    broadcast_buffers(unet, device, world)
     segmenter = Segmenter.from_model(unet, cfg.mask, cfg.preprocessing, device=device)
     k = cfg.mask.num_classes
     counts = {name: np.zeros(k, dtype=np.int64) for name in COUNT_NAMES}
@@ -355,6 +356,22 @@ def all_reduce_sum(tensor: torch.Tensor, device: torch.device, world: int) -> to
     on_device = tensor.to(device)
     dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
     return on_device.cpu()
+
+
+def broadcast_buffers(unet: UNet, device: torch.device, world: int) -> None:
+    """Copy rank 0's buffers (BatchNorm running stats) to every worker.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step every
+    rank holds its own running stats.  Validation must score the weights that rank 0 saves.
+    """
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in unet.buffers():
+        on_device = buffer.data.to(device)
+        dist.broadcast(on_device, src=0)
+        buffer.data.copy_(on_device)
 
 
 def gather_objects(obj: Any, world: int) -> list[Any]:
