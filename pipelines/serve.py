@@ -161,6 +161,7 @@ class SegmentService:
         try:
             http.check_api_key(request, self._api_key)
             data, name = await http.read_image_bytes(request, self._args.max_request_bytes)
+            received = time.perf_counter()
             image = await run_in_threadpool(self._decode, data, name)
             decoded = time.perf_counter()
             result = await self._predict_batch(_Job(image, data, name, request_id, confidence))
@@ -172,7 +173,7 @@ class SegmentService:
             return http.error_response(http.RequestRefused.from_input_error(error), request_id)
         row, encode_ms = result
         done = time.perf_counter()
-        timing = {"decode": (decoded - started) * 1e3,
+        timing = {"receive": (received - started) * 1e3, "decode": (decoded - received) * 1e3,
                   "infer": (done - decoded) * 1e3 - encode_ms,  # batch wait + forward
                   "encode": encode_ms, "total": (done - started) * 1e3}
         row["latency_ms"] = timing["total"]

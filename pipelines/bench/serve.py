@@ -9,8 +9,8 @@ Everything runs in this process and one run, on loopback only (127.0.0.1):
   (sink on, as in production); a bounded load generator (fixed request count *and* time limit,
   then it stops by itself) posts the same PNG with ``Accept: image/png`` over keep-alive
   connections at concurrency 1, 4 and 16: p50 / p95 / p99 latency, requests/s, errors, and the
-  replica's own decode / infer / encode split from ``Server-Timing``.  Concurrency 16 runs with
-  the configured ``max_batch_size`` and with ``max_batch_size=1`` (set through ``reconfigure``),
+  replica's own receive / decode / infer / encode split from ``Server-Timing``.  Concurrency
+  16 runs with the configured ``max_batch_size`` and with ``max_batch_size=1`` (``reconfigure``),
   in alternating halves so that drift on a shared machine hits both alike;
 - **baseline timing**: the bare forward is measured right before and right after the
   concurrency-1 sweep and averaged, so that drift on a shared machine hits both sides alike;
@@ -20,8 +20,8 @@ Everything runs in this process and one run, on loopback only (127.0.0.1):
 - **sink**: after ``stop_endpoint``, the Parquet rows are counted against the 200 answers.
 
 ``ratio`` = p50 latency at concurrency 1 - median bare forward, in ms; the goal is <= 10 ms.  The
-replica's ``Server-Timing`` splits it into decode, infer (batch wait + pre/post + forward) and
-encode; the rest (``proxy_http_c1_p50_ms``) is the HTTP proxy, Ray's hop to the replica and the
+replica's ``Server-Timing`` splits it into receive (body), decode, infer (batch wait + pre/post +
+forward) and encode; the rest (``proxy_http_c1_p50_ms``) is the HTTP proxy, Ray's hop to the replica and the
 client.  The other goals (batching beats batch size 1 at concurrency 16; zero errors) are in
 ``figures``.
 """
@@ -262,7 +262,8 @@ def _summary(latencies: list[float], server: list[dict[str, float]], errors: int
              seconds: float) -> dict[str, Any]:
     q = np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
     replica = {f"replica_{key}_p50_ms": round(statistics.median(t[key] for t in server), 2)
-               for key in ("decode", "infer", "encode", "total") if server and key in server[0]}
+               for key in ("receive", "decode", "infer", "encode", "total")
+               if server and key in server[0]}
     return {"ok": len(latencies), "errors": errors, "seconds": round(seconds, 2),
             "p50_ms": round(float(q[0]), 2), "p95_ms": round(float(q[1]), 2),
             "p99_ms": round(float(q[2]), 2), "rps": round(len(latencies) / seconds, 1),
