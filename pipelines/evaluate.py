@@ -247,6 +247,7 @@ def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
     image_iou = metrics["per_image"]["per_image"]["iou"]
     ranked = sorted(zip([r["id"] for r in ok], image_iou), key=lambda p: (-_rank(p[1]), p[0]))
     scored_ids = {r["id"] for r in rows}
+    reported = record.get("reported_metrics") or {}
     return {
         "predictions": predictions, "manifest": cfg.manifest, "split": cfg.split,
         "model": {k_: record.get(k_) for k_ in ("uri", "name", "version", "tta")},
@@ -258,12 +259,21 @@ def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
         "unscored": [{"id": r["id"], "reason": r["status"], "message": r["message"]}
                      for r in rows if r["status"] != "ok"],
         "metrics": metrics, "confusion_matrix": confusion,
+        "training_reported": _compare(reported, metrics["macro"]),
         "bootstrap_ci95": bootstrap_ci(counts, spec, cfg.empty_policy,
                                        resamples=cfg.bootstrap, seed=cfg.seed),
         "per_image_iou": dict(ranked),
         "best": [i for i, _ in ranked[: cfg.overlays]],
         "worst": [i for i, _ in ranked[::-1][: cfg.overlays]],
     }
+
+
+def _compare(reported: dict[str, Any], macro: dict[str, Any]) -> dict[str, Any]:
+    """Training's validation mIoU/mDice (from the artifact) next to ours, and the differences."""
+    pairs = {"miou": macro["iou"], "mdice": macro["dice"]}
+    found = {k: reported[k] for k in pairs if isinstance(reported.get(k), (int, float))}
+    return {"reported": found,
+            "difference": {k: pairs[k] - v for k, v in found.items()}}
 
 
 _POLICY_TEXT = {

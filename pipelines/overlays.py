@@ -7,7 +7,7 @@ matplotlib: these are written for every evaluation and must stay cheap.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa

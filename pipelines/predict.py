@@ -22,7 +22,6 @@ import hashlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -31,12 +30,11 @@ import pyarrow.compute as pc
 
 from pipelines import prediction_store as store
 from pipelines import storage
+from pipelines.predict_inputs import InputPlan, plan_inputs
 from seg_core.codecs import decode_image
 from seg_core.errors import InputError
 
 if TYPE_CHECKING:
-    import ray.data
-
     from seg_core.inference import Prediction, Segmenter
 
 STAGE = "predict"
@@ -181,14 +179,15 @@ def _sha256(data: bytes) -> str:
 class Predictor:
     """Ray Data callable class: loads the artifact once per actor, predicts pyarrow batches."""
 
-    def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int) -> None:
+    def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int,
+                 storage_options: dict[str, Any] | None = None) -> None:
         import torch
 
         from seg_core.artifact import load_artifact
         from seg_core.inference import Segmenter
 
         torch.set_num_threads(threads)
-        artifact = load_artifact(local_artifact(model_uri))
+        artifact = load_artifact(local_artifact(model_uri, storage_options))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.segmenter = Segmenter(artifact, device=device, tta=tta)
         self.model_name, self.model_version = artifact.name, artifact.version
@@ -201,12 +200,17 @@ class Predictor:
         return pa.Table.from_pylist(rows, schema=store.RESULT_SCHEMA)
 
 
-@lru_cache(maxsize=4)
-def local_artifact(uri: str) -> Path:
+def local_artifact(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
     """A local directory holding the artifact at ``uri`` (copied once per process if remote)."""
     if storage.is_local(uri):
         return Path(storage.strip_scheme(uri))
-    return storage.copy_dir_to_local(uri, tempfile.mkdtemp(prefix="rayseg-model-"))
+    if uri not in _LOCAL_COPIES:
+        _LOCAL_COPIES[uri] = storage.copy_dir_to_local(
+            uri, tempfile.mkdtemp(prefix="rayseg-model-"), storage_options)
+    return _LOCAL_COPIES[uri]
+
+
+_LOCAL_COPIES: dict[str, Path] = {}
 
 
 def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
@@ -222,6 +226,16 @@ def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
     size = cfg.actors or max(1, int(cpus // 4))
     share = cfg.cpus_per_actor or max(0.5, (cpus - 0.5) / size)
     return ActorPlan(size, share, 0.0, max(1, round(share)))
+
+
+def _warn_if_short(plan: ActorPlan, log: Callable[[str], None]) -> None:
+    """Say so when the pool cannot start now (e.g. actors of a failed run still hold CPUs)."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < plan.size * plan.num_cpus + 0.5:
+        log(f"predict: warning: {free:g} CPUs free, the pool needs {plan.size * plan.num_cpus:g} "
+            f"+ 0.5 for fetch/write tasks; it waits until other work releases them")
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -244,22 +258,25 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     meta = read_artifact_meta(local_artifact(cfg.model))
     store.claim_output(cfg.out, {"uri": cfg.model, "name": meta["name"], "version": meta["version"],
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
-                                 "confidence_maps": cfg.confidence_maps})
+                                 "confidence_maps": cfg.confidence_maps,
+                                 "reported_metrics": meta.get("metrics") or {}})
     inputs = plan_inputs(cfg.input, store.done_ids(cfg.out), split=cfg.split)
     if inputs.skipped:
         log(f"predict: skipped {inputs.skipped} of {len(inputs.ids)} inputs already committed "
             f"under {cfg.out}")
     plan = plan_actors(cfg, resources)
+    options = storage.resolve_options()  # the driver's S3 endpoint/keys, shipped to the workers
     sink = store.CommitSink(cfg.out, rows_per_file=cfg.rows_per_file,
-                            fail_after_files=fail_after_files)
+                            fail_after_files=fail_after_files, storage_options=options)
     if inputs.todo:
         log(f"predict: {inputs.todo} inputs -> {plan.size} actor(s) x {plan.num_cpus:g} CPU"
             f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}, {plan.threads} thread(s)")
+        _warn_if_short(plan, log)
         inputs.dataset.map_batches(
             Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta,
                                    "with_confidence": cfg.confidence_maps,
-                                   "threads": plan.threads},
+                                   "threads": plan.threads, "storage_options": options},
             compute=ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None, udf_modifying_row_count=False,
         ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
@@ -268,92 +285,6 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     store.write_success(cfg.out, summary)
     log(format_summary(summary))
     return summary
-
-
-@dataclass(frozen=True)
-class InputPlan:
-    """The inputs of one run: every input id, and a dataset of the ones still to do."""
-
-    dataset: "ray.data.Dataset | None"
-    ids: pa.Array
-    skipped: int
-
-    @property
-    def todo(self) -> int:
-        return len(self.ids) - self.skipped
-
-
-def plan_inputs(source: str, done: pa.Array, *, split: str | None = None) -> InputPlan:
-    """Ingest rows of ``source`` minus the ids in ``done`` (dropped before any bytes are fetched
-    for manifests and prefixes; shards hold their bytes, so theirs are dropped after the read).
-    Masks are never fetched: predict does not need them."""
-    from pipelines import ingest
-
-    kind = _kind(source)
-    if kind == "shards":
-        from pipelines.pack import read_shards
-
-        ids = _shard_ids(source, split)
-        _check_unique(ids, source)
-        skipped = int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
-        ds = read_shards(source, split=split)
-        if skipped:
-            ds = ds.map_batches(_drop_done, batch_format="pyarrow", num_cpus=0.25,
-                                fn_kwargs={"done": done})
-        return InputPlan(ds, ids, skipped)
-    table = ingest.list_images(_absolute(source)) if kind == "images" else \
-        ingest.pair_table(source, kind)
-    table = ingest.select_rows(table, split=split)
-    ids = table["id"].combine_chunks()
-    _check_unique(ids, source)
-    todo = table.filter(pc.invert(pc.is_in(ids, value_set=done)))
-    todo = todo.set_column(todo.schema.get_field_index("mask_uri"), "mask_uri",
-                           pa.nulls(todo.num_rows, pa.string()))
-    dataset = ingest.fetch_pairs(todo) if todo.num_rows else None
-    return InputPlan(dataset, ids, len(ids) - todo.num_rows)
-
-
-def _kind(source: str) -> str:
-    """ingest's source kinds, plus ``images``: a bare prefix of images (masks optional here)."""
-    from pipelines.ingest import detect_kind, list_images
-
-    try:
-        return detect_kind(source)
-    except ValueError:
-        if list_images(_absolute(source)).num_rows:
-            return "images"
-        raise
-
-
-def _absolute(source: str) -> str:
-    return storage.strip_scheme(source) if storage.is_local(source) else source
-
-
-def _shard_ids(source: str, split: str | None) -> pa.Array:
-    """Ids of the shard rows (of ``split``), reading only the id and split columns."""
-    import pyarrow.dataset as pads
-
-    files = storage.list_uri(source, suffixes=(".parquet",))
-    fs, _ = storage.filesystem_for(source)
-    dataset = pads.dataset([storage.strip_scheme(f) for f in files], filesystem=fs,
-                           format="parquet")
-    table = dataset.to_table(columns=["id", "split"])
-    if split is not None:
-        table = table.filter(pc.equal(table["split"], split))
-    return table.column("id").combine_chunks()
-
-
-def _drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:
-    return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=done)))
-
-
-def _check_unique(ids: pa.Array | pa.ChunkedArray, source: str) -> None:
-    counts = pc.value_counts(ids)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        raise ValueError(f"{source}: ids must be unique for exactly-once output, but "
-                         f"{len(repeated)} repeat (e.g. {repeated.field('values')[:3].to_pylist()}); "
-                         f"give the manifest an explicit unique 'id' column")
 
 
 def _summary(cfg: PredictConfig, written: list[dict[str, Any]], inputs: InputPlan, *,

@@ -44,9 +44,9 @@ _EXTRA = [f for f in QUARANTINE_SCHEMA if f.name not in PREDICTION_SCHEMA.names]
 RESULT_SCHEMA = pa.schema([f.with_nullable(True) for f in list(PREDICTION_SCHEMA) + _EXTRA])
 
 
-def prediction_files(out: str) -> list[str]:
+def prediction_files(out: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """URIs of the committed prediction files directly under ``out``."""
-    return _parts(out)
+    return _parts(out, storage_options)
 
 
 def quarantine_files(out: str) -> list[str]:
@@ -119,10 +119,13 @@ class CommitSink(Datasink):
     the next write task raises, as if the job had died midway.
     """
 
-    def __init__(self, out: str, *, rows_per_file: int, fail_after_files: int | None = None):
+    def __init__(self, out: str, *, rows_per_file: int, fail_after_files: int | None = None,
+                 storage_options: dict[str, Any] | None = None):
         self.out = out
         self.rows_per_file = rows_per_file
         self.fail_after_files = fail_after_files
+        # Resolved on the driver and shipped: workers may lack the driver's S3 variables.
+        self.storage_options = storage_options
         self.written: list[dict[str, Any]] = []
 
     @property
@@ -154,13 +157,14 @@ class CommitSink(Datasink):
         for part, directory in ((quarantined, join_uri(self.out, QUARANTINE_DIR)),
                                 (predicted, self.out)):
             if part.num_rows:
-                commit_table(part, join_uri(directory, f"{_PREFIX}{key}{_SUFFIX}"))
+                commit_table(part, join_uri(directory, f"{_PREFIX}{key}{_SUFFIX}"),
+                             self.storage_options)
                 files += 1
         return {"rows": predicted.num_rows, "quarantined": quarantined.num_rows, "files": files}
 
     def _maybe_fail(self) -> None:
         if self.fail_after_files is not None and \
-                len(prediction_files(self.out)) >= self.fail_after_files:
+                len(prediction_files(self.out, self.storage_options)) >= self.fail_after_files:
             raise RuntimeError(f"injected failure: {self.fail_after_files} files already committed")
 
     def on_write_complete(self, write_result: Any) -> None:
@@ -168,9 +172,9 @@ class CommitSink(Datasink):
         self.written = [r for r in write_result.write_returns if r]
 
 
-def commit_table(table: pa.Table, uri: str) -> None:
+def commit_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``table`` as one Parquet file that appears at ``uri`` all at once."""
-    fs, path = filesystem_for(uri)
+    fs, path = filesystem_for(uri, storage_options)
     if not is_local(uri):  # an S3 object becomes visible only when its upload completes
         with fs.open_output_stream(path) as sink:
             pq.write_table(table, sink, compression="zstd")
@@ -184,8 +188,9 @@ def commit_table(table: pa.Table, uri: str) -> None:
     fs.move(staging, path)  # rename(2): atomic on one local filesystem
 
 
-def _parts(directory: str) -> list[str]:
-    return [uri for uri in list_uri(directory, recursive=False, suffixes=(_SUFFIX,))
+def _parts(directory: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    return [uri for uri in list_uri(directory, recursive=False, suffixes=(_SUFFIX,),
+                                    storage_options=storage_options)
             if uri.rsplit("/", 1)[-1].startswith(_PREFIX)]
 
 

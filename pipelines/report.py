@@ -61,6 +61,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [_with_ci(metrics[s], ci.get(reduction, {}).get(s)) for s in SCORES]
         lines.append(f"| {reduction} | " + " | ".join(cells)
                      + f" | {_num(metrics['pixel_accuracy'])} |")
+    reported = report.get("training_reported", {}).get("reported", {})
+    if reported:
+        lines += ["", "Training reported on its validation split: " + ", ".join(
+            f"{k} {_num(v)} (here {_num(v + report['training_reported']['difference'][k])}, "
+            f"difference {report['training_reported']['difference'][k]:+.4f})"
+            for k, v in reported.items())]
     per_class = report["metrics"]["macro"]["per_class"]
     lines += ["", "## Per class (counts summed over images)", "",
               "| class | " + " | ".join(SCORES) + " | support (pixels) |",

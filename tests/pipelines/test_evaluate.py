@@ -23,6 +23,17 @@ TRUTH_A, PRED_A = np.array([[0, 1], [1, 1]]), np.array([[0, 1], [0, 1]], np.uint
 TRUTH_B, PRED_B = np.zeros((2, 2), np.int64), np.array([[0, 0], [0, 1]], np.uint8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Direct Segmenter calls in this process: one thread (2 shared cores, no oversubscription)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_artifact(path: Path, *, seed: int) -> Path:
     """A tiny untrained 3-class U-Net artifact (as in test_predict)."""
     import torch
@@ -34,7 +45,8 @@ def make_artifact(path: Path, *, seed: int) -> Path:
     torch.manual_seed(seed)
     model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=4))
     return save_artifact(path, model, name="tiny", version="t1", mask_spec=MaskSpec(num_classes=3),
-                         preprocessing=Preprocessing(tile_size=64, tile_overlap=0.25))
+                         preprocessing=Preprocessing(tile_size=64, tile_overlap=0.25),
+                         metrics={"miou": 0.25, "mdice": 0.5})  # as if training reported them
 
 
 def stacked(pairs: list[tuple[np.ndarray, np.ndarray]], spec: MaskSpec) -> dict[str, np.ndarray]:
@@ -220,3 +232,7 @@ def test_evaluate_with_model_matches_direct_segmenter_scores(ray_session, sample
     assert report["metrics"]["macro"]["iou"] == pytest.approx(expected["iou"], abs=1e-12)
     assert report["metrics"]["macro"]["dice"] == pytest.approx(expected["dice"], abs=1e-12)
     assert (tmp_path / "eval" / "predictions" / store.SUCCESS_FILE).exists()
+    compared = report["training_reported"]
+    assert compared["reported"] == {"miou": 0.25, "mdice": 0.5}
+    assert compared["difference"]["miou"] == pytest.approx(expected["iou"] - 0.25)
+    assert "Training reported" in (tmp_path / "eval" / "report.md").read_text()

@@ -27,6 +27,17 @@ BAD = {"corrupt": "corrupt", "truncated": "truncated", "empty": "empty_file",
        "text": "not_an_image", "bomb": "too_many_pixels"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Direct Segmenter calls in this process: one thread (2 shared cores, no oversubscription)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_artifact(path: Path, *, seed: int = 0) -> Path:
     """A tiny untrained U-Net artifact; 64-px tiles so the 96-px samples are really tiled."""
     import torch
@@ -72,7 +83,8 @@ def s3_run(ray_session, s3_case) -> dict:
     """One predict run over the S3 case (TTA and confidence maps on)."""
     out = f"{s3_case['root']}/out"
     cfg = PredictConfig(model=s3_case["model"], input=s3_case["manifest"], out=out, tta=True,
-                        confidence_maps=True, batch_size=4, rows_per_file=8, progress=False)
+                        confidence_maps=True, batch_size=4, rows_per_file=8, cpus_per_actor=1,
+                        progress=False)
     summary = run_predict(cfg, log=lambda _: None)
     return {"summary": summary, "out": out, "cfg": cfg,
             "predictions": store.read_predictions(out), "quarantine": store.read_quarantine(out)}
@@ -144,9 +156,14 @@ def test_other_model_in_same_output_is_refused(s3_run):
 
 def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, artifact_dir,
                                                   tmp_path, capsys):
+    """An injected failure after 2 committed files, then the same command again."""
     out = str(tmp_path / "out")
+    # Half a CPU per actor: after a failure Ray Data drops its actors by reference count, and in
+    # this long-lived process the captured traceback keeps the failed run's (idle) actor alive,
+    # still holding its CPU.  A real crash ends the process, and its actors with it.
     cfg = PredictConfig(model=str(artifact_dir), input=str(sample_dataset), out=out,
-                        batch_size=2, rows_per_file=4, actors=1, progress=False)
+                        batch_size=2, rows_per_file=4, actors=1, cpus_per_actor=0.5,
+                        progress=False)
     with pytest.raises(Exception, match="injected failure"):
         run_predict(cfg, fail_after_files=2)
     before = store.done_ids(out)
@@ -162,3 +179,17 @@ def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, a
     assert summary["predicted"] == 24 - len(before)
     assert pc.all(pc.is_in(before, value_set=store.done_ids(out))).as_py()
     assert not list((Path(out) / ".tmp").glob("*")), "no staging leftovers"
+
+
+@pytest.mark.parametrize("resources, actors, expected", [
+    ({"CPU": 16.0, "GPU": 2.0}, None, (2, 1.0, 1.0, 1)),     # one actor per GPU
+    ({"CPU": 2.0}, None, (1, 1.5, 0.0, 2)),                  # half a CPU left for fetch/write
+    ({"CPU": 16.0}, None, (4, 3.875, 0.0, 4)),               # one actor per 4 CPUs
+    ({"CPU": 2.0}, 2, (2, 0.75, 0.0, 1)),                    # asked for 2: they share 1.5 CPUs
+])
+def test_plan_actors(resources, actors, expected):
+    from pipelines.predict import plan_actors
+
+    cfg = PredictConfig(model="m", input="i", out="o", actors=actors)
+    plan = plan_actors(cfg, resources)
+    assert (plan.size, plan.num_cpus, plan.num_gpus, plan.threads) == expected
