@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="store an 8-bit confidence-map PNG per image")
     parser.add_argument("--batch-size", type=int, help="images per predictor call (default 8)")
     parser.add_argument("--actors", type=int,
-                        help="predictor actors (default: one per GPU, else one per 4 CPUs)")
+                        help="predictor actors (default: one per GPU, else one per CPU)")
     parser.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor")
     parser.add_argument("--rows-per-file", type=int,
                         help="rows per committed Parquet file, the unit of resume (default 256)")

@@ -51,8 +51,8 @@ class PredictConfig:
     tta: bool = False               # flip test-time augmentation, averaged in probability space
     confidence_maps: bool = False   # add an 8-bit confidence PNG per row
     batch_size: int = 8             # images per predictor call
-    actors: int | None = None       # predictor actors; None: one per GPU, else one per 4 CPUs
-    cpus_per_actor: float | None = None  # None: the CPUs left after fetch/write tasks
+    actors: int | None = None       # predictor actors; None: one per GPU, else one per CPU
+    cpus_per_actor: float | None = None  # None: (CPUs - 0.5) / actors on CPUs, 1 with GPUs
     rows_per_file: int = 256        # rows per committed Parquet file (the unit of resume)
     address: str | None = None      # Ray cluster to join; None starts a local one
     progress: bool = True           # Ray Data progress bars (rows done per stage)
@@ -214,17 +214,20 @@ _LOCAL_COPIES: dict[str, Path] = {}
 
 
 def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
-    """One actor per GPU when there are GPUs; on CPUs, one actor per 4 CPUs (at least one).
+    """One actor per GPU when there are GPUs; on CPUs, one single-threaded actor per CPU.
 
-    Fetch and write tasks ask for 0.25 CPU each, so the actors leave half a CPU for them; an
-    actor pool holding every CPU would starve the reads (notes §3.2, ray #44687).
+    On CPUs, separate processes scale better than torch's intra-op threads for images of a few
+    tiles, so the default is many one-thread actors.  Fetch and write tasks ask for 0.25 CPU
+    each, so the actors share all but half a CPU: a pool holding every CPU would starve the
+    reads and hang (notes §3.2, ray #44687).
     """
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     if gpus:
         size = cfg.actors or gpus
-        return ActorPlan(size, cfg.cpus_per_actor or 1.0, 1.0, int(cfg.cpus_per_actor or 1))
-    size = cfg.actors or max(1, int(cpus // 4))
-    share = cfg.cpus_per_actor or max(0.5, (cpus - 0.5) / size)
+        share = cfg.cpus_per_actor or 1.0
+        return ActorPlan(size, share, 1.0, max(1, round(share)))
+    size = cfg.actors or max(1, int(cpus))
+    share = cfg.cpus_per_actor or max(0.25, (cpus - 0.5) / size)
     return ActorPlan(size, share, 0.0, max(1, round(share)))
 
 

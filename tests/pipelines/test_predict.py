@@ -83,8 +83,7 @@ def s3_run(ray_session, s3_case) -> dict:
     """One predict run over the S3 case (TTA and confidence maps on)."""
     out = f"{s3_case['root']}/out"
     cfg = PredictConfig(model=s3_case["model"], input=s3_case["manifest"], out=out, tta=True,
-                        confidence_maps=True, batch_size=4, rows_per_file=8, cpus_per_actor=1,
-                        progress=False)
+                        confidence_maps=True, batch_size=4, rows_per_file=8, progress=False)
     summary = run_predict(cfg, log=lambda _: None)
     return {"summary": summary, "out": out, "cfg": cfg,
             "predictions": store.read_predictions(out), "quarantine": store.read_quarantine(out)}
@@ -183,9 +182,9 @@ def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, a
 
 @pytest.mark.parametrize("resources, actors, expected", [
     ({"CPU": 16.0, "GPU": 2.0}, None, (2, 1.0, 1.0, 1)),     # one actor per GPU
-    ({"CPU": 2.0}, None, (1, 1.5, 0.0, 2)),                  # half a CPU left for fetch/write
-    ({"CPU": 16.0}, None, (4, 3.875, 0.0, 4)),               # one actor per 4 CPUs
-    ({"CPU": 2.0}, 2, (2, 0.75, 0.0, 1)),                    # asked for 2: they share 1.5 CPUs
+    ({"CPU": 2.0}, None, (2, 0.75, 0.0, 1)),                 # one per CPU, half a CPU left over
+    ({"CPU": 16.0}, None, (16, 0.96875, 0.0, 1)),
+    ({"CPU": 2.0}, 1, (1, 1.5, 0.0, 2)),                     # one actor gets the threads
 ])
 def test_plan_actors(resources, actors, expected):
     from pipelines.predict import plan_actors
