@@ -32,6 +32,18 @@ RAY_TEST_CPUS = 2
 RAY_TEST_OBJECT_STORE_MB = 300
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: tiny convolutions (and direct Segmenter calls next to Ray
+    workers) run several times faster on one thread than on a contended 2-core pool."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """Start moto's S3 server on 127.0.0.1:<free port> and point the AWS variables at it."""

@@ -23,15 +23,7 @@ TRUTH_A, PRED_A = np.array([[0, 1], [1, 1]]), np.array([[0, 1], [0, 1]], np.uint
 TRUTH_B, PRED_B = np.zeros((2, 2), np.int64), np.array([[0, 0], [0, 1]], np.uint8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Direct Segmenter calls in this process: one thread (2 shared cores, no oversubscription)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_artifact(path: Path, *, seed: int) -> Path:

@@ -27,15 +27,7 @@ BAD = {"corrupt": "corrupt", "truncated": "truncated", "empty": "empty_file",
        "text": "not_an_image", "bomb": "too_many_pixels"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Direct Segmenter calls in this process: one thread (2 shared cores, no oversubscription)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_artifact(path: Path, *, seed: int = 0) -> Path:

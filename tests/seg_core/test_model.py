@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,13 +11,7 @@ from seg_core.config import ModelConfig
 from seg_core.model import ConvBlock, DecoderStage, UNet, _pad_to_multiple, channel_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convolutions run several times faster on one thread than on a contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(**kw: object) -> UNet:

@@ -1,7 +1,6 @@
 """Tiled inference: trivial predictors are reproduced exactly, edges and odd sizes included."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,13 +10,7 @@ from seg_core.model import UNet
 from seg_core.tiling import blend_weights, sliding_window, tile_starts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convolutions run several times faster on one thread than on a contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(channels: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
