@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="flip test-time augmentation, averaged in probability space")
     parser.add_argument("--confidence-maps", action=argparse.BooleanOptionalAction, default=None,
                         help="store an 8-bit confidence-map PNG per image")
-    parser.add_argument("--batch-size", type=int, help="images per predictor call (default 8)")
+    parser.add_argument("--batch-size", type=int, help="images per predictor call, i.e. per Ray task (default 16)")
     parser.add_argument("--actors", type=int,
                         help="predictor actors (default: one per GPU, else one per CPU)")
     parser.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor")

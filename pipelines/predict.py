@@ -50,7 +50,7 @@ class PredictConfig:
     split: str | None = None        # only rows of this split (manifests and shards); None: all
     tta: bool = False               # flip test-time augmentation, averaged in probability space
     confidence_maps: bool = False   # add an 8-bit confidence PNG per row
-    batch_size: int = 8             # images per predictor call
+    batch_size: int = 16            # images per predictor call (one Ray task)
     actors: int | None = None       # predictor actors; None: one per GPU, else one per CPU
     cpus_per_actor: float | None = None  # None: (CPUs - 0.5) / actors on CPUs, 1 with GPUs
     rows_per_file: int = 256        # rows per committed Parquet file (the unit of resume)
@@ -96,19 +96,20 @@ def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
             "created_at": created_at or dt.datetime.now(dt.timezone.utc)}
 
 
-def predict_one(segmenter: "Segmenter", image_bytes: bytes, *, model_name: str,
+def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name: str,
                 model_version: str, id: str = "", source_uri: str | None = None,
-                with_confidence: bool = False) -> dict[str, Any]:
+                with_confidence: bool = False,
+                created_at: dt.datetime | None = None) -> dict[str, Any]:
     """Decode, predict and encode one image -> its Parquet row.  Raises :class:`InputError`.
 
-    The same steps :func:`predict_rows` runs inside the batch actors, for callers holding one
-    image (the online endpoint, the parity test).
+    The one per-image path: the batch actors run it for every row (:func:`predict_rows`), and
+    the online endpoint can call it for the image it holds, so both write the same row.
     """
-    source = source_uri or id or "<bytes>"
-    image = _decode(image_bytes, source, segmenter.preprocessing.max_pixels)
+    image = _decode(image_bytes, source_uri or id or "<bytes>", segmenter.preprocessing.max_pixels)
     return prediction_row(segmenter.predict(image), segmenter, id=id, source_uri=source_uri,
                           source_sha256=_sha256(image_bytes), model_name=model_name,
-                          model_version=model_version, with_confidence=with_confidence)
+                          model_version=model_version, with_confidence=with_confidence,
+                          created_at=created_at)
 
 
 def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_name: str,
@@ -116,44 +117,20 @@ def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_na
     """Input rows (``id, image_uri, image_bytes, ...``) -> one result row each, in order.
 
     Result rows follow :data:`prediction_store.RESULT_SCHEMA`: a prediction, or (``reason`` set)
-    a quarantine row.  Never raises on bad bytes.
+    a quarantine row.  Never raises on bad bytes.  Images are taken one at a time (decode,
+    predict, encode, release), so a batch of huge images holds one decoded image at a time.
     """
     now = dt.datetime.now(dt.timezone.utc)
-    results: list[dict[str, Any] | None] = [None] * len(rows)
-    decoded: list[tuple[int, Any]] = []
-    for i, row in enumerate(rows):
+    results = []
+    for row in rows:
         try:
-            source = row.get("image_uri") or row["id"]
-            decoded.append((i, _decode(row.get("image_bytes"), source,
-                                       segmenter.preprocessing.max_pixels)))
+            results.append(predict_one(
+                segmenter, row.get("image_bytes"), model_name=model_name,
+                model_version=model_version, id=row["id"], source_uri=row.get("image_uri"),
+                with_confidence=with_confidence, created_at=now))
         except InputError as error:
-            results[i] = _quarantine_row(row, error, now)
-    for (i, image), prediction in zip(decoded, _predict_isolated(segmenter,
-                                                                [im for _, im in decoded])):
-        row = rows[i]
-        if isinstance(prediction, InputError):
-            results[i] = _quarantine_row(row, prediction, now)
-            continue
-        results[i] = prediction_row(prediction, segmenter, id=row["id"],
-                                    source_uri=row.get("image_uri"),
-                                    source_sha256=_sha256(row["image_bytes"]),
-                                    model_name=model_name, model_version=model_version,
-                                    with_confidence=with_confidence, created_at=now)
-    return results  # type: ignore[return-value]
-
-
-def _predict_isolated(segmenter: "Segmenter", images: list[Any]) -> list[Any]:
-    """``predict_batch``; if one image is refused, predict one by one so only it is quarantined."""
-    try:
-        return segmenter.predict_batch(images)
-    except InputError:
-        results: list[Any] = []
-        for image in images:
-            try:
-                results.append(segmenter.predict(image))
-            except InputError as error:
-                results.append(error)
-        return results
+            results.append(_quarantine_row(row, error, now))
+    return results
 
 
 def _decode(data: bytes | None, source: str, max_pixels: int) -> Any:

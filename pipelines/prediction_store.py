@@ -38,6 +38,7 @@ MODEL_FILE = "_model.json"
 SUCCESS_FILE = "_SUCCESS"
 _STAGING_DIR = ".tmp"
 _PREFIX, _SUFFIX = "part-", ".parquet"
+_PNG_COLUMNS = ("mask_png", "class_mask_pngs", "confidence_png")
 
 # What the predictor emits: a prediction row has ``reason`` null, a quarantine row has it set.
 _EXTRA = [f for f in QUARANTINE_SCHEMA if f.name not in PREDICTION_SCHEMA.names]
@@ -175,16 +176,18 @@ class CommitSink(Datasink):
 def commit_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``table`` as one Parquet file that appears at ``uri`` all at once."""
     fs, path = filesystem_for(uri, storage_options)
+    # PNG bytes are compressed already: zstd would only spend CPU on them.
+    compression = {name: "none" if name in _PNG_COLUMNS else "zstd" for name in table.column_names}
     if not is_local(uri):  # an S3 object becomes visible only when its upload completes
         with fs.open_output_stream(path) as sink:
-            pq.write_table(table, sink, compression="zstd")
+            pq.write_table(table, sink, compression=compression)
         return
     directory, name = path.rsplit("/", 1)
     base = directory[: -len(QUARANTINE_DIR) - 1] if directory.endswith(QUARANTINE_DIR) else directory
     staging = f"{base}/{_STAGING_DIR}/{name}.{uuid.uuid4().hex}"
     fs.create_dir(f"{base}/{_STAGING_DIR}", recursive=True)
     fs.create_dir(directory, recursive=True)
-    pq.write_table(table, staging, filesystem=fs, compression="zstd")
+    pq.write_table(table, staging, filesystem=fs, compression=compression)
     fs.move(staging, path)  # rename(2): atomic on one local filesystem
 
 
