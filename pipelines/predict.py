@@ -208,16 +208,6 @@ def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
     return ActorPlan(size, share, 0.0, max(1, round(share)))
 
 
-def _warn_if_short(plan: ActorPlan, log: Callable[[str], None]) -> None:
-    """Say so when the pool cannot start now (e.g. actors of a failed run still hold CPUs)."""
-    import ray
-
-    free = ray.available_resources().get("CPU", 0.0)
-    if free < plan.size * plan.num_cpus + 0.5:
-        log(f"predict: warning: {free:g} CPUs free, the pool needs {plan.size * plan.num_cpus:g} "
-            f"+ 0.5 for fetch/write tasks; it waits until other work releases them")
-
-
 # ------------------------------------------------------------------------------------ the run
 
 
@@ -251,7 +241,6 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     if inputs.todo:
         log(f"predict: {inputs.todo} inputs -> {plan.size} actor(s) x {plan.num_cpus:g} CPU"
             f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}, {plan.threads} thread(s)")
-        _warn_if_short(plan, log)
         inputs.dataset.map_batches(
             Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta,
