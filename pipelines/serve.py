@@ -134,15 +134,10 @@ class SegmentService:
 
     def _forward(self, jobs: list[_Job]) -> list[Any]:
         """Per job: ``(row, encode_ms)``, or the exception that job alone raised."""
-        try:
-            predictions = list(self._segmenter.predict_batch([job.image for job in jobs]))
-        except Exception:  # noqa: BLE001 - isolate the failing image, answer the others
-            predictions = []
-            for job in jobs:
-                try:
-                    predictions.append(self._segmenter.predict(job.image))
-                except Exception as error:  # noqa: BLE001 - handed back to its own request
-                    predictions.append(error)
+        # One shared forward for the batch; an image that fails anyway gets its own exception,
+        # handed back to its own request, and the others are answered.
+        predictions = self._segmenter.predict_each([job.image for job in jobs],
+                                                   catch=(Exception,))
         results: list[Any] = []
         for job, prediction in zip(jobs, predictions):
             if isinstance(prediction, BaseException):

@@ -29,7 +29,7 @@ from seg_core.artifact import Artifact
 from seg_core.codecs import encode_png
 from seg_core.config import MaskSpec, Preprocessing
 from seg_core.errors import InputError
-from seg_core.tiling import sliding_window
+from seg_core.tiling import sliding_window_many
 
 # ITU-R BT.601 luma, the same weights PIL uses for RGB -> L.
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
@@ -121,33 +121,65 @@ class Segmenter:
         self.tta = tta
         self.batch_size = batch_size
 
-    @torch.inference_mode()
     def predict(self, image: np.ndarray) -> Prediction:
         """Prediction for one H x W x C image, returned at the same H x W."""
-        height, width = np.asarray(image).shape[:2]
-        x = prepare_image(image, self.preprocessing)  # C x h x w (h, w = resize or H, W)
-        flips = _TTA_FLIPS if self.tta else ((),)
-        probs = torch.zeros(0)
-        for dims in flips:  # average in probability space, each flip undone before adding
-            flipped = self._tiled_probs(x.flip(dims) if dims else x)
-            flipped = flipped.flip(dims) if dims else flipped
-            probs = flipped if probs.numel() == 0 else probs + flipped
-        probs = probs / len(flips)  # K x h x w
-        if tuple(probs.shape[-2:]) != (height, width):
-            probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
-                                  align_corners=False)[0]
-        return _finish(probs.float().clamp_(0.0, 1.0), self.mask_spec.multilabel)
+        return self.predict_batch([image])[0]
 
+    @torch.inference_mode()
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """Predictions for images of any (mixed) sizes, in order."""
-        return [self.predict(image) for image in images]
+        """Predictions for images of any (mixed) sizes, in order, from shared forwards.
 
-    def _tiled_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities K x h x w on the CPU; tiles run on ``self.device``."""
+        The tiles of all images go through the model together, at least ``len(images)`` per
+        forward (more when ``batch_size`` is larger), so a batch of small images costs one
+        forward per flip.  Each image is stitched, resized back and post-processed on its own,
+        exactly as a batch of one; only the forward's batch composition differs, which moves
+        probabilities by float rounding at most.
+        """
+        if not images:
+            return []
+        sizes = [np.asarray(image).shape[:2] for image in images]
+        inputs = [prepare_image(image, self.preprocessing) for image in images]  # C x h x w
+        flips = _TTA_FLIPS if self.tta else ((),)
+        summed: list[torch.Tensor] = []
+        for dims in flips:  # average in probability space, each flip undone before adding
+            outputs = self._tiled_probs([x.flip(dims) if dims else x for x in inputs],
+                                        tiles_per_forward=max(self.batch_size, len(inputs)))
+            outputs = [out.flip(dims) if dims else out for out in outputs]
+            summed = outputs if not summed else [a + b for a, b in zip(summed, outputs)]
+        predictions = []
+        for probs, (height, width) in zip(summed, sizes):
+            probs = probs / len(flips)  # K x h x w
+            if tuple(probs.shape[-2:]) != (height, width):
+                probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
+                                      align_corners=False)[0]
+            predictions.append(_finish(probs.float().clamp_(0.0, 1.0), self.mask_spec.multilabel))
+        return predictions
+
+    def predict_each(self, images: Sequence[np.ndarray],
+                     catch: tuple[type[BaseException], ...] = (InputError,)
+                     ) -> list[Prediction | BaseException]:
+        """:meth:`predict_batch`, except that an image raising one of ``catch`` gets that
+        exception in its slot while the others are still predicted (then one at a time)."""
+        try:
+            return list(self.predict_batch(images))
+        except catch:
+            pass
+        results: list[Prediction | BaseException] = []
+        for image in images:
+            try:
+                results.append(self.predict(image))
+            except catch as error:
+                results.append(error)
+        return results
+
+    def _tiled_probs(self, inputs: list[torch.Tensor],
+                     tiles_per_forward: int) -> list[torch.Tensor]:
+        """Probabilities K x h x w per input, on the CPU; tiles run on ``self.device``."""
         pre = self.preprocessing
-        return sliding_window(self._predict_tiles, x, tile=pre.tile_size,
-                              overlap=pre.tile_overlap, num_out=self.mask_spec.num_classes,
-                              batch_size=self.batch_size, blend="gaussian", device=self.device)
+        return sliding_window_many(self._predict_tiles, inputs, tile=pre.tile_size,
+                                   overlap=pre.tile_overlap, num_out=self.mask_spec.num_classes,
+                                   batch_size=tiles_per_forward, blend="gaussian",
+                                   device=self.device)
 
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """N x C x t x t tiles on ``self.device`` -> N x K x t x t probabilities (same device)."""

@@ -9,11 +9,12 @@ summed weights.
 Stitching accumulates in float64, so a predictor that returns float32 values reproduces them
 bit-exactly: ``sum(w_i * v) / sum(w_i)`` differs from ``v`` by far less than a float32 step.
 Inputs smaller than a tile are padded (reflect where possible) and the output cropped back.
+:func:`sliding_window_many` streams the tiles of several images through the same batches.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 BlendKind = Literal["gaussian", "constant"]
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
+_Window = tuple[int, int, int]  # (image index, y, x)
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -81,31 +83,65 @@ def sliding_window(
     Returns:
         float32 ``num_out, H, W`` on the CPU.
     """
-    image = _validated_image(image, tile, overlap, num_out, batch_size)
-    device = image.device if device is None else torch.device(device)
-    _, height, width = image.shape
-    padded = _pad_bottom_right(image, max(height, tile), max(width, tile))
-    _, pad_h, pad_w = padded.shape
+    return sliding_window_many(predict_fn, [image], tile, overlap, num_out, batch_size, blend,
+                               device=device, accum_dtype=accum_dtype)[0]
+
+
+def sliding_window_many(
+    predict_fn: PredictFn,
+    images: Sequence[torch.Tensor],
+    tile: int,
+    overlap: float,
+    num_out: int,
+    batch_size: int = 4,
+    blend: BlendKind = "gaussian",
+    *,
+    device: torch.device | str | None = None,
+    accum_dtype: torch.dtype = torch.float64,
+) -> list[torch.Tensor]:
+    """:func:`sliding_window` over several images (any mix of sizes) in one stream of tiles.
+
+    The windows of all images are cut in order and sent to ``predict_fn`` ``batch_size`` at a
+    time, so a call can hold tiles of several images: eight small images that each fit in one
+    tile take one forward of batch 8, not eight forwards of batch 1.  Each image is stitched
+    into its own accumulator exactly as :func:`sliding_window` does, so the per-image arithmetic
+    is the same; only the batch composition seen by ``predict_fn`` changes.  Memory: one
+    accumulator per image plus ``batch_size`` tiles.
+
+    Returns:
+        one float32 ``num_out, H, W`` CPU tensor per image, in order.
+    """
+    prepared = [_validated_image(image, tile, overlap, num_out, batch_size) for image in images]
+    if not prepared:
+        return []
+    first = prepared[0]
+    device = first.device if device is None else torch.device(device)
     stride = max(1, int(tile * (1.0 - overlap)))
-    rows, cols = tile_starts(pad_h, tile, stride), tile_starts(pad_w, tile, stride)
-    positions = [(y, x) for y in rows for x in cols]
     weights = blend_weights(tile, blend, dtype=accum_dtype)
-    total = torch.zeros(num_out, pad_h, pad_w, dtype=accum_dtype)
-    weight_sum = torch.zeros(pad_h, pad_w, dtype=accum_dtype)
+    padded, totals, weight_sums, windows = [], [], [], []
+    for index, image in enumerate(prepared):
+        _, height, width = image.shape
+        padded.append(_pad_bottom_right(image, max(height, tile), max(width, tile)))
+        _, pad_h, pad_w = padded[-1].shape
+        totals.append(torch.zeros(num_out, pad_h, pad_w, dtype=accum_dtype))
+        weight_sums.append(torch.zeros(pad_h, pad_w, dtype=accum_dtype))
+        windows += [(index, y, x) for y in tile_starts(pad_h, tile, stride)
+                    for x in tile_starts(pad_w, tile, stride)]
     with torch.inference_mode():
-        for chunk in _chunks(positions, batch_size):
-            batch = torch.stack([padded[:, y:y + tile, x:x + tile] for y, x in chunk]).to(device)
-            pred = predict_fn(batch)
+        for chunk in _chunks(windows, batch_size):
+            batch = torch.stack([padded[i][:, y:y + tile, x:x + tile] for i, y, x in chunk])
+            pred = predict_fn(batch.to(device))
             expected = (len(chunk), num_out, tile, tile)
             if tuple(pred.shape) != expected:
                 raise ValueError(
                     f"sliding_window: predict_fn must return {expected}, got {tuple(pred.shape)}"
                 )
             pred = pred.to("cpu", accum_dtype)  # stitching happens on the CPU
-            for (y, x), tile_pred in zip(chunk, pred):
-                total[:, y:y + tile, x:x + tile] += tile_pred * weights
-                weight_sum[y:y + tile, x:x + tile] += weights
-    return (total / weight_sum)[:, :height, :width].to(torch.float32)
+            for (i, y, x), tile_pred in zip(chunk, pred):
+                totals[i][:, y:y + tile, x:x + tile] += tile_pred * weights
+                weight_sums[i][y:y + tile, x:x + tile] += weights
+    return [(total / weight_sum)[:, :image.shape[1], :image.shape[2]].to(torch.float32)
+            for total, weight_sum, image in zip(totals, weight_sums, prepared)]
 
 
 def _validated_image(
@@ -138,6 +174,6 @@ def _pad_bottom_right(image: torch.Tensor, height: int, width: int) -> torch.Ten
     return F.pad(batch, (0, pad_w, 0, pad_h), mode=mode)[0].to(image.dtype)
 
 
-def _chunks(items: list[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
+def _chunks(items: list[_Window], size: int) -> Iterator[list[_Window]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]

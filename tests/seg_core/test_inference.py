@@ -118,6 +118,40 @@ def test_deterministic_bytes(tmp_path) -> None:
     assert encode_prediction(first, spec) == encode_prediction(second, spec)
 
 
+def test_predict_batch_is_one_forward_and_matches_predict(tmp_path) -> None:
+    segmenter = small_unet_segmenter(tmp_path)
+    images = [RNG.integers(0, 256, shape, dtype=np.uint8)
+              for shape in [(32, 32, 3), (20, 28, 3), (32, 32, 3), (17, 9, 3), (30, 31, 3)]]
+    forwards: list[int] = []
+    hook = segmenter.model.register_forward_hook(
+        lambda module, args, out: forwards.append(args[0].shape[0]))
+    try:
+        batched = segmenter.predict_batch(images)
+    finally:
+        hook.remove()
+    assert forwards == [5]  # five images within one 32-pixel tile each: one forward of 5
+    for image, got in zip(images, batched):
+        alone = segmenter.predict(image)
+        assert got.mask.shape == image.shape[:2]
+        np.testing.assert_allclose(got.probs, alone.probs, atol=1e-5)
+        np.testing.assert_array_equal(got.mask, alone.mask)
+    assert segmenter.predict_batch([]) == []
+
+
+def test_predict_each_isolates_a_bad_image(tmp_path) -> None:
+    from seg_core.errors import InputError
+
+    segmenter = small_unet_segmenter(tmp_path)
+    good = RNG.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    bad = np.zeros((24, 24, 5), dtype=np.uint8)  # five channels: prepare_image refuses it
+    first, middle, last = segmenter.predict_each([good, bad, good])
+    assert isinstance(middle, InputError) and middle.reason == "bad_channels"
+    np.testing.assert_array_equal(first.mask, segmenter.predict(good).mask)
+    np.testing.assert_array_equal(last.mask, first.mask)
+    with pytest.raises(InputError):
+        segmenter.predict_batch([good, bad])
+
+
 def test_encode_prediction_round_trip(tmp_path) -> None:
     pred = small_unet_segmenter(tmp_path).predict(RNG.integers(0, 256, (33, 29, 3), np.uint8))
     encoded = encode_prediction(pred, MaskSpec(3))

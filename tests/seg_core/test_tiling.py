@@ -7,7 +7,7 @@ import torch
 
 from seg_core.config import ModelConfig
 from seg_core.model import UNet
-from seg_core.tiling import blend_weights, sliding_window, tile_starts
+from seg_core.tiling import blend_weights, sliding_window, sliding_window_many, tile_starts
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -82,6 +82,23 @@ def test_batches_respect_batch_size_and_device() -> None:
     # starts [0, 8, 12] on both axes -> 9 tiles -> batches 4, 4, 1
     assert [b for b, _ in seen] == [4, 4, 1]
     assert {d for _, d in seen} == {"cpu"}
+
+
+def test_many_images_share_batches_and_match_one_at_a_time() -> None:
+    images = [_image(2, 8, 8, seed=1), _image(2, 5, 7, seed=2), _image(2, 20, 20, seed=3)]
+    seen: list[int] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x * 2 + 1
+
+    outs = sliding_window_many(record, images, 8, 0.0, 2, batch_size=4)
+    # tiles: 1 + 1 + 9 = 11, cut across image boundaries -> batches 4, 4, 3
+    assert seen == [4, 4, 3]
+    for image, out in zip(images, outs):
+        assert torch.equal(out, sliding_window(lambda x: x * 2 + 1, image, 8, 0.0, 2))
+        assert torch.equal(out, image * 2 + 1)
+    assert sliding_window_many(record, [], 8, 0.0, 2) == []
 
 
 def test_runs_a_real_unet_on_an_odd_image() -> None:
