@@ -12,8 +12,10 @@ Routes (``route_prefix`` from the Serve config, ``/`` by default):
 
 Decoding, pre/post-processing and PNG encoding are :mod:`seg_core.codecs` and
 :mod:`seg_core.inference`, the code that ``rayseg predict`` runs, so one image gives the same mask
-bytes online and in bulk.  Requests are batched with ``@serve.batch``; ``max_batch_size`` and
-``batch_wait_timeout_s`` come from ``user_config`` and change at run time through ``reconfigure``.
+bytes online and in bulk.  Requests are batched with ``@serve.batch``, whose batches a
+:class:`~pipelines.serve_batching.ForwardCoalescer` merges into one forward at a time (each forward
+takes every request waiting); ``max_batch_size`` and ``batch_wait_timeout_s`` come from
+``user_config`` and change at run time through ``reconfigure``.
 Every answered request adds a row to a per-replica :class:`~pipelines.serve_sink.PredictionSink`,
 flushed when Serve stops the replica (its graceful-shutdown hook is ``__del__``, which Serve calls
 explicitly after draining requests; see ``ray/serve/_private/replica.py::call_destructor``).
@@ -47,6 +49,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from pipelines import serve_http as http
+from pipelines.serve_batching import ForwardCoalescer
 from pipelines.serve_control import (DEPLOYMENT_NAME, BatchSettings, ServeArgs,  # noqa: F401
                                      reconfigure_endpoint, replica_counts, start_endpoint,
                                      stop_endpoint)
@@ -83,9 +86,8 @@ def _local_artifact(uri: str) -> tuple[Path, str | None]:
 
 @dataclass(frozen=True)
 class _Job:
-    """One decoded request on its way through the batch."""
+    """One request on its way through the batch (decoded in the forward thread)."""
 
-    image: np.ndarray
     data: bytes
     name: str
     request_id: str
@@ -113,6 +115,8 @@ class SegmentService:
         self._segmenter = Segmenter(self._artifact, device=device, tta=args.tta)
         self._max_pixels = args.max_pixels or self._artifact.preprocessing.max_pixels
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._coalescer = ForwardCoalescer(self._forward, self._forward_pool,
+                                           BatchSettings().max_batch_size)
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._sink = None if args.out_uri is None else PredictionSink(
             args.out_uri, flush_rows=args.flush_rows, flush_interval_s=args.flush_interval_s,
@@ -123,29 +127,39 @@ class SegmentService:
     def reconfigure(self, user_config: Mapping[str, Any]) -> None:
         """Apply ``BatchSettings`` from ``user_config`` (unknown keys are refused)."""
         self._batch = from_dict(BatchSettings, dict(user_config))
-        self._predict_batch.set_max_batch_size(self._batch.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(self._batch.batch_wait_timeout_s)
+        self._enqueue.set_max_batch_size(self._batch.max_batch_size)
+        self._enqueue.set_batch_wait_timeout_s(self._batch.batch_wait_timeout_s)
+        self._coalescer.set_max_batch_size(self._batch.max_batch_size)
 
     @serve.batch
-    async def _predict_batch(self, jobs: list[_Job]) -> list[Any]:
-        """Forward + row encoding for the batch in the forward thread (one hop per batch)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._forward_pool, self._forward, jobs)
+    async def _enqueue(self, jobs: list[_Job]) -> list[asyncio.Future]:
+        """Hand Serve's batch to the coalescer; one future per request (see serve_batching)."""
+        return self._coalescer.submit(jobs)
 
     def _forward(self, jobs: list[_Job]) -> list[Any]:
-        """Per job: ``(row, encode_ms)``, or the exception that job alone raised."""
+        """Per job: ``(row, decode_ms, encode_ms)``, or the exception that job alone raised.
+
+        Decoding happens here rather than in its own thread hop per request: one hop per batch.
+        """
+        images, decoded, results = [], [], [None] * len(jobs)
+        started = time.perf_counter()
+        for index, job in enumerate(jobs):
+            try:
+                images.append(self._decode(job.data, job.name))
+                decoded.append(index)
+            except Exception as error:  # noqa: BLE001 - handed back to its own request
+                results[index] = error
+        decode_ms = (time.perf_counter() - started) * 1e3 / max(1, len(jobs))
         # One shared forward for the batch; an image that fails anyway gets its own exception,
         # handed back to its own request, and the others are answered.
-        predictions = self._segmenter.predict_each([job.image for job in jobs],
-                                                   catch=(Exception,))
-        results: list[Any] = []
-        for job, prediction in zip(jobs, predictions):
+        predictions = self._segmenter.predict_each(images, catch=(Exception,))
+        for index, prediction in zip(decoded, predictions):
             if isinstance(prediction, BaseException):
-                results.append(prediction)
+                results[index] = prediction
                 continue
             started = time.perf_counter()
-            row = self._row(prediction, job)
-            results.append((row, (time.perf_counter() - started) * 1e3))
+            row = self._row(prediction, jobs[index])
+            results[index] = (row, decode_ms, (time.perf_counter() - started) * 1e3)
         return results
 
     @api.post("/v1/segment")
@@ -157,19 +171,18 @@ class SegmentService:
             http.check_api_key(request, self._api_key)
             data, name = await http.read_image_bytes(request, self._args.max_request_bytes)
             received = time.perf_counter()
-            image = await run_in_threadpool(self._decode, data, name)
-            decoded = time.perf_counter()
-            result = await self._predict_batch(_Job(image, data, name, request_id, confidence))
+            result = await (await self._enqueue(_Job(data, name, request_id, confidence)))
             if isinstance(result, BaseException):
                 raise result
         except http.RequestRefused as refused:
             return http.error_response(refused, request_id)
         except InputError as error:
             return http.error_response(http.RequestRefused.from_input_error(error), request_id)
-        row, encode_ms = result
+        row, decode_ms, encode_ms = result
         done = time.perf_counter()
-        timing = {"receive": (received - started) * 1e3, "decode": (decoded - received) * 1e3,
-                  "infer": (done - decoded) * 1e3 - encode_ms,  # batch wait + forward
+        timing = {"receive": (received - started) * 1e3, "decode": decode_ms,
+                  # batch wait + thread hop + pre/post-processing + forward
+                  "infer": (done - received) * 1e3 - decode_ms - encode_ms,
                   "encode": encode_ms, "total": (done - started) * 1e3}
         row["latency_ms"] = timing["total"]
         if self._sink is not None:  # before answering: a 200 always has its row
@@ -198,7 +211,8 @@ class SegmentService:
                     "batch_wait_timeout_s": self._batch.batch_wait_timeout_s,
                     "max_request_bytes": self._args.max_request_bytes,
                     "max_pixels": self._max_pixels, "device": str(self._segmenter.device),
-                    "tta": self._args.tta, "parquet_sink": self._args.out_uri is not None}
+                    "tta": self._args.tta, "parquet_sink": self._args.out_uri is not None,
+                    "forwards": self._coalescer.forwards, "forwarded_images": self._coalescer.jobs}
         return JSONResponse({**self._model_ref(), "artifact": self._artifact.meta,
                              "serving": settings, "replica": self._replica})
 

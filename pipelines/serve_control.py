@@ -50,7 +50,7 @@ class BatchSettings:
     """``user_config`` of the deployment; applied by ``reconfigure`` without a restart."""
 
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.002
+    batch_wait_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:

@@ -97,25 +97,33 @@ class Segmenter:
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, channels_last: bool = True) -> None:
         self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
-                   batch_size)
+                   batch_size, channels_last)
 
     @classmethod
     def from_model(cls, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
                    device: str | torch.device = "cpu", tta: bool = False,
-                   batch_size: int = 4) -> "Segmenter":
-        """A segmenter around a model in memory (validation during training uses this)."""
+                   batch_size: int = 4, channels_last: bool = False) -> "Segmenter":
+        """A segmenter around a model in memory (validation during training uses this).
+
+        ``channels_last`` defaults to off here: it re-lays the caller's parameters in place.
+        """
         segmenter = cls.__new__(cls)
-        segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size)
+        segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size, channels_last)
         return segmenter
 
     def _init(self, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing,
-              device: str | torch.device, tta: bool, batch_size: int) -> None:
+              device: str | torch.device, tta: bool, batch_size: int,
+              channels_last: bool) -> None:
         if batch_size < 1:
             raise ValueError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # NHWC convolutions: 1.1-1.8x faster inference than NCHW on the CPUs measured here
+        # (README, benchmarks), and the layout GPUs want for bf16 tensor cores.
+        self.channels_last = channels_last
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=memory_format).eval()
         self.mask_spec = mask_spec
         self.preprocessing = preprocessing
         self.tta = tta
@@ -183,7 +191,10 @@ class Segmenter:
 
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """N x C x t x t tiles on ``self.device`` -> N x K x t x t probabilities (same device)."""
-        logits = self.model(tiles.float())
+        tiles = tiles.float()
+        if self.channels_last:
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        logits = self.model(tiles)
         return torch.sigmoid(logits) if self.mask_spec.multilabel else logits.softmax(dim=1)
 
 

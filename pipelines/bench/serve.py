@@ -86,11 +86,19 @@ def _run(quick: bool) -> dict[str, Any]:
         rows.append({"concurrency": 4, "max_batch_size": batch,
                      **_load(post, 4, requests[4], limit_s)})
         halves: dict[int, list[dict[str, Any]]] = {batch: [], 1: []}
+        forwarded = {batch: [0, 0], 1: [0, 0]}  # forwards, images (one replica here)
         for _ in range(2):
             for max_batch in (batch, 1):
                 reconfigure_endpoint(max_batch_size=max_batch)
+                before_counts = _forward_counts(url)
                 halves[max_batch].append(_load(post, 16, requests[16] // 2, limit_s / 2))
+                after_counts = _forward_counts(url)
+                for i in range(2):
+                    forwarded[max_batch][i] += after_counts[i] - before_counts[i]
         rows += [{"concurrency": 16, "max_batch_size": b, **_merge(halves[b])} for b in halves]
+        figures["c16_images_per_forward"] = {
+            f"max_batch_size={b}": round(images / max(forwards, 1), 2)
+            for b, (forwards, images) in forwarded.items()}
         reconfigure_endpoint(max_batch_size=batch)
         figures["table"] = "\n" + _table(rows)
         figures.update({f"c1_{k}": v for k, v in rows[0].items() if k.startswith("replica_")})
@@ -151,7 +159,12 @@ def _config(data: dict[str, Any], *, max_replicas: int) -> dict[str, Any]:
 
 
 class _Bare:
-    """The model in this process, with the replica's thread count, for the baseline timings."""
+    """The model in this process, with the replica's thread count, for the baseline timings.
+
+    The bare forward is plain ``model(x)`` at batch 1 in NCHW and in channels_last (the layout
+    the Segmenter runs); the faster of the two is the baseline, so rayseg is held against the
+    best plain-PyTorch forward, not the default one.
+    """
 
     def __init__(self, model_dir: Path, png: bytes) -> None:
         import torch
@@ -162,24 +175,31 @@ class _Bare:
 
         torch.set_num_threads(THREADS)
         self.artifact = load_artifact(model_dir)
-        self.segmenter = Segmenter(self.artifact)
+        self.nchw = self.artifact.model.eval()
+        self.nhwc = load_artifact(model_dir).model.eval().to(memory_format=torch.channels_last)
+        self.segmenter = Segmenter(load_artifact(model_dir))
         self.png = png
         self.image = decode_image(png)
         self.x = prepare_image(self.image, self.artifact.preprocessing)[None]  # 1 x C x H x W
+        self.x_nhwc = self.x.contiguous(memory_format=torch.channels_last)
 
-    def forward(self) -> None:
+    def forward(self, model, x) -> None:
         import torch
 
         with torch.inference_mode():
-            self.artifact.model(self.x)
+            model(x)
 
     def medians(self) -> dict[str, float]:
-        """Median ms of model(x), Segmenter.predict and decode + predict + row."""
+        """Median ms of model(x) (both layouts), Segmenter.predict, decode + predict + row."""
         from pipelines.predict import predict_one
 
         whole = (lambda: predict_one(self.segmenter, self.png, model_name="bench",
                                      model_version="b1"))
-        return {"bare_forward_ms": round(_median_ms(self.forward, 50), 2),
+        nchw = _median_ms(lambda: self.forward(self.nchw, self.x), 50)
+        nhwc = _median_ms(lambda: self.forward(self.nhwc, self.x_nhwc), 50)
+        return {"bare_forward_ms": round(min(nchw, nhwc), 2),
+                "bare_forward_nchw_ms": round(nchw, 2),
+                "bare_forward_channels_last_ms": round(nhwc, 2),
                 "segmenter_predict_ms": round(_median_ms(
                     lambda: self.segmenter.predict(self.image), 30), 2),
                 "in_process_decode_predict_encode_ms": round(_median_ms(whole, 30), 2)}
@@ -323,6 +343,16 @@ def _autoscale(start_endpoint: Callable, replica_counts: Callable, model_dir: Pa
     return {"scale_peak_replicas": peak, "scale_final_replicas": final, "scale_timeline": text,
             "scale_load_stopped_s": round(load_end, 1), "scale_requests": result.get("ok", 0),
             "scale_errors": result.get("errors", 0), "scale_p50_ms": result.get("p50_ms")}
+
+
+def _forward_counts(url: str) -> tuple[int, int]:
+    """(forwards, images forwarded) so far, from ``GET /v1/model`` of the one replica."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/model", timeout=30) as response:
+        serving = json.load(response)["serving"]
+    return serving["forwards"], serving["forwarded_images"]
 
 
 def _free_port() -> int:

@@ -203,7 +203,7 @@ def test_builder_takes_typed_args_and_sets_no_replica_counts():
     app = call_user_app_builder_with_args_if_necessary(build_app, {"model_uri": "m"})
     deployment = app._bound_deployment
     assert deployment.init_args[0] == ServeArgs(model_uri="m")
-    assert deployment.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.002}
+    assert deployment.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.0}
     assert deployment.num_replicas == 1  # Serve's default: the config file sets "auto"
     with pytest.raises(Exception, match="model_uri"):
         call_user_app_builder_with_args_if_necessary(build_app, {"out_uri": "x"})

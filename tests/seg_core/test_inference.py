@@ -138,6 +138,16 @@ def test_predict_batch_is_one_forward_and_matches_predict(tmp_path) -> None:
     assert segmenter.predict_batch([]) == []
 
 
+def test_channels_last_matches_nchw(tmp_path) -> None:
+    image = RNG.integers(0, 256, (45, 38, 3), dtype=np.uint8)
+    nhwc = small_unet_segmenter(tmp_path, channels_last=True)
+    nchw = small_unet_segmenter(tmp_path, channels_last=False)
+    conv_weight = nhwc.model.stem[0].weight
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv_weight.is_contiguous()
+    np.testing.assert_allclose(nhwc.predict(image).probs, nchw.predict(image).probs, atol=1e-5)
+
+
 def test_predict_each_isolates_a_bad_image(tmp_path) -> None:
     from seg_core.errors import InputError
 
