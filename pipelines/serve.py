@@ -130,6 +130,7 @@ class SegmentService:
         self._enqueue.set_max_batch_size(self._batch.max_batch_size)
         self._enqueue.set_batch_wait_timeout_s(self._batch.batch_wait_timeout_s)
         self._coalescer.set_max_batch_size(self._batch.max_batch_size)
+        self._segmenter.batch_size = self._batch.max_batch_size  # a full batch: one forward
 
     @serve.batch
     async def _enqueue(self, jobs: list[_Job]) -> list[asyncio.Future]:

@@ -137,11 +137,12 @@ class Segmenter:
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predictions for images of any (mixed) sizes, in order, from shared forwards.
 
-        The tiles of all images go through the model together, at least ``len(images)`` per
-        forward (more when ``batch_size`` is larger), so a batch of small images costs one
-        forward per flip.  Each image is stitched, resized back and post-processed on its own,
-        exactly as a batch of one; only the forward's batch composition differs, which moves
-        probabilities by float rounding at most.
+        The tiles of all images go through the model together, ``batch_size`` per forward, so
+        eight small images cost one forward with ``batch_size=8``, not eight.  Each image is
+        stitched, resized back and post-processed on its own, exactly as a batch of one; only
+        the forward's batch composition differs, which moves probabilities by float rounding
+        at most.  (On the CPUs measured here, 4 tiles of 256^2 per forward ran 1.27x faster per
+        image than 16: larger batches only pay on GPUs.)
         """
         if not images:
             return []
@@ -150,8 +151,7 @@ class Segmenter:
         flips = _TTA_FLIPS if self.tta else ((),)
         summed: list[torch.Tensor] = []
         for dims in flips:  # average in probability space, each flip undone before adding
-            outputs = self._tiled_probs([x.flip(dims) if dims else x for x in inputs],
-                                        tiles_per_forward=max(self.batch_size, len(inputs)))
+            outputs = self._tiled_probs([x.flip(dims) if dims else x for x in inputs])
             outputs = [out.flip(dims) if dims else out for out in outputs]
             summed = outputs if not summed else [a + b for a, b in zip(summed, outputs)]
         predictions = []
@@ -180,13 +180,12 @@ class Segmenter:
                 results.append(error)
         return results
 
-    def _tiled_probs(self, inputs: list[torch.Tensor],
-                     tiles_per_forward: int) -> list[torch.Tensor]:
+    def _tiled_probs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities K x h x w per input, on the CPU; tiles run on ``self.device``."""
         pre = self.preprocessing
         return sliding_window_many(self._predict_tiles, inputs, tile=pre.tile_size,
                                    overlap=pre.tile_overlap, num_out=self.mask_spec.num_classes,
-                                   batch_size=tiles_per_forward, blend="gaussian",
+                                   batch_size=self.batch_size, blend="gaussian",
                                    device=self.device)
 
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:

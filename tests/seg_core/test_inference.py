@@ -119,7 +119,7 @@ def test_deterministic_bytes(tmp_path) -> None:
 
 
 def test_predict_batch_is_one_forward_and_matches_predict(tmp_path) -> None:
-    segmenter = small_unet_segmenter(tmp_path)
+    segmenter = small_unet_segmenter(tmp_path, batch_size=8)
     images = [RNG.integers(0, 256, shape, dtype=np.uint8)
               for shape in [(32, 32, 3), (20, 28, 3), (32, 32, 3), (17, 9, 3), (30, 31, 3)]]
     forwards: list[int] = []
