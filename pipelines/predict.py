@@ -103,8 +103,9 @@ def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name
                 created_at: dt.datetime | None = None) -> dict[str, Any]:
     """Decode, predict and encode one image -> its Parquet row.  Raises :class:`InputError`.
 
-    The one per-image path: the batch actors run it for every row (:func:`predict_rows`), and
-    the online endpoint can call it for the image it holds, so both write the same row.
+    The single-image form of :func:`predict_rows` (same decode, :class:`Segmenter`, and
+    :func:`prediction_row`), for callers holding one image's bytes; the Serve replica builds its
+    rows with :func:`prediction_row` too, so all three write the same row for the same bytes.
     """
     image = _decode(image_bytes, source_uri or id or "<bytes>", segmenter.preprocessing.max_pixels)
     return prediction_row(segmenter.predict(image), segmenter, id=id, source_uri=source_uri,

@@ -213,7 +213,7 @@ class SegmentService:
                     "max_request_bytes": self._args.max_request_bytes,
                     "max_pixels": self._max_pixels, "device": str(self._segmenter.device),
                     "tta": self._args.tta, "parquet_sink": self._args.out_uri is not None,
-                    "forwards": self._coalescer.forwards, "forwarded_images": self._coalescer.jobs}
+                    "forwards": self._coalescer.forwards, "forwarded_requests": self._coalescer.jobs}
         return JSONResponse({**self._model_ref(), "artifact": self._artifact.meta,
                              "serving": settings, "replica": self._replica})
 

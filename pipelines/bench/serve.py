@@ -86,7 +86,7 @@ def _run(quick: bool) -> dict[str, Any]:
         rows.append({"concurrency": 4, "max_batch_size": batch,
                      **_load(post, 4, requests[4], limit_s)})
         halves: dict[int, list[dict[str, Any]]] = {batch: [], 1: []}
-        forwarded = {batch: [0, 0], 1: [0, 0]}  # forwards, images (one replica here)
+        forwarded = {batch: [0, 0], 1: [0, 0]}  # forwards, requests (one replica here)
         for _ in range(2):
             for max_batch in (batch, 1):
                 reconfigure_endpoint(max_batch_size=max_batch)
@@ -96,9 +96,9 @@ def _run(quick: bool) -> dict[str, Any]:
                 for i in range(2):
                     forwarded[max_batch][i] += after_counts[i] - before_counts[i]
         rows += [{"concurrency": 16, "max_batch_size": b, **_merge(halves[b])} for b in halves]
-        figures["c16_images_per_forward"] = {
-            f"max_batch_size={b}": round(images / max(forwards, 1), 2)
-            for b, (forwards, images) in forwarded.items()}
+        figures["c16_requests_per_forward"] = {
+            f"max_batch_size={b}": round(carried / max(forwards, 1), 2)
+            for b, (forwards, carried) in forwarded.items()}
         reconfigure_endpoint(max_batch_size=batch)
         figures["table"] = "\n" + _table(rows)
         figures.update({f"c1_{k}": v for k, v in rows[0].items() if k.startswith("replica_")})
@@ -346,13 +346,13 @@ def _autoscale(start_endpoint: Callable, replica_counts: Callable, model_dir: Pa
 
 
 def _forward_counts(url: str) -> tuple[int, int]:
-    """(forwards, images forwarded) so far, from ``GET /v1/model`` of the one replica."""
+    """(forward calls, requests they carried) so far, from ``GET /v1/model`` of the one replica."""
     import json
     import urllib.request
 
     with urllib.request.urlopen(url.rstrip("/") + "/v1/model", timeout=30) as response:
         serving = json.load(response)["serving"]
-    return serving["forwards"], serving["forwarded_images"]
+    return serving["forwards"], serving["forwarded_requests"]
 
 
 def _free_port() -> int:

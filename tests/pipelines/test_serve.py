@@ -328,6 +328,22 @@ def test_model_route_reports_artifact_and_batching(endpoint):
 
 
 @pytest.mark.slow
+def test_concurrent_requests_all_reach_the_forward_counters(endpoint, images):
+    """A burst of 12 is answered whole, carried by at most 12 forward calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, answered = endpoint["url"], endpoint["answered"]
+    before = get(url, "/v1/model")[1]["serving"]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(pool.map(lambda _: post(url, images["png"], answered=answered)[0],
+                                 range(12)))
+    assert statuses == [200] * 12
+    after = get(url, "/v1/model")[1]["serving"]
+    assert after["forwarded_requests"] - before["forwarded_requests"] == 12
+    assert 1 <= after["forwards"] - before["forwards"] <= 12
+
+
+@pytest.mark.slow
 def test_a_second_address_is_refused_while_serve_runs(endpoint, model_dir):
     other = load_serve_config(endpoint["config"])
     other["http_options"]["port"] = free_port()
