@@ -36,7 +36,7 @@ from seg_core.model import UNet
 def plain_step_seconds(cfg: Any, *, size: int, threads: int, repeats: int) -> float:
     """Mean seconds per step of a plain loop: augment a numpy batch, then ``train_step``.
 
-    The batch sits in memory (no loader), and each step applies the run's own per-batch
+    The batches sit in memory (no loader), and each step applies the run's own per-batch
     augmentation (:class:`pipelines.train_data.Augment` from ``cfg.augment``), as a plain
     PyTorch loop with flips and rot90 would; so the ratio isolates what the Ray layer adds.
     """
@@ -57,14 +57,17 @@ def plain_step_seconds(cfg: Any, *, size: int, threads: int, repeats: int) -> fl
         augment = Augment(hflip=cfg.augment.hflip, vflip=cfg.augment.vflip,
                           rot90=cfg.augment.rot90)
         rng = np.random.default_rng(0)
-        numpy_batch = {
+        # Distinct batches, cycled, as a loop over a dataset held in memory would see them
+        # (one batch reused every step would stay in cache, which no real loop gets).
+        numpy_batches = [{
             "image": rng.standard_normal((cfg.batch_size, cfg.model.in_channels, size, size),
-                                        dtype=np.float32),
+                                         dtype=np.float32),
             "mask": rng.integers(0, cfg.model.num_classes, (cfg.batch_size, size, size),
-                                 dtype=np.int64)}
+                                 dtype=np.int64)} for _ in range(min(repeats, 32))]
+        turn = iter(range(10**9))
 
         def step() -> None:
-            batch = augment(numpy_batch, rng)
+            batch = augment(numpy_batches[next(turn) % len(numpy_batches)], rng)
             images = torch.from_numpy(batch["image"]).to(device)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
