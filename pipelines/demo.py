@@ -19,7 +19,6 @@ the server stops, so the printed paths stay readable.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import threading
@@ -245,36 +244,13 @@ def _s3_server(log: Callable[[str], None]) -> Iterator[str]:
 
     The AWS variables are set before Ray starts, so every worker talks to this server.
     """
-    import logging
-
     import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in _S3_VARS}
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "demo",
-                       "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"})
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    try:
+    with storage.local_s3_server(credentials="demo") as endpoint:
         fs = pafs.S3FileSystem(**storage.resolve_options(), allow_bucket_creation=True)
         fs.create_dir(S3_BUCKET)
-        log(f"local S3 server (moto) at http://{host}:{port}, bucket s3://{S3_BUCKET}")
+        log(f"local S3 server (moto) at {endpoint}, bucket s3://{S3_BUCKET}")
         yield f"s3://{S3_BUCKET}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-_S3_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
 
 
 def _copy_back(outputs: dict[str, str], root: str, target: Path) -> dict[str, str]:

@@ -46,7 +46,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     n_small, n_large = (250, 1000) if quick else (1000, 4000)
     figures: dict[str, Any] = {"batch_size": BATCH, "torch_threads_plain": _torch_threads(),
                                "model": "UNet depth 4, base width 16, 3 classes, tile = image"}
-    with _moto(), tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+    from pipelines.storage import local_s3_server
+
+    with local_s3_server(credentials="bench"), \
+            tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         from pipelines.raycluster import ensure_ray
 
         ensure_ray()
@@ -188,37 +191,6 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-class _moto:
-    """moto's S3 server on loopback, with the AWS variables pointing at it (restored on exit)."""
-
-    def __enter__(self) -> str:  # the endpoint URL
-        import logging
-
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.server.start()
-        host, port = self.server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                 "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-        self.saved = {name: os.environ.get(name) for name in names}
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
-                          AWS_ENDPOINT_URL=endpoint)
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-        return endpoint
-
-    def __exit__(self, *exc: object) -> None:
-        for name, value in self.saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self.server.stop()
 
 
 class _Sampler:

@@ -14,7 +14,6 @@ tree (driver + Ray workers + moto) sampled during each timed run.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import resource
 import statistics
@@ -26,18 +25,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipelines.storage import local_s3_server
 from seg_core.config import MaskSpec
 
 GOAL = ">=1.8"
 _SPEC = MaskSpec(num_classes=3)
-_AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
 def run(quick: bool = False) -> dict[str, Any]:
     """Measure the three paths; quick: 96 pairs of 128 x 128 once, else 384 of 256 x 256, 3 rounds."""
     n, size, rounds = (96, 128, 1) if quick else (384, 256, 3)
-    with _moto_s3() as endpoint:
+    with local_s3_server(credentials="bench") as endpoint:
         from pipelines.raycluster import ensure_ray
 
         ensure_ray()
@@ -104,30 +100,6 @@ def _plain_loop(manifest: str, endpoint: str) -> int:
 
 
 # --------------------------------------------------------------------------------- plumbing
-
-
-class _moto_s3:
-    """moto's S3 on 127.0.0.1:<free port> with the AWS variables pointing at it (restored after)."""
-
-    def __enter__(self) -> str:
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        self._saved = {k: os.environ.get(k) for k in (*_AWS_ENV, "AWS_ENDPOINT_URL")}
-        os.environ.update(_AWS_ENV, AWS_ENDPOINT_URL=endpoint)
-        return endpoint
-
-    def __exit__(self, *exc: object) -> None:
-        for name, value in self._saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._server.stop()
 
 
 def _prepare(n: int, size: int) -> tuple[str, str, float]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import pyarrow as pa
 import pytest
@@ -119,3 +120,21 @@ def test_schemas_have_the_contract_columns():
     assert p.field("mean_confidence").type == pa.float32()
     assert p.field("created_at").type == pa.timestamp("us", tz="UTC")
     assert p.field("request_id").nullable and p.field("latency_ms").nullable
+
+
+def test_local_s3_server_points_the_env_at_itself_and_restores_it(monkeypatch):
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # would win; must be cleared
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "outer")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with storage.local_s3_server(credentials="inner") as endpoint:
+        assert endpoint.startswith("http://127.0.0.1:")
+        assert storage.resolve_options()["endpoint_override"] == endpoint
+        pafs.S3FileSystem(**storage.resolve_options(),
+                          allow_bucket_creation=True).create_dir("local-s3-test")
+        storage.write_bytes("s3://local-s3-test/a.bin", b"payload")
+        assert storage.read_bytes("s3://local-s3-test/a.bin") == b"payload"
+    assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9"
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "outer"
+    assert "AWS_ENDPOINT_URL" not in os.environ
