@@ -21,7 +21,7 @@ from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
-from seg_core.config import MaskSpec, ModelConfig, Preprocessing
+from seg_core.config import MaskSpec, ModelConfig, Preprocessing, as_hw
 from seg_core.config import from_dict as core_from_dict
 from seg_core.config import to_dict
 
@@ -67,7 +67,16 @@ class AugmentSpec:
     hflip: bool = True
     vflip: bool = True
     rot90: bool = True
-    crop: int | None = None  # random square crop (pads with ignore_index when smaller)
+    crop: int | tuple[int, int] | None = None  # random crop, side or [H, W] (pads with ignore_index)
+
+    def __post_init__(self) -> None:
+        if self.crop is not None:
+            as_hw(self.crop, "augment.crop")
+
+    @property
+    def crop_hw(self) -> tuple[int, int] | None:
+        """``crop`` as ``(H, W)``, or None."""
+        return None if self.crop is None else as_hw(self.crop, "augment.crop")
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,7 @@ class TrainConfig:
             raise ValueError(
                 f"expected batch_size >= 1 and epochs >= 1, got {self.batch_size}, {self.epochs}"
             )
+        _check_tile_fits_training(self.preprocessing, self.augment)
         if self.nfolds == 1 or self.nfolds < 0:
             raise ValueError(f"nfolds must be 0 (off) or >= 2, got {self.nfolds}")
         if self.fold is not None and not 0 <= self.fold < max(self.nfolds, 1):
@@ -192,6 +202,30 @@ class TrainConfig:
         run_name = self.storage.run_name and f"{self.storage.run_name}-fold{fold}"
         return dataclasses.replace(self, fold=fold, version=f"{self.version}-fold{fold}",
                                    storage=dataclasses.replace(self.storage, run_name=run_name))
+
+
+def training_geometry(pre: Preprocessing, augment: AugmentSpec) -> tuple[int, int] | None:
+    """The H x W one training forward sees, when the config fixes it: the crop, else the resize.
+
+    ``None`` for native-size training without crops: the loop records the largest size it saw.
+    """
+    crop = augment.crop_hw
+    if crop is not None:
+        return crop
+    return tuple(pre.resize) if pre.resize else None  # type: ignore[return-value]
+
+
+def _check_tile_fits_training(pre: Preprocessing, augment: AugmentSpec) -> None:
+    """Refuse a ``tile_size`` larger than the inputs training shows the network (issue 11)."""
+    geometry, tile = training_geometry(pre, augment), pre.tile_hw
+    if geometry is None or tile is None or (tile[0] <= geometry[0] and tile[1] <= geometry[1]):
+        return
+    source = "augment.crop" if augment.crop is not None else "preprocessing.resize"
+    raise ValueError(
+        f"preprocessing.tile_size={list(tile)} is larger than the {geometry[0]}x{geometry[1]} "
+        f"inputs training shows the network ({source}); inference windows that large move the "
+        f"image borders and change the masks. Leave tile_size out (inference then follows the "
+        f"training geometry) or set it to at most {list(geometry)}")
 
 
 # --------------------------------------------------------------------------------------------

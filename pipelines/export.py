@@ -3,8 +3,8 @@
 The exported graph is the bare network: ``N x C x H x W`` float input, already normalised the
 way the artifact's ``preprocessing`` says, logits out.  Tiling, resizing and softmax stay with
 the caller (or with :class:`seg_core.inference.Segmenter`).  The trace is taken at the artifact's
-tile size, a multiple of ``2**depth``, so the graph holds no padding branch and accepts any H, W
-that are multiples of ``2**depth``.
+inference window (its training geometry) rounded up to a multiple of ``2**depth``, so the graph
+holds no padding branch and accepts any H, W that are multiples of ``2**depth``.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
     local = local_artifact(artifact_uri)
     artifact = load_artifact(local)
     model = artifact.model.eval()
-    side = _trace_side(artifact.preprocessing.tile_size, model.size_multiple)
-    example = torch.zeros(1, artifact.model_config.in_channels, side, side)
+    height, width = (_trace_side(side, model.size_multiple)
+                     for side in artifact.preprocessing.inference_window())
+    example = torch.zeros(1, artifact.model_config.in_channels, height, width)
     default = Path(out_dir) / ("model.pt" if format == "torchscript" else "model.onnx")
     target = Path(path) if path else default
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,6 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
     return str(target)
 
 
-def _trace_side(tile_size: int, multiple: int) -> int:
-    """The tile size rounded up to a multiple of ``2**depth`` (no padding path in the trace)."""
-    return max(multiple, -(-tile_size // multiple) * multiple)
+def _trace_side(side: int, multiple: int) -> int:
+    """A window side rounded up to a multiple of ``2**depth`` (no padding path in the trace)."""
+    return max(multiple, -(-side // multiple) * multiple)

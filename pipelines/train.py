@@ -193,7 +193,7 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(storage.strip_scheme(uri)) if storage.is_local(uri) else Path(tmp)
         save_artifact(local, unet, name=cfg.name, version=cfg.version, mask_spec=cfg.mask,
-                      preprocessing=cfg.preprocessing,
+                      preprocessing=trained_preprocessing(cfg, state),
                       reproducibility=reproducibility_record(seed=cfg.seed,
                                                              manifest_sha256=source_sha256,
                                                              fold=cfg.fold),
@@ -207,6 +207,19 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
     return TrainResult(artifact_uri=uri, metrics=val, history=history, run_name=cfg.run_name,
                        checkpoint_uri=run_uri, selected_epoch=epoch, restarts=state["restarts"],
                        stopped=state["stopped"])
+
+
+def trained_preprocessing(cfg: TrainConfig, state: dict[str, Any]) -> Any:
+    """``cfg.preprocessing`` plus ``train_size``: what the network saw per forward in training.
+
+    The loop records it (the crop, the resize or the largest native image); checkpoints from
+    before it did fall back to the config's crop or resize.
+    """
+    from pipelines.config import training_geometry
+
+    seen = state.get("train_size") or training_geometry(cfg.preprocessing, cfg.augment)
+    return dataclasses.replace(cfg.preprocessing,
+                               train_size=tuple(int(v) for v in seen) if seen else None)
 
 
 def _save_run_config(cfg: TrainConfig, run_uri: str) -> None:
@@ -296,7 +309,7 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     common = {"kind": kind, "num_cpus": _TASK_CPUS, "quarantine_uri": storage.join_uri(
         cfg.storage.storage_path, cfg.run_name, "quarantine")}
     aug = cfg.augment
-    prepared = training_dataset(source, cfg.mask, cfg.preprocessing, crop_size=aug.crop,
+    prepared = training_dataset(source, cfg.mask, cfg.preprocessing, crop_size=aug.crop_hw,
                                 seed=cfg.seed, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
                                 **train_sel, **common)
     train = prepared.dataset

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.ingest import SourceKind, decode_pairs, quarantine_row, read_pairs
-from seg_core.config import MaskSpec, Preprocessing
+from seg_core.config import MaskSpec, Preprocessing, as_hw
 from seg_core.errors import InputError
 
 if TYPE_CHECKING:
@@ -39,12 +39,12 @@ if TYPE_CHECKING:
 class Augment:
     """Per-batch paired augmentation of preprocessed C x H x W images and their masks.
 
-    ``crop_size`` crops a random square (padding with 0 = the normalised mean, and the mask with
+    ``crop_size`` (a side, or ``(H, W)``) crops a random window (padding with 0 = the normalised mean, and the mask with
     ``ignore_index``); without it, images in a batch must already share one size.  ``rot90`` only
     applies to square inputs, so a batch keeps one shape.
     """
 
-    crop_size: int | None = None
+    crop_size: int | tuple[int, int] | None = None
     hflip: bool = True
     vflip: bool = True
     rot90: bool = True
@@ -61,7 +61,7 @@ class Augment:
 
         steps: list[Any] = []
         if self.crop_size:
-            steps.append(T.RandomCrop((self.crop_size, self.crop_size), fill=0.0,
+            steps.append(T.RandomCrop(as_hw(self.crop_size, "crop_size"), fill=0.0,
                                       ignore_index=self.ignore_index))
         if self.hflip:
             steps.append(T.HorizontalFlip(0.5))
@@ -91,7 +91,7 @@ class TrainingData:
 
 
 def training_dataset(source: str, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
-                     crop_size: int | None = None, seed: int = 0, split: str | None = None,
+                     crop_size: int | tuple[int, int] | None = None, seed: int = 0, split: str | None = None,
                      folds: Sequence[int] | None = None, hflip: bool = True, vflip: bool = True,
                      rot90: bool = True, kind: SourceKind = "auto",
                      quarantine_uri: str | None = None, num_cpus: float = 0.5,

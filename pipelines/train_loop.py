@@ -14,10 +14,13 @@ Checkpoint ``state.pt`` (one per epoch, written by rank 0)::
     best                           {epoch, val_miou, model} of the best val mIoU so far
     restarts                       {epoch, step, lr} each time the loop resumed from a checkpoint
     bad_epochs, stopped            early-stopping counter; why training stopped (or None)
+    train_size                     largest [H, W] batch the network saw (max over workers); the
+                                   artifact records it so inference reproduces the geometry
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 import tempfile
@@ -59,6 +62,7 @@ class LoopState:
     restarts: list[dict[str, Any]] = field(default_factory=list)
     bad_epochs: int = 0
     stopped: str | None = None
+    train_size: tuple[int, int] | None = None  # largest H x W fed to the network, all workers
 
 
 @dataclass
@@ -105,7 +109,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     while state.epoch < cfg.epochs and state.stopped is None:
         totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
                              rank, world, started, say)
-        counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world)
+        state.train_size = agreed_train_size(state.train_size, parts.device, world)
+        counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
+                          train_size=state.train_size)
         record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world)
         state.epoch += 1
         state.history.append(record)
@@ -158,6 +164,7 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
         if parts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         masks = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(parts.device)
+        state.train_size = _larger(state.train_size, images.shape[-2:])
         loss = train_step(parts.model, {"image": images, "mask": masks}, parts.loss_fn,
                           parts.optimizer, scheduler=parts.scheduler, amp_dtype=parts.amp_dtype,
                           clip_grad=cfg.optim.clip_grad)["loss"]
@@ -178,13 +185,15 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
 
 
 def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device, rank: int,
-             world: int) -> dict[str, np.ndarray]:
+             world: int, train_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Integer counts of full-resolution predictions against the original masks, summed over
     every worker.  Each worker predicts the val rows whose id hashes to its rank (the val set is
-    not split, so every row is scored exactly once), through the same Segmenter as batch predict.
+    not split, so every row is scored exactly once), through the same Segmenter as batch predict,
+    at the geometry the saved artifact will record (``train_size``).
     """
     broadcast_buffers(unet, device, world)
-    segmenter = Segmenter.from_model(unet, cfg.mask, cfg.preprocessing, device=device)
+    pre = dataclasses.replace(cfg.preprocessing, train_size=train_size)
+    segmenter = Segmenter.from_model(unet, cfg.mask, pre, device=device)
     k = cfg.mask.num_classes
     counts = {name: np.zeros(k, dtype=np.int64) for name in COUNT_NAMES}
     for row in val_shard.iter_rows():
@@ -257,7 +266,8 @@ def report(state: LoopState, record: dict[str, Any], parts: Parts, rank: int,
                         "scheduler": parts.scheduler.state_dict(), "rng": rng,
                         "epoch": state.epoch, "step": state.step, "history": state.history,
                         "best": state.best, "restarts": state.restarts,
-                        "bad_epochs": state.bad_epochs, "stopped": state.stopped},
+                        "bad_epochs": state.bad_epochs, "stopped": state.stopped,
+                        "train_size": state.train_size},
                        os.path.join(directory, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint,
@@ -279,7 +289,8 @@ def restore(path: str, parts: Parts, rank: int) -> LoopState:
         set_rng_state(rng[rank])
     return LoopState(epoch=saved["epoch"], step=saved["step"], history=saved["history"],
                      best=saved["best"], restarts=saved["restarts"],
-                     bad_epochs=saved["bad_epochs"], stopped=saved["stopped"])
+                     bad_epochs=saved["bad_epochs"], stopped=saved["stopped"],
+                     train_size=saved.get("train_size"))
 
 
 def _cpu_state(unet: UNet) -> dict[str, torch.Tensor]:
@@ -347,15 +358,30 @@ def current_lr(optimizer: Any) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def all_reduce_sum(tensor: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
-    """Element-wise sum over workers (a no-op on one worker); returned on the CPU."""
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device, world: int,
+                   op: str = "SUM") -> torch.Tensor:
+    """Element-wise sum (or ``op="MAX"``) over workers (a no-op on one worker); on the CPU."""
     if world == 1:
         return tensor
     import torch.distributed as dist
 
     on_device = tensor.to(device)
-    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    dist.all_reduce(on_device, op=getattr(dist.ReduceOp, op))
     return on_device.cpu()
+
+
+def agreed_train_size(size: tuple[int, int] | None, device: torch.device,
+                      world: int) -> tuple[int, int] | None:
+    """The largest H and W any worker has fed the network so far (every worker gets it)."""
+    local = torch.tensor(size or (0, 0), dtype=torch.int64)
+    height, width = (int(v) for v in all_reduce_sum(local, device, world, op="MAX"))
+    return (height, width) if height and width else None
+
+
+def _larger(size: tuple[int, int] | None, seen: Any) -> tuple[int, int]:
+    """Per-axis maximum of ``size`` and the ``(H, W)`` just seen."""
+    height, width = int(seen[0]), int(seen[1])
+    return (height, width) if size is None else (max(size[0], height), max(size[1], width))
 
 
 def broadcast_buffers(unet: UNet, device: torch.device, world: int) -> None:

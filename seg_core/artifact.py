@@ -29,7 +29,10 @@ from torch import nn
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing, from_dict, to_dict
 from seg_core.model import UNet
 
-FORMAT_VERSION = 1
+# 2: preprocessing records ``train_size`` (the inputs training showed the network) and
+# ``tile_size`` may be null or [H, W].  Version-1 artifacts load with their inference window
+# inferred from ``resize`` (see Preprocessing.inference_window).
+FORMAT_VERSION = 2
 ARTIFACT_JSON = "artifact.json"
 WEIGHTS_FILE = "weights.pt"
 # Wrappers that prefix parameter names: DistributedDataParallel and torch.compile.

@@ -140,6 +140,9 @@ class MaskSpec:
         return self.class_names or tuple(f"class_{i}" for i in range(self.num_classes))
 
 
+DEFAULT_TILE = 256  # inference window when nothing says what training saw (old artifacts)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Deterministic image -> tensor steps, stored in the artifact so that train, batch and serve agree.
@@ -147,15 +150,23 @@ class Preprocessing:
     Images are scaled to [0, 1] by their dtype's range, converted to ``channels`` (1 = grey,
     3 = RGB; alpha is dropped), optionally resized to ``resize`` (H, W), then normalised.
     Inference on a resized model resizes probabilities back to the input size.
+
+    Inference geometry follows training geometry (:meth:`inference_window`): ``train_size`` is
+    the largest H x W the network saw in one training forward (the resize, the random crop, or
+    the largest native image), recorded by ``rayseg train``.  Images up to that size take one
+    forward on themselves; larger ones are cut into windows of that size.  ``tile_size`` (int or
+    ``(H, W)``) is an optional smaller window for large images; it is never allowed to exceed
+    ``train_size``, because a window the network never saw in training changes its answer.
     """
 
     channels: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
     resize: tuple[int, int] | None = None
-    tile_size: int = 256
+    tile_size: int | tuple[int, int] | None = None
     tile_overlap: float = 0.25
     max_pixels: int = 64_000_000
+    train_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -167,4 +178,46 @@ class Preprocessing:
             )
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"Preprocessing: tile_overlap must be in [0, 1), got {self.tile_overlap}")
+        for name in ("resize", "tile_size", "train_size"):
+            value = getattr(self, name)
+            if value is not None and min(as_hw(value, f"Preprocessing.{name}")) < 1:
+                raise ValueError(f"Preprocessing: {name} must be positive, got {value}")
 
+    @property
+    def tile_hw(self) -> tuple[int, int] | None:
+        """``tile_size`` as ``(H, W)``, or None when not set."""
+        return None if self.tile_size is None else as_hw(self.tile_size, "Preprocessing.tile_size")
+
+    def training_geometry(self) -> tuple[int, int] | None:
+        """The largest H x W one training forward saw: ``train_size``, else ``resize``.
+
+        ``resize`` stands in for artifacts written before ``train_size`` was recorded: training
+        then fed whole resized images (or crops of them, which are smaller).
+        """
+        return self.train_size or (tuple(self.resize) if self.resize else None)  # type: ignore
+
+    def inference_window(self) -> tuple[int, int]:
+        """(H, W) of the largest window inference feeds the network.
+
+        ``tile_size`` when set, clipped per axis to the training geometry; else the training
+        geometry; else :data:`DEFAULT_TILE` (artifacts that record neither).  Windows are also
+        clipped to each image, never padded past it (``seg_core.tiling``).
+        """
+        geometry, tile = self.training_geometry(), self.tile_hw
+        if tile is None:
+            return geometry or (DEFAULT_TILE, DEFAULT_TILE)
+        if geometry is None:
+            return tile
+        return min(tile[0], geometry[0]), min(tile[1], geometry[1])
+
+
+def as_hw(size: int | tuple[int, ...] | list[int], name: str = "size") -> tuple[int, int]:
+    """An int (a square) or an ``(H, W)`` pair as ``(H, W)``; anything else is a ValueError."""
+    if isinstance(size, bool):
+        raise ValueError(f"{name}: expected an int or [H, W], got {size!r}")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in size):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"{name}: expected an int or [H, W], got {size!r}")

@@ -17,6 +17,7 @@ and so are the flip test-time augmentations.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -126,6 +127,7 @@ class Segmenter:
         self.model = model.to(self.device, memory_format=memory_format).eval()
         self.mask_spec = mask_spec
         self.preprocessing = preprocessing
+        _warn_if_tile_exceeds_training(preprocessing)
         self.tta = tta
         self.batch_size = batch_size
 
@@ -137,8 +139,10 @@ class Segmenter:
     def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
         """Predictions for images of any (mixed) sizes, in order, from shared forwards.
 
-        The tiles of all images go through the model together, ``batch_size`` per forward, so
-        eight small images cost one forward with ``batch_size=8``, not eight.  Each image is
+        The windows of all images go through the model together, ``batch_size`` per forward,
+        so eight small images of one size cost one forward with ``batch_size=8``, not eight
+        (windows of different shapes never share a forward: see ``seg_core.tiling``).  With
+        ``preprocessing.resize`` every image has the same shape after resizing.  Each image is
         stitched, resized back and post-processed on its own, exactly as a batch of one; only
         the forward's batch composition differs, which moves probabilities by float rounding
         at most.  (On the CPUs measured here, 4 tiles of 256^2 per forward ran 1.27x faster per
@@ -183,18 +187,29 @@ class Segmenter:
     def _tiled_probs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities K x h x w per input, on the CPU; tiles run on ``self.device``."""
         pre = self.preprocessing
-        return sliding_window_many(self._predict_tiles, inputs, tile=pre.tile_size,
+        return sliding_window_many(self._predict_tiles, inputs, tile=pre.inference_window(),
                                    overlap=pre.tile_overlap, num_out=self.mask_spec.num_classes,
                                    batch_size=self.batch_size, blend="gaussian",
                                    device=self.device)
 
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """N x C x t x t tiles on ``self.device`` -> N x K x t x t probabilities (same device)."""
+        """N x C x h x w windows on ``self.device`` -> N x K x h x w probabilities (same device)."""
         tiles = tiles.float()
         if self.channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
         logits = self.model(tiles)
         return torch.sigmoid(logits) if self.mask_spec.multilabel else logits.softmax(dim=1)
+
+
+def _warn_if_tile_exceeds_training(pre: Preprocessing) -> None:
+    """Say why a ``tile_size`` larger than what training saw is clipped (it is never used)."""
+    geometry, tile = pre.training_geometry(), pre.tile_hw
+    if geometry and tile and (tile[0] > geometry[0] or tile[1] > geometry[1]):
+        window = pre.inference_window()
+        warnings.warn(f"tile_size {tile[0]}x{tile[1]} is larger than the {geometry[0]}x"
+                      f"{geometry[1]} inputs the network saw in training; inference uses "
+                      f"{window[0]}x{window[1]} windows instead, because a larger window moves "
+                      f"the image borders and changes the masks", stacklevel=3)
 
 
 def _finish(probs: torch.Tensor, multilabel: bool) -> Prediction:

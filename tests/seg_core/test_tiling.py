@@ -93,8 +93,8 @@ def test_many_images_share_batches_and_match_one_at_a_time() -> None:
         return x * 2 + 1
 
     outs = sliding_window_many(record, images, 8, 0.0, 2, batch_size=4)
-    # tiles: 1 + 1 + 9 = 11, cut across image boundaries -> batches 4, 4, 3
-    assert seen == [4, 4, 3]
+    # windows by shape: 8x8 (1 + 9 of the 20x20, cut across images) -> 4, 4, 2; 5x7 -> 1
+    assert seen == [4, 4, 2, 1]
     for image, out in zip(images, outs):
         assert torch.equal(out, sliding_window(lambda x: x * 2 + 1, image, 8, 0.0, 2))
         assert torch.equal(out, image * 2 + 1)
@@ -116,5 +116,7 @@ def test_bad_arguments_raise_value_error() -> None:
         sliding_window(lambda x: x, image, 8, 1.0, 3)
     with pytest.raises(ValueError, match=r"expected image C,H,W or 1,C,H,W, got \(2, 3, 10, 10\)"):
         sliding_window(lambda x: x, torch.stack([image, image]), 8, 0.0, 3)
-    with pytest.raises(ValueError, match="must be >= 1, got 0, 3, 4"):
+    with pytest.raises(ValueError, match="tile sides must be >= 1, got 0"):
         sliding_window(lambda x: x, image, 0, 0.0, 3)
+    with pytest.raises(ValueError, match="num_out and batch_size must be >= 1, got 3, 0"):
+        sliding_window(lambda x: x, image, 4, 0.0, 3, batch_size=0)
