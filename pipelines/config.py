@@ -147,7 +147,7 @@ class TrainConfig:
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
     loss: LossName = "dice_ce"
-    class_weights: tuple[float, ...] | None = None
+    class_weights: tuple[float, ...] | Literal["auto"] | None = None  # auto: median frequency
     batch_size: int = 4  # per worker
     epochs: int = 10
     max_iterations: int | None = None  # optimizer steps; stops before `epochs` when reached

@@ -41,18 +41,39 @@ class TrainResult:
     selected_epoch: int
     restarts: list[dict[str, Any]]  # {epoch, step, lr} each time the loop resumed
     stopped: str | None  # why training ended before `epochs`, if it did
+    class_frequency: tuple[float, ...] = ()  # share of labelled training pixels per class
+    class_weights: tuple[float, ...] | None = None  # the loss's weights (resolved from auto)
 
     def summary(self) -> str:
-        """A few human lines: where the model is and how good it is."""
+        """A few human lines: where the model is, how good it is, and a per-class table."""
         m = self.metrics
-        per_class = ", ".join(f"{n} IoU {i:.4f} Dice {d:.4f}" for n, i, d in
-                              zip(m["class_names"], m["per_class"]["iou"], m["per_class"]["dice"]))
         return (f"model     {self.artifact_uri}\n"
                 f"run       {self.checkpoint_uri} ({len(self.history)} epochs, "
                 f"{len(self.restarts)} resumes{'; ' + self.stopped if self.stopped else ''})\n"
                 f"val       mIoU {m['miou']:.4f}  mDice {m['mdice']:.4f}  pixel acc "
                 f"{m['pixel_accuracy']:.4f}  (epoch {self.selected_epoch})\n"
-                f"per class {per_class}")
+                + self.class_table())
+
+    def class_table(self) -> str:
+        """Per class: training-pixel share, loss weight, val IoU and Dice; rare ones flagged."""
+        m, k = self.metrics, len(self.metrics["class_names"])
+        share = self.class_frequency or (float("nan"),) * k
+        weights = self.class_weights or (1.0,) * k
+        lines = [f"{'class':<20} {'train px':>9} {'weight':>7} {'val IoU':>8} {'val Dice':>8}"]
+        for name, f, w, iou, dice in zip(m["class_names"], share, weights,
+                                         m["per_class"]["iou"], m["per_class"]["dice"]):
+            flag = "  rare (< 2% of pixels)" if f < RARE_CLASS_SHARE else ""
+            lines.append(f"{name:<20} {f:>9.2%} {w:>7.3g} {_num(iou):>8} {_num(dice):>8}{flag}")
+        if any(f < RARE_CLASS_SHARE for f in share) and self.class_weights is None:
+            lines.append("rare classes: try class_weights=auto (median-frequency weights)")
+        return "\n".join(lines)
+
+
+RARE_CLASS_SHARE = 0.02  # classes under 2% of labelled pixels are flagged in the summary
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.4f}"
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -66,6 +87,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ensure_ray()
     cfg = absolute_paths(cfg)
     data = build_train_data(cfg)
+    cfg = resolve_class_weights(cfg, data.class_pixels)
     plan = plan_steps(cfg, data.num_train)
     run_uri = storage.join_uri(cfg.storage.storage_path, cfg.run_name)
     _save_run_config(cfg, run_uri)
@@ -100,7 +122,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         import torch
 
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    return write_artifact(cfg, state, data.source_sha256, run_uri)
+    result = write_artifact(cfg, state, data.source_sha256, run_uri)
+    total = max(sum(data.class_pixels), 1)
+    return dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
+                               class_weights=cfg.class_weights)
+
+
+def resolve_class_weights(cfg: TrainConfig, class_pixels: tuple[int, ...]) -> TrainConfig:
+    """``class_weights: auto`` -> median-frequency weights from the training masks' pixels."""
+    if cfg.class_weights != "auto":
+        return cfg
+    from seg_core.losses import median_frequency_weights
+
+    weights = median_frequency_weights(class_pixels)
+    print(f"[{cfg.run_name}] class_weights=auto (median frequency, capped at 10): "
+          + ", ".join(f"{n} {w:.3g}" for n, w in zip(cfg.mask.names, weights)), flush=True)
+    return dataclasses.replace(cfg, class_weights=weights)
 
 
 # ----------------------------------------------------------------------------- sizing and plans
@@ -283,6 +320,7 @@ class TrainData:
     num_train: int
     num_val: int
     source_sha256: str
+    class_pixels: tuple[int, ...] = ()  # labelled training pixels per class (at training size)
 
 
 def build_train_data(cfg: TrainConfig) -> TrainData:
@@ -293,7 +331,7 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     here, before the trainer reserves CPUs; random augmentation stays per batch in the loop.
     """
     from pipelines import ingest
-    from pipelines.train_data import decoded_dataset, training_dataset
+    from pipelines.train_data import class_pixel_counts, decoded_dataset, training_dataset
 
     source = cfg.data.manifest or cfg.data.shards
     kind = "manifest" if cfg.data.manifest else "shards"
@@ -322,8 +360,12 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
         raise ValueError(f"{source}: {counts[0]} usable train and {counts[1]} val rows for "
                          f"{train_sel} / {val_sel}; both must be non-empty (check split names, "
                          f"folds and the quarantine)")
+    # one cheap pass over the cached set (a second decode otherwise: only when auto needs it)
+    class_pixels: tuple[int, ...] = ()
+    if cfg.data.cache_decoded or cfg.class_weights == "auto":
+        class_pixels = tuple(int(c) for c in class_pixel_counts(train, cfg.mask))
     return TrainData(train=train, val=val, augment=prepared.augment, num_train=counts[0],
-                     num_val=counts[1], source_sha256=digest)
+                     num_val=counts[1], source_sha256=digest, class_pixels=class_pixels)
 
 
 def sha256_hex(data: bytes) -> str:

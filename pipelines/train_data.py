@@ -157,6 +157,33 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
             "mask": _column(masks)}
 
 
+def class_pixel_counts(dataset: "ray.data.Dataset", mask_spec: MaskSpec) -> np.ndarray:
+    """Pixels per class over every mask of ``dataset`` (ignored pixels excluded): K int64.
+
+    Multi-label masks count the pixels where each class is on.  One Ray Data pass; cheap on a
+    materialised training set.
+    """
+    k = mask_spec.num_classes
+    counted = dataset.map_batches(_count_classes, batch_format="numpy", num_cpus=0.25,
+                                  fn_kwargs={"mask_spec": mask_spec})
+    total = np.zeros(k, np.int64)
+    for batch in counted.iter_batches(batch_format="numpy", batch_size=None):
+        total += np.asarray(np.stack(batch["class_pixels"]), np.int64).sum(axis=0)
+    return total
+
+
+def _count_classes(batch: dict[str, np.ndarray], mask_spec: MaskSpec) -> dict[str, np.ndarray]:
+    k, counts = mask_spec.num_classes, []
+    for mask in batch["mask"]:
+        mask = np.asarray(mask)
+        if mask_spec.multilabel:  # K x H x W; ignore_index marks skipped pixel-channels
+            counts.append(((mask == 1).reshape(k, -1)).sum(axis=1).astype(np.int64))
+        else:
+            labelled = mask[(mask >= 0) & (mask < k)]
+            counts.append(np.bincount(labelled.ravel().astype(np.int64), minlength=k)[:k])
+    return {"class_pixels": np.stack(counts) if counts else np.zeros((0, k), np.int64)}
+
+
 def write_quarantine(rows: list[dict[str, Any]], quarantine_uri: str,
                      storage_options: storage.StorageOptions | None = None) -> str:
     """Write quarantine rows to ``<quarantine_uri>/part-<hash of ids>.parquet``; returns its URI."""

@@ -207,6 +207,30 @@ class SumLoss(nn.Module):
         return total
 
 
+def median_frequency_weights(class_pixels: Sequence[int], max_weight: float = 10.0
+                             ) -> tuple[float, ...]:
+    """Median-frequency class weights (Eigen & Fergus 2015, SegNet): ``median(f) / f_k``.
+
+    ``f_k`` is class ``k``'s share of the labelled pixels.  A class at the median gets 1, rarer
+    classes more (capped at ``max_weight``, since a class at 0.1% would otherwise weigh hundreds
+    of times more than the background and swamp the loss), commoner ones less (floored at
+    ``1 / max_weight``).  A class with no pixels gets 1: there is nothing to weigh.
+    """
+    counts = torch.as_tensor(list(class_pixels), dtype=torch.float64)
+    if counts.numel() < 1 or bool((counts < 0).any()) or max_weight < 1:
+        raise ValueError(f"median_frequency_weights: expected non-negative pixel counts and "
+                         f"max_weight >= 1, got {counts.tolist()} and {max_weight}")
+    present = counts > 0
+    if not bool(present.any()):
+        return tuple(1.0 for _ in range(counts.numel()))
+    share = counts / counts.sum()
+    weights = torch.ones_like(share)
+    # the lower median over present classes, as torch.median: deterministic, one of the shares
+    weights[present] = (share[present].median() / share[present]).clamp(1 / max_weight,
+                                                                        max_weight)
+    return tuple(round(float(w), 6) for w in weights)
+
+
 def build_loss(
     name: LossName,
     *,

@@ -74,6 +74,9 @@ def test_yaml_round_trip_and_dotted_overrides():
     ("epochs=many", "epochs: expected int, got 'many'"),
     ("nfolds=1", "nfolds must be 0 (off) or >= 2"),
     ("amp=fp8", "expected one of ['auto', 'bf16', 'off']"),
+    ("preprocessing.tile_size=512", "larger than the 256x256 inputs training shows the network "
+                                    "(preprocessing.resize)"),
+    ("augment.crop=[1, 2, 3]", "augment.crop: expected an int or [H, W]"),
 ])
 def test_bad_settings_say_what_was_expected(override, message):
     with pytest.raises(ValueError) as error:
@@ -140,6 +143,10 @@ def test_two_workers_on_s3_checkpoint_to_s3_and_the_artifact_predicts(
     assert {"artifact.json", "weights.pt", "metrics.json", "learning_curve.png",
             "config.yaml"} <= {p.name for p in local.iterdir()}
     artifact = load_artifact(local)  # seg_core alone
+    # native 96x96 samples, no crop or resize: the loop recorded what the network saw (max over
+    # both workers), and inference runs each image in one forward at that size
+    assert artifact.preprocessing.train_size == (96, 96)
+    assert artifact.preprocessing.inference_window() == (96, 96)
     segmenter = Segmenter(artifact)
 
     # Every val pixel was scored exactly once across the two workers, and re-predicting with the

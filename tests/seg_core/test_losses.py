@@ -146,3 +146,16 @@ def test_bad_arguments_raise_value_error_with_expected_and_got() -> None:
         ce(torch.zeros(1, 3, 2, 2), torch.tensor([[[0, 7], [1, IGN]]]))
     with pytest.raises(ValueError, match=r"0, 1 or ignore_index=255, got \[2\]"):
         build_loss("bce", num_classes=1)(torch.zeros(1, 1, 1, 2), torch.tensor([[[[1, 2]]]]))
+
+
+def test_median_frequency_weights_by_hand() -> None:
+    from seg_core.losses import median_frequency_weights
+
+    # shares 0.5, 0.3, 0.15, 0.05 -> lower median 0.15: 0.3, 0.5, 1, 3
+    assert median_frequency_weights([500, 300, 150, 50]) == pytest.approx((0.3, 0.5, 1.0, 3.0))
+    # a class at 0.1% would weigh 200: capped at 10; an absent class gets 1
+    assert median_frequency_weights([799, 200, 1, 0], max_weight=10) == pytest.approx(
+        (200 / 799, 1.0, 10.0, 1.0))
+    assert median_frequency_weights([0, 0]) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="non-negative pixel counts"):
+        median_frequency_weights([3, -1])
