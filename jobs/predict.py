@@ -9,7 +9,9 @@ prefix with images/ [and masks/], a bare prefix of images, or shards from `rayse
 are never needed), runs the model artifact in a Ray Data actor pool (the artifact is loaded once
 per actor; one actor per GPU when the cluster has GPUs), and writes one Parquet row per image:
 id, source URI and SHA-256, model name and version, height, width, the mask as PNG (plus one PNG
-per class), per-class pixel counts, mean confidence, an optional confidence-map PNG, created_at.
+per class), per-class pixel counts, mean confidence overall and per class, an optional
+confidence-map PNG, created_at.  Multi-label models: mask_png is a bit field (bit k = class k)
+and the per-class PNGs are the masks to use.
 
 Exactly once and resumable: every Parquet file under --out is committed atomically, so after a
 crash simply run the same command again; it skips (and counts) the inputs already done and

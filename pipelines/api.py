@@ -47,8 +47,8 @@ ESTIMATOR_FILE = "estimator.json"
 # ------------------------------------------------------------------------------------ session
 
 
-def init(address: str | None = None, *, num_cpus: int | None = None, work_dir: str | None = None,
-         quiet: bool = True) -> dict[str, float]:
+def init(address: str | None = None, *, num_cpus: int | None = None,
+         work_dir: str | os.PathLike | None = None, quiet: bool = True) -> dict[str, float]:
     """Connect to a Ray cluster (``address``, or ``RAY_ADDRESS``), else start a local one.
 
     A local cluster gets every core (``num_cpus`` to change that) and an object store sized to
@@ -60,7 +60,7 @@ def init(address: str | None = None, *, num_cpus: int | None = None, work_dir: s
 
     resources = ensure_ray(address=address, num_cpus=num_cpus, quiet=quiet)
     if work_dir is not None:
-        _SESSION["work_dir"] = work_dir
+        _SESSION["work_dir"] = storage.as_uri(work_dir)
     print(f"rayseg: Ray ready ({resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU); "
           f"work dir {work_directory()}", flush=True)
     return resources
@@ -72,10 +72,12 @@ def work_directory() -> str:
     return storage.strip_scheme(chosen) if storage.is_local(chosen) else chosen
 
 
-def import_file(path: str, *, storage_options: dict[str, Any] | None = None) -> Frame:
+def import_file(path: str | os.PathLike, *,
+                storage_options: dict[str, Any] | None = None) -> Frame:
     """A :class:`Frame` over a manifest (``.csv``/``.parquet``), a dataset directory holding
     ``manifest.csv``, a prefix with ``images/`` and ``masks/``, ``rayseg pack`` shards, or bulk
-    predictions; any URI (local, ``file://``, ``s3://``).  Only metadata is read."""
+    predictions; any URI (local, ``file://``, ``s3://``) or ``pathlib.Path``.  Only metadata is
+    read."""
     return read_frame(path, storage_options)
 
 
@@ -193,6 +195,9 @@ class UNetSegmentationEstimator:
             params["nfolds"] = nfolds
         if max_iterations is not None:
             params["max_iterations"] = max_iterations
+            # train(max_iterations=N) means N steps: the default epochs=10 would otherwise stop a
+            # small frame first (18 images at batch 4: 50 steps, whatever N said)
+            params.setdefault("epochs", max_iterations)
         if params.get("multilabel"):
             params.setdefault("loss", "bce_dice")
         channels = params.get("channels")
@@ -212,8 +217,9 @@ class UNetSegmentationEstimator:
               max_iterations: int | None = None, **overrides: Any) -> "UNetSegmentationEstimator":
         """Train on Ray Train (cross-validating first when ``nfolds >= 2``); returns ``self``.
 
-        ``max_iterations`` caps optimizer steps (H2O's name); ``overrides`` set any other
-        hyperparameter for this and later runs (e.g. ``epochs=3``).
+        ``max_iterations`` is the number of optimizer steps to take (H2O's name); the schedule
+        spans them, and only an ``epochs`` you set yourself can end training sooner.
+        ``overrides`` set any other hyperparameter for this and later runs (e.g. ``epochs=3``).
         """
         from pipelines.raycluster import ensure_ray
         from pipelines.train import train as run_train
@@ -263,7 +269,7 @@ class UNetSegmentationEstimator:
         return self.artifact_uri
 
     # --------------------------------------------------------------------------- scoring
-    def predict(self, test_data: Frame, *, out: str | None = None, tta: bool = False,
+    def predict(self, test_data: Frame, *, out: str | os.PathLike | None = None, tta: bool = False,
                 confidence_maps: bool = False) -> Frame:
         """Masks for every row of ``test_data`` via the bulk path; a ``predictions`` Frame.
 
@@ -276,14 +282,15 @@ class UNetSegmentationEstimator:
         token = uuid.uuid4().hex[:8]
         manifest = write_manifest([(test_data, None)], storage.join_uri(
             work_directory(), "frames", f"predict-{token}.csv"), x=self.x, y=None)
-        out = out or storage.join_uri(work_directory(), "predictions", f"{self.model_id}-{token}")
+        out = storage.as_uri(out) if out else storage.join_uri(
+            work_directory(), "predictions", f"{self.model_id}-{token}")
         run_predict(PredictConfig(model=model, input=manifest, out=out, tta=tta,
                                   confidence_maps=confidence_maps, progress=False),
                     log=lambda line: None)
         return read_frame(out)
 
     def model_performance(self, test_data: Frame | None = None, *, valid: bool = False,
-                          out: str | None = None) -> ModelPerformance:
+                          out: str | os.PathLike | None = None) -> ModelPerformance:
         """Scores on ``test_data`` (scored by the ``rayseg evaluate`` code), or, without it,
         the validation metrics recorded at training (``valid=True`` is H2O's spelling)."""
         if test_data is None:
@@ -298,7 +305,8 @@ class UNetSegmentationEstimator:
         token = uuid.uuid4().hex[:8]
         manifest = write_manifest([(test_data, None)], storage.join_uri(
             work_directory(), "frames", f"score-{token}.csv"), x=self.x, y=self.y)
-        out = out or storage.join_uri(work_directory(), "evaluations", f"{self.model_id}-{token}")
+        out = storage.as_uri(out) if out else storage.join_uri(
+            work_directory(), "evaluations", f"{self.model_id}-{token}")
         history = self.train_result.history if self.train_result is not None else ()
         return evaluate_frame(model, manifest, out, history=history)
 
@@ -319,7 +327,7 @@ class UNetSegmentationEstimator:
         return pandas.DataFrame(keep)
 
     # --------------------------------------------------------------------------- persistence
-    def save_model(self, path: str, *, force: bool = False) -> str:
+    def save_model(self, path: str | os.PathLike, *, force: bool = False) -> str:
         """Copy the artifact (and its metrics and learning curve) to ``path/<model_id>``;
         returns that URI.  :func:`load_model` reads it back."""
         source = self._require_model()
@@ -336,7 +344,7 @@ class UNetSegmentationEstimator:
         return target
 
     def export(self, format: Literal["torchscript", "onnx"] = "torchscript",
-               path: str | None = None) -> str:
+               path: str | os.PathLike | None = None) -> str:
         """Export the network for CPU serving outside rayseg; returns the local file path.
 
         Both formats take ``N x C x H x W`` float input, already normalised (see the artifact's
@@ -354,10 +362,11 @@ class UNetSegmentationEstimator:
         return f"<UNetSegmentationEstimator {self.model_id}: {state}; params {self._params}>"
 
 
-def load_model(path: str) -> UNetSegmentationEstimator:
+def load_model(path: str | os.PathLike) -> UNetSegmentationEstimator:
     """An estimator over a saved model (``save_model``'s directory, or any rayseg artifact)."""
     from seg_core.artifact import read_artifact_meta
 
+    path = storage.as_uri(path)
     if not storage.exists(storage.join_uri(path, "artifact.json")):
         raise FileNotFoundError(f"load_model: {path} holds no artifact.json (expected a directory "
                                 f"written by save_model or rayseg train)")
@@ -383,13 +392,14 @@ def load_model(path: str) -> UNetSegmentationEstimator:
 def infer_num_classes(manifest: str, multilabel: bool = False) -> int:
     """The class count of the masks in ``manifest``, read by a Ray Data pass (``rayseg
     validate``'s): highest mask value + 1, or the number of files per multi-label mask."""
-    from pipelines.ingest import MASK_SEPARATOR, read_manifest
+    from pipelines.ingest import IGNORE_PREFIX, MASK_SEPARATOR, read_manifest
     from pipelines.validate import validate
     from seg_core.config import MaskSpec
 
     if multilabel:
         masks = [m for m in read_manifest(manifest)["mask_uri"].to_pylist() if m]
-        counts = {m.count(MASK_SEPARATOR) + 1 for m in masks}
+        counts = {sum(not p.strip().startswith(IGNORE_PREFIX) for p in m.split(MASK_SEPARATOR)
+                      if p.strip()) for m in masks}
         if len(counts) != 1:
             raise ValueError(f"multi-label masks list {sorted(counts)} files per row; they must "
                              f"all list one file per class (pass num_classes=)")

@@ -21,6 +21,7 @@ from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
+from pipelines.storage import fspath_fields
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing, as_hw
 from seg_core.config import from_dict as core_from_dict
 from seg_core.config import to_dict
@@ -53,6 +54,7 @@ class DataSpec:
     shuffle_buffer: int = 64  # rows shuffled per worker and epoch (seeded); 0 keeps file order
 
     def __post_init__(self) -> None:
+        fspath_fields(self, "manifest", "shards")
         if (self.manifest is None) == (self.shards is None):
             raise ValueError(
                 f"data: set exactly one of manifest / shards, got manifest={self.manifest!r}, "
@@ -131,6 +133,9 @@ class StorageSpec:
     max_failures: int = 2  # automatic restarts from the last checkpoint
     num_to_keep: int = 2  # checkpoints kept (the newest always survives)
 
+    def __post_init__(self) -> None:
+        fspath_fields(self, "storage_path", "models_uri")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -148,6 +153,7 @@ class TrainConfig:
     storage: StorageSpec = field(default_factory=StorageSpec)
     loss: LossName = "dice_ce"
     class_weights: tuple[float, ...] | Literal["auto"] | None = None  # auto: median frequency
+    pos_weight: tuple[float, ...] | Literal["auto"] | None = None  # multi-label BCE positives
     batch_size: int = 4  # per worker
     epochs: int = 10
     max_iterations: int | None = None  # optimizer steps; stops before `epochs` when reached
@@ -182,6 +188,9 @@ class TrainConfig:
                 f"loss={self.loss!r} does not fit a {kind} mask; use one of "
                 f"{MULTILABEL_LOSSES if self.mask.multilabel else ('ce', 'dice', 'dice_ce', 'focal')}"
             )
+        if self.pos_weight is not None and not self.mask.multilabel:
+            raise ValueError(f"pos_weight={self.pos_weight!r} weighs the positive pixels of "
+                             f"multi-label classes; this mask is multi-class (use class_weights)")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(
                 f"expected batch_size >= 1 and epochs >= 1, got {self.batch_size}, {self.epochs}"

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from pipelines import prediction_store as store
 from pipelines import storage
+from pipelines.storage import fspath_fields
 from seg_core.config import MaskSpec, from_dict
 from seg_core.errors import InputError
 
@@ -57,6 +58,7 @@ class EvaluateConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        fspath_fields(self, "manifest", "out", "predictions", "model")
         if self.predictions is None and self.model is None:
             raise ValueError("evaluate: give --predictions (output of rayseg predict) or --model "
                              "(predict first), got neither")
@@ -106,7 +108,7 @@ def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
     ``truth`` maps id -> mask URI.  A truth mask that cannot be read or does not fit gives a row
     with its reason as ``status`` and no counts, so it is reported rather than silently skipped.
     """
-    from pipelines.ingest import unpack_mask_parts
+    from pipelines.ingest import read_mask_bytes, unpack_mask_parts
     from seg_core.codecs import decode_mask
 
     mask_spec = from_dict(MaskSpec, spec)
@@ -118,7 +120,9 @@ def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
         try:
             if uri is None:
                 raise InputError("missing_mask", "the manifest gives no mask for this image")
-            data = storage.read_bytes(uri, storage_options)
+            data = read_mask_bytes(uri, storage_options)  # multi-label: one file per class
+            if data is None:
+                raise FileNotFoundError(uri)
             mask = decode_mask(unpack_mask_parts(data), mask_spec, source=uri)
             counts = score_mask(decode_prediction(row, mask_spec), mask, mask_spec)
         except FileNotFoundError:

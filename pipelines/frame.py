@@ -35,7 +35,6 @@ FrameKind = Literal["files", "shards", "predictions"]
 
 # Shard and prediction columns that hold bytes: never read for metadata.
 _SHARD_RENAMES = {"source_uri": "image", "mask_uri": "mask"}
-_MASK_SEPARATOR = ";"
 _SERVE_ONLY = ("request_id", "latency_ms")
 
 
@@ -199,20 +198,38 @@ class Frame:
         return [_resolve(self.base, v) for v in values]
 
     def mask(self, row: int | str) -> np.ndarray:
-        """Decode one predicted mask (row number or id) of a ``predictions`` frame."""
+        """Decode one predicted mask (row number or id) of a ``predictions`` frame.
+
+        Multi-class: H x W class ids.  Multi-label: K x H x W {0, 1}, one plane per class in
+        class order (classes may overlap).
+        """
         if self.kind != "predictions":
             raise ValueError(f"mask() reads predicted masks; this is a {self.kind} frame")
         ident = self._table["id"][row].as_py() if isinstance(row, int) else row
         import pyarrow.dataset as pads
+        from PIL import Image
 
         fs, path = storage.filesystem_for(self.source, self.storage_options)
         data = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-        found = data.to_table(columns=["mask_png"], filter=pads.field("id") == ident)
+        found = data.to_table(columns=["mask_png", "class_mask_pngs"],
+                              filter=pads.field("id") == ident)
         if found.num_rows == 0:
             raise ValueError(f"no prediction with id {ident!r} under {self.source}")
-        from PIL import Image
-
+        if self._multilabel():
+            planes = [np.asarray(Image.open(io.BytesIO(png)))
+                      for png in found["class_mask_pngs"][0].as_py()]
+            return (np.stack(planes) > 0).astype(np.uint8)
         return np.asarray(Image.open(io.BytesIO(found["mask_png"][0].as_py())))
+
+    def _multilabel(self) -> bool:
+        """Whether the model behind these predictions is multi-label (from ``_model.json``)."""
+        from pipelines import prediction_store
+
+        try:
+            record = prediction_store.read_model_record(self.source)
+        except FileNotFoundError:
+            return False  # endpoint logs keep no model record; their mask_png is what was sent
+        return bool(record.get("mask_spec", {}).get("multilabel"))
 
     def _derive(self, table: pa.Table) -> "Frame":
         return Frame(table, kind=self.kind, source=self.source, base=self.base,
@@ -222,13 +239,15 @@ class Frame:
 # ---------------------------------------------------------------------------------- import
 
 
-def read_frame(path: str, storage_options: dict[str, Any] | None = None) -> Frame:
+def read_frame(path: storage.Uri, storage_options: dict[str, Any] | None = None) -> Frame:
     """Build a :class:`Frame` from a manifest, an images/+masks/ prefix, pack shards or predictions.
 
     Only metadata is read: the manifest itself, a listing, or the non-binary Parquet columns.
+    ``path`` is a URI or a ``pathlib.Path``.
     """
     from pipelines import ingest
 
+    path = storage.as_uri(path)
     if not storage.exists(path, storage_options):
         raise FileNotFoundError(f"import_file: nothing at {path!r} (a manifest .csv/.parquet, a "
                                 f"prefix holding images/ and masks/, or a Parquet directory)")
@@ -319,8 +338,9 @@ def _is_binary(kind: pa.DataType) -> bool:
 def _resolve(base: str, value: str | None) -> str | None:
     if value is None or not value.strip():
         return None
-    parts = [p.strip() for p in value.split(_MASK_SEPARATOR) if p.strip()]
-    return _MASK_SEPARATOR.join(storage.resolve_against(base, p) for p in parts)
+    from pipelines.ingest import resolve_mask_parts
+
+    return resolve_mask_parts(base, value)
 
 
 def write_manifest(parts: Sequence[tuple[Frame, str | None]], uri: str, *, x: str,

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
-from seg_core.codecs import DEFAULT_MAX_PIXELS, decode_image, decode_mask
+from seg_core.codecs import DEFAULT_MAX_PIXELS, IGNORE_PART, decode_image, decode_mask
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
 
@@ -44,6 +44,7 @@ ROW_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [("image_bytes", pa.binary()), ("mask
 """Rows of :func:`read_pairs`."""
 
 MASK_SEPARATOR = ";"
+IGNORE_PREFIX = "ignore="  # a multi-label mask part naming a binary ignore mask
 _PARTS_MAGIC = b"RSMP"            # multi-part mask container, see pack_mask_parts
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_SUFFIXES = IMAGE_SUFFIXES   # old private name, still imported by pipelines.predict
@@ -156,8 +157,23 @@ def _folds(column: pa.ChunkedArray, uri: str) -> list[int | None]:
 def _resolve(base: str, value: str | None) -> str | None:
     if value is None:
         return None
-    parts = [p.strip() for p in value.split(MASK_SEPARATOR) if p.strip()]
-    return MASK_SEPARATOR.join(storage.resolve_against(base, p) for p in parts) or None
+    return resolve_mask_parts(base, value) or None
+
+
+def resolve_mask_parts(base: str, value: str) -> str:
+    """Each ``;``-separated part resolved against ``base``; an ``ignore=`` prefix is kept."""
+    resolved = []
+    for part in (p.strip() for p in value.split(MASK_SEPARATOR)):
+        if part:
+            prefix = IGNORE_PREFIX if part.startswith(IGNORE_PREFIX) else ""
+            resolved.append(prefix + storage.resolve_against(base, part[len(prefix):]))
+    return MASK_SEPARATOR.join(resolved)
+
+
+def mask_part_uris(value: str | None) -> list[str]:
+    """The file URIs of a (resolved) mask value, ``ignore=`` prefixes removed."""
+    parts = [p.strip() for p in (value or "").split(MASK_SEPARATOR) if p.strip()]
+    return [p.removeprefix(IGNORE_PREFIX) for p in parts]
 
 
 def _default_ids(images: list[str | None]) -> list[str]:
@@ -237,7 +253,7 @@ def fetch_bytes(batch: pa.Table, storage_options: dict[str, Any]) -> pa.Table:
     masks = batch["mask_uri"].to_pylist()
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
         image_bytes = list(pool.map(lambda u: _read_or_none(u, storage_options), images))
-        mask_bytes = list(pool.map(lambda u: _read_mask(u, storage_options), masks))
+        mask_bytes = list(pool.map(lambda u: read_mask_bytes(u, storage_options), masks))
     columns = [batch[name].cast(field.type) for name, field in zip(PAIR_SCHEMA.names, PAIR_SCHEMA)]
     columns += [pa.array(image_bytes, pa.binary()), pa.array(mask_bytes, pa.binary())]
     return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
@@ -252,11 +268,19 @@ def _read_or_none(uri: str | None, storage_options: dict[str, Any]) -> bytes | N
         return None
 
 
-def _read_mask(uri: str | None, storage_options: dict[str, Any]) -> bytes | None:
-    if uri is None or MASK_SEPARATOR not in uri:
+def read_mask_bytes(uri: str | None, storage_options: dict[str, Any] | None = None
+                    ) -> bytes | None:
+    """One mask file's bytes, or the per-class files of ``a.png;b.png`` packed into one blob
+    (:func:`pack_mask_parts`); ``None`` when any file is missing."""
+    if uri is None or (MASK_SEPARATOR not in uri and not uri.startswith(IGNORE_PREFIX)):
         return _read_or_none(uri, storage_options)
-    parts = [_read_or_none(u, storage_options) for u in uri.split(MASK_SEPARATOR)]
-    return None if any(p is None for p in parts) else pack_mask_parts(parts)
+    parts = []
+    for part in uri.split(MASK_SEPARATOR):
+        data = _read_or_none(part.removeprefix(IGNORE_PREFIX), storage_options)
+        if data is None:
+            return None
+        parts.append(IGNORE_PART + data if part.startswith(IGNORE_PREFIX) else data)
+    return pack_mask_parts(parts)
 
 
 def pack_mask_parts(parts: Sequence[bytes]) -> bytes:

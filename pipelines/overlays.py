@@ -31,7 +31,7 @@ def render_overlays(ids: list[str], group: str, *, truth: pa.Table, predictions:
                     max_side: int = 384) -> list[str]:
     """Write one ``<group>_<rank>_<id>.png`` per id under ``out_dir``; return relative paths."""
     from pipelines.evaluate import decode_prediction
-    from pipelines.ingest import unpack_mask_parts
+    from pipelines.ingest import read_mask_bytes, unpack_mask_parts
     from seg_core.codecs import decode_image, decode_mask
 
     if not ids:
@@ -44,7 +44,10 @@ def render_overlays(ids: list[str], group: str, *, truth: pa.Table, predictions:
     for rank, image_id in enumerate(ids):
         image = decode_image(storage.read_bytes(uris[image_id]["image_uri"]))
         mask_uri = uris[image_id]["mask_uri"]
-        truth_mask = decode_mask(unpack_mask_parts(storage.read_bytes(mask_uri)), spec)
+        data = read_mask_bytes(mask_uri)  # multi-label: one file per class (+ ignore=)
+        if data is None:
+            raise FileNotFoundError(f"{mask_uri}: a mask file is missing")
+        truth_mask = decode_mask(unpack_mask_parts(data), spec, source=mask_uri)
         panel = side_by_side(image, truth_mask, decode_prediction(by_id[image_id], spec), spec,
                              caption=f"{group} #{rank + 1}: {image_id}  mean IoU "
                                      f"{scores.get(image_id, float('nan')):.4f}",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.ingest import (MASK_SEPARATOR, ROW_SCHEMA, SourceKind, detect_kind, pair_table,
+from pipelines.ingest import (ROW_SCHEMA, SourceKind, detect_kind, mask_part_uris, pair_table,
                               read_pairs)
 from seg_core.codecs import sniff_format
 
@@ -161,7 +161,7 @@ def _mean_row_bytes(source: str, kind: SourceKind, storage_options) -> float:
     for i in picks:
         for name in ("image_uri", "mask_uri"):
             value = table[name][i].as_py()
-            uris.extend(value.split(MASK_SEPARATOR) if value else [])
+            uris.extend(mask_part_uris(value))
     sizes = [s for s in storage.file_sizes(uris, storage_options) if s is not None]
     return sum(sizes) / max(len(picks), 1) if sizes else 1.0
 

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from pipelines import prediction_store as store
 from pipelines import storage
+from pipelines.storage import fspath_fields
 from pipelines.predict_inputs import InputPlan, plan_inputs
 from seg_core.codecs import decode_image
 from seg_core.errors import InputError
@@ -59,6 +60,7 @@ class PredictConfig:
     progress: bool = True           # Ray Data progress bars (rows done per stage)
 
     def __post_init__(self) -> None:
+        fspath_fields(self, "model", "input", "out")
         if self.batch_size < 1 or self.rows_per_file < 1:
             raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
                              f"{self.batch_size} and {self.rows_per_file}")

@@ -83,10 +83,13 @@ def segment_body(encoded: Mapping[str, Any], *, request_id: str, model: Mapping[
                  timing_ms: Mapping[str, float]) -> dict[str, Any]:
     """The JSON answer of ``POST /v1/segment`` from :func:`seg_core.inference.encode_prediction`.
 
-    ``class_areas`` maps each class name to its pixel count and its fraction of the image.
+    ``class_areas`` maps each class name to its pixel count, its fraction of the image and its
+    mean confidence (``class_mean_confidence`` of ``encode_prediction``).  Multi-label answers add
+    ``class_mask_pngs``: one binary PNG (0/255) per class, in class order.
     """
     total = max(height * width, 1)
     counts = encoded["class_pixel_counts"]
+    confidence = encoded.get("class_mean_confidence") or [None] * len(counts)
     body: dict[str, Any] = {
         "request_id": request_id,
         "model": dict(model),
@@ -96,8 +99,9 @@ def segment_body(encoded: Mapping[str, Any], *, request_id: str, model: Mapping[
         "mask_png": _b64(encoded["mask_png"]),
         "class_names": list(class_names),
         "class_pixel_counts": list(counts),
-        "class_areas": {name: {"pixels": n, "fraction": round(n / total, 6)}
-                        for name, n in zip(class_names, counts)},
+        "class_areas": {name: {"pixels": n, "fraction": round(n / total, 6),
+                               "mean_confidence": None if c is None else round(c, 6)}
+                        for name, n, c in zip(class_names, counts, confidence)},
         "mean_confidence": encoded["mean_confidence"],
         "timing_ms": {k: round(v, 3) for k, v in timing_ms.items()},
     }

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 StorageOptions = Mapping[str, Any]
+Uri = str | os.PathLike  # every function here takes a pathlib.Path wherever it takes a URI
 
 _S3_ENV = (
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -78,6 +79,7 @@ PREDICTION_SCHEMA = pa.schema([
     pa.field("class_mask_pngs", pa.list_(pa.binary())),   # one binary PNG per class
     pa.field("class_pixel_counts", pa.list_(pa.int64())),
     pa.field("mean_confidence", pa.float32()),
+    pa.field("class_mean_confidence", pa.list_(pa.float32())),  # per class (see encode_prediction)
     pa.field("confidence_png", pa.binary(), nullable=True),
     pa.field("request_id", pa.string(), nullable=True),   # serve only
     pa.field("latency_ms", pa.float32(), nullable=True),  # serve only
@@ -88,17 +90,37 @@ PREDICTION_SCHEMA = pa.schema([
 # ---------------------------------------------------------------------------------- filesystems
 
 
-def scheme_of(uri: str) -> str:
+def as_uri(uri: Uri) -> str:
+    """A URI or path as ``str``: ``pathlib.Path`` (any ``os.PathLike``) is accepted everywhere."""
+    if isinstance(uri, str):
+        return uri
+    if isinstance(uri, os.PathLike):
+        return os.fspath(uri)
+    raise TypeError(f"expected a URI or path (str or os.PathLike), got {type(uri).__name__} "
+                    f"{uri!r}")
+
+
+def fspath_fields(config: Any, *names: str) -> None:
+    """Turn ``pathlib.Path`` (any ``os.PathLike``) fields of a frozen dataclass into ``str``."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, os.PathLike):
+            object.__setattr__(config, name, os.fspath(value))
+
+
+def scheme_of(uri: Uri) -> str:
     """``"s3"``, ``"gs"``, ... or ``"file"`` for local paths."""
+    uri = as_uri(uri)
     return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 
-def is_local(uri: str) -> bool:
+def is_local(uri: Uri) -> bool:
     return scheme_of(uri) == "file"
 
 
-def strip_scheme(uri: str) -> str:
+def strip_scheme(uri: Uri) -> str:
     """``s3://bkt/p`` -> ``bkt/p``; ``file:///a/b`` and relative paths -> absolute local path."""
+    uri = as_uri(uri)
     if is_local(uri):
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return os.path.abspath(os.path.expanduser(path))
@@ -139,7 +161,7 @@ def resolve_options(storage_options: StorageOptions | None = None) -> dict[str, 
     return opts
 
 
-def filesystem_for(uri: str, storage_options: StorageOptions | None = None
+def filesystem_for(uri: Uri, storage_options: StorageOptions | None = None
                    ) -> tuple[pafs.FileSystem, str]:
     """``(pyarrow filesystem, path without scheme)`` for ``uri``.
 
@@ -170,7 +192,7 @@ def _filesystem(scheme: str, opts: tuple[tuple[str, Any], ...]) -> pafs.FileSyst
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
 
 
-def _with_scheme(uri: str, path: str) -> str:
+def _with_scheme(uri: Uri, path: str) -> str:
     """Re-attach ``uri``'s scheme to a scheme-less ``path`` returned by a filesystem."""
     return path if is_local(uri) else f"{scheme_of(uri)}://{path}"
 
@@ -178,24 +200,27 @@ def _with_scheme(uri: str, path: str) -> str:
 # ------------------------------------------------------------------------------------ URI helpers
 
 
-def join_uri(base: str, *parts: str) -> str:
+def join_uri(base: Uri, *parts: Uri) -> str:
     """Join path parts onto ``base`` with ``/`` (keeps the scheme; ``..`` is normalised)."""
+    base, parts = as_uri(base), tuple(as_uri(p) for p in parts)
     if is_local(base):
         return os.path.normpath(os.path.join(strip_scheme(base), *parts))
     scheme, rest = base.split("://", 1)
     return f"{scheme}://{posixpath.normpath(posixpath.join(rest, *parts))}"
 
 
-def parent_uri(uri: str) -> str:
+def parent_uri(uri: Uri) -> str:
     """The directory holding ``uri``."""
+    uri = as_uri(uri)
     if is_local(uri):
         return os.path.dirname(strip_scheme(uri))
     scheme, rest = uri.split("://", 1)
     return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
 
 
-def resolve_against(base_dir: str, ref: str) -> str:
+def resolve_against(base_dir: Uri, ref: Uri) -> str:
     """``ref`` if it is absolute (scheme or ``/``), else ``ref`` relative to ``base_dir``."""
+    base_dir, ref = as_uri(base_dir), as_uri(ref)
     if "://" in ref or (is_local(base_dir) and os.path.isabs(ref)):
         return ref
     return join_uri(base_dir, ref)
@@ -204,14 +229,14 @@ def resolve_against(base_dir: str, ref: str) -> str:
 # ----------------------------------------------------------------------------------- object I/O
 
 
-def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
+def read_bytes(uri: Uri, storage_options: StorageOptions | None = None) -> bytes:
     """Whole object as bytes.  Raises ``FileNotFoundError`` when it does not exist."""
     fs, path = filesystem_for(uri, storage_options)
     with fs.open_input_stream(path) as stream:
         return stream.read()
 
 
-def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+def write_bytes(uri: Uri, data: bytes, storage_options: StorageOptions | None = None) -> None:
     """Create or replace one object (local parent directories are created)."""
     fs, path = filesystem_for(uri, storage_options)
     if is_local(uri):
@@ -220,7 +245,7 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = 
         stream.write(data)
 
 
-def open_uri(uri: str, mode: str = "rb", storage_options: StorageOptions | None = None):
+def open_uri(uri: Uri, mode: str = "rb", storage_options: StorageOptions | None = None):
     """A binary file object (``rb`` random access, ``wb`` stream) for ``uri``."""
     fs, path = filesystem_for(uri, storage_options)
     if mode == "rb":
@@ -232,13 +257,13 @@ def open_uri(uri: str, mode: str = "rb", storage_options: StorageOptions | None 
     raise ValueError(f"open_uri: mode must be 'rb' or 'wb', got {mode!r}")
 
 
-def exists(uri: str, storage_options: StorageOptions | None = None) -> bool:
+def exists(uri: Uri, storage_options: StorageOptions | None = None) -> bool:
     """True when ``uri`` is an existing object or directory (prefix)."""
     fs, path = filesystem_for(uri, storage_options)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(prefix: str, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
+def list_files(prefix: Uri, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
                storage_options: StorageOptions | None = None) -> list[tuple[str, int]]:
     """Sorted ``(uri, size in bytes)`` of the files under ``prefix``, optionally by suffix."""
     fs, path = filesystem_for(prefix, storage_options)
@@ -251,7 +276,7 @@ def list_files(prefix: str, *, recursive: bool = True, suffixes: tuple[str, ...]
     )
 
 
-def list_uri(prefix: str, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
+def list_uri(prefix: Uri, *, recursive: bool = True, suffixes: tuple[str, ...] = (),
              storage_options: StorageOptions | None = None) -> list[str]:
     """Sorted URIs of the files under ``prefix`` (optionally only those ending in ``suffixes``)."""
     return [uri for uri, _ in list_files(prefix, recursive=recursive, suffixes=suffixes,
@@ -268,7 +293,7 @@ def file_sizes(uris: list[str], storage_options: StorageOptions | None = None) -
     return sizes
 
 
-def copy_dir_to_local(uri: str, local_dir: str | os.PathLike,
+def copy_dir_to_local(uri: Uri, local_dir: str | os.PathLike,
                       storage_options: StorageOptions | None = None) -> Path:
     """Download every file under ``uri`` into ``local_dir`` (a local ``uri`` is copied too)."""
     fs, path = filesystem_for(uri, storage_options)
@@ -279,9 +304,10 @@ def copy_dir_to_local(uri: str, local_dir: str | os.PathLike,
     return dest
 
 
-def copy_dir_from_local(local_dir: str | os.PathLike, uri: str,
+def copy_dir_from_local(local_dir: str | os.PathLike, uri: Uri,
                         storage_options: StorageOptions | None = None) -> str:
     """Upload every file under ``local_dir`` to ``uri``; returns ``uri``."""
+    uri = as_uri(uri)
     fs, path = filesystem_for(uri, storage_options)
     if is_local(uri):
         fs.create_dir(path, recursive=True)
@@ -304,7 +330,7 @@ def write_table(table: pa.Table, uri: str, storage_options: StorageOptions | Non
     return uri
 
 
-def read_table(uri: str, storage_options: StorageOptions | None = None) -> pa.Table:
+def read_table(uri: Uri, storage_options: StorageOptions | None = None) -> pa.Table:
     """Read a Parquet file or a directory of Parquet files at ``uri``."""
     import pyarrow.parquet as pq
 

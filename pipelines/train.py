@@ -87,7 +87,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     ensure_ray()
     cfg = absolute_paths(cfg)
     data = build_train_data(cfg)
-    cfg = resolve_class_weights(cfg, data.class_pixels)
+    cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
     plan = plan_steps(cfg, data.num_train)
     run_uri = storage.join_uri(cfg.storage.storage_path, cfg.run_name)
     _save_run_config(cfg, run_uri)
@@ -123,21 +123,29 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     result = write_artifact(cfg, state, data.source_sha256, run_uri)
-    total = max(sum(data.class_pixels), 1)
+    total = max(data.labelled_pixels if cfg.mask.multilabel else sum(data.class_pixels), 1)
     return dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
                                class_weights=cfg.class_weights)
 
 
-def resolve_class_weights(cfg: TrainConfig, class_pixels: tuple[int, ...]) -> TrainConfig:
-    """``class_weights: auto`` -> median-frequency weights from the training masks' pixels."""
-    if cfg.class_weights != "auto":
-        return cfg
-    from seg_core.losses import median_frequency_weights
+def resolve_class_weights(cfg: TrainConfig, class_pixels: tuple[int, ...],
+                          labelled_pixels: int) -> TrainConfig:
+    """``auto`` weights from the training masks: ``class_weights`` by median frequency,
+    ``pos_weight`` (multi-label) by each class's negatives / positives."""
+    from seg_core.losses import median_frequency_weights, positive_weights
 
-    weights = median_frequency_weights(class_pixels)
-    print(f"[{cfg.run_name}] class_weights=auto (median frequency, capped at 10): "
-          + ", ".join(f"{n} {w:.3g}" for n, w in zip(cfg.mask.names, weights)), flush=True)
-    return dataclasses.replace(cfg, class_weights=weights)
+    names = cfg.mask.names
+    if cfg.class_weights == "auto":
+        weights = median_frequency_weights(class_pixels)
+        print(f"[{cfg.run_name}] class_weights=auto (median frequency, capped at 10): "
+              + ", ".join(f"{n} {w:.3g}" for n, w in zip(names, weights)), flush=True)
+        cfg = dataclasses.replace(cfg, class_weights=weights)
+    if cfg.pos_weight == "auto":
+        weights = positive_weights(class_pixels, labelled_pixels)
+        print(f"[{cfg.run_name}] pos_weight=auto (negatives / positives, capped at 10): "
+              + ", ".join(f"{n} {w:.3g}" for n, w in zip(names, weights)), flush=True)
+        cfg = dataclasses.replace(cfg, pos_weight=weights)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- sizing and plans
@@ -321,6 +329,7 @@ class TrainData:
     num_val: int
     source_sha256: str
     class_pixels: tuple[int, ...] = ()  # labelled training pixels per class (at training size)
+    labelled_pixels: int = 0  # training pixels not ignored (multi-label: per image, not class)
 
 
 def build_train_data(cfg: TrainConfig) -> TrainData:
@@ -362,10 +371,13 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
                          f"folds and the quarantine)")
     # one cheap pass over the cached set (a second decode otherwise: only when auto needs it)
     class_pixels: tuple[int, ...] = ()
-    if cfg.data.cache_decoded or cfg.class_weights == "auto":
-        class_pixels = tuple(int(c) for c in class_pixel_counts(train, cfg.mask))
+    labelled = 0
+    if cfg.data.cache_decoded or "auto" in (cfg.class_weights, cfg.pos_weight):
+        counts, labelled = class_pixel_counts(train, cfg.mask)
+        class_pixels = tuple(int(c) for c in counts)
     return TrainData(train=train, val=val, augment=prepared.augment, num_train=counts[0],
-                     num_val=counts[1], source_sha256=digest, class_pixels=class_pixels)
+                     num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
+                     labelled_pixels=labelled)
 
 
 def sha256_hex(data: bytes) -> str:

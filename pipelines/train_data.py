@@ -157,31 +157,36 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
             "mask": _column(masks)}
 
 
-def class_pixel_counts(dataset: "ray.data.Dataset", mask_spec: MaskSpec) -> np.ndarray:
-    """Pixels per class over every mask of ``dataset`` (ignored pixels excluded): K int64.
+def class_pixel_counts(dataset: "ray.data.Dataset", mask_spec: MaskSpec
+                       ) -> tuple[np.ndarray, int]:
+    """``(pixels per class, labelled pixels)`` over every mask of ``dataset``: K int64 and int.
 
-    Multi-label masks count the pixels where each class is on.  One Ray Data pass; cheap on a
-    materialised training set.
+    Ignored pixels count nowhere.  Multi-label masks count the pixels where each class is on;
+    labelled pixels are those not ignored (per image, as the ignore mask spans every class).
+    One Ray Data pass; cheap on a materialised training set.
     """
     k = mask_spec.num_classes
     counted = dataset.map_batches(_count_classes, batch_format="numpy", num_cpus=0.25,
                                   fn_kwargs={"mask_spec": mask_spec})
-    total = np.zeros(k, np.int64)
+    total = np.zeros(k + 1, np.int64)
     for batch in counted.iter_batches(batch_format="numpy", batch_size=None):
         total += np.asarray(np.stack(batch["class_pixels"]), np.int64).sum(axis=0)
-    return total
+    return total[:k], int(total[k])
 
 
 def _count_classes(batch: dict[str, np.ndarray], mask_spec: MaskSpec) -> dict[str, np.ndarray]:
+    """Per row: K class pixel counts, then the number of labelled (not ignored) pixels."""
     k, counts = mask_spec.num_classes, []
     for mask in batch["mask"]:
         mask = np.asarray(mask)
         if mask_spec.multilabel:  # K x H x W; ignore_index marks skipped pixel-channels
-            counts.append(((mask == 1).reshape(k, -1)).sum(axis=1).astype(np.int64))
+            on = (mask == 1).reshape(k, -1).sum(axis=1)
+            counts.append(np.append(on, (mask[0] != mask_spec.ignore_index).sum()))
         else:
-            labelled = mask[(mask >= 0) & (mask < k)]
-            counts.append(np.bincount(labelled.ravel().astype(np.int64), minlength=k)[:k])
-    return {"class_pixels": np.stack(counts) if counts else np.zeros((0, k), np.int64)}
+            labelled = mask[(mask >= 0) & (mask < k)].ravel().astype(np.int64)
+            counts.append(np.append(np.bincount(labelled, minlength=k)[:k], labelled.size))
+    return {"class_pixels": np.stack(counts).astype(np.int64) if counts
+            else np.zeros((0, k + 1), np.int64)}
 
 
 def write_quarantine(rows: list[dict[str, Any]], quarantine_uri: str,

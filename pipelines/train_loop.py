@@ -140,7 +140,8 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
                                 schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio,
                                 power=cfg.optim.poly_power)
     loss_fn = build_loss(cfg.loss, num_classes=cfg.model.num_classes,
-                         ignore_index=cfg.mask.ignore_index, class_weights=cfg.class_weights)
+                         ignore_index=cfg.mask.ignore_index, class_weights=cfg.class_weights,
+                         pos_weight=cfg.pos_weight)
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)
     return Parts(unet, model, optimizer, scheduler, loss_fn, device,
                  torch.bfloat16 if amp else None, channels_last)

@@ -156,8 +156,9 @@ def summarize_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
 def _class_pixels(mask: np.ndarray, spec: MaskSpec) -> np.ndarray:
     """Pixel count per class, plus ignored pixels as a last entry (K + 1 int64)."""
     k = spec.num_classes
-    if spec.multilabel:  # K x H x W {0, 1}
-        return np.append(mask.reshape(k, -1).sum(axis=1, dtype=np.int64), 0)
+    if spec.multilabel:  # K x H x W {0, 1}, ignore_index where an ignore mask marks pixels
+        on = (mask == 1).reshape(k, -1).sum(axis=1, dtype=np.int64)
+        return np.append(on, int((mask[0] == spec.ignore_index).sum()))
     counts = np.bincount(np.where(mask == spec.ignore_index, k, mask).ravel(), minlength=k + 1)
     return counts.astype(np.int64)
 

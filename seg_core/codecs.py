@@ -82,6 +82,11 @@ def decode_image(data: bytes, *, source: str = "<bytes>",
     return np.ascontiguousarray(arr)
 
 
+# A multi-label mask part that marks pixels to ignore (the manifest's ``ignore=<file>`` part,
+# see pipelines.ingest) carries this prefix in front of its file bytes.
+IGNORE_PART = b"RSEG-IGNORE\x00"
+
+
 def decode_mask(data: bytes | Sequence[bytes], spec: MaskSpec, *, source: str = "<bytes>",
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a lossless mask to class ids.
@@ -89,11 +94,13 @@ def decode_mask(data: bytes | Sequence[bytes], spec: MaskSpec, *, source: str = 
     Multi-class: one file -> H x W int64 in ``0..K-1`` or ``spec.ignore_index``.  Raw values are the
     class ids, or are mapped through ``spec.mask_values`` (grey) or ``spec.palette`` (colour).
     Multi-label (``spec.multilabel``): a list of K binary files, or one file with K channels (e.g.
-    a multi-channel TIFF) -> K x H x W uint8 {0, 1}.  Binary files may use 0/1 or 0/255.
+    a multi-channel TIFF) -> K x H x W uint8 {0, 1}.  Binary files may use 0/1 or 0/255, so 255
+    cannot mark "ignore" there: an extra part that starts with :data:`IGNORE_PART` is a binary
+    ignore mask, and its non-zero pixels become ``spec.ignore_index`` in every class.
     """
     files = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     for blob in files:
-        _refuse_lossy(bytes(blob), source)
+        _refuse_lossy(bytes(blob).removeprefix(IGNORE_PART), source)
     if spec.multilabel:
         return _decode_multilabel(files, spec, source=source, max_pixels=max_pixels)
     if len(files) != 1:
@@ -355,8 +362,15 @@ def _raise_unknown(bad: list, counts: np.ndarray, spec: MaskSpec, source: str) -
 
 def _decode_multilabel(files: list, spec: MaskSpec, *, source: str,
                        max_pixels: int) -> np.ndarray:
-    """K binary files, or one K-channel file -> K x H x W uint8 {0, 1}."""
+    """K binary files, or one K-channel file -> K x H x W uint8 {0, 1} (ignore_index where an
+    ignore part marks pixels)."""
     k = spec.num_classes
+    ignore = [bytes(f)[len(IGNORE_PART):] for f in files if bytes(f).startswith(IGNORE_PART)]
+    files = [f for f in files if not bytes(f).startswith(IGNORE_PART)]
+    if len(ignore) > 1:
+        raise InputError("bad_channels", f"{len(ignore)} ignore masks for one image, expected at "
+                                         f"most one", source=source,
+                         hint="list one ignore=<file> part per row")
     if len(files) == 1:
         blob = bytes(files[0])
         if sniff_format(blob) == "tiff":
@@ -385,4 +399,18 @@ def _decode_multilabel(files: list, spec: MaskSpec, *, source: str,
         raise InputError("unknown_label", f"multi-label mask values {bad[:8].tolist()} are not "
                                           "binary (expected 0 and 1 or 255)", source=source,
                          hint="save each class mask as binary: 0 = absent, 1 or 255 = present")
-    return (stacked != 0).astype(np.uint8)
+    mask = (stacked != 0).astype(np.uint8)
+    if ignore:
+        name = f"{source}[ignore]"
+        plane = _single_channel(_decode(ignore[0], source=name, max_pixels=max_pixels,
+                                        palette_indices=True), name)
+        if plane.shape != mask.shape[1:]:
+            raise InputError("size_mismatch", f"ignore mask is {plane.shape[0]}x{plane.shape[1]}"
+                             f", class masks are {mask.shape[1]}x{mask.shape[2]}", source=source,
+                             hint="draw the ignore mask at the image's H x W")
+        if not 0 <= spec.ignore_index <= 255:
+            raise InputError("unknown_label", f"ignore_index={spec.ignore_index} does not fit a "
+                             f"uint8 multi-label mask", source=source,
+                             hint="use an ignore_index in 2..255 (the default 255 works)")
+        mask[:, plane != 0] = spec.ignore_index
+    return mask

@@ -128,6 +128,11 @@ class MaskSpec:
             raise ValueError(
                 f"MaskSpec: {len(self.class_names)} class_names for num_classes={self.num_classes}"
             )
+        if self.multilabel and self.ignore_index in (0, 1):
+            raise ValueError(
+                f"MaskSpec: ignore_index={self.ignore_index} collides with the 0/1 values of a "
+                f"multi-label mask; pick a value >= 2, e.g. 255"
+            )
         if 0 <= self.ignore_index < self.num_classes and not self.multilabel:
             raise ValueError(
                 f"MaskSpec: ignore_index={self.ignore_index} collides with a class id "

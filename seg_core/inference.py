@@ -240,6 +240,9 @@ def encode_prediction(pred: Prediction, spec: MaskSpec,
     - ``class_mask_pngs``: one binary PNG (0/255) per class, in class order.
     - ``class_pixel_counts``: pixels per class (list of int, length K).
     - ``mean_confidence``: float; ``confidence_png``: confidence * 255 as uint8 PNG, or None.
+    - ``class_mean_confidence``: per class (length K).  Multi-label: the mean over all pixels
+      of how sure class k's own on/off decision is, ``max(p_k, 1 - p_k)``.  Multi-class: the
+      mean confidence over the pixels assigned to class k (None where it has none).
     """
     k = spec.num_classes
     if spec.multilabel:
@@ -249,6 +252,13 @@ def encode_prediction(pred: Prediction, spec: MaskSpec,
     else:
         ids = pred.mask
         planes = ids[None] == np.arange(k, dtype=ids.dtype).reshape(k, 1, 1)
+    if spec.multilabel:
+        decided = np.maximum(pred.probs, 1.0 - pred.probs).reshape(k, -1)
+        class_confidence: list[float | None] = [float(v) for v in decided.mean(axis=1)]
+    else:
+        sums = np.bincount(ids.ravel(), weights=pred.confidence.ravel(), minlength=k)[:k]
+        counts = np.bincount(ids.ravel(), minlength=k)[:k]
+        class_confidence = [float(s / n) if n else None for s, n in zip(sums, counts)]
     confidence_png = None
     if with_confidence:
         confidence_png = encode_png(np.rint(pred.confidence * 255).astype(np.uint8))
@@ -257,5 +267,6 @@ def encode_prediction(pred: Prediction, spec: MaskSpec,
         "class_mask_pngs": [encode_png(plane.astype(np.uint8) * 255) for plane in planes],
         "class_pixel_counts": [int(n) for n in planes.reshape(k, -1).sum(axis=1)],
         "mean_confidence": float(pred.confidence.mean()) if pred.confidence.size else 0.0,
+        "class_mean_confidence": class_confidence,
         "confidence_png": confidence_png,
     }

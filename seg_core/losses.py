@@ -177,14 +177,36 @@ class DiceLoss(SegLoss):
 
 
 class BCELoss(SegLoss):
-    """Multi-label sigmoid binary cross-entropy, mean over non-ignored pixel-channels."""
+    """Multi-label sigmoid binary cross-entropy, mean over non-ignored pixel-channels.
+
+    ``pos_weight`` (length ``K``) multiplies the loss of each class's *positive* pixels, as in
+    ``F.binary_cross_entropy_with_logits(pos_weight=...)``: a class that is on in 1% of the
+    pixels gets its recall back with a weight near its negatives/positives ratio.
+    """
 
     multilabel = True
 
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        class_weights: Sequence[float] | torch.Tensor | None = None,
+        pos_weight: Sequence[float] | torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(num_classes, ignore_index, class_weights)
+        weights = None
+        if pos_weight is not None:
+            weights = torch.as_tensor(pos_weight, dtype=torch.float32).flatten()
+            if weights.numel() != num_classes or bool((weights <= 0).any()):
+                raise ValueError(f"loss: pos_weight must be {num_classes} positive numbers, got "
+                                 f"{weights.tolist()}")
+        self.register_buffer("pos_weight", weights)
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         valid, safe = self._check(logits, target)
+        pos_weight = None if self.pos_weight is None else self.pos_weight.view(-1, 1, 1)
         per_item = F.binary_cross_entropy_with_logits(
-            logits.float(), safe.float(), reduction="none"
+            logits.float(), safe.float(), reduction="none", pos_weight=pos_weight
         )  # N,K,H,W
         weights = valid.float()
         if self.class_weights is not None:
@@ -231,6 +253,22 @@ def median_frequency_weights(class_pixels: Sequence[int], max_weight: float = 10
     return tuple(round(float(w), 6) for w in weights)
 
 
+def positive_weights(on_pixels: Sequence[int], labelled_pixels: int, max_weight: float = 10.0
+                     ) -> tuple[float, ...]:
+    """Multi-label ``pos_weight``: negatives / positives per class, clipped to [1, max_weight].
+
+    ``on_pixels[k]`` counts pixels where class k is on, ``labelled_pixels`` every non-ignored
+    pixel.  A class on in half the pixels or more gets 1; one on in 1% gets ``max_weight``; a class
+    never on gets 1 (there is nothing to up-weight).
+    """
+    on = torch.as_tensor(list(on_pixels), dtype=torch.float64)
+    if bool((on < 0).any()) or bool((on > labelled_pixels).any()) or max_weight < 1:
+        raise ValueError(f"positive_weights: expected 0 <= on_pixels <= labelled_pixels="
+                         f"{labelled_pixels} and max_weight >= 1, got {on.tolist()}, {max_weight}")
+    ratio = torch.where(on > 0, (labelled_pixels - on) / on.clamp_min(1), torch.ones_like(on))
+    return tuple(round(float(w), 6) for w in ratio.clamp(1.0, max_weight))
+
+
 def build_loss(
     name: LossName,
     *,
@@ -239,12 +277,17 @@ def build_loss(
     class_weights: Sequence[float] | torch.Tensor | None = None,
     focal_gamma: float = 2.0,
     dice_smooth: float = 1.0,
+    pos_weight: Sequence[float] | torch.Tensor | None = None,
 ) -> nn.Module:
     """The loss called ``name``: a module ``(logits N,K,H,W, target) -> scalar``.
 
     ``bce`` and ``bce_dice`` are multi-label (target ``N,K,H,W``); the rest are multi-class
     (target ``N,H,W``).  The returned module's ``multilabel`` attribute says which.
+    ``pos_weight`` (multi-label only) weighs each class's positive pixels in the BCE term.
     """
+    if pos_weight is not None and name not in MULTILABEL_LOSSES:
+        raise ValueError(f"build_loss: pos_weight is for the multi-label losses "
+                         f"{sorted(MULTILABEL_LOSSES)}, got loss {name!r}")
     common = {
         "num_classes": num_classes,
         "ignore_index": ignore_index,
@@ -259,7 +302,8 @@ def build_loss(
     if name == "dice_ce":
         return SumLoss(DiceLoss(**common, smooth=dice_smooth), CrossEntropyLoss(**common))
     if name == "bce":
-        return BCELoss(**common)
+        return BCELoss(**common, pos_weight=pos_weight)
     if name == "bce_dice":
-        return SumLoss(BCELoss(**common), DiceLoss(**common, smooth=dice_smooth, multilabel=True))
+        return SumLoss(BCELoss(**common, pos_weight=pos_weight),
+                       DiceLoss(**common, smooth=dice_smooth, multilabel=True))
     raise ValueError(f"build_loss: expected one of {list(LOSS_NAMES)}, got {name!r}")

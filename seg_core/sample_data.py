@@ -35,12 +35,14 @@ def generate_sample_dataset(out_dir: str | Path, *, n: int = 24, size: tuple[int
                             num_classes: int = 3, seed: int = 0,
                             formats: Sequence[str] = ("png", "jpeg", "bmp", "gif", "tiff"),
                             multilabel: bool = False, val_fraction: float = 0.25,
-                            nfolds: int = 0) -> Path:
+                            nfolds: int = 0,
+                            shape_probs: Sequence[float] | None = None) -> Path:
     """Write ``n`` image/mask pairs under ``out_dir`` and return the path of ``manifest.csv``.
 
     Manifest columns: ``image, mask, split`` (+ ``fold`` when ``nfolds > 0``), paths relative to
     the manifest.  ``round(n * val_fraction)`` samples (chosen by ``seed``) are ``val``, the rest
-    ``train``; folds are assigned round-robin over the same shuffled order.
+    ``train``; folds are assigned round-robin over the same shuffled order.  ``shape_probs``
+    (one per shape type) makes some classes rarer than others; by default they are equally likely.
     """
     shape_types = num_classes if multilabel else num_classes - 1
     if not 1 <= shape_types <= len(SHAPES):
@@ -54,17 +56,12 @@ def generate_sample_dataset(out_dir: str | Path, *, n: int = 24, size: tuple[int
     if n < 1 or not 0.0 <= val_fraction < 1.0 or nfolds < 0:
         raise ValueError(f"generate_sample_dataset: need n >= 1, 0 <= val_fraction < 1 and "
                          f"nfolds >= 0, got n={n}, val_fraction={val_fraction}, nfolds={nfolds}")
-    root = Path(out_dir)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng([seed, n]).permutation(n)
-    n_val = min(n - 1, round(n * val_fraction)) if n > 1 else 0
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
+    root = dataset_dirs(out_dir)
+    rank, n_val = split_ranks(n, seed, val_fraction)
     rows = []
     for index in range(n):
         image, mask = render_sample(index, size=size, shape_types=shape_types, seed=seed,
-                                    multilabel=multilabel)
+                                    multilabel=multilabel, shape_probs=shape_probs)
         fmt = formats[index % len(formats)]
         image_rel = f"images/sample_{index:04d}.{_EXTENSIONS[fmt]}"
         (root / image_rel).write_bytes(_encode_image(image, fmt))
@@ -78,16 +75,38 @@ def generate_sample_dataset(out_dir: str | Path, *, n: int = 24, size: tuple[int
         if nfolds:
             row["fold"] = str(int(rank[index]) % nfolds)
         rows.append(row)
-    manifest = root / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
+    return write_manifest_csv(root / "manifest.csv", rows)
+
+
+def dataset_dirs(out_dir: str | Path) -> Path:
+    """``out_dir`` with ``images/`` and ``masks/`` created."""
+    root = Path(out_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def split_ranks(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, int]:
+    """A seeded rank per sample and the val count: samples ranked below it are ``val``."""
+    order = np.random.default_rng([seed, n]).permutation(n)
+    n_val = min(n - 1, round(n * val_fraction)) if n > 1 else 0
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank, n_val
+
+
+def write_manifest_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    """Write ``rows`` (same keys each) as a CSV manifest at ``path``; returns ``path``."""
+    with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return manifest
+    return path
 
 
 def render_sample(index: int, *, size: tuple[int, int] = (96, 96), shape_types: int = 2,
-                  seed: int = 0, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = 0, multilabel: bool = False,
+                  shape_probs: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (H x W x 3 uint8 image, mask).
 
     The mask is H x W uint8 class ids (0 = background) or, with ``multilabel``, K x H x W uint8
@@ -99,7 +118,8 @@ def render_sample(index: int, *, size: tuple[int, int] = (96, 96), shape_types: 
     image = _background(rng, yy, xx)
     mask = np.zeros((shape_types, height, width) if multilabel else (height, width), np.uint8)
     for _ in range(int(rng.integers(2, 6))):
-        kind = int(rng.integers(0, shape_types))
+        kind = int(rng.integers(0, shape_types)) if shape_probs is None else \
+            int(rng.choice(shape_types, p=np.asarray(shape_probs, float) / sum(shape_probs)))
         region = _shape_region(SHAPES[kind], rng, yy, xx)
         colour = _BASE_COLOURS[kind] + rng.normal(0, 12, 3)
         paint = colour * (0.8 + 0.2 * _texture(kind, rng, yy, xx))[..., None]  # H x W x 3

@@ -17,13 +17,13 @@ Everything is a pure function of ``seed`` (each scene has its own generator ``[s
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from seg_core.codecs import encode_png
+from seg_core.sample_data import dataset_dirs, split_ranks, write_manifest_csv
 
 CLASS_NAMES: tuple[str, ...] = ("sky", "wall", "road", "water", "sign", "person")
 SKY, WALL, ROAD, WATER, SIGN, PERSON = range(len(CLASS_NAMES))
@@ -45,13 +45,8 @@ def generate_scene_dataset(out_dir: str | Path, *, n: int = 200,
     if n < 1 or not 0.0 <= val_fraction < 1.0 or min(height, width) < 48:
         raise ValueError(f"generate_scene_dataset: need n >= 1, 0 <= val_fraction < 1 and both "
                          f"sides >= 48 px, got n={n}, val_fraction={val_fraction}, size={size}")
-    root = Path(out_dir)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    order = np.random.default_rng([seed, n]).permutation(n)
-    n_val = min(n - 1, round(n * val_fraction)) if n > 1 else 0
-    is_val = np.zeros(n, dtype=bool)
-    is_val[order[:n_val]] = True
+    root = dataset_dirs(out_dir)
+    rank, n_val = split_ranks(n, seed, val_fraction)
     rows = []
     for index in range(n):
         image, mask = render_scene(index, size=size, seed=seed)
@@ -59,13 +54,8 @@ def generate_scene_dataset(out_dir: str | Path, *, n: int = 200,
         (root / image_rel).write_bytes(encode_png(image))
         (root / mask_rel).write_bytes(encode_png(mask))
         rows.append({"image": image_rel, "mask": mask_rel,
-                     "split": "val" if is_val[index] else "train"})
-    manifest = root / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "mask", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+                     "split": "val" if rank[index] < n_val else "train"})
+    return write_manifest_csv(root / "manifest.csv", rows)
 
 
 def render_scene(index: int, *, size: tuple[int, int] = (120, 184),

@@ -13,12 +13,13 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- readme-snippet:"
+MULTILABEL_MARKER = "<!-- readme-snippet-multilabel:"
 
 
-def readme_snippet() -> str:
+def readme_snippet(marker: str = MARKER) -> str:
     """The fenced ``python`` block that follows the marker comment."""
     text = README.read_text()
-    start = text.index(MARKER)
+    start = text.index(marker)
     match = re.compile(r"```python\n(.*?)```", re.S).search(text, start)
     assert match is not None, "no ```python block after the readme-snippet marker"
     return match.group(1)
@@ -62,3 +63,21 @@ def test_readme_snippet_runs_as_written(ray_session, tmp_path, monkeypatch, caps
     assert matrix.shape == (3, 3) and matrix.sum() == 6 * 96 * 96     # no ignored pixels
     assert perf.pixel_accuracy() == pytest.approx(np.trace(matrix) / matrix.sum())
     assert perf.mean_iou() > 0.3                                # it learned something
+
+
+@pytest.mark.slow
+def test_readme_multilabel_snippet_runs_as_written(ray_session, tmp_path, monkeypatch, capsys):
+    """Mask conventions' multi-label example: a Path manifest, K masks per prediction, scores."""
+    from pipelines.api import ModelPerformance
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme_snippet_multilabel"}
+    exec(compile(readme_snippet(MULTILABEL_MARKER), str(README), "exec"), namespace)
+
+    masks, perf = namespace["masks"], namespace["perf"]
+    assert isinstance(namespace["manifest"], Path)
+    assert masks.shape == (3, 96, 96) and set(np.unique(masks)) <= {0, 1}
+    assert isinstance(perf, ModelPerformance) and perf.images == 6
+    assert len(perf.iou()) == 3 and perf.confusion is None     # no confusion matrix: overlaps
+    assert "mIoU" in capsys.readouterr().out
+    assert perf.mean_iou() > 0.5                                 # it learned the three shapes

@@ -25,6 +25,8 @@ BENCHMARKS: dict[str, str] = {
     "quality_isbi": "ISBI 2012 membrane quality after a fixed wall-time budget through rayseg train",
     "quality_multiclass": "generated multi-class scenes: rayseg train + evaluate mIoU / a plain "
                           "PyTorch loop's mIoU, same data and wall budget",
+    "quality_multilabel": "generated multi-label scenes: estimator train + model_performance "
+                          "mIoU / a plain PyTorch sigmoid loop's mIoU, same data and budget",
 }
 
 REQUIRED_KEYS = ("bench", "figures", "ratio", "goal")

@@ -105,37 +105,49 @@ def scores(matrix: np.ndarray) -> dict[str, Any]:
 
 
 def load_split(manifest: Path, split: str, cfg: TrainConfig) -> Split:
-    """Decode the rows of ``split`` with PIL and normalise with ``cfg.preprocessing``."""
+    """Decode the rows of ``split`` with PIL and normalise with ``cfg.preprocessing``.
+
+    Masks are H x W class ids, or K x H x W {0, 1} when the mask column lists one file per
+    class (``a.png;b.png``, multi-label).
+    """
     with manifest.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["split"] == split]
     mean = np.asarray(cfg.preprocessing.mean, np.float32)[:, None, None]
     std = np.asarray(cfg.preprocessing.std, np.float32)[:, None, None]
     images = [(np.asarray(Image.open(manifest.parent / r["image"]).convert("RGB"), np.float32)
                .transpose(2, 0, 1) / 255.0 - mean) / std for r in rows]  # each C,H,W
-    masks = [np.asarray(Image.open(manifest.parent / r["mask"]), np.int64) for r in rows]
+    masks = [_read_mask(manifest.parent, r["mask"]) for r in rows]
     return Split(np.stack(images).astype(np.float32), np.stack(masks))
+
+
+def _read_mask(root: Path, value: str) -> np.ndarray:
+    parts = value.split(";")
+    if len(parts) == 1:
+        return np.asarray(Image.open(root / value), np.int64)
+    return np.stack([np.asarray(Image.open(root / p)) > 0 for p in parts]).astype(np.uint8)
 
 
 def flip(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, *, hflip: bool,
          vflip: bool) -> tuple[np.ndarray, np.ndarray]:
     """Each pair flipped left-right and/or up-down with probability 1/2 (images N,C,H,W)."""
     out_images, out_masks = [], []
-    for image, mask in zip(images, masks):  # image C,H,W; mask H,W
+    for image, mask in zip(images, masks):  # image C,H,W; mask H,W (or K,H,W multi-label)
         if hflip and rng.random() < 0.5:
             image, mask = image[..., ::-1], mask[..., ::-1]
         if vflip and rng.random() < 0.5:
-            image, mask = image[..., ::-1, :], mask[::-1]
+            image, mask = image[..., ::-1, :], mask[..., ::-1, :]
         out_images.append(image)
         out_masks.append(mask)
     return np.ascontiguousarray(np.stack(out_images)), np.ascontiguousarray(np.stack(out_masks))
 
 
 def train_plain(cfg: TrainConfig, train: Split, *, epochs: int, budget_s: float,
-                max_steps: int | None = None) -> PlainRun:
+                max_steps: int | None = None, loss_fn: Any = None) -> PlainRun:
     """A plain PyTorch loop: shuffle, flip, forward, loss, backward, clip, AdamW, cosine step.
 
     Stops after ``epochs`` epochs, when ``budget_s`` seconds have passed (checked every step,
     as ``max_runtime_secs`` is), or after ``max_steps`` steps (used to time a step).
+    ``loss_fn`` (logits, target) -> scalar defaults to ``cfg.loss`` from ``seg_core.losses``.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -145,8 +157,8 @@ def train_plain(cfg: TrainConfig, train: Split, *, epochs: int, budget_s: float,
     steps_per_epoch = math.ceil(len(train.images) / cfg.batch_size)
     total = max_steps or epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    loss_fn = build_loss(cfg.loss, num_classes=cfg.model.num_classes,
-                         ignore_index=cfg.mask.ignore_index)
+    loss_fn = loss_fn or build_loss(cfg.loss, num_classes=cfg.model.num_classes,
+                                    ignore_index=cfg.mask.ignore_index)
     model.train()
     step, epoch, started = 0, 0, time.perf_counter()
     durations: list[float] = []
@@ -249,19 +261,19 @@ def run(quick: bool = False) -> dict[str, Any]:
     plain_scores = scores(sum(confusion(p, t, k) for p, t in zip(predictions, val_split.masks)))
     ray_scores = ours["report"]["metrics"]["macro"]
     share = np.bincount(val_split.masks.ravel(), minlength=256) / val_split.masks.size
-    ray_iou = [_rounded(v) for v in ray_scores["per_class"]["iou"]]
-    plain_iou = [_rounded(v) for v in plain_scores["iou"]]
+    ray_iou = [rounded(v) for v in ray_scores["per_class"]["iou"]]
+    plain_iou = [rounded(v) for v in plain_scores["iou"]]
     print(class_table(share[:k] * 100, ray_iou, plain_iou), flush=True)
     result = ours["result"]
     figures = {
         "classes": list(CLASS_NAMES),
         "class_share_val_pct": [round(100 * float(s), 2) for s in share[:k]],
         "void_share_val_pct": round(100 * float(share[IGNORE_INDEX]), 2),
-        "rayseg_miou": _rounded(ray_scores["iou"]), "plain_miou": _rounded(plain_scores["miou"]),
-        "rayseg_pixel_accuracy": _rounded(ray_scores["pixel_accuracy"]),
-        "plain_pixel_accuracy": _rounded(plain_scores["pixel_accuracy"]),
+        "rayseg_miou": rounded(ray_scores["iou"]), "plain_miou": rounded(plain_scores["miou"]),
+        "rayseg_pixel_accuracy": rounded(ray_scores["pixel_accuracy"]),
+        "plain_pixel_accuracy": rounded(plain_scores["pixel_accuracy"]),
         "rayseg_iou": ray_iou, "plain_iou": plain_iou,
-        "rayseg_train_val_miou": _rounded(result.metrics["miou"]),
+        "rayseg_train_val_miou": rounded(result.metrics["miou"]),
         "epochs_planned": epochs, "rayseg_epochs": len(result.history),
         "plain_epochs": plain.epochs, "rayseg_steps": result.history[-1]["step"],
         "plain_steps": plain.steps, "rayseg_stopped": result.stopped, "budget_s": budget,
@@ -306,17 +318,17 @@ def rayseg_side(manifest: Path, *, epochs: int, budget_s: float, threads: int) -
 
 
 def class_table(share_pct: np.ndarray, rayseg_iou: list[float | None],
-                plain_iou: list[float | None]) -> str:
+                plain_iou: list[float | None], names: tuple[str, ...] = CLASS_NAMES) -> str:
     """Fixed-width per-class table: class, share of val pixels, rayseg IoU, plain IoU."""
     def shown(value: float | None) -> str:
         return "   n/a" if value is None else f"{value:6.3f}"
 
     lines = [f"{'class':<10} {'val %':>7} {'rayseg IoU':>11} {'plain IoU':>10}", "-" * 41]
-    for name, pct, ours, theirs in zip(CLASS_NAMES, share_pct, rayseg_iou, plain_iou):
+    for name, pct, ours, theirs in zip(names, share_pct, rayseg_iou, plain_iou):
         lines.append(f"{name:<10} {pct:7.2f} {shown(ours):>11} {shown(theirs):>10}")
     return "\n".join(lines)
 
 
-def _rounded(value: float | None) -> float | None:
+def rounded(value: float | None) -> float | None:
     """Four decimals; nan (a class absent from truth and prediction) becomes None for JSON."""
     return None if value is None or math.isnan(value) else round(float(value), 4)

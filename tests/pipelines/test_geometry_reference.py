@@ -6,7 +6,6 @@ position-dependent task, on images stored larger than the training size and non-
 from __future__ import annotations
 
 import csv
-import socket
 import urllib.request
 import uuid
 from pathlib import Path
@@ -21,6 +20,7 @@ from seg_core.config import MaskSpec, Preprocessing
 from tests.geometry_reference import (CLASS_NAMES, MEAN, NUM_CLASSES, STD, TRAIN_SIZE,
                                       assert_masks_match, reference_resized, render,
                                       train_position_model)
+from tests.serve_util import endpoint_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SEEDS = range(4)
@@ -66,17 +66,9 @@ def test_rayseg_predict_masks_equal_the_reference(ray_session, case) -> None:
 
 def test_endpoint_masks_equal_the_reference(ray_session, s3_bucket, case) -> None:
     from pipelines.serve import start_endpoint, stop_endpoint
-    from pipelines.serve_control import load_serve_config
 
-    config = load_serve_config()
-    deployment = config["applications"][0]["deployments"][0]
-    deployment["ray_actor_options"] = {"num_cpus": 0.25}
-    deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        config["http_options"].update(host="127.0.0.1", port=sock.getsockname()[1])
     url = start_endpoint(str(case["model"]), f"s3://{s3_bucket}/geometry-{uuid.uuid4().hex[:8]}",
-                         config=config)
+                         config=endpoint_config())
     try:
         for seed in SEEDS:
             data = (case["root"] / "images" / f"scene_{seed}.png").read_bytes()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.inference import Segmenter, encode_prediction
 from seg_core.model import UNet
 from seg_core.sample_data import png_bomb, render_sample
+from tests.serve_util import endpoint_config, free_port
 
 FORMATS = ("png", "jpeg", "bmp", "gif", "tiff")
 MAX_REQUEST_BYTES = 200_000
@@ -81,12 +81,6 @@ def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def make_artifact(path: Path) -> Path:
     """A tiny U-Net whose random weights are scaled so that its masks use several classes."""
     import torch
@@ -101,16 +95,6 @@ def make_artifact(path: Path) -> Path:
                          mask_spec=MaskSpec(num_classes=3, class_names=("bg", "a", "b")),
                          preprocessing=Preprocessing(tile_size=64, tile_overlap=0.25),
                          metrics={})
-
-
-def endpoint_config(port: int) -> dict:
-    """jobs/configs/serve.yaml with a quarter CPU per replica and small limits."""
-    data = load_serve_config()
-    deployment = data["applications"][0]["deployments"][0]
-    deployment["ray_actor_options"] = {"num_cpus": 0.25}
-    deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    data["http_options"].update(host="127.0.0.1", port=port)
-    return data
 
 
 # ------------------------------------------------------------------ without Ray: sink, configs

@@ -138,3 +138,29 @@ def test_local_s3_server_points_the_env_at_itself_and_restores_it(monkeypatch):
     assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://127.0.0.1:9"
     assert os.environ["AWS_ACCESS_KEY_ID"] == "outer"
     assert "AWS_ENDPOINT_URL" not in os.environ
+
+
+def test_pathlib_paths_are_uris_everywhere(tmp_path):
+    """Issue 20: generate_sample_dataset returns a Path, so every URI argument takes one."""
+    from pathlib import Path
+
+    from pipelines.config import DataSpec, StorageSpec
+    from pipelines.evaluate import EvaluateConfig
+    from pipelines.predict import PredictConfig
+
+    target = tmp_path / "a" / "b.bin"
+    storage.write_bytes(target, b"x")
+    assert storage.read_bytes(target) == b"x" and storage.exists(target)
+    assert storage.join_uri(tmp_path, Path("a"), "b.bin") == str(target)
+    assert storage.parent_uri(target) == str(target.parent)
+    assert storage.list_uri(tmp_path) == [str(target)]
+    assert storage.resolve_against(tmp_path, Path("a/b.bin")) == str(target)
+    assert DataSpec(manifest=tmp_path / "m.csv").manifest == str(tmp_path / "m.csv")
+    assert StorageSpec(models_uri=tmp_path).models_uri == str(tmp_path)
+    predict = PredictConfig(model=tmp_path / "model", input=tmp_path / "in", out=tmp_path / "out")
+    assert (predict.model, predict.input, predict.out) == tuple(
+        str(tmp_path / n) for n in ("model", "in", "out"))
+    assert EvaluateConfig(manifest=tmp_path / "m.csv", model=tmp_path).manifest == str(
+        tmp_path / "m.csv")
+    with pytest.raises(TypeError, match="expected a URI or path .*got int 3"):
+        storage.scheme_of(3)

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 from PIL import Image, ImageFile
 
-from seg_core.codecs import decode_image, decode_mask, encode_png, sniff_format
+from seg_core.codecs import IGNORE_PART, decode_image, decode_mask, encode_png, sniff_format
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
 from seg_core.sample_data import png_bomb
@@ -187,6 +187,25 @@ def test_multilabel_from_files_and_tiff() -> None:
     np.testing.assert_array_equal(decode_mask(tiff_bytes(np.stack([a, b])), spec), expected)
     planar = tiff_bytes(np.stack([a, b]), photometric="minisblack", planarconfig="separate")
     np.testing.assert_array_equal(decode_mask(planar, spec), expected)
+
+
+def test_multilabel_ignore_part_marks_every_class() -> None:
+    """255 means "on" in a binary class file, so ignore regions come as their own part."""
+    a = np.array([[0, 255], [255, 0]], dtype=np.uint8)
+    b = np.array([[1, 1], [0, 0]], dtype=np.uint8)
+    void = np.array([[0, 0], [0, 255]], dtype=np.uint8)
+    spec = MaskSpec(num_classes=2, multilabel=True, ignore_index=200)
+    out = decode_mask([pil_bytes(a, "PNG"), IGNORE_PART + pil_bytes(void, "PNG"),
+                       pil_bytes(b, "PNG")], spec)
+    np.testing.assert_array_equal(out, [[[0, 1], [1, 200]], [[1, 1], [0, 200]]])
+    error = refusal(decode_mask, [pil_bytes(a, "PNG"), pil_bytes(b, "PNG"),
+                                  IGNORE_PART + pil_bytes(np.zeros((3, 2), np.uint8), "PNG")], spec)
+    assert error.reason == "size_mismatch" and "ignore mask is 3x2" in str(error)
+    error = refusal(decode_mask, [pil_bytes(a, "PNG"), IGNORE_PART + pil_bytes(void, "PNG")] * 2,
+                    spec)
+    assert error.reason == "bad_channels" and "2 ignore masks" in str(error)
+    with pytest.raises(ValueError, match="collides with the 0/1 values"):
+        MaskSpec(num_classes=2, multilabel=True, ignore_index=1)
 
 
 def test_multilabel_wrong_channel_count() -> None:

@@ -159,3 +159,19 @@ def test_median_frequency_weights_by_hand() -> None:
     assert median_frequency_weights([0, 0]) == (1.0, 1.0)
     with pytest.raises(ValueError, match="non-negative pixel counts"):
         median_frequency_weights([3, -1])
+
+
+def test_positive_weights_and_bce_pos_weight_by_hand() -> None:
+    from seg_core.losses import positive_weights
+
+    # 1000 labelled pixels: on in 500 -> 1; in 100 -> 9; in 10 -> 99 capped at 10; never -> 1
+    assert positive_weights([500, 100, 10, 0], 1000) == (1.0, 9.0, 10.0, 1.0)
+    with pytest.raises(ValueError, match="0 <= on_pixels <= labelled_pixels"):
+        positive_weights([5], 4)
+    logits = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)
+    target = torch.tensor([1, 0], dtype=torch.uint8).view(1, 2, 1, 1)
+    loss = build_loss("bce", num_classes=2, pos_weight=[3.0, 3.0])(logits, target)
+    # log 2 for each channel; the positive one weighs 3: (3 log 2 + log 2) / 2 channels
+    assert float(loss) == pytest.approx(2 * math.log(2))
+    with pytest.raises(ValueError, match="pos_weight is for the multi-label losses"):
+        build_loss("ce", num_classes=2, pos_weight=[1.0, 1.0])
