@@ -251,6 +251,7 @@ class UNetSegmentationEstimator:
         cfg = self.build_config(manifest, max_iterations=max_iterations, version=version, nfolds=0)
         self.train_result = run_train(cfg)
         self.artifact_uri = self.train_result.artifact_uri
+        print(self.train_result.class_table(), flush=True)   # rare classes flagged
         return self
 
     def _training_manifest(self, version: str) -> str:

@@ -373,8 +373,8 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     class_pixels: tuple[int, ...] = ()
     labelled = 0
     if cfg.data.cache_decoded or "auto" in (cfg.class_weights, cfg.pos_weight):
-        counts, labelled = class_pixel_counts(train, cfg.mask)
-        class_pixels = tuple(int(c) for c in counts)
+        per_class, labelled = class_pixel_counts(train, cfg.mask)
+        class_pixels = tuple(int(c) for c in per_class)
     return TrainData(train=train, val=val, augment=prepared.augment, num_train=counts[0],
                      num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
                      labelled_pixels=labelled)

@@ -44,6 +44,7 @@ def test_readme_snippet_runs_as_written(ray_session, tmp_path, monkeypatch, caps
     printed = capsys.readouterr().out
     assert "num_classes=3 inferred from the mask values [0, 1, 2]" in printed
     assert "mIoU" in printed and "predicted" in printed        # print(perf), confusion matrix
+    assert "train px" in printed and "val IoU" in printed      # train()'s per-class table
 
     valid, predictions, perf = namespace["valid"], namespace["predictions"], namespace["perf"]
     assert (tmp_path / "rayseg_work" / "api_sample" / "manifest.csv").exists()

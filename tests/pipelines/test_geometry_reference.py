@@ -106,6 +106,9 @@ def test_train_time_validation_scores_the_reference_masks(ray_session, tmp_path)
         "epochs=2", "batch_size=4", "artifact_weights=last", "log_every_steps=0",
         "class_weights=auto"])
     result = train(cfg)
+    # 8 train images at batch 4: 2 steps an epoch, and the cosine ends at 0 on the last one
+    assert [h["step"] for h in result.history] == [2, 4]
+    assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     # class_weights=auto: median-frequency weights of the training masks at the training size
     rows_at = ((np.arange(TRAIN_SIZE[0]) + 0.5) * 72 / TRAIN_SIZE[0]).astype(int)
     cols_at = ((np.arange(TRAIN_SIZE[1]) + 0.5) * 120 / TRAIN_SIZE[1]).astype(int)

@@ -113,8 +113,9 @@ def test_schemas_have_the_contract_columns():
     p = storage.PREDICTION_SCHEMA
     assert p.names == [
         "id", "source_uri", "source_sha256", "model_name", "model_version", "height", "width",
-        "mask_png", "class_mask_pngs", "class_pixel_counts", "mean_confidence", "confidence_png",
-        "request_id", "latency_ms", "created_at"]
+        "mask_png", "class_mask_pngs", "class_pixel_counts", "mean_confidence",
+        "class_mean_confidence", "confidence_png", "request_id", "latency_ms", "created_at"]
+    assert p.field("class_mean_confidence").type == pa.list_(pa.float32())
     assert p.field("class_mask_pngs").type == pa.list_(pa.binary())
     assert p.field("class_pixel_counts").type == pa.list_(pa.int64())
     assert p.field("mean_confidence").type == pa.float32()
