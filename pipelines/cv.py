@@ -86,7 +86,7 @@ def cross_validate(cfg: TrainConfig, *, parallelism: int | None = None) -> CVRes
 
 
 def assign_folds(table: pa.Table, cfg: TrainConfig) -> tuple[pa.Table, str]:
-    """``table`` (ingest.PAIR_SCHEMA) with its ``fold`` column set for the training rows."""
+    """``table`` (records.PAIR_SCHEMA) with its ``fold`` column set for the training rows."""
     is_train = np.array([s == cfg.data.train_split for s in table["split"].to_pylist()])
     existing = table["fold"].to_pylist()
     has_column = all(existing[i] is not None for i in np.flatnonzero(is_train))

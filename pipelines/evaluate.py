@@ -15,7 +15,6 @@ resample is computed from those counts, never by averaging batch scores.
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -25,6 +24,7 @@ import pyarrow as pa
 
 from pipelines import prediction_store as store
 from pipelines import storage
+from pipelines.records import COUNT_SCHEMA, decode_prediction
 from pipelines.storage import fspath_fields
 from seg_core.config import MaskSpec, from_dict
 from seg_core.errors import InputError
@@ -32,13 +32,6 @@ from seg_core.errors import InputError
 EmptyPolicy = Literal["nan", "one", "zero"]
 REDUCTIONS = ("micro", "macro", "per_image")
 SCORES = ("iou", "dice", "precision", "recall")
-COUNT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("message", pa.string()),
-                          ("tp", pa.list_(pa.int64())), ("fp", pa.list_(pa.int64())),
-                          ("fn", pa.list_(pa.int64())), ("tn", pa.list_(pa.int64())),
-                          ("confusion", pa.list_(pa.int64()))])
-"""One scored image: status ``ok`` or a reason code, counts per class, flattened K x K matrix."""
-
-
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Everything ``rayseg evaluate`` needs."""
@@ -91,16 +84,6 @@ def score_mask(pred: np.ndarray, truth: np.ndarray, spec: MaskSpec) -> dict[str,
     return {**counts_from_confusion(matrix), "confusion": matrix}
 
 
-def decode_prediction(row: dict[str, Any], spec: MaskSpec) -> np.ndarray:
-    """The mask stored in a prediction row: H x W class ids, or K x H x W {0, 1} multi-label."""
-    from PIL import Image
-
-    if spec.multilabel:
-        planes = [np.asarray(Image.open(io.BytesIO(png))) for png in row["class_mask_pngs"]]
-        return (np.stack(planes) > 0).astype(np.uint8)
-    return np.asarray(Image.open(io.BytesIO(row["mask_png"])))
-
-
 def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
                 storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Ray Data stage: prediction rows -> :data:`COUNT_SCHEMA` rows (ids not in ``truth`` dropped).
@@ -108,8 +91,7 @@ def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
     ``truth`` maps id -> mask URI.  A truth mask that cannot be read or does not fit gives a row
     with its reason as ``status`` and no counts, so it is reported rather than silently skipped.
     """
-    from pipelines.ingest import read_mask_bytes, unpack_mask_parts
-    from seg_core.codecs import decode_mask
+    from pipelines.ingest import read_mask
 
     mask_spec = from_dict(MaskSpec, spec)
     out = []
@@ -120,10 +102,7 @@ def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
         try:
             if uri is None:
                 raise InputError("missing_mask", "the manifest gives no mask for this image")
-            data = read_mask_bytes(uri, storage_options)  # multi-label: one file per class
-            if data is None:
-                raise FileNotFoundError(uri)
-            mask = decode_mask(unpack_mask_parts(data), mask_spec, source=uri)
+            mask = read_mask(uri, mask_spec, storage_options)  # multi-label: one file per class
             counts = score_mask(decode_prediction(row, mask_spec), mask, mask_spec)
         except FileNotFoundError:
             out.append(_unscored(row["id"], "missing_mask", f"{uri}: no such file"))
@@ -226,7 +205,7 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     report = build_report(table, spec, cfg, truth_ids=truth_masks, predictions=predictions,
                           record=record)
     report["seconds"] = round(time.perf_counter() - started, 2)
-    write_report(report, cfg, spec, truth=truth, predictions=predictions)
+    write_report(report, cfg.out, spec, truth=truth, predictions=predictions)
     log(f"evaluate: {report['images_scored']} images scored "
         f"(split={cfg.split}); macro IoU {report['metrics']['macro']['iou']:.4f}, "
         f"micro IoU {report['metrics']['micro']['iou']:.4f}; report in {cfg.out}")

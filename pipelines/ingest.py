@@ -7,7 +7,7 @@ Three sources give the same rows ``{id, image_uri, mask_uri, image_bytes, mask_b
   several ``;``-joined files (one binary mask per class, multi-label).
 - a **prefix** holding ``images/`` and ``masks/``, paired by path stem (``images/a/x.jpg`` with
   ``masks/a/x.png``).  An unpaired image becomes a row without mask (quarantined as missing_mask).
-- **shards** written by :func:`pipelines.pack.pack` (Parquet, :data:`storage.SHARD_SCHEMA`).
+- **shards** written by :func:`pipelines.pack.pack` (Parquet, :data:`records.SHARD_SCHEMA`).
 
 Manifests and listings are metadata, parsed on the driver; the bytes are fetched inside Ray tasks
 (I/O threads per task), so the dataset itself never passes through the driver.  A missing file
@@ -15,10 +15,8 @@ gives null bytes, which the decode step turns into a quarantine row: bad input n
 """
 from __future__ import annotations
 
-import datetime as dt
 import io
 import posixpath
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -26,7 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
-from seg_core.codecs import DEFAULT_MAX_PIXELS, IGNORE_PART, decode_image, decode_mask
+from pipelines.records import PAIR_SCHEMA, ROW_SCHEMA, quarantine_row
+from seg_core.codecs import (DEFAULT_MAX_PIXELS, IGNORE_PART, decode_image, decode_mask,
+                             pack_mask_parts)
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
 
@@ -35,20 +35,11 @@ if TYPE_CHECKING:
 
 SourceKind = Literal["auto", "manifest", "prefix", "shards"]
 
-PAIR_SCHEMA = pa.schema([
-    ("id", pa.string()), ("image_uri", pa.string()), ("mask_uri", pa.string()),
-    ("split", pa.string()), ("fold", pa.int32()),
-])
-"""Pair metadata, before the bytes are fetched."""
-ROW_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [("image_bytes", pa.binary()), ("mask_bytes", pa.binary())])
-"""Rows of :func:`read_pairs`."""
-
 MASK_SEPARATOR = ";"
 IGNORE_PREFIX = "ignore="  # a multi-label mask part naming a binary ignore mask
-_PARTS_MAGIC = b"RSMP"            # multi-part mask container, see pack_mask_parts
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
-_IMAGE_SUFFIXES = IMAGE_SUFFIXES   # old private name, still imported by pipelines.predict
 _FETCH_THREADS = 16
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"   # how Ray writes a null partition value (pack)
 
 
 # ------------------------------------------------------------------------------ pair metadata
@@ -199,8 +190,6 @@ def read_pairs(source: str, *, kind: SourceKind = "auto", split: str | None = No
     """
     kind = detect_kind(source, storage_options) if kind == "auto" else kind
     if kind == "shards":
-        from pipelines.pack import read_shards
-
         return read_shards(source, split=split, folds=folds, shuffle_seed=shuffle_seed,
                            num_cpus=num_cpus, storage_options=storage_options)
     table = select_rows(pair_table(source, kind, storage_options), split=split, folds=folds)
@@ -236,6 +225,46 @@ def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = 
     return ray.data.from_arrow(blocks).map_batches(
         fetch_bytes, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
         fn_kwargs={"storage_options": options}, udf_modifying_row_count=False)
+
+
+def read_shards(uri: str, *, split: str | None = None, folds: Sequence[int] | None = None,
+                shuffle_seed: int | None = None, num_cpus: float = 0.25,
+                storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
+    """Pack shards -> a Ray Dataset of :data:`ROW_SCHEMA` rows (file/block order seeded).
+
+    Read and rename tasks ask for ``num_cpus`` each; a following ``map_batches`` with the same
+    ``num_cpus`` fuses into the same task (no object-store hop between read and decode).
+    """
+    import ray
+    from ray.data import FileShuffleConfig
+
+    fs, path = storage.filesystem_for(uri, storage_options)
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], shuffle=shuffle,
+                               num_cpus=num_cpus)
+    ds = ds.map_batches(shard_to_rows, batch_format="pyarrow", num_cpus=num_cpus,
+                        fn_kwargs={"split": split, "folds": None if folds is None else list(folds)})
+    if shuffle_seed is None:
+        return ds
+    return seeded_order(ds.randomize_block_order(seed=shuffle_seed))
+
+
+def shard_to_rows(batch: pa.Table, split: str | None = None,
+                  folds: list[int] | None = None) -> pa.Table:
+    """Shard rows -> :data:`ROW_SCHEMA` rows, keeping only ``split`` / ``folds`` if given."""
+    import pyarrow.compute as pc
+
+    renamed = {"id": "id", "image_uri": "source_uri", "mask_uri": "mask_uri", "split": "split",
+               "fold": "fold", "image_bytes": "image_bytes", "mask_bytes": "mask_bytes"}
+    table = pa.Table.from_arrays(
+        [batch[renamed[f.name]].cast(f.type) for f in ROW_SCHEMA], schema=ROW_SCHEMA)
+    split_values = pc.if_else(pc.equal(table["split"], _HIVE_NULL), None, table["split"])
+    table = table.set_column(table.schema.get_field_index("split"), "split", split_values)
+    if split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+    if folds is not None:
+        table = table.filter(pc.is_in(table["fold"], pa.array(folds, pa.int32())))
+    return table
 
 
 def list_images(prefix: str, storage_options: storage.StorageOptions | None = None) -> pa.Table:
@@ -283,22 +312,16 @@ def read_mask_bytes(uri: str | None, storage_options: dict[str, Any] | None = No
     return pack_mask_parts(parts)
 
 
-def pack_mask_parts(parts: Sequence[bytes]) -> bytes:
-    """Several mask files (one per class) as one lossless blob: magic, count, (length, bytes)*."""
-    header = _PARTS_MAGIC + struct.pack("<I", len(parts))
-    return header + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+def read_mask(uri: str, spec: MaskSpec, storage_options: dict[str, Any] | None = None
+              ) -> np.ndarray:
+    """Read and decode the truth mask of a manifest cell (one file, or ``a.png;b.png`` per class).
 
-
-def unpack_mask_parts(blob: bytes) -> bytes | list[bytes]:
-    """Inverse of :func:`pack_mask_parts`; a plain mask file is returned unchanged."""
-    if not blob.startswith(_PARTS_MAGIC):
-        return blob
-    (count,), offset, parts = struct.unpack_from("<I", blob, 4), 8, []
-    for _ in range(count):
-        (size,) = struct.unpack_from("<Q", blob, offset)
-        parts.append(blob[offset + 8: offset + 8 + size])
-        offset += 8 + size
-    return parts
+    Raises ``FileNotFoundError`` when a file is missing, :class:`InputError` when it is bad.
+    """
+    data = read_mask_bytes(uri, storage_options)
+    if data is None:
+        raise FileNotFoundError(f"{uri}: a mask file is missing")
+    return decode_mask(data, spec, source=uri)
 
 
 # ------------------------------------------------------------------------------------- decoding
@@ -320,7 +343,7 @@ def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None, spec: MaskS
         raise InputError("missing_mask", "no mask file for this image", source=mask_src,
                          hint="add the mask (same stem under masks/) or drop the image")
     image = decode_image(image_bytes, source=image_src, max_pixels=max_pixels)
-    mask = decode_mask(unpack_mask_parts(mask_bytes), spec, source=mask_src, max_pixels=max_pixels)
+    mask = decode_mask(mask_bytes, spec, source=mask_src, max_pixels=max_pixels)
     if image.shape[:2] != mask.shape[-2:]:
         raise InputError("size_mismatch", f"image is {image.shape[0]}x{image.shape[1]} (HxW), "
                          f"mask is {mask.shape[-2]}x{mask.shape[-1]}", source=mask_src,
@@ -328,19 +351,12 @@ def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None, spec: MaskS
     return image, mask
 
 
-def quarantine_row(row: dict[str, Any], error: InputError, stage: str) -> dict[str, Any]:
-    """One :data:`storage.QUARANTINE_SCHEMA` row for a rejected pair."""
-    return {"id": row.get("id"), "image_uri": row.get("image_uri"), "mask_uri": row.get("mask_uri"),
-            "stage": stage, "reason": error.reason, "message": str(error), "hint": error.hint,
-            "created_at": dt.datetime.now(dt.timezone.utc)}
-
-
 def decode_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
                  *, stage: str = "decode") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Decode a batch of fetched rows -> ``(ok_rows, quarantine_rows)``; never raises on bad data.
 
     ``ok_rows`` keep ``id, image_uri, mask_uri, split, fold`` and add ``image`` / ``mask`` arrays;
-    ``quarantine_rows`` follow :data:`storage.QUARANTINE_SCHEMA`.  ``len(ok) + len(bad)`` always
+    ``quarantine_rows`` follow :data:`records.QUARANTINE_SCHEMA`.  ``len(ok) + len(bad)`` always
     equals the batch size.
     """
     ok, bad = [], []

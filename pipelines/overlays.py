@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from pipelines import prediction_store as store
 from pipelines import storage
+from pipelines.records import decode_prediction
 
 if TYPE_CHECKING:
     from seg_core.config import MaskSpec
@@ -30,9 +31,8 @@ def render_overlays(ids: list[str], group: str, *, truth: pa.Table, predictions:
                     spec: "MaskSpec", scores: dict[str, float], out_dir: str,
                     max_side: int = 384) -> list[str]:
     """Write one ``<group>_<rank>_<id>.png`` per id under ``out_dir``; return relative paths."""
-    from pipelines.evaluate import decode_prediction
-    from pipelines.ingest import read_mask_bytes, unpack_mask_parts
-    from seg_core.codecs import decode_image, decode_mask
+    from pipelines.ingest import read_mask
+    from seg_core.codecs import decode_image
 
     if not ids:
         return []
@@ -44,10 +44,7 @@ def render_overlays(ids: list[str], group: str, *, truth: pa.Table, predictions:
     for rank, image_id in enumerate(ids):
         image = decode_image(storage.read_bytes(uris[image_id]["image_uri"]))
         mask_uri = uris[image_id]["mask_uri"]
-        data = read_mask_bytes(mask_uri)  # multi-label: one file per class (+ ignore=)
-        if data is None:
-            raise FileNotFoundError(f"{mask_uri}: a mask file is missing")
-        truth_mask = decode_mask(unpack_mask_parts(data), spec, source=mask_uri)
+        truth_mask = read_mask(mask_uri, spec)  # multi-label: one file per class (+ ignore=)
         panel = side_by_side(image, truth_mask, decode_prediction(by_id[image_id], spec), spec,
                              caption=f"{group} #{rank + 1}: {image_id}  mean IoU "
                                      f"{scores.get(image_id, float('nan')):.4f}",

@@ -1,7 +1,7 @@
 """``rayseg pack``: many small image/mask objects -> a few Parquet shards of bounded size.
 
 Ray Data reads a few hundred large objects far faster than millions of small ones, and S3 stops
-throttling (notes §3.1, ray #55055 / #35826).  Each shard row follows :data:`storage.SHARD_SCHEMA`:
+throttling (notes §3.1, ray #55055 / #35826).  Each shard row follows :data:`SHARD_SCHEMA`:
 the original image bytes (no re-encoding), the mask bytes, format, height, width, source URIs,
 sha256 and split/fold.  Packing is faithful, not a filter: a missing or broken file is packed as
 it is (null bytes or unreadable size) and is quarantined when decoded later.  Run
@@ -19,21 +19,16 @@ import json
 import random
 import warnings
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
 
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.ingest import (ROW_SCHEMA, SourceKind, detect_kind, mask_part_uris, pair_table,
-                              read_pairs)
+from pipelines.ingest import SourceKind, detect_kind, mask_part_uris, pair_table, read_pairs
+from pipelines.records import SHARD_SCHEMA
 from seg_core.codecs import sniff_format
-
-if TYPE_CHECKING:
-    import ray.data
 
 PACK_META = "_rayseg_pack.json"
 _SIZE_SAMPLE = 32
-_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"   # how Ray writes a null partition value
 
 
 @dataclass(frozen=True)
@@ -87,7 +82,7 @@ def pack(source: str, out_uri: str, *, shard_mb: float = 256.0, partition_by_spl
 
 
 def to_shard_rows(batch: pa.Table) -> pa.Table:
-    """:data:`ingest.ROW_SCHEMA` rows -> :data:`storage.SHARD_SCHEMA` rows (format, size, sha256)."""
+    """:data:`records.ROW_SCHEMA` rows -> :data:`SHARD_SCHEMA` rows (format, size, sha256)."""
     images = batch["image_bytes"].to_pylist()
     formats, heights, widths, digests = [], [], [], []
     for data in images:
@@ -103,50 +98,8 @@ def to_shard_rows(batch: pa.Table) -> pa.Table:
         "mask_uri": batch["mask_uri"], "sha256": pa.array(digests, pa.string()),
         "split": batch["split"], "fold": batch["fold"],
     }
-    return pa.Table.from_arrays([columns[f.name] for f in storage.SHARD_SCHEMA],
-                                schema=storage.SHARD_SCHEMA)
-
-
-def read_shards(uri: str, *, split: str | None = None, folds: Sequence[int] | None = None,
-                shuffle_seed: int | None = None, num_cpus: float = 0.25,
-                storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
-    """Pack shards -> a Ray Dataset of :data:`ingest.ROW_SCHEMA` rows (file/block order seeded).
-
-    Read and rename tasks ask for ``num_cpus`` each; a following ``map_batches`` with the same
-    ``num_cpus`` fuses into the same task (no object-store hop between read and decode).
-    """
-    import ray
-    from ray.data import FileShuffleConfig
-
-    fs, path = storage.filesystem_for(uri, storage_options)
-    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], shuffle=shuffle,
-                               num_cpus=num_cpus)
-    ds = ds.map_batches(shard_to_rows, batch_format="pyarrow", num_cpus=num_cpus,
-                        fn_kwargs={"split": split, "folds": None if folds is None else list(folds)})
-    if shuffle_seed is None:
-        return ds
-    from pipelines.ingest import seeded_order
-
-    return seeded_order(ds.randomize_block_order(seed=shuffle_seed))
-
-
-def shard_to_rows(batch: pa.Table, split: str | None = None,
-                  folds: list[int] | None = None) -> pa.Table:
-    """Shard rows -> :data:`ingest.ROW_SCHEMA` rows, keeping only ``split`` / ``folds`` if given."""
-    import pyarrow.compute as pc
-
-    renamed = {"id": "id", "image_uri": "source_uri", "mask_uri": "mask_uri", "split": "split",
-               "fold": "fold", "image_bytes": "image_bytes", "mask_bytes": "mask_bytes"}
-    table = pa.Table.from_arrays(
-        [batch[renamed[f.name]].cast(f.type) for f in ROW_SCHEMA], schema=ROW_SCHEMA)
-    split_values = pc.if_else(pc.equal(table["split"], _HIVE_NULL), None, table["split"])
-    table = table.set_column(table.schema.get_field_index("split"), "split", split_values)
-    if split is not None:
-        table = table.filter(pc.equal(table["split"], split))
-    if folds is not None:
-        table = table.filter(pc.is_in(table["fold"], pa.array(folds, pa.int32())))
-    return table
+    return pa.Table.from_arrays([columns[f.name] for f in SHARD_SCHEMA],
+                                schema=SHARD_SCHEMA)
 
 
 def _mean_row_bytes(source: str, kind: SourceKind, storage_options) -> float:

@@ -7,7 +7,7 @@ Pipeline (Ray Data, streaming)::
       -> write_datasink(CommitSink)                                         [atomic Parquet files]
 
 Every image goes through :func:`predict_rows`, the code the Serve endpoint can call too
-(:func:`predict_one`, :func:`prediction_row`): decode with :mod:`seg_core.codecs`, tiled
+(:func:`predict_one`, :func:`records.prediction_row`): decode with :mod:`seg_core.codecs`, tiled
 :class:`seg_core.inference.Segmenter` (so a 4000 x 4000 image only ever holds its tiles on the
 device), :func:`seg_core.inference.encode_prediction`.  Bad bytes become quarantine rows with their
 reason; they never stop the job, so ``input rows = predicted + quarantined``.
@@ -32,11 +32,12 @@ from pipelines import prediction_store as store
 from pipelines import storage
 from pipelines.storage import fspath_fields
 from pipelines.predict_inputs import InputPlan, plan_inputs
+from pipelines.records import RESULT_SCHEMA, prediction_row, quarantine_row
 from seg_core.codecs import decode_image
 from seg_core.errors import InputError
 
 if TYPE_CHECKING:
-    from seg_core.inference import Prediction, Segmenter
+    from seg_core.inference import Segmenter
 
 STAGE = "predict"
 GROUP_PIXELS = 8 * 2**20  # decoded pixels predicted together (a 16 x 512^2 batch is 4 Mi)
@@ -83,22 +84,6 @@ class ActorPlan:
 # ---------------------------------------------------------------------------- per-image rows
 
 
-def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
-                   source_uri: str | None, source_sha256: str, model_name: str,
-                   model_version: str, with_confidence: bool,
-                   created_at: dt.datetime | None = None) -> dict[str, Any]:
-    """One :data:`storage.PREDICTION_SCHEMA` row for ``prediction`` (serve-only fields null)."""
-    from seg_core.inference import encode_prediction
-
-    encoded = encode_prediction(prediction, segmenter.mask_spec, with_confidence=with_confidence)
-    height, width = prediction.mask.shape[-2:]
-    return {"id": id, "source_uri": source_uri, "source_sha256": source_sha256,
-            "model_name": model_name, "model_version": model_version,
-            "height": int(height), "width": int(width), **encoded,
-            "request_id": None, "latency_ms": None,
-            "created_at": created_at or dt.datetime.now(dt.timezone.utc)}
-
-
 def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name: str,
                 model_version: str, id: str = "", source_uri: str | None = None,
                 with_confidence: bool = False,
@@ -106,8 +91,8 @@ def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name
     """Decode, predict and encode one image -> its Parquet row.  Raises :class:`InputError`.
 
     The single-image form of :func:`predict_rows` (same decode, :class:`Segmenter`, and
-    :func:`prediction_row`), for callers holding one image's bytes; the Serve replica builds its
-    rows with :func:`prediction_row` too, so all three write the same row for the same bytes.
+    :func:`records.prediction_row`), for callers holding one image's bytes; the Serve replica builds its
+    rows with :func:`records.prediction_row` too, so all three write the same row for the same bytes.
     """
     image = _decode(image_bytes, source_uri or id or "<bytes>", segmenter.preprocessing.max_pixels)
     return prediction_row(segmenter.predict(image), segmenter, id=id, source_uri=source_uri,
@@ -120,7 +105,7 @@ def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_na
                  model_version: str, with_confidence: bool) -> list[dict[str, Any]]:
     """Input rows (``id, image_uri, image_bytes, ...``) -> one result row each, in order.
 
-    Result rows follow :data:`prediction_store.RESULT_SCHEMA`: a prediction, or (``reason`` set)
+    Result rows follow :data:`records.RESULT_SCHEMA`: a prediction, or (``reason`` set)
     a quarantine row.  Never raises on bad bytes.  Decoded images are predicted in groups of at
     most :data:`GROUP_PIXELS` pixels through :meth:`Segmenter.predict_each` (shared forwards),
     so a batch of small images costs a few batched forwards while a batch of huge images still
@@ -170,9 +155,8 @@ def _decode(data: bytes | None, source: str, max_pixels: int) -> Any:
 
 
 def _quarantine_row(row: dict[str, Any], error: InputError, now: dt.datetime) -> dict[str, Any]:
-    return {"id": row["id"], "source_uri": row.get("image_uri"), "image_uri": row.get("image_uri"),
-            "mask_uri": row.get("mask_uri"), "stage": STAGE, "reason": error.reason,
-            "message": str(error), "hint": error.hint, "created_at": now}
+    """A result row for a rejected image: the quarantine fields plus the source it came from."""
+    return {**quarantine_row(row, error, STAGE, created_at=now), "source_uri": row.get("image_uri")}
 
 
 def _sha256(data: bytes) -> str:
@@ -206,7 +190,7 @@ class Predictor:
         rows = predict_rows(self.segmenter, batch.to_pylist(), model_name=self.model_name,
                             model_version=self.model_version,
                             with_confidence=self.with_confidence)
-        return pa.Table.from_pylist(rows, schema=store.RESULT_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
 def local_artifact(uri: str, storage_options: dict[str, Any] | None = None) -> Path:

@@ -40,12 +40,10 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None) -> Inp
 
     kind = _kind(source)
     if kind == "shards":
-        from pipelines.pack import read_shards
-
         ids = _shard_ids(source, split)
         _check_unique(ids, source)
         skipped = int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
-        ds = read_shards(source, split=split)
+        ds = ingest.read_shards(source, split=split)
         if skipped:
             ds = ds.map_batches(_drop_done, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"done": done})

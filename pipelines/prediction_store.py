@@ -2,8 +2,8 @@
 
 Layout of an output URI ``<out>``::
 
-    <out>/part-<key>.parquet              predictions (storage.PREDICTION_SCHEMA)
-    <out>/_quarantine/part-<key>.parquet  unreadable inputs (storage.QUARANTINE_SCHEMA)
+    <out>/part-<key>.parquet              predictions (records.PREDICTION_SCHEMA)
+    <out>/_quarantine/part-<key>.parquet  unreadable inputs (records.QUARANTINE_SCHEMA)
     <out>/_model.json                     which model wrote them (checked on every rerun)
     <out>/_SUCCESS                        summary of the last run that finished
     <out>/.tmp/                           local staging for atomic renames (never read)
@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from pipelines.storage import (PREDICTION_SCHEMA, QUARANTINE_SCHEMA, filesystem_for, is_local,
-                               join_uri, list_uri, read_bytes, write_bytes)
+from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA, RESULT_SCHEMA
+from pipelines.storage import filesystem_for, is_local, join_uri, list_uri, read_bytes, write_bytes
 
 QUARANTINE_DIR = "_quarantine"
 MODEL_FILE = "_model.json"
@@ -39,10 +39,6 @@ SUCCESS_FILE = "_SUCCESS"
 _STAGING_DIR = ".tmp"
 _PREFIX, _SUFFIX = "part-", ".parquet"
 _PNG_COLUMNS = ("mask_png", "class_mask_pngs", "confidence_png")
-
-# What the predictor emits: a prediction row has ``reason`` null, a quarantine row has it set.
-_EXTRA = [f for f in QUARANTINE_SCHEMA if f.name not in PREDICTION_SCHEMA.names]
-RESULT_SCHEMA = pa.schema([f.with_nullable(True) for f in list(PREDICTION_SCHEMA) + _EXTRA])
 
 
 def prediction_files(out: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -13,27 +13,26 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipelines import storage
+from pipelines.overlays import render_overlays
 
 if TYPE_CHECKING:
-    from pipelines.evaluate import EvaluateConfig
     from seg_core.config import MaskSpec
 
 SCORES = ("iou", "dice", "precision", "recall")
 
 
-def write_report(report: dict[str, Any], cfg: "EvaluateConfig", spec: "MaskSpec", *,
+def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,
                  truth: pa.Table, predictions: str) -> None:
     """Render overlays into ``<out>/overlays/``, then write ``report.json`` and ``report.md``."""
-    from pipelines.overlays import render_overlays
 
     report["overlays"] = {}
     for group in ("best", "worst"):
         report["overlays"][group] = render_overlays(
             report[group], group, truth=truth, predictions=predictions, spec=spec,
-            scores=report["per_image_iou"], out_dir=storage.join_uri(cfg.out, "overlays"))
+            scores=report["per_image_iou"], out_dir=storage.join_uri(out, "overlays"))
     text = json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
-    storage.write_bytes(storage.join_uri(cfg.out, "report.json"), text.encode())
-    storage.write_bytes(storage.join_uri(cfg.out, "report.md"), render_markdown(report).encode())
+    storage.write_bytes(storage.join_uri(out, "report.json"), text.encode())
+    storage.write_bytes(storage.join_uri(out, "report.md"), render_markdown(report).encode())
 
 
 def render_markdown(report: dict[str, Any]) -> str:

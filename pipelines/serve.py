@@ -53,7 +53,7 @@ from pipelines.serve_batching import ForwardCoalescer
 from pipelines.serve_control import (DEPLOYMENT_NAME, BatchSettings, ServeArgs,  # noqa: F401
                                      reconfigure_endpoint, replica_counts, start_endpoint,
                                      stop_endpoint)
-from pipelines.predict import prediction_row
+from pipelines.records import prediction_row
 from pipelines.serve_sink import PredictionSink
 from pipelines.storage import copy_dir_to_local, is_local, strip_scheme
 from seg_core.config import from_dict

@@ -10,7 +10,7 @@ Parquet file per date partition when it holds ``flush_rows`` rows or when its ol
 ``close`` (called from the replica's graceful-shutdown hook) stops the thread and writes whatever
 is left, so every row added before ``close`` is on storage afterwards.  A failed write keeps its
 rows in the buffer for the next attempt; only ``close`` gives up, after ``close_retries`` tries.
-Rows follow :data:`pipelines.storage.PREDICTION_SCHEMA` and are written through
+Rows follow :data:`pipelines.records.PREDICTION_SCHEMA` and are written through
 :func:`pipelines.storage.write_table`.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 
-from pipelines.storage import PREDICTION_SCHEMA, StorageOptions, join_uri, write_table
+from pipelines.records import PREDICTION_SCHEMA
+from pipelines.storage import StorageOptions, join_uri, write_table
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The one place that knows about storage: URIs -> filesystems, small-object helpers, Arrow schemas.
+"""The one place that knows about storage: URIs -> filesystems, small-object helpers.
 
 Every other module passes plain URIs (``s3://bkt/key``, ``gs://bkt/key``, ``file:///abs``, or a local
 path).  The S3 endpoint and credentials come from ``storage_options`` or, failing that, the standard
@@ -37,55 +37,6 @@ _ALIASES = {
 }
 _S3_KEYS = ("endpoint_override", "access_key", "secret_key", "session_token", "region",
             "anonymous", "scheme", "request_timeout", "connect_timeout")
-
-# --------------------------------------------------------------------------------------- schemas
-
-SHARD_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("image_bytes", pa.binary()),          # original encoded image (null: file missing)
-    pa.field("mask_bytes", pa.binary()),           # original lossless mask (see pack_mask_parts)
-    pa.field("image_format", pa.string()),         # png | jpeg | bmp | gif | tiff | null
-    pa.field("height", pa.int32()),                # null when the image does not decode
-    pa.field("width", pa.int32()),
-    pa.field("source_uri", pa.string()),           # where image_bytes came from
-    pa.field("mask_uri", pa.string()),
-    pa.field("sha256", pa.string()),               # of image_bytes
-    pa.field("split", pa.string()),
-    pa.field("fold", pa.int32()),
-])
-"""One packed image/mask pair per row (``rayseg pack``)."""
-
-QUARANTINE_SCHEMA = pa.schema([
-    pa.field("id", pa.string()),
-    pa.field("image_uri", pa.string()),
-    pa.field("mask_uri", pa.string()),
-    pa.field("stage", pa.string()),                # validate | pack | train | predict | serve
-    pa.field("reason", pa.string()),               # seg_core.errors.Reason
-    pa.field("message", pa.string()),
-    pa.field("hint", pa.string()),
-    pa.field("created_at", pa.timestamp("us", tz="UTC")),
-])
-"""One rejected input per row, with the stable reason code and a hint for the fix."""
-
-PREDICTION_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("source_uri", pa.string()),
-    pa.field("source_sha256", pa.string()),
-    pa.field("model_name", pa.string()),
-    pa.field("model_version", pa.string()),
-    pa.field("height", pa.int32()),
-    pa.field("width", pa.int32()),
-    pa.field("mask_png", pa.binary()),             # class-id mask (multi-class) as PNG
-    pa.field("class_mask_pngs", pa.list_(pa.binary())),   # one binary PNG per class
-    pa.field("class_pixel_counts", pa.list_(pa.int64())),
-    pa.field("mean_confidence", pa.float32()),
-    pa.field("class_mean_confidence", pa.list_(pa.float32())),  # per class (see encode_prediction)
-    pa.field("confidence_png", pa.binary(), nullable=True),
-    pa.field("request_id", pa.string(), nullable=True),   # serve only
-    pa.field("latency_ms", pa.float32(), nullable=True),  # serve only
-    pa.field("created_at", pa.timestamp("us", tz="UTC")),
-])
-"""One predicted mask per row; written by batch predict and by the Serve endpoint."""
 
 # ---------------------------------------------------------------------------------- filesystems
 

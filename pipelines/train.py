@@ -10,7 +10,6 @@ progress, and turn the final checkpoint into a seg_core artifact at
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ import yaml
 
 from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
+from pipelines.train_data import build_train_data
 from pipelines.train_loop import STATE_FILE, StepPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -311,74 +311,3 @@ class _ProgressPrinter:
         self._done.set()
         self._thread.join(timeout=5)
         self._queue.shutdown()
-
-
-# ------------------------------------------------------------------------------------- data
-
-_TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """Ray Datasets of one run and the augmentation the loop applies per batch."""
-
-    train: Any  # preprocessed rows {id, image C,h,w float32, mask}
-    val: Any  # decoded originals {id, image H,W,C, mask}
-    augment: Any  # pipelines.train_data.Augment
-    num_train: int
-    num_val: int
-    source_sha256: str
-    class_pixels: tuple[int, ...] = ()  # labelled training pixels per class (at training size)
-    labelled_pixels: int = 0  # training pixels not ignored (multi-label: per image, not class)
-
-
-def build_train_data(cfg: TrainConfig) -> TrainData:
-    """Datasets from ``cfg.data``: by split, or by fold when cross-validating.
-
-    Bad pairs are dropped and written to ``<storage_path>/<run_name>/quarantine/``.  With
-    ``data.cache_decoded`` the deterministic work (fetch, decode, resize, normalise) runs once
-    here, before the trainer reserves CPUs; random augmentation stays per batch in the loop.
-    """
-    from pipelines import ingest
-    from pipelines.train_data import class_pixel_counts, decoded_dataset, training_dataset
-
-    source = cfg.data.manifest or cfg.data.shards
-    kind = "manifest" if cfg.data.manifest else "shards"
-    train_sel: dict[str, Any] = {"split": cfg.data.train_split}
-    val_sel: dict[str, Any] = {"split": cfg.data.val_split}
-    if cfg.fold is not None:  # CV partitions the training rows only
-        others = [f for f in range(cfg.nfolds) if f != cfg.fold]
-        train_sel, val_sel = {**train_sel, "folds": others}, {**train_sel, "folds": [cfg.fold]}
-    if kind == "manifest":
-        digest = sha256_hex(storage.read_bytes(source))
-    else:
-        digest = sha256_hex("\n".join(storage.list_uri(source, suffixes=(".parquet",))).encode())
-    common = {"kind": kind, "num_cpus": _TASK_CPUS, "quarantine_uri": storage.join_uri(
-        cfg.storage.storage_path, cfg.run_name, "quarantine")}
-    aug = cfg.augment
-    prepared = training_dataset(source, cfg.mask, cfg.preprocessing, crop_size=aug.crop_hw,
-                                seed=cfg.seed, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
-                                **train_sel, **common)
-    train = prepared.dataset
-    val = decoded_dataset(source, cfg.mask, max_pixels=cfg.preprocessing.max_pixels, **val_sel,
-                          **common)
-    if cfg.data.cache_decoded:
-        train, val = train.materialize(), val.materialize()
-    counts = [train.count(), val.count()]  # after bad pairs were dropped
-    if min(counts) == 0:
-        raise ValueError(f"{source}: {counts[0]} usable train and {counts[1]} val rows for "
-                         f"{train_sel} / {val_sel}; both must be non-empty (check split names, "
-                         f"folds and the quarantine)")
-    # one cheap pass over the cached set (a second decode otherwise: only when auto needs it)
-    class_pixels: tuple[int, ...] = ()
-    labelled = 0
-    if cfg.data.cache_decoded or "auto" in (cfg.class_weights, cfg.pos_weight):
-        per_class, labelled = class_pixel_counts(train, cfg.mask)
-        class_pixels = tuple(int(c) for c in per_class)
-    return TrainData(train=train, val=val, augment=prepared.augment, num_train=counts[0],
-                     num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
-                     labelled_pixels=labelled)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -4,9 +4,9 @@
   from ``seg_core.inference.prepare_image`` (exactly what inference feeds the model) and ``mask``
   resized to match with nearest-neighbour (int64 H x W, or uint8 K x H x W for multi-label).
   Streaming and bounded: nothing is materialised; a seed fixes the pair order.
-- :class:`Augment`: random crop / flips / rot90 from ``seg_core.transforms``, applied by the
-  training loop to each batch with a generator from ``augment.rng(epoch, rank)``, so the
-  augmentation differs per epoch and stays reproducible.
+- :func:`build_train_data`: one run's train and val datasets (by split, or by fold), their
+  counts, the source's digest, class pixel counts, and the per-batch augmentation
+  (:class:`seg_core.transforms.Augment`) the training loop applies.
 - :func:`decoded_dataset`: decoded rows ``{id, image (H x W x C raw), mask}`` for validation,
   which runs the full-resolution ``Segmenter`` path.
 
@@ -27,87 +27,30 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.ingest import SourceKind, decode_pairs, quarantine_row, read_pairs
-from seg_core.config import MaskSpec, Preprocessing, as_hw
+from pipelines.config import TrainConfig
+from pipelines.ingest import SourceKind, decode_pairs, read_pairs
+from pipelines.records import QUARANTINE_SCHEMA, quarantine_row
+from seg_core.config import MaskSpec, Preprocessing
 from seg_core.errors import InputError
+from seg_core.transforms import Augment, resize_mask_nearest
 
 if TYPE_CHECKING:
     import ray.data
 
 
-@dataclass(frozen=True)
-class Augment:
-    """Per-batch paired augmentation of preprocessed C x H x W images and their masks.
-
-    ``crop_size`` (a side, or ``(H, W)``) crops a random window (padding with 0 = the normalised mean, and the mask with
-    ``ignore_index``); without it, images in a batch must already share one size.  ``rot90`` only
-    applies to square inputs, so a batch keeps one shape.
-    """
-
-    crop_size: int | tuple[int, int] | None = None
-    hflip: bool = True
-    vflip: bool = True
-    rot90: bool = True
-    ignore_index: int = 255
-    seed: int = 0
-
-    def rng(self, epoch: int, rank: int = 0) -> np.random.Generator:
-        """The generator for one epoch on one worker: new per epoch, fixed by the seed."""
-        return np.random.default_rng([self.seed, epoch, rank])
-
-    def __call__(self, batch: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """Augment every row of a numpy batch; returns stacked ``image`` N,C,h,w and ``mask``."""
-        from seg_core import transforms as T
-
-        steps: list[Any] = []
-        if self.crop_size:
-            steps.append(T.RandomCrop(as_hw(self.crop_size, "crop_size"), fill=0.0,
-                                      ignore_index=self.ignore_index))
-        if self.hflip:
-            steps.append(T.HorizontalFlip(0.5))
-        if self.vflip:
-            steps.append(T.VerticalFlip(0.5))
-        images, masks = [], []
-        for image, mask in zip(batch["image"], batch["mask"]):
-            hwc = np.moveaxis(np.asarray(image), 0, -1)  # C,H,W -> H,W,C (transforms' layout)
-            hwc, mask = T.Compose(steps)(hwc, np.asarray(mask), rng)
-            if self.rot90 and hwc.shape[0] == hwc.shape[1]:
-                hwc, mask = T.RandomRot90()(hwc, mask, rng)
-            images.append(np.ascontiguousarray(np.moveaxis(hwc, -1, 0)))
-            masks.append(mask)
-        shapes = {i.shape for i in images}
-        if len(shapes) > 1:
-            raise ValueError(f"Augment: batch images differ in size {sorted(shapes)}; set "
-                             f"crop_size or preprocessing.resize so that a batch stacks")
-        return {**batch, "image": np.stack(images), "mask": np.stack(masks)}
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """A streaming dataset of preprocessed rows and the augmentation the loop applies per batch."""
-
-    dataset: "ray.data.Dataset"
-    augment: Augment
-
-
 def training_dataset(source: str, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
-                     crop_size: int | tuple[int, int] | None = None, seed: int = 0, split: str | None = None,
-                     folds: Sequence[int] | None = None, hflip: bool = True, vflip: bool = True,
-                     rot90: bool = True, kind: SourceKind = "auto",
-                     quarantine_uri: str | None = None, num_cpus: float = 0.5,
-                     rows_per_block: int = 16,
-                     storage_options: storage.StorageOptions | None = None) -> TrainingData:
+                     seed: int = 0, split: str | None = None, folds: Sequence[int] | None = None,
+                     kind: SourceKind = "auto", quarantine_uri: str | None = None,
+                     num_cpus: float = 0.5, rows_per_block: int = 16,
+                     storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
     """Rows of ``split`` / ``folds`` from ``source``, decoded and preprocessed, in seeded order."""
     rows = read_pairs(source, kind=kind, split=split, folds=folds, shuffle_seed=seed,
                       rows_per_block=rows_per_block, storage_options=storage_options)
-    dataset = rows.map_batches(
+    return rows.map_batches(
         prepare_batch, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"mask_spec": mask_spec, "preprocessing": preprocessing,
                    "quarantine_uri": quarantine_uri,
                    "storage_options": storage.resolve_options(storage_options)})
-    augment = Augment(crop_size=crop_size, hflip=hflip, vflip=vflip, rot90=rot90,
-                      ignore_index=mask_spec.ignore_index, seed=seed)
-    return TrainingData(dataset=dataset, augment=augment)
 
 
 def decoded_dataset(source: str, mask_spec: MaskSpec, *, max_pixels: int = 64_000_000,
@@ -123,6 +66,74 @@ def decoded_dataset(source: str, mask_spec: MaskSpec, *, max_pixels: int = 64_00
         fn_kwargs={"mask_spec": mask_spec, "preprocessing": None, "max_pixels": max_pixels,
                    "quarantine_uri": quarantine_uri,
                    "storage_options": storage.resolve_options(storage_options)})
+
+
+# ------------------------------------------------------------------------------ one run's data
+
+_TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Ray Datasets of one run and the augmentation the loop applies per batch."""
+
+    train: Any  # preprocessed rows {id, image C,h,w float32, mask}
+    val: Any  # decoded originals {id, image H,W,C, mask}
+    augment: Augment  # applied by the loop to every training batch
+    num_train: int
+    num_val: int
+    source_sha256: str
+    class_pixels: tuple[int, ...] = ()  # labelled training pixels per class (at training size)
+    labelled_pixels: int = 0  # training pixels not ignored (multi-label: per image, not class)
+
+
+def build_train_data(cfg: TrainConfig) -> TrainData:
+    """Datasets from ``cfg.data``: by split, or by fold when cross-validating.
+
+    Bad pairs are dropped and written to ``<storage_path>/<run_name>/quarantine/``.  With
+    ``data.cache_decoded`` the deterministic work (fetch, decode, resize, normalise) runs once
+    here, before the trainer reserves CPUs; random augmentation stays per batch in the loop.
+    """
+    source = cfg.data.manifest or cfg.data.shards
+    kind = "manifest" if cfg.data.manifest else "shards"
+    train_sel: dict[str, Any] = {"split": cfg.data.train_split}
+    val_sel: dict[str, Any] = {"split": cfg.data.val_split}
+    if cfg.fold is not None:  # CV partitions the training rows only
+        others = [f for f in range(cfg.nfolds) if f != cfg.fold]
+        train_sel, val_sel = {**train_sel, "folds": others}, {**train_sel, "folds": [cfg.fold]}
+    if kind == "manifest":
+        digest = sha256_hex(storage.read_bytes(source))
+    else:
+        digest = sha256_hex("\n".join(storage.list_uri(source, suffixes=(".parquet",))).encode())
+    common = {"kind": kind, "num_cpus": _TASK_CPUS, "quarantine_uri": storage.join_uri(
+        cfg.storage.storage_path, cfg.run_name, "quarantine")}
+    aug = cfg.augment
+    train = training_dataset(source, cfg.mask, cfg.preprocessing, seed=cfg.seed, **train_sel,
+                             **common)
+    val = decoded_dataset(source, cfg.mask, max_pixels=cfg.preprocessing.max_pixels, **val_sel,
+                          **common)
+    if cfg.data.cache_decoded:
+        train, val = train.materialize(), val.materialize()
+    counts = [train.count(), val.count()]  # after bad pairs were dropped
+    if min(counts) == 0:
+        raise ValueError(f"{source}: {counts[0]} usable train and {counts[1]} val rows for "
+                         f"{train_sel} / {val_sel}; both must be non-empty (check split names, "
+                         f"folds and the quarantine)")
+    # one cheap pass over the cached set (a second decode otherwise: only when auto needs it)
+    class_pixels: tuple[int, ...] = ()
+    labelled = 0
+    if cfg.data.cache_decoded or "auto" in (cfg.class_weights, cfg.pos_weight):
+        per_class, labelled = class_pixel_counts(train, cfg.mask)
+        class_pixels = tuple(int(c) for c in per_class)
+    augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
+                      ignore_index=cfg.mask.ignore_index, seed=cfg.seed)
+    return TrainData(train=train, val=val, augment=augment, num_train=counts[0],
+                     num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
+                     labelled_pixels=labelled)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
@@ -194,20 +205,8 @@ def write_quarantine(rows: list[dict[str, Any]], quarantine_uri: str,
     """Write quarantine rows to ``<quarantine_uri>/part-<hash of ids>.parquet``; returns its URI."""
     digest = hashlib.sha1("\n".join(str(r["id"]) for r in rows).encode()).hexdigest()[:16]
     uri = storage.join_uri(quarantine_uri, f"part-{digest}.parquet")
-    table = pa.Table.from_pylist(rows, schema=storage.QUARANTINE_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
     return storage.write_table(table, uri, storage_options)
-
-
-def resize_mask_nearest(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of H x W or K x H x W to ``size`` (pixel centres, as transforms)."""
-    height, width = int(size[0]), int(size[1])
-    if mask.shape[-2:] == (height, width):
-        return mask
-    rows = np.minimum(((np.arange(height) + 0.5) * mask.shape[-2] / height).astype(np.int64),
-                      mask.shape[-2] - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * mask.shape[-1] / width).astype(np.int64),
-                      mask.shape[-1] - 1)
-    return np.ascontiguousarray(np.take(np.take(mask, rows, axis=-2), cols, axis=-1))
 
 
 def _column(arrays: list[np.ndarray]) -> np.ndarray:

@@ -8,7 +8,7 @@ never holds image data.  Outputs under ``out_uri``:
 - ``report.json``: counts, reasons, class pixel frequencies, empty masks, sizes, pass/fail;
 - ``report.md``: the same as a readable table (also printed by the job);
 - ``class_frequency.png``: bar chart of class pixel frequencies;
-- ``quarantine.parquet``: one :data:`storage.QUARANTINE_SCHEMA` row per rejected pair.
+- ``quarantine.parquet``: one :data:`records.QUARANTINE_SCHEMA` row per rejected pair.
 
 Invariant (tested): ``total == ok + quarantined``; bad input never crashes the job.
 """
@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.ingest import SourceKind, decode_pair, quarantine_row, read_pairs
+from pipelines.ingest import SourceKind, decode_pair, read_pairs
+from pipelines.records import QUARANTINE_SCHEMA, quarantine_row
 from seg_core.codecs import DEFAULT_MAX_PIXELS
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
@@ -196,7 +197,7 @@ def _write_outputs(report: ValidationReport, bad: list[dict[str, Any]], out_uri:
     outputs = {name: storage.join_uri(out_uri, name) for name in
                ("report.json", "report.md", "class_frequency.png", "quarantine.parquet")}
     report = replace(report, outputs=outputs)
-    table = pa.Table.from_pylist(bad, schema=storage.QUARANTINE_SCHEMA)
+    table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
     storage.write_table(table, outputs["quarantine.parquet"], storage_options)
     storage.write_bytes(outputs["report.json"],
                         json.dumps(report.to_dict(), indent=2).encode(), storage_options)

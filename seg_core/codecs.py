@@ -85,6 +85,25 @@ def decode_image(data: bytes, *, source: str = "<bytes>",
 # A multi-label mask part that marks pixels to ignore (the manifest's ``ignore=<file>`` part,
 # see pipelines.ingest) carries this prefix in front of its file bytes.
 IGNORE_PART = b"RSEG-IGNORE\x00"
+_PARTS_MAGIC = b"RSMP"  # several mask files packed into one blob, see pack_mask_parts
+
+
+def pack_mask_parts(parts: Sequence[bytes]) -> bytes:
+    """Several mask files (one per class) as one lossless blob: magic, count, (length, bytes)*."""
+    header = _PARTS_MAGIC + struct.pack("<I", len(parts))
+    return header + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
+
+
+def unpack_mask_parts(blob: bytes) -> bytes | list[bytes]:
+    """Inverse of :func:`pack_mask_parts`; a plain mask file is returned unchanged."""
+    if not blob.startswith(_PARTS_MAGIC):
+        return blob
+    (count,), offset, parts = struct.unpack_from("<I", blob, 4), 8, []
+    for _ in range(count):
+        (size,) = struct.unpack_from("<Q", blob, offset)
+        parts.append(blob[offset + 8: offset + 8 + size])
+        offset += 8 + size
+    return parts
 
 
 def decode_mask(data: bytes | Sequence[bytes], spec: MaskSpec, *, source: str = "<bytes>",
@@ -96,9 +115,12 @@ def decode_mask(data: bytes | Sequence[bytes], spec: MaskSpec, *, source: str = 
     Multi-label (``spec.multilabel``): a list of K binary files, or one file with K channels (e.g.
     a multi-channel TIFF) -> K x H x W uint8 {0, 1}.  Binary files may use 0/1 or 0/255, so 255
     cannot mark "ignore" there: an extra part that starts with :data:`IGNORE_PART` is a binary
-    ignore mask, and its non-zero pixels become ``spec.ignore_index`` in every class.
+    ignore mask, and its non-zero pixels become ``spec.ignore_index`` in every class.  A blob
+    from :func:`pack_mask_parts` (how shards and ingest carry several files) is unpacked first.
     """
-    files = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = unpack_mask_parts(bytes(data))
+    files = [data] if isinstance(data, bytes) else list(data)
     for blob in files:
         _refuse_lossy(bytes(blob).removeprefix(IGNORE_PART), source)
     if spec.multilabel:

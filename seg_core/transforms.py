@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seg_core.config import as_hw
 from seg_core.errors import InputError
 
 Mask = np.ndarray | None
@@ -172,6 +173,61 @@ class Normalize:
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
         return (scaled - mean) / std, mask
+
+
+# ------------------------------------------------------------------------------ batch preset
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The training preset: per-batch paired augmentation of preprocessed C x H x W images.
+
+    ``crop_size`` (a side, or ``(H, W)``) crops a random window (padding with 0 = the normalised
+    mean, and the mask with ``ignore_index``); without it, images in a batch must already share
+    one size.  ``rot90`` only applies to square inputs, so a batch keeps one shape.  The training
+    loop calls it on every batch with ``rng(epoch, rank)``: new per epoch, reproducible on resume.
+    """
+
+    crop_size: int | tuple[int, int] | None = None
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    ignore_index: int = 255
+    seed: int = 0
+
+    def rng(self, epoch: int, rank: int = 0) -> np.random.Generator:
+        """The generator for one epoch on one worker: new per epoch, fixed by the seed."""
+        return np.random.default_rng([self.seed, epoch, rank])
+
+    def __call__(self, batch: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Augment every row of a numpy batch; returns stacked ``image`` N,C,h,w and ``mask``."""
+        steps: list[Any] = []
+        if self.crop_size:
+            steps.append(RandomCrop(as_hw(self.crop_size, "crop_size"), fill=0.0,
+                                      ignore_index=self.ignore_index))
+        if self.hflip:
+            steps.append(HorizontalFlip(0.5))
+        if self.vflip:
+            steps.append(VerticalFlip(0.5))
+        images, masks = [], []
+        for image, mask in zip(batch["image"], batch["mask"]):
+            hwc = np.moveaxis(np.asarray(image), 0, -1)  # C,H,W -> H,W,C (transforms' layout)
+            hwc, mask = Compose(steps)(hwc, np.asarray(mask), rng)
+            if self.rot90 and hwc.shape[0] == hwc.shape[1]:
+                hwc, mask = RandomRot90()(hwc, mask, rng)
+            images.append(np.ascontiguousarray(np.moveaxis(hwc, -1, 0)))
+            masks.append(mask)
+        shapes = {i.shape for i in images}
+        if len(shapes) > 1:
+            raise ValueError(f"Augment: batch images differ in size {sorted(shapes)}; set "
+                             f"crop_size or preprocessing.resize so that a batch stacks")
+        return {**batch, "image": np.stack(images), "mask": np.stack(masks)}
+
+
+
+def resize_mask_nearest(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of H x W or K x H x W to ``size`` = (H, W), at pixel centres."""
+    return _resize_mask_nearest(mask, int(size[0]), int(size[1]))
 
 
 def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:

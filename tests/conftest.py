@@ -21,7 +21,6 @@ Fixtures (session-scoped unless noted):
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from pathlib import Path
 

@@ -37,10 +37,10 @@ def plain_step_seconds(cfg: Any, *, size: int, threads: int, repeats: int) -> fl
     """Mean seconds per step of a plain loop: augment a numpy batch, then ``train_step``.
 
     The batches sit in memory (no loader), and each step applies the run's own per-batch
-    augmentation (:class:`pipelines.train_data.Augment` from ``cfg.augment``), as a plain
+    augmentation (:class:`seg_core.transforms.Augment` from ``cfg.augment``), as a plain
     PyTorch loop with flips and rot90 would; so the ratio isolates what the Ray layer adds.
     """
-    from pipelines.train_data import Augment
+    from seg_core.transforms import Augment
 
     device, amp = bench_device()
     previous = torch.get_num_threads()

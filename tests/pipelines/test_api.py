@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import storage
 from pipelines.api import (Frame, ModelPerformance, UNetSegmentationEstimator, hyperparameter_names,
                            import_file, load_model, write_manifest)
 

@@ -13,7 +13,7 @@ import pytest
 from pipelines import prediction_store as store
 from pipelines.evaluate import (EvaluateConfig, bootstrap_ci, run_evaluate, score_mask,
                                 summarize)
-from pipelines.storage import PREDICTION_SCHEMA
+from pipelines.records import PREDICTION_SCHEMA
 from seg_core.codecs import decode_mask, encode_png
 from seg_core.config import MaskSpec, to_dict
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,11 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import ingest, storage
+from pipelines import ingest, records, storage
 from pipelines.pack import pack
-from pipelines.train_data import Augment, resize_mask_nearest, training_dataset
+from pipelines.train_data import training_dataset
 from seg_core.codecs import encode_png
 from seg_core.config import MaskSpec, Preprocessing
+from seg_core.transforms import Augment
 
 SPEC3 = MaskSpec(num_classes=3)
 
@@ -38,7 +39,7 @@ def test_manifest_paths_resolve_against_the_manifest(tmp_path):
         "/abs/b.jpg,masks/b_c0.png;masks/b_c1.png,val,\n"
         "s3://bkt/c.tif,,,2\n")
     table = ingest.read_manifest(str(tmp_path / "m.csv"))
-    assert table.schema == ingest.PAIR_SCHEMA
+    assert table.schema == records.PAIR_SCHEMA
     assert table.to_pylist() == [
         {"id": "a", "image_uri": f"{tmp_path}/images/a.png", "mask_uri": f"{tmp_path}/masks/a.png",
          "split": "train", "fold": 1},
@@ -76,12 +77,6 @@ def test_prefix_pairs_by_stem_and_keeps_unpaired_files(tmp_path):
     }
 
 
-def test_mask_parts_container_roundtrip():
-    parts = [b"\x89PNG one", b"", b"three" * 100]
-    assert ingest.unpack_mask_parts(ingest.pack_mask_parts(parts)) == parts
-    assert ingest.unpack_mask_parts(b"\x89PNG plain") == b"\x89PNG plain"
-
-
 def test_decode_pairs_splits_good_and_bad_rows_without_raising():
     good_mask = encode_png(np.array([[0, 1], [2, 0]], np.uint8))
     good_image = encode_png(np.zeros((2, 2, 3), np.uint8))
@@ -99,30 +94,7 @@ def test_decode_pairs_splits_good_and_bad_rows_without_raising():
     assert [(r["id"], r["reason"], r["stage"]) for r in bad] == [
         ("no_mask", "missing_mask", "test"), ("bad_label", "unknown_label", "test")]
     assert all(r["hint"] for r in bad)
-    assert pa.Table.from_pylist(bad, schema=storage.QUARANTINE_SCHEMA).num_rows == 2
-
-
-def test_resize_mask_nearest_keeps_labels():
-    mask = np.array([[0, 1], [2, 3]], np.int64)
-    assert resize_mask_nearest(mask, (4, 4)).tolist() == [
-        [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
-    assert resize_mask_nearest(np.stack([mask, mask]), (1, 1)).shape == (2, 1, 1)
-
-
-def test_augment_is_seeded_per_epoch_and_crops_with_ignore_padding():
-    batch = {"id": np.array(["a", "b"], dtype=object),
-             "image": np.arange(2 * 3 * 6 * 6, dtype=np.float32).reshape(2, 3, 6, 6),
-             "mask": np.arange(2 * 6 * 6, dtype=np.int64).reshape(2, 6, 6) % 3}
-    aug = Augment(crop_size=4, seed=1)
-    first = aug(batch, aug.rng(epoch=0))
-    assert first["image"].shape == (2, 3, 4, 4) and first["mask"].shape == (2, 4, 4)
-    again = aug(batch, aug.rng(epoch=0))
-    assert np.array_equal(first["image"], again["image"])
-    others = [aug(batch, aug.rng(epoch=e))["image"] for e in range(1, 6)]
-    assert any(not np.array_equal(first["image"], o) for o in others)
-    padded = Augment(crop_size=8, hflip=False, vflip=False, rot90=False)(batch, aug.rng(0))
-    assert padded["mask"].shape == (2, 8, 8) and (padded["mask"] == 255).sum() == 2 * (64 - 36)
-    assert set(np.unique(padded["image"][padded["mask"][:, None].repeat(3, 1) == 255])) == {0.0}
+    assert pa.Table.from_pylist(bad, schema=records.QUARANTINE_SCHEMA).num_rows == 2
 
 
 # ------------------------------------------------------------------------------ Ray + moto S3
@@ -180,7 +152,7 @@ def test_pack_bounds_shard_size_and_describes_itself(ray_session, sample_dataset
     assert len(files) == summary.files >= 24 // summary.rows_per_file
     meta = json.loads((tmp_path / "shards" / "_rayseg_pack.json").read_text())
     assert meta["rows"] == 24 and meta["files"] == len(files) and meta["format_version"] == 1
-    assert pq.read_schema(files[0][0]).names == storage.SHARD_SCHEMA.names
+    assert pq.read_schema(files[0][0]).names == records.SHARD_SCHEMA.names
 
 
 def test_training_dataset_preprocesses_with_seeded_order_and_quarantines(
@@ -197,9 +169,9 @@ def test_training_dataset_preprocesses_with_seeded_order_and_quarantines(
         writer.writerows({**r, "id": r.get("id") or r["image"].split("/")[-1][:11]} for r in rows)
     pre = Preprocessing(channels=3, resize=(64, 64))
     quarantine = str(tmp_path / "quarantine")
-    data = training_dataset(str(manifest), SPEC3, pre, crop_size=48, seed=3, split="train",
+    data = training_dataset(str(manifest), SPEC3, pre, seed=3, split="train",
                             quarantine_uri=quarantine)
-    batches = list(data.dataset.iter_batches(batch_size=8, batch_format="numpy"))
+    batches = list(data.iter_batches(batch_size=8, batch_format="numpy"))
     ids = [i for b in batches for i in b["id"]]
     n_train = sum(r["split"] == "train" for r in rows) - 1
     assert len(ids) == n_train == 18 and "ghost" not in ids
@@ -215,12 +187,13 @@ def test_training_dataset_preprocesses_with_seeded_order_and_quarantines(
     np.testing.assert_array_equal(first["image"][0], expected)   # parity with inference
 
     again = [i for b in training_dataset(str(manifest), SPEC3, pre, seed=3, split="train")
-             .dataset.iter_batches(batch_size=8) for i in b["id"]]
+             .iter_batches(batch_size=8) for i in b["id"]]
     other = [i for b in training_dataset(str(manifest), SPEC3, pre, seed=4, split="train")
-             .dataset.iter_batches(batch_size=8) for i in b["id"]]
+             .iter_batches(batch_size=8) for i in b["id"]]
     assert again == ids and other != ids and sorted(other) == sorted(ids)
 
-    augmented = data.augment(first, data.augment.rng(epoch=0))
+    augment = Augment(crop_size=48, seed=3)
+    augmented = augment(first, augment.rng(epoch=0))
     assert augmented["image"].shape == (len(first["id"]), 3, 48, 48)
     q = storage.read_table(quarantine).to_pylist()
     assert [(r["id"], r["reason"], r["stage"]) for r in q] == [("ghost", "missing_mask", "train")]

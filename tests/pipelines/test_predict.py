@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipelines import prediction_store as store
 from pipelines.predict import PredictConfig, predict_one, run_predict
-from pipelines.storage import (PREDICTION_SCHEMA, QUARANTINE_SCHEMA, copy_dir_from_local,
-                               read_bytes, write_bytes)
+from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA
+from pipelines.storage import copy_dir_from_local, read_bytes, write_bytes
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing

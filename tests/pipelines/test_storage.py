@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines import storage
+from pipelines.records import QUARANTINE_SCHEMA
 
 
 def test_uri_helpers_keep_scheme_and_resolve_relative_paths(tmp_path):
@@ -99,28 +100,9 @@ def test_parquet_table_roundtrip_on_s3(s3_prefix):
     row = {"id": "a", "image_uri": "s3://b/a.png", "mask_uri": None, "stage": "validate",
            "reason": "missing_mask", "message": "m", "hint": "h",
            "created_at": dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)}
-    table = pa.Table.from_pylist([row], schema=storage.QUARANTINE_SCHEMA)
+    table = pa.Table.from_pylist([row], schema=QUARANTINE_SCHEMA)
     storage.write_table(table, f"{s3_prefix}/q/quarantine.parquet")
     assert storage.read_table(f"{s3_prefix}/q/quarantine.parquet").to_pylist() == [row]
-
-
-def test_schemas_have_the_contract_columns():
-    assert storage.SHARD_SCHEMA.names == [
-        "id", "image_bytes", "mask_bytes", "image_format", "height", "width", "source_uri",
-        "mask_uri", "sha256", "split", "fold"]
-    assert storage.QUARANTINE_SCHEMA.names == [
-        "id", "image_uri", "mask_uri", "stage", "reason", "message", "hint", "created_at"]
-    p = storage.PREDICTION_SCHEMA
-    assert p.names == [
-        "id", "source_uri", "source_sha256", "model_name", "model_version", "height", "width",
-        "mask_png", "class_mask_pngs", "class_pixel_counts", "mean_confidence",
-        "class_mean_confidence", "confidence_png", "request_id", "latency_ms", "created_at"]
-    assert p.field("class_mean_confidence").type == pa.list_(pa.float32())
-    assert p.field("class_mask_pngs").type == pa.list_(pa.binary())
-    assert p.field("class_pixel_counts").type == pa.list_(pa.int64())
-    assert p.field("mean_confidence").type == pa.float32()
-    assert p.field("created_at").type == pa.timestamp("us", tz="UTC")
-    assert p.field("request_id").nullable and p.field("latency_ms").nullable
 
 
 def test_local_s3_server_points_the_env_at_itself_and_restores_it(monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines import storage
+from pipelines.records import QUARANTINE_SCHEMA
 from pipelines.validate import summarize_pairs, validate
 from seg_core.codecs import decode_mask, encode_png
 from seg_core.config import MaskSpec
@@ -65,7 +66,7 @@ def test_every_planted_fault_is_quarantined_with_its_reason(ray_session, planted
     assert report.total == report.ok + report.quarantined          # nothing lost
     assert report.quarantined == len(expected) == 9
     quarantine = storage.read_table(f"{out}/quarantine.parquet")
-    assert quarantine.schema == storage.QUARANTINE_SCHEMA
+    assert quarantine.schema == QUARANTINE_SCHEMA
     got = {r["id"]: r["reason"] for r in quarantine.to_pylist()}
     assert got == expected
     assert all(r["hint"] and r["stage"] == "validate" for r in quarantine.to_pylist())

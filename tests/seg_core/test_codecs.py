@@ -8,7 +8,8 @@ import pytest
 import tifffile
 from PIL import Image, ImageFile
 
-from seg_core.codecs import IGNORE_PART, decode_image, decode_mask, encode_png, sniff_format
+from seg_core.codecs import (IGNORE_PART, decode_image, decode_mask, encode_png, pack_mask_parts,
+                             sniff_format, unpack_mask_parts)
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
 from seg_core.sample_data import png_bomb
@@ -263,3 +264,19 @@ def test_bomb_refused_before_decode() -> None:
 
 def test_unsupported_webp() -> None:
     assert refusal(decode_image, b"RIFF\x00\x00\x00\x00WEBPVP8 ").reason == "unsupported_format"
+
+
+def test_mask_parts_container_roundtrip():
+    parts = [b"\x89PNG one", b"", b"three" * 100]
+    assert unpack_mask_parts(pack_mask_parts(parts)) == parts
+    assert unpack_mask_parts(b"\x89PNG plain") == b"\x89PNG plain"
+
+
+def test_decode_mask_unpacks_a_packed_multilabel_blob():
+    a = np.array([[0, 255, 0]], np.uint8)
+    b = np.array([[255, 255, 0]], np.uint8)
+    ignore = np.array([[0, 0, 255]], np.uint8)
+    spec = MaskSpec(2, multilabel=True)
+    blob = pack_mask_parts([encode_png(a), encode_png(b), IGNORE_PART + encode_png(ignore)])
+    mask = decode_mask(blob, spec)
+    assert mask.tolist() == [[[0, 1, spec.ignore_index]], [[1, 1, spec.ignore_index]]]

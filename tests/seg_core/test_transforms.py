@@ -6,6 +6,7 @@ import pytest
 
 from seg_core.errors import InputError
 from seg_core.transforms import (
+    Augment,
     Compose,
     HorizontalFlip,
     Normalize,
@@ -14,6 +15,7 @@ from seg_core.transforms import (
     RandomRot90,
     Resize,
     VerticalFlip,
+    resize_mask_nearest,
 )
 
 IGN = 255
@@ -144,3 +146,26 @@ def test_bad_inputs_raise() -> None:
         Resize((2, 2))(image[..., 0], mask, _rng())
     with pytest.raises(ValueError, match=r"size must be two positive ints \(H, W\), got \(0, 3\)"):
         RandomCrop((0, 3))(image, mask, _rng())
+
+
+def test_resize_mask_nearest_keeps_labels():
+    mask = np.array([[0, 1], [2, 3]], np.int64)
+    assert resize_mask_nearest(mask, (4, 4)).tolist() == [
+        [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert resize_mask_nearest(np.stack([mask, mask]), (1, 1)).shape == (2, 1, 1)
+
+
+def test_augment_is_seeded_per_epoch_and_crops_with_ignore_padding():
+    batch = {"id": np.array(["a", "b"], dtype=object),
+             "image": np.arange(2 * 3 * 6 * 6, dtype=np.float32).reshape(2, 3, 6, 6),
+             "mask": np.arange(2 * 6 * 6, dtype=np.int64).reshape(2, 6, 6) % 3}
+    aug = Augment(crop_size=4, seed=1)
+    first = aug(batch, aug.rng(epoch=0))
+    assert first["image"].shape == (2, 3, 4, 4) and first["mask"].shape == (2, 4, 4)
+    again = aug(batch, aug.rng(epoch=0))
+    assert np.array_equal(first["image"], again["image"])
+    others = [aug(batch, aug.rng(epoch=e))["image"] for e in range(1, 6)]
+    assert any(not np.array_equal(first["image"], o) for o in others)
+    padded = Augment(crop_size=8, hflip=False, vflip=False, rot90=False)(batch, aug.rng(0))
+    assert padded["mask"].shape == (2, 8, 8) and (padded["mask"] == 255).sum() == 2 * (64 - 36)
+    assert set(np.unique(padded["image"][padded["mask"][:, None].repeat(3, 1) == 255])) == {0.0}

@@ -1,0 +1,133 @@
+"""Every row rayseg writes or reads in tables, in one place: schemas, builders and decoders.
+
+Rows move one way (object storage -> ingest -> train | predict | serve -> Parquet)::
+
+    PAIR_SCHEMA        pair metadata from a manifest or prefix listing (before bytes are fetched)
+    ROW_SCHEMA         a pair with its fetched bytes (what ingest.read_pairs yields)
+    SHARD_SCHEMA       one packed pair per row (``rayseg pack``)
+    QUARANTINE_SCHEMA  one rejected input, with its stable reason code and a hint for the fix
+    PREDICTION_SCHEMA  one predicted mask (batch predict and the Serve endpoint write the same rows)
+    RESULT_SCHEMA      what a predictor emits: a prediction, or a quarantine row (``reason`` set)
+    COUNT_SCHEMA       one scored image in ``rayseg evaluate`` (per-class counts)
+
+:func:`quarantine_row`, :func:`prediction_row` and :func:`decode_prediction` are the only builders
+and decoder of those rows, so a column changes in one place.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from seg_core.config import MaskSpec
+    from seg_core.errors import InputError
+    from seg_core.inference import Prediction, Segmenter
+
+PAIR_SCHEMA = pa.schema([
+    ("id", pa.string()), ("image_uri", pa.string()), ("mask_uri", pa.string()),
+    ("split", pa.string()), ("fold", pa.int32()),
+])
+"""Pair metadata, before the bytes are fetched."""
+
+ROW_SCHEMA = pa.schema(list(PAIR_SCHEMA) + [("image_bytes", pa.binary()),
+                                            ("mask_bytes", pa.binary())])
+"""Rows of :func:`pipelines.ingest.read_pairs`."""
+
+SHARD_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image_bytes", pa.binary()),          # original encoded image (null: file missing)
+    pa.field("mask_bytes", pa.binary()),           # original lossless mask (see codecs.pack_mask_parts)
+    pa.field("image_format", pa.string()),         # png | jpeg | bmp | gif | tiff | null
+    pa.field("height", pa.int32()),                # null when the image does not decode
+    pa.field("width", pa.int32()),
+    pa.field("source_uri", pa.string()),           # where image_bytes came from
+    pa.field("mask_uri", pa.string()),
+    pa.field("sha256", pa.string()),               # of image_bytes
+    pa.field("split", pa.string()),
+    pa.field("fold", pa.int32()),
+])
+"""One packed image/mask pair per row (``rayseg pack``)."""
+
+QUARANTINE_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("image_uri", pa.string()),
+    pa.field("mask_uri", pa.string()),
+    pa.field("stage", pa.string()),                # validate | pack | train | predict | serve
+    pa.field("reason", pa.string()),               # seg_core.errors.Reason
+    pa.field("message", pa.string()),
+    pa.field("hint", pa.string()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
+"""One rejected input per row, with the stable reason code and a hint for the fix."""
+
+PREDICTION_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string()),
+    pa.field("source_sha256", pa.string()),
+    pa.field("model_name", pa.string()),
+    pa.field("model_version", pa.string()),
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("mask_png", pa.binary()),             # class-id mask (multi-class) as PNG
+    pa.field("class_mask_pngs", pa.list_(pa.binary())),   # one binary PNG per class
+    pa.field("class_pixel_counts", pa.list_(pa.int64())),
+    pa.field("mean_confidence", pa.float32()),
+    pa.field("class_mean_confidence", pa.list_(pa.float32())),  # per class (see encode_prediction)
+    pa.field("confidence_png", pa.binary(), nullable=True),
+    pa.field("request_id", pa.string(), nullable=True),   # serve only
+    pa.field("latency_ms", pa.float32(), nullable=True),  # serve only
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
+"""One predicted mask per row; written by batch predict and by the Serve endpoint."""
+
+_EXTRA = [f for f in QUARANTINE_SCHEMA if f.name not in PREDICTION_SCHEMA.names]
+RESULT_SCHEMA = pa.schema([f.with_nullable(True) for f in list(PREDICTION_SCHEMA) + _EXTRA])
+"""What the predictor emits: a prediction row has ``reason`` null, a quarantine row has it set."""
+
+COUNT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("message", pa.string()),
+                          ("tp", pa.list_(pa.int64())), ("fp", pa.list_(pa.int64())),
+                          ("fn", pa.list_(pa.int64())), ("tn", pa.list_(pa.int64())),
+                          ("confusion", pa.list_(pa.int64()))])
+"""One scored image: status ``ok`` or a reason code, counts per class, flattened K x K matrix."""
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def quarantine_row(row: dict[str, Any], error: "InputError", stage: str, *,
+                   created_at: dt.datetime | None = None) -> dict[str, Any]:
+    """One :data:`QUARANTINE_SCHEMA` row for the rejected input ``row`` (``id``, ``image_uri``,
+    ``mask_uri`` as far as known)."""
+    return {"id": row.get("id"), "image_uri": row.get("image_uri"),
+            "mask_uri": row.get("mask_uri"), "stage": stage, "reason": error.reason,
+            "message": str(error), "hint": error.hint, "created_at": created_at or now_utc()}
+
+
+def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
+                   source_uri: str | None, source_sha256: str, model_name: str,
+                   model_version: str, with_confidence: bool,
+                   created_at: dt.datetime | None = None) -> dict[str, Any]:
+    """One :data:`PREDICTION_SCHEMA` row for ``prediction`` (serve-only fields null)."""
+    from seg_core.inference import encode_prediction
+
+    encoded = encode_prediction(prediction, segmenter.mask_spec, with_confidence=with_confidence)
+    height, width = prediction.mask.shape[-2:]
+    return {"id": id, "source_uri": source_uri, "source_sha256": source_sha256,
+            "model_name": model_name, "model_version": model_version,
+            "height": int(height), "width": int(width), **encoded,
+            "request_id": None, "latency_ms": None, "created_at": created_at or now_utc()}
+
+
+def decode_prediction(row: dict[str, Any], spec: "MaskSpec") -> np.ndarray:
+    """The mask stored in a prediction row: H x W class ids, or K x H x W {0, 1} multi-label."""
+    from PIL import Image
+
+    if spec.multilabel:
+        planes = [np.asarray(Image.open(io.BytesIO(png))) for png in row["class_mask_pngs"]]
+        return (np.stack(planes) > 0).astype(np.uint8)
+    return np.asarray(Image.open(io.BytesIO(row["mask_png"])))
