@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.options import add_config_options, job_config
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from pipelines.bench import BENCHMARKS
@@ -19,16 +21,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog="example:\n  rayseg bench cpu_ceiling unet_step\n  rayseg bench all --quick",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("names", nargs="+", metavar="NAME", help="benchmark names, or 'all'")
-    parser.add_argument(
-        "--quick", action="store_true", help="smaller sizes, for a smoke run (figures are noisier)"
-    )
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="benchmark names, or 'all' (default: all)")
+    parser.add_argument("--quick", action="store_true", default=None,
+                        help="smaller sizes, for a smoke run (figures are noisier)")
+    add_config_options(parser, "BenchConfig keys (names, quick)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.bench import available, run_many
+    from pipelines.bench import BENCHMARKS, available, run_many
+    from pipelines.config import BenchConfig
 
-    names = available() if args.names == ["all"] else args.names
-    run_many(names, quick=args.quick)
+    cfg = job_config(BenchConfig, args, {"names": args.names or None, "quick": args.quick})
+    unknown = sorted(set(cfg.names) - set(BENCHMARKS) - {"all"})
+    if unknown:   # before any benchmark runs, not after the first ones finished
+        raise SystemExit(f"rayseg bench: unknown benchmark(s) {unknown}; choose from "
+                         f"{sorted(BENCHMARKS)} or all")
+    run_many(available() if "all" in cfg.names else list(cfg.names), quick=cfg.quick)
     return 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.options import add_config_options, job_config, shipped_config
+
 DESCRIPTION = """\
 Run the whole platform end to end on generated data, in a few minutes on 2 CPUs:
 
@@ -28,38 +30,50 @@ examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from pipelines.demo import DemoConfig
+    from pipelines.config import DemoConfig
 
     defaults = DemoConfig()
     parser = subparsers.add_parser(
         "demo", help="the whole flow end to end on generated data (make demo)",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dir", default=defaults.work_dir,
-                        help="data to <work-dir>/sample/, outputs to <work-dir>/demo/ (default: %(default)s)")
-    parser.add_argument("--s3", action="store_true",
+    parser.add_argument("--work-dir", help=f"data to <work-dir>/sample/, outputs to "
+                                           f"<work-dir>/demo/ (default: {defaults.work_dir})")
+    parser.add_argument("--s3", action="store_true", default=None,
                         help="run against a local S3 server (moto) started for the demo")
-    parser.add_argument("--images", type=int, default=defaults.images,
-                        help="generated image/mask pairs (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=defaults.size,
-                        help="image side in pixels (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help="training epochs (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=defaults.num_workers,
-                        help="Ray Train workers (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="data and training seed")
+    parser.add_argument("--images", type=int,
+                        help=f"generated image/mask pairs (default: {defaults.images})")
+    parser.add_argument("--size", type=int,
+                        help=f"image side in pixels (default: {defaults.size})")
+    parser.add_argument("--epochs", type=int,
+                        help=f"training epochs (default: {defaults.epochs})")
+    parser.add_argument("--workers", type=int,
+                        help=f"Ray Train workers (default: {defaults.num_workers})")
+    parser.add_argument("--seed", type=int, help=f"data and training seed (default: "
+                                                 f"{defaults.seed})")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    add_config_options(parser, "DemoConfig keys (work_dir, images, size, epochs, num_workers, "
+                               "seed, s3, train_config, serve_config, ...)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.demo import DemoConfig, run_demo
+    import dataclasses
+    import functools
 
-    cfg = DemoConfig(work_dir=args.work_dir, images=args.images, size=args.size,
-                     epochs=args.epochs, num_workers=args.workers, seed=args.seed, s3=args.s3,
-                     address=args.address)
-    result = run_demo(cfg)
+    from pipelines.config import DemoConfig
+    from pipelines.demo import run_demo
+    from pipelines.raycluster import ensure_ray
+
+    cfg = job_config(DemoConfig, args, {
+        "work_dir": args.work_dir, "images": args.images, "size": args.size,
+        "epochs": args.epochs, "num_workers": args.workers, "seed": args.seed, "s3": args.s3,
+        "address": args.address})
+    cfg = dataclasses.replace(  # the shipped configs, unless the YAML or --set named others
+        cfg, train_config=cfg.train_config or str(shipped_config("train_sample")),
+        serve_config=cfg.serve_config or str(shipped_config("serve")))
+    result = run_demo(cfg, connect=functools.partial(ensure_ray, cfg.address))
     print()
     print(result.summary())
     return 0

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+from jobs.options import add_config_options, job_config
 
 DESCRIPTION = """\
 Score predictions from `rayseg predict` against the ground-truth masks of a manifest (or an
@@ -31,29 +34,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", help="output URI of `rayseg predict`")
-    parser.add_argument("--manifest", required=True, help="ground truth: manifest or prefix")
+    parser.add_argument("--manifest", help="ground truth: manifest or prefix")
     parser.add_argument("--model", help="predict with this artifact first, then score")
-    parser.add_argument("--split", default="val", help="split to score; 'all' for every row")
-    parser.add_argument("--out", default="rayseg_work/eval", help="report directory")
-    parser.add_argument("--empty-policy", choices=("nan", "one", "zero"), default="nan",
+    parser.add_argument("--split", help="split to score (default val); 'all' for every row")
+    parser.add_argument("--out", help="report directory (default rayseg_work/eval)")
+    parser.add_argument("--empty-policy", choices=("nan", "one", "zero"),
                         help="score of a class absent from both truth and prediction "
-                             "(nan: left out of the means)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% CIs")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--overlays", type=int, default=3, help="best and worst images to draw")
+                             "(default nan: left out of the means)")
+    parser.add_argument("--bootstrap", type=int, help="resamples for the 95%% CIs (default 1000)")
+    parser.add_argument("--seed", type=int, help="bootstrap seed (default 0)")
+    parser.add_argument("--overlays", type=int, help="best and worst images to draw (default 3)")
     parser.add_argument("--mask-values", help="override the model's mask values, e.g. 0,255")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    add_config_options(parser, "EvaluateConfig keys (manifest, predictions, model, split, ...)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import EvaluateConfig, run_evaluate
+    from pipelines.config import EvaluateConfig
+    from pipelines.evaluate import run_evaluate
+    from pipelines.raycluster import ensure_ray
 
-    mask_values = tuple(int(v) for v in args.mask_values.split(",")) if args.mask_values else None
-    cfg = EvaluateConfig(
-        manifest=args.manifest, out=args.out, predictions=args.predictions, model=args.model,
-        split=None if args.split == "all" else args.split, empty_policy=args.empty_policy,
-        bootstrap=args.bootstrap, seed=args.seed, overlays=args.overlays,
-        mask_values=mask_values, address=args.address)
+    flags = {name: getattr(args, name) for name in (
+        "manifest", "out", "predictions", "model", "empty_policy", "bootstrap", "seed",
+        "overlays", "address")}
+    flags["mask_values"] = [int(v) for v in args.mask_values.split(",")] \
+        if args.mask_values else None
+    cfg = job_config(EvaluateConfig, args, flags)
+    if args.split is not None:   # 'all' scores every row
+        cfg = dataclasses.replace(cfg, split=None if args.split == "all" else args.split)
+    ensure_ray(cfg.address)
     report = run_evaluate(cfg)
     return 0 if report["images_scored"] else 1

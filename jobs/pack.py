@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.options import add_config_options, job_config
+
 DESCRIPTION = """\
 Pack image/mask pairs into a few large Parquet shards, the layout Ray Data reads fastest (millions
 of small objects make S3 slow and throttled).  Each row holds the id, the original image bytes,
@@ -28,22 +30,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", metavar="SOURCE", help="manifest, images/+masks/ prefix or shards")
-    parser.add_argument("--out", required=True, help="output prefix (local path or s3://)")
-    parser.add_argument("--shard-mb", type=float, default=256.0,
-                        help="target shard size in MB (default 256)")
-    parser.add_argument("--partition-by-split", action="store_true",
+    parser.add_argument("--out", help="output prefix (local path or s3://)")
+    parser.add_argument("--shard-mb", type=float, help="target shard size in MB (default 256)")
+    parser.add_argument("--partition-by-split", action="store_true", default=None,
                         help="hive layout: <out>/split=<name>/part-*.parquet")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    add_config_options(parser, "PackConfig keys (out, shard_mb, partition_by_split, address)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.config import PackConfig
     from pipelines.pack import pack
     from pipelines.raycluster import ensure_ray
 
-    ensure_ray(address=args.address)
-    summary = pack(args.source, args.out, shard_mb=args.shard_mb,
-                   partition_by_split=args.partition_by_split)
+    cfg = job_config(PackConfig, args, {name: getattr(args, name) for name in (
+        "source", "out", "shard_mb", "partition_by_split", "address")})
+    ensure_ray(address=cfg.address)
+    summary = pack(cfg.source, cfg.out, shard_mb=cfg.shard_mb,
+                   partition_by_split=cfg.partition_by_split)
     print(f"packed {summary.rows} pairs into {summary.files} shard(s), "
           f"{summary.total_bytes / 1e6:.1f} MB, ~{summary.rows_per_file} rows per shard -> "
           f"{summary.out_uri}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.options import add_config_options, job_config
+
 DESCRIPTION = """\
 Bulk offline inference.  Reads images through the ingest sources (a manifest CSV/Parquet, a
 prefix with images/ [and masks/], a bare prefix of images, or shards from `rayseg pack`; masks
@@ -36,8 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "predict", help="bulk inference over a dataset to Parquet (exactly once, resumable)",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="YAML",
-                        help="keys of PredictConfig (see jobs/configs/predict.yaml); flags override")
+    add_config_options(parser, "PredictConfig keys, e.g. predict (jobs/configs/predict.yaml)")
     parser.add_argument("--model", help="model artifact directory (local path or s3://)")
     parser.add_argument("--input", help="manifest, images/ prefix, bare image prefix or shards")
     parser.add_argument("--out", help="output prefix for the Parquet files (local path or s3://)")
@@ -59,22 +60,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.predict import PredictConfig, run_predict
-    from seg_core.config import from_dict
+    from pipelines.config import PredictConfig
+    from pipelines.predict import run_predict
+    from pipelines.raycluster import ensure_ray
 
-    fields = _yaml(args.config)
-    fields.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None})
-    missing = [k for k in ("model", "input", "out") if not fields.get(k)]
-    if missing:
-        raise SystemExit(f"rayseg predict: give --{' --'.join(missing)} (or set them in --config)")
-    summary = run_predict(from_dict(PredictConfig, fields))
+    cfg = job_config(PredictConfig, args, {k: getattr(args, k) for k in _FLAGS})
+    ensure_ray(cfg.address)
+    summary = run_predict(cfg)
     return 0 if summary["duplicates"] == 0 and summary["missing"] == 0 else 1
-
-
-def _yaml(path: str | None) -> dict:
-    if not path:
-        return {}
-    import yaml
-
-    with open(path) as handle:
-        return yaml.safe_load(handle) or {}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.options import add_config_options, resolve_config_path
+
 DESCRIPTION = """\
 Online segmentation on Ray Serve.  Deploys the model artifact behind an HTTP endpoint, prints its
 URL and a curl example, and serves until Ctrl-C; then the replicas drain and flush their rows.
@@ -18,13 +20,15 @@ Replicas autoscale between min and max (num_replicas: auto), batch requests (max
 batch_wait_timeout_s), and append every answered request to Parquet under
 <out>/date=YYYY-MM-DD/, flushed by row count or age and again at shutdown.  All of this is set in
 the Serve config (--config, `serve build` format; default jobs/configs/serve.yaml), the same
-application that infra/rayservice.yaml deploys on Kubernetes.
+application that infra/rayservice.yaml deploys on Kubernetes; --set changes one of its keys.
 """
 
 EPILOG = """\
 examples:
   rayseg serve --model rayseg_work/models/unet/v1
   rayseg serve --model s3://bucket/models/unet/v1 --out s3://bucket/serve-preds --port 8080
+  rayseg serve --model rayseg_work/models/unet/v1 \
+      --set applications.0.deployments.0.autoscaling_config.max_replicas=8
   RAYSEG_API_KEY=... rayseg serve --model rayseg_work/models/unet/v1 --api-key-env RAYSEG_API_KEY
 """
 
@@ -35,9 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model artifact directory (local or s3://)")
-    parser.add_argument("--config", metavar="YAML",
-                        help="Serve config in `serve build` format "
-                             "(default jobs/configs/serve.yaml)")
+    add_config_options(parser, "a Serve config in `serve build` format (default: serve, i.e. "
+                               "jobs/configs/serve.yaml); --set addresses its keys, e.g. "
+                               "applications.0.args.flush_rows=64")
     parser.add_argument("--out", help="Parquet prefix for answered requests (local or s3://)")
     parser.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
@@ -50,9 +54,14 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from pipelines.config import apply_overrides, read_yaml
+    from pipelines.raycluster import ensure_ray
     from pipelines.serve import start_endpoint, stop_endpoint
 
-    url = start_endpoint(args.model, args.out, config=args.config, host=args.host,
+    config = apply_overrides(read_yaml(resolve_config_path(args.config or "serve")),
+                             args.overrides)
+    ensure_ray()
+    url = start_endpoint(args.model, args.out, config=config, host=args.host,
                          port=args.port, api_key_env=args.api_key_env)
     key = f" -H \"X-API-Key: ${args.api_key_env}\"" if args.api_key_env else ""
     print(f"rayseg serve: listening on {url}  (Ctrl-C stops and flushes)\n"

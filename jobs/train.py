@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from jobs.options import add_config_options, job_config
 
 DESCRIPTION = """\
 Train a U-Net with Ray Train (data-parallel, DDP) and write a model artifact.
@@ -31,22 +32,14 @@ examples:
   rayseg train --config jobs/configs/train_sample.yaml --print-config      # resolved YAML only
 """
 
-_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="train a U-Net on Ray Train (checkpoints, resume, k-fold CV)",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, metavar="YAML",
-                        help="training config, e.g. jobs/configs/train_sample.yaml (a bare "
-                             "jobs/configs/<name>.yaml also resolves to the installed copy)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override one config key, dotted for nested sections "
-                             "(repeatable), e.g. --set optim.lr=3e-3 --set scaling.num_workers=2")
+    add_config_options(parser, "TrainConfig keys (data, model, mask, preprocessing, augment, "
+                               "optim, scaling, storage, ...), e.g. train_sample", required=True)
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--print-config", action="store_true",
@@ -54,22 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def resolve_config_path(path: str) -> Path:
-    """``path`` as given, else the packaged ``jobs/configs/<file>`` (for installed images)."""
-    given = Path(path)
-    if given.is_file():
-        return given
-    packaged = _PACKAGED_CONFIGS / given.name
-    if given.parent.as_posix().endswith("jobs/configs") and packaged.is_file():
-        return packaged
-    raise FileNotFoundError(f"--config {path}: no such file; expected a YAML such as "
-                            f"jobs/configs/train_sample.yaml")
-
-
 def run(args: argparse.Namespace) -> int:
-    from pipelines.config import dump_config, load_train_config
+    from pipelines.config import TrainConfig, dump_config
 
-    cfg = load_train_config(resolve_config_path(args.config), args.overrides)
+    cfg = job_config(TrainConfig, args)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

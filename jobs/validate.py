@@ -5,6 +5,8 @@ import argparse
 import datetime as dt
 import posixpath
 
+from jobs.options import add_config_options, resolve_config_path
+
 DESCRIPTION = """\
 Label QA before any training time is spent: a Ray Data job decodes every image/mask pair and
 checks that the image decodes, the mask exists and is lossless (no JPEG), the sizes match, the
@@ -42,47 +44,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--multilabel", action="store_true", default=None,
                         help="one binary mask per class (';'-joined files or a K-channel TIFF)")
     parser.add_argument("--ignore-index", type=int, help="mask value that means 'not labelled' (255)")
-    parser.add_argument("--config", metavar="YAML",
-                        help="take the mask spec from this YAML's mask: section (flags override)")
-    parser.add_argument("--max-pixels", type=int, default=64_000_000,
-                        help="reject images with more pixels (decompression-bomb guard)")
-    parser.add_argument("--max-bad", type=float, default=0.0,
+    add_config_options(parser, "ValidateConfig keys (mask, max_pixels, max_bad, out); a training "
+                               "config works too: its mask: section is used")
+    parser.add_argument("--max-pixels", type=int,
+                        help="reject images with more pixels (decompression-bomb guard, "
+                             "default 64000000)")
+    parser.add_argument("--max-bad", type=float,
                         help="fail when more than this fraction of pairs is rejected (default 0)")
     parser.add_argument("--out", help="output URI (default rayseg_work/validate/<name>-<time>)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     return parser
 
 
+def validate_config(args: argparse.Namespace):
+    """ValidateConfig from --config (a training config lends its ``mask:`` section), the flags
+    given, then --set."""
+    import dataclasses
+
+    from pipelines.config import ValidateConfig, load_config, read_yaml
+
+    flags = {"source": args.source, "out": args.out, "max_pixels": args.max_pixels,
+             "max_bad": args.max_bad, "address": args.address,
+             "mask.num_classes": args.num_classes, "mask.ignore_index": args.ignore_index,
+             "mask.multilabel": args.multilabel, "mask.mask_values": _ints(args.mask_values, ","),
+             "mask.palette": [_ints(c, ",") for c in args.palette.split(";")]
+             if args.palette else None,
+             "mask.class_names": args.class_names.split(",") if args.class_names else None}
+    data = read_yaml(resolve_config_path(args.config)) if args.config else {}
+    own = {f.name for f in dataclasses.fields(ValidateConfig)}
+    if not set(data) <= own and "mask" in data:          # a training config: its mask only
+        data = {"mask": data["mask"]}
+    if "num_classes" not in (data.get("mask") or {}) and args.num_classes is None:
+        raise SystemExit("rayseg validate: give --num-classes K (or a --config with "
+                         "mask.num_classes)")
+    flags = {key: value for key, value in flags.items() if value is not None}
+    return load_config(ValidateConfig, data, args.overrides, flags=flags)
+
+
 def mask_spec_from_args(args: argparse.Namespace):
-    """MaskSpec from --config's ``mask:`` section, overridden by the flags given."""
-    from seg_core.config import MaskSpec, from_dict
-
-    fields: dict = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as handle:
-            fields.update((yaml.safe_load(handle) or {}).get("mask") or {})
-    flags = {"num_classes": args.num_classes, "ignore_index": args.ignore_index,
-             "multilabel": args.multilabel,
-             "mask_values": _ints(args.mask_values, ","),
-             "palette": [_ints(c, ",") for c in args.palette.split(";")] if args.palette else None,
-             "class_names": args.class_names.split(",") if args.class_names else None}
-    fields.update({k: v for k, v in flags.items() if v is not None})
-    if "num_classes" not in fields:
-        raise SystemExit("rayseg validate: give --num-classes K (or a --config with mask.num_classes)")
-    return from_dict(MaskSpec, fields)
+    """The MaskSpec of :func:`validate_config`."""
+    return validate_config(args).mask
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.raycluster import ensure_ray
     from pipelines.validate import validate
 
-    spec = mask_spec_from_args(args)
-    out = args.out or _default_out(args.source)
-    ensure_ray(address=args.address)
-    report = validate(args.source, spec, out_uri=out, max_pixels=args.max_pixels,
-                      max_bad=args.max_bad)
+    cfg = validate_config(args)
+    out = cfg.out or _default_out(cfg.source)
+    ensure_ray(address=cfg.address)
+    report = validate(cfg.source, cfg.mask, out_uri=out, max_pixels=cfg.max_pixels,
+                      max_bad=cfg.max_bad)
     print(report.table())
     print(f"outputs: {out}  (report.json, report.md, class_frequency.png, quarantine.parquet)")
     if not report.passed:

@@ -66,6 +66,14 @@ def init(address: str | None = None, *, num_cpus: int | None = None,
     return resources
 
 
+def _connected() -> None:
+    """Every call that runs Ray work: :func:`init` with its defaults when it was not called."""
+    import ray
+
+    if not ray.is_initialized():
+        init()
+
+
 def work_directory() -> str:
     """The session's work directory (``init(work_dir=...)``, ``RAYSEG_WORK_DIR`` or rayseg_work)."""
     chosen = _SESSION["work_dir"] or os.environ.get("RAYSEG_WORK_DIR") or DEFAULT_WORK_DIR
@@ -221,7 +229,6 @@ class UNetSegmentationEstimator:
         spans them, and only an ``epochs`` you set yourself can end training sooner.
         ``overrides`` set any other hyperparameter for this and later runs (e.g. ``epochs=3``).
         """
-        from pipelines.raycluster import ensure_ray
         from pipelines.train import train as run_train
 
         _check_params(overrides)
@@ -237,7 +244,7 @@ class UNetSegmentationEstimator:
         version = f"v{self._versions}"
         manifest = self._training_manifest(version)   # checks x / y / fold_column first
         self.build_config(manifest, max_iterations=max_iterations)
-        ensure_ray()
+        _connected()
         if self._infer_classes:
             self._params["num_classes"] = infer_num_classes(manifest, bool(self._params.get(
                 "multilabel")))
@@ -285,6 +292,7 @@ class UNetSegmentationEstimator:
             work_directory(), "frames", f"predict-{token}.csv"), x=self.x, y=None)
         out = storage.as_uri(out) if out else storage.join_uri(
             work_directory(), "predictions", f"{self.model_id}-{token}")
+        _connected()
         run_predict(PredictConfig(model=model, input=manifest, out=out, tta=tta,
                                   confidence_maps=confidence_maps, progress=False),
                     log=lambda line: None)
@@ -309,6 +317,7 @@ class UNetSegmentationEstimator:
         out = storage.as_uri(out) if out else storage.join_uri(
             work_directory(), "evaluations", f"{self.model_id}-{token}")
         history = self.train_result.history if self.train_result is not None else ()
+        _connected()
         return evaluate_frame(model, manifest, out, history=history)
 
     def cross_validation_metrics_summary(self) -> "pandas.DataFrame":

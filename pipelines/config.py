@@ -1,9 +1,15 @@
-"""Frozen training configuration that maps one-to-one onto ``jobs/configs/train_*.yaml``.
+"""Every job's configuration, one dialect: frozen dataclasses that map one-to-one onto YAML.
+
+:class:`TrainConfig` (``jobs/configs/train_*.yaml``), :class:`PredictConfig`,
+:class:`EvaluateConfig`, :class:`ValidateConfig`, :class:`PackConfig`, :class:`DemoConfig`, and the
+Serve application's :class:`ServeArgs` / :class:`BatchSettings`.  :func:`load_config` builds any of
+them from a YAML file, a command's flags and ``--set`` overrides, through the one strict builder
+:func:`seg_core.config.from_dict`.
 
 Every YAML key is a dataclass field of the same name; nested mappings are nested dataclasses
 (``model`` -> :class:`seg_core.config.ModelConfig`, ``mask`` -> :class:`MaskSpec`,
-``preprocessing`` -> :class:`Preprocessing`, plus the training-only groups below).  The job builds
-a :class:`TrainConfig` once (YAML, then ``--set dotted.key=value`` overrides) and everything below
+``preprocessing`` -> :class:`Preprocessing`, plus the training-only groups below).  A job builds
+its config once (YAML, then flags, then ``--set dotted.key=value`` overrides) and everything below
 receives the typed object; it becomes a dict only where Ray or a JSON file needs one.
 
 Names follow H2O where H2O has one (``epochs``, ``max_iterations``, ``max_runtime_secs``,
@@ -12,28 +18,23 @@ Names follow H2O where H2O has one (``epochs``, ``max_iterations``, ``max_runtim
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.storage import fspath_fields
-from seg_core.config import MaskSpec, ModelConfig, Preprocessing, as_hw
-from seg_core.config import from_dict as core_from_dict
-from seg_core.config import to_dict
+from seg_core.config import (LOSS_NAMES, MULTILABEL_LOSSES, EmptyPolicy, LossName, MaskSpec,
+                             ModelConfig, Preprocessing, ScheduleKind, as_hw, from_dict, to_dict)
 
-ScheduleKind = Literal["cosine", "poly"]
-LossName = Literal["ce", "dice", "dice_ce", "focal", "bce", "bce_dice"]
 AmpMode = Literal["auto", "bf16", "off"]
 FoldAssignment = Literal["auto", "column", "random"]
-MULTILABEL_LOSSES = ("bce", "bce_dice")
-
 T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -184,10 +185,9 @@ class TrainConfig:
             )
         if self.mask.multilabel != (self.loss in MULTILABEL_LOSSES):
             kind = "multi-label" if self.mask.multilabel else "multi-class"
-            raise ValueError(
-                f"loss={self.loss!r} does not fit a {kind} mask; use one of "
-                f"{MULTILABEL_LOSSES if self.mask.multilabel else ('ce', 'dice', 'dice_ce', 'focal')}"
-            )
+            fitting = tuple(n for n in LOSS_NAMES
+                            if (n in MULTILABEL_LOSSES) == self.mask.multilabel)
+            raise ValueError(f"loss={self.loss!r} does not fit a {kind} mask; use one of {fitting}")
         if self.pos_weight is not None and not self.mask.multilabel:
             raise ValueError(f"pos_weight={self.pos_weight!r} weighs the positive pixels of "
                              f"multi-label classes; this mask is multi-class (use class_weights)")
@@ -238,44 +238,239 @@ def _check_tile_fits_training(pre: Preprocessing, augment: AugmentSpec) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# the other jobs' configs (``rayseg <command> --config YAML --set key=value``)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything ``rayseg predict`` needs; field names are the keys of ``jobs/configs/predict.yaml``."""
+
+    model: str                      # artifact directory (local path or s3://)
+    input: str                      # manifest (.csv/.parquet), prefix (images/[, masks/]) or shards
+    out: str                        # output prefix (local path or s3://)
+    split: str | None = None        # only rows of this split (manifests and shards); None: all
+    tta: bool = False               # flip test-time augmentation, averaged in probability space
+    confidence_maps: bool = False   # add an 8-bit confidence PNG per row
+    batch_size: int = 16            # images per predictor call (one Ray task)
+    actors: int | None = None       # predictor actors; None: one per GPU, else one per CPU
+    cpus_per_actor: float | None = None  # None: (CPUs - 0.5) / actors on CPUs, 1 with GPUs
+    rows_per_file: int = 256        # rows per committed Parquet file (the unit of resume)
+    address: str | None = None      # Ray cluster to join; None starts a local one
+    progress: bool = True           # Ray Data progress bars (rows done per stage)
+
+    def __post_init__(self) -> None:
+        fspath_fields(self, "model", "input", "out")
+        if self.batch_size < 1 or self.rows_per_file < 1:
+            raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
+                             f"{self.batch_size} and {self.rows_per_file}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"predict: actors must be >= 1 (or null for auto), got {self.actors}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"predict: cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Everything ``rayseg evaluate`` needs."""
+
+    manifest: str                       # ground truth: manifest, prefix or shards (ingest sources)
+    out: str = "rayseg_work/eval"       # report directory (local)
+    predictions: str | None = None      # output of `rayseg predict`; None: predict with `model`
+    model: str | None = None            # predict with this artifact first (into predictions, or
+                                        # <out>/predictions), then score
+    split: str | None = "val"           # rows of this split only; None: all rows
+    empty_policy: EmptyPolicy = "nan"   # score of a class absent from truth and prediction
+    bootstrap: int = 1000               # resamples over images for the 95% intervals
+    seed: int = 0
+    overlays: int = 3                   # best and worst images rendered (each)
+    mask_values: tuple[int, ...] | None = None  # override the artifact's MaskSpec.mask_values
+    address: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        fspath_fields(self, "manifest", "out", "predictions", "model")
+        if self.predictions is None and self.model is None:
+            raise ValueError("evaluate: give --predictions (output of rayseg predict) or --model "
+                             "(predict first), got neither")
+        if self.empty_policy not in typing.get_args(EmptyPolicy):
+            raise ValueError(f"evaluate: empty_policy must be one of "
+                             f"{list(typing.get_args(EmptyPolicy))}, got {self.empty_policy!r}")
+        if self.bootstrap < 0 or self.overlays < 0:
+            raise ValueError(f"evaluate: bootstrap and overlays must be >= 0, got "
+                             f"{self.bootstrap} and {self.overlays}")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Everything ``rayseg validate`` needs: the source, its mask spec and the pass mark."""
+
+    source: str                         # manifest, images/ + masks/ prefix, or shards
+    mask: MaskSpec = field(default_factory=MaskSpec)   # a train YAML's ``mask:`` section fits
+    out: str | None = None              # None: rayseg_work/validate/<name>-<time>
+    max_pixels: int = 64_000_000        # decompression-bomb guard
+    max_bad: float = 0.0                # fail when a larger fraction of pairs is rejected
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        fspath_fields(self, "source", "out")
+        if not 0.0 <= self.max_bad <= 1.0 or self.max_pixels < 1:
+            raise ValueError(f"validate: expected 0 <= max_bad <= 1 and max_pixels >= 1, got "
+                             f"{self.max_bad} and {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """Everything ``rayseg pack`` needs."""
+
+    source: str                         # manifest, images/ + masks/ prefix, or shards
+    out: str                            # output prefix, overwritten
+    shard_mb: float = 256.0             # target shard size
+    partition_by_split: bool = False    # hive layout <out>/split=<name>/
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        fspath_fields(self, "source", "out")
+        if self.shard_mb <= 0:
+            raise ValueError(f"pack: shard_mb must be > 0, got {self.shard_mb}")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything ``rayseg bench`` needs."""
+
+    names: tuple[str, ...] = ("all",)   # benchmark names, or all
+    quick: bool = False                 # smaller sizes, noisier figures
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's embedded defaults (``rayseg demo --help`` shows how to change them)."""
+
+    work_dir: str = "rayseg_work"
+    images: int = 48                 # generated pairs (75% train, 25% val)
+    size: int = 96                   # square image side
+    epochs: int = 8
+    num_workers: int = 2             # Ray Train workers
+    seed: int = 0
+    s3: bool = False
+    address: str | None = None       # Ray cluster to join; None starts a local one
+    heartbeat_s: float = 20.0        # seconds between "still running" lines
+    train_config: str | None = None  # training YAML (`rayseg demo`: jobs/configs/train_sample.yaml)
+    serve_config: str | None = None  # Serve YAML (`rayseg demo`: jobs/configs/serve.yaml)
+
+    def __post_init__(self) -> None:
+        if self.images < 8 or self.size < 32 or self.epochs < 1 or self.num_workers < 1:
+            raise ValueError(f"demo: need images >= 8, size >= 32, epochs >= 1, workers >= 1; got "
+                             f"{self.images}, {self.size}, {self.epochs}, {self.num_workers}")
+
+
+class ServeArgs(BaseModel):
+    """Arguments of the app builder (the ``args:`` block of a Serve config)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model_uri: str = Field(description="artifact directory: local path or s3://")
+    out_uri: str | None = Field(None, description="Parquet sink root; None disables the sink")
+    api_key_env: str | None = Field(None, description="env var holding the API key; None: open")
+    max_request_bytes: int = Field(16 * 2**20, gt=0, description="larger bodies answer 413")
+    max_pixels: int | None = Field(None, gt=0, description="None: the artifact's max_pixels")
+    flush_rows: int = Field(256, ge=1, description="the sink writes a file at this many rows")
+    flush_interval_s: float = Field(30.0, gt=0, description="or when its oldest row is this old")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', ...")
+    tta: bool = False
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """``user_config`` of the deployment; applied by ``reconfigure`` without a restart."""
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ValueError(f"user_config: expected max_batch_size >= 1 and batch_wait_timeout_s "
+                             f">= 0, got {self.max_batch_size} and {self.batch_wait_timeout_s}")
+
+
+# --------------------------------------------------------------------------------------------
 # YAML <-> dataclass
 
 
-def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML file (optional), apply ``dotted.key=value`` overrides, build a TrainConfig.
+def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None,
+                overrides: Sequence[str] = (), *, flags: Mapping[str, Any] | None = None) -> T:
+    """The one way a job's config is built: YAML file, then ``flags``, then ``--set`` overrides.
 
-    Override values are parsed as YAML, so ``epochs=3``, ``optim.lr=1e-3``,
-    ``scaling.use_gpu=false`` and ``mask.class_names=[bg,fg]`` get their natural types.
+    ``path``: an optional YAML file (or the mapping read from one) of ``cls``'s keys.
+    ``flags``: ``{"dotted.key": value}`` from a command's own options (already typed).
+    ``overrides``: ``dotted.key=value`` strings
+    whose values are parsed as YAML, so ``epochs=3``, ``optim.lr=1e-3``, ``tta=false`` and
+    ``mask.class_names=[bg,fg]`` get their natural types.  The result is checked strictly by
+    :func:`seg_core.config.from_dict`.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a YAML mapping at top level, got {type(data).__name__}")
+    if isinstance(path, Mapping):
+        data = copy.deepcopy(dict(path))
+    else:
+        data = read_yaml(path) if path is not None else {}
+    for key, value in (flags or {}).items():
+        set_dotted(data, key, value)
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``--set dotted.key=value`` strings to ``data`` in place (values parsed as YAML)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value (e.g. optim.lr=0.001), got {item!r}")
         set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return config_from_dict(data)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (empty file: ``{}``)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """:func:`load_config` for :class:`TrainConfig`."""
+    return load_config(TrainConfig, path, overrides)
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(d, "optim.lr", 0.1)`` sets ``d["optim"]["lr"]``, creating levels as needed."""
+    """``set_dotted(d, "optim.lr", 0.1)`` sets ``d["optim"]["lr"]``, creating levels as needed.
+
+    A number indexes a list: ``applications.0.args.flush_rows`` (the Serve config's shape).
+    """
     *parents, leaf = key.split(".")
-    node = data
+    node: Any = data
     for part in parents:
+        if isinstance(node, list):
+            node = node[_index(node, part, key)]
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ValueError(f"--set {key}: {part!r} is a value, not a section")
         node = child
-    node[leaf] = value
+    if isinstance(node, list):
+        node[_index(node, leaf, key)] = value
+    else:
+        node[leaf] = value
+
+
+def _index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ValueError(f"--set {key}: {part!r} is not an index of a {len(items)}-item list")
+    return int(part)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Build a :class:`TrainConfig` from plain data, rejecting unknown keys at every level."""
-    return _build(TrainConfig, data, "")
+    return from_dict(TrainConfig, data)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -286,71 +481,3 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def dump_config(cfg: TrainConfig) -> str:
     """The resolved config as YAML (saved next to the run and the artifact)."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-_CORE_TYPES = (ModelConfig, MaskSpec, Preprocessing)
-
-
-def _build(cls: type[T], data: Any, where: str) -> T:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    if cls in _CORE_TYPES:
-        try:
-            return core_from_dict(cls, _coerce_floats(cls, data))
-        except TypeError as err:  # wrong value types inside seg_core's dataclasses
-            raise ValueError(f"{where}: {err}") from err
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"{where or 'config'}: unknown key(s) {unknown}; expected some of {names}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _convert(value: Any, hint: Any, where: str) -> Any:
-    """Check/convert one YAML value against a type hint (dataclass, Optional, Literal, tuple)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, where)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {args}")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        return tuple(_convert(v, item, where) for v in value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)  # YAML 1.1 reads "1e-3" as a string
-        except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
-    if hint is int or hint is bool or hint is str:
-        if type(value) is not hint:
-            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def _coerce_floats(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """seg_core dataclasses expect floats where YAML may give ints or '1e-3' strings."""
-    hints = typing.get_type_hints(cls)
-    out = dict(data)
-    for key, value in data.items():
-        if hints.get(key) is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            out[key] = _convert(value, float, key)
-    return out

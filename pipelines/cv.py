@@ -61,14 +61,14 @@ class CVResult:
 
 def cross_validate(cfg: TrainConfig, *, parallelism: int | None = None) -> CVResult:
     """Train ``cfg.nfolds`` models, fold ``k`` validated on the rows of fold ``k``."""
-    from pipelines.raycluster import ensure_ray
+    import ray
 
     if cfg.nfolds < 2:
         raise ValueError(f"cross_validate: nfolds must be >= 2, got {cfg.nfolds}")
     if cfg.data.manifest is None and cfg.fold_assignment == "random":
         raise ValueError("cross_validate: random folds need a manifest; shards carry their own "
                          "fold column (rayseg pack), so use fold_assignment: column")
-    resources = ensure_ray()
+    resources = ray.cluster_resources()
     cfg = absolute_paths(cfg)
     parallelism = max(1, min(parallelism or cfg.cv_parallelism, cfg.nfolds))
     folds_uri, assignment, sizes = write_fold_assignment(cfg)

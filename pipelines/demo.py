@@ -29,29 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipelines import storage
+from pipelines.config import DemoConfig
 
 S3_BUCKET = "rayseg-demo"
 STAGES = ("data", "validate", "train", "evaluate", "predict", "serve")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """The demo's embedded defaults (``rayseg demo --help`` shows how to change them)."""
-
-    work_dir: str = "rayseg_work"
-    images: int = 48                 # generated pairs (75% train, 25% val)
-    size: int = 96                   # square image side
-    epochs: int = 8
-    num_workers: int = 2             # Ray Train workers
-    seed: int = 0
-    s3: bool = False
-    address: str | None = None       # Ray cluster to join; None starts a local one
-    heartbeat_s: float = 20.0        # seconds between "still running" lines
-
-    def __post_init__(self) -> None:
-        if self.images < 8 or self.size < 32 or self.epochs < 1 or self.num_workers < 1:
-            raise ValueError(f"demo: need images >= 8, size >= 32, epochs >= 1, workers >= 1; got "
-                             f"{self.images}, {self.size}, {self.epochs}, {self.num_workers}")
 
 
 @dataclass
@@ -104,8 +85,16 @@ class Progress:
             self.log(f"{tag} ... still running ({time.perf_counter() - start:.0f}s)")
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
-    """Run every stage; returns where the outputs went (also printed by ``rayseg demo``)."""
+def run_demo(cfg: DemoConfig, connect: Callable[[], dict[str, float]],
+             log: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage; returns where the outputs went (also printed by ``rayseg demo``).
+
+    ``connect`` joins or starts Ray and returns its resources; the demo calls it once its data
+    (and, with ``s3``, the local S3 server whose endpoint the workers must see) exist.
+    """
+    if not (cfg.train_config and cfg.serve_config):
+        raise ValueError("demo: train_config and serve_config must name the YAML files to use "
+                         "(rayseg demo passes jobs/configs/train_sample.yaml and serve.yaml)")
     started = time.perf_counter()
     local = Path(storage.strip_scheme(cfg.work_dir)) / "demo"
     if local.exists():
@@ -113,16 +102,15 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     local.mkdir(parents=True)
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(_s3_server(log)) if cfg.s3 else str(local)
-        result = _stages(cfg, root, local, log)
+        result = _stages(cfg, root, local, connect, log)
         if cfg.s3:
             result.outputs = _copy_back(result.outputs, root, local / "s3_copy")
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _stages(cfg: DemoConfig, root: str, local: Path, log: Callable[[str], None]) -> DemoResult:
-    from pipelines.raycluster import ensure_ray
-
+def _stages(cfg: DemoConfig, root: str, local: Path, connect: Callable[[], dict[str, float]],
+            log: Callable[[str], None]) -> DemoResult:
     progress = Progress(len(STAGES), cfg.heartbeat_s, log)
     result = DemoResult()
     out = result.outputs
@@ -130,7 +118,7 @@ def _stages(cfg: DemoConfig, root: str, local: Path, log: Callable[[str], None])
                                 f"classes, png/jpeg/bmp/gif/tiff)") as note:
         manifest = _generate(cfg, root, local)
         out["sample data"] = manifest
-        resources = ensure_ray(cfg.address)
+        resources = connect()
         note["note"] = (f"{manifest}; Ray has {resources.get('CPU', 0):g} CPU, "
                         f"{resources.get('GPU', 0):g} GPU")
     train_cfg = demo_train_config(cfg, manifest, root)
@@ -176,17 +164,16 @@ def _stages(cfg: DemoConfig, root: str, local: Path, log: Callable[[str], None])
                         f"{summary['images_per_s']} images/s")
     with progress.stage("serve", "start the endpoint, send one request, stop it") as note:
         served = storage.join_uri(root, "serve_predictions")
-        note["note"] = _serve_once(model, served, manifest)
+        note["note"] = _serve_once(model, served, manifest, cfg.serve_config)
         out["endpoint rows (Parquet)"] = served
     return result
 
 
 def demo_train_config(cfg: DemoConfig, manifest: str, root: str) -> Any:
     """The shipped sample training config, pointed at the demo's data and storage."""
-    from jobs.train import resolve_config_path
     from pipelines.config import load_train_config
 
-    return load_train_config(resolve_config_path("jobs/configs/train_sample.yaml"), [
+    return load_train_config(cfg.train_config, [
         "name=demo", "version=v1", f"data.manifest={manifest}",
         f"storage.storage_path={storage.join_uri(root, 'ray_results')}",
         f"storage.models_uri={storage.join_uri(root, 'models')}",
@@ -206,7 +193,7 @@ def _generate(cfg: DemoConfig, root: str, local: Path) -> str:
     return storage.join_uri(remote, "manifest.csv")
 
 
-def _serve_once(model: str, out_uri: str, manifest: str) -> str:
+def _serve_once(model: str, out_uri: str, manifest: str, config: str) -> str:
     import json
     import logging
 
@@ -216,7 +203,8 @@ def _serve_once(model: str, out_uri: str, manifest: str) -> str:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # keep to the stage lines
     image_uri = read_manifest(manifest)["image_uri"][0].as_py()
     body = storage.read_bytes(image_uri)
-    url = start_endpoint(model, out_uri, port=_free_port(), args={"flush_rows": 1})
+    url = start_endpoint(model, out_uri, config=config, port=_free_port(),
+                         args={"flush_rows": 1})
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # Serve resets it on start
     try:
         request = urllib.request.Request(f"{url}/v1/segment", data=body, method="POST",

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,44 +24,12 @@ import pyarrow as pa
 from pipelines import prediction_store as store
 from pipelines import storage
 from pipelines.records import COUNT_SCHEMA, decode_prediction
-from pipelines.storage import fspath_fields
-from seg_core.config import MaskSpec, from_dict
+from pipelines.config import EvaluateConfig
+from seg_core.config import EmptyPolicy, MaskSpec, from_dict
 from seg_core.errors import InputError
 
-EmptyPolicy = Literal["nan", "one", "zero"]
 REDUCTIONS = ("micro", "macro", "per_image")
 SCORES = ("iou", "dice", "precision", "recall")
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Everything ``rayseg evaluate`` needs."""
-
-    manifest: str                       # ground truth: manifest, prefix or shards (ingest sources)
-    out: str = "rayseg_work/eval"       # report directory (local)
-    predictions: str | None = None      # output of `rayseg predict`; None: predict with `model`
-    model: str | None = None            # predict with this artifact first (into predictions, or
-                                        # <out>/predictions), then score
-    split: str | None = "val"           # rows of this split only; None: all rows
-    empty_policy: EmptyPolicy = "nan"   # score of a class absent from truth and prediction
-    bootstrap: int = 1000               # resamples over images for the 95% intervals
-    seed: int = 0
-    overlays: int = 3                   # best and worst images rendered (each)
-    mask_values: tuple[int, ...] | None = None  # override the artifact's MaskSpec.mask_values
-    address: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        fspath_fields(self, "manifest", "out", "predictions", "model")
-        if self.predictions is None and self.model is None:
-            raise ValueError("evaluate: give --predictions (output of rayseg predict) or --model "
-                             "(predict first), got neither")
-        if self.empty_policy not in ("nan", "one", "zero"):
-            raise ValueError(f"evaluate: empty_policy must be nan, one or zero, "
-                             f"got {self.empty_policy!r}")
-        if self.bootstrap < 0 or self.overlays < 0:
-            raise ValueError(f"evaluate: bootstrap and overlays must be >= 0, got "
-                             f"{self.bootstrap} and {self.overlays}")
-
-
 # ------------------------------------------------------------------------ per-image counting
 
 
@@ -72,16 +39,16 @@ def score_mask(pred: np.ndarray, truth: np.ndarray, spec: MaskSpec) -> dict[str,
     ``pred`` is H x W class ids (or K x H x W {0, 1} multi-label); ``truth`` is what
     :func:`seg_core.codecs.decode_mask` gives for ``spec``.  Shapes must match exactly.
     """
-    from seg_core.metrics import confusion_matrix, counts_from_confusion, multilabel_counts
+    from seg_core.metrics import confusion_matrix, mask_counts
 
     if pred.shape != truth.shape:
         raise InputError("size_mismatch", f"prediction is {pred.shape}, truth mask is "
                          f"{truth.shape}", hint="predictions must be at the mask's resolution")
+    counts = mask_counts(pred, truth, spec)
     if spec.multilabel:
-        counts = multilabel_counts(pred, truth, ignore_index=spec.ignore_index)
         return {**counts, "confusion": np.zeros(0, np.int64)}
-    matrix = confusion_matrix(pred, truth, spec.num_classes, spec.ignore_index)
-    return {**counts_from_confusion(matrix), "confusion": matrix}
+    return {**counts, "confusion": confusion_matrix(pred, truth, spec.num_classes,
+                                                    spec.ignore_index)}
 
 
 def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
@@ -178,11 +145,9 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     from ray.data import DataContext
 
     from pipelines.ingest import pair_table, select_rows
-    from pipelines.raycluster import ensure_ray
     from pipelines.report import write_report
 
     started = time.perf_counter()
-    ensure_ray(cfg.address)
     DataContext.get_current().enable_progress_bars = cfg.progress
     predictions = _predict_first(cfg, log) if cfg.model else cfg.predictions
     record = store.read_model_record(predictions)

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from pipelines import prediction_store as store
 from pipelines import storage
-from pipelines.storage import fspath_fields
+from pipelines.config import PredictConfig
 from pipelines.predict_inputs import InputPlan, plan_inputs
 from pipelines.records import RESULT_SCHEMA, prediction_row, quarantine_row
 from seg_core.codecs import decode_image
@@ -41,34 +41,6 @@ if TYPE_CHECKING:
 
 STAGE = "predict"
 GROUP_PIXELS = 8 * 2**20  # decoded pixels predicted together (a 16 x 512^2 batch is 4 Mi)
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Everything ``rayseg predict`` needs; field names are the keys of ``jobs/configs/predict.yaml``."""
-
-    model: str                      # artifact directory (local path or s3://)
-    input: str                      # manifest (.csv/.parquet), prefix (images/[, masks/]) or shards
-    out: str                        # output prefix (local path or s3://)
-    split: str | None = None        # only rows of this split (manifests and shards); None: all
-    tta: bool = False               # flip test-time augmentation, averaged in probability space
-    confidence_maps: bool = False   # add an 8-bit confidence PNG per row
-    batch_size: int = 16            # images per predictor call (one Ray task)
-    actors: int | None = None       # predictor actors; None: one per GPU, else one per CPU
-    cpus_per_actor: float | None = None  # None: (CPUs - 0.5) / actors on CPUs, 1 with GPUs
-    rows_per_file: int = 256        # rows per committed Parquet file (the unit of resume)
-    address: str | None = None      # Ray cluster to join; None starts a local one
-    progress: bool = True           # Ray Data progress bars (rows done per stage)
-
-    def __post_init__(self) -> None:
-        fspath_fields(self, "model", "input", "out")
-        if self.batch_size < 1 or self.rows_per_file < 1:
-            raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
-                             f"{self.batch_size} and {self.rows_per_file}")
-        if self.actors is not None and self.actors < 1:
-            raise ValueError(f"predict: actors must be >= 1 (or null for auto), got {self.actors}")
-        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
-            raise ValueError(f"predict: cpus_per_actor must be > 0, got {self.cpus_per_actor}")
 
 
 @dataclass(frozen=True)
@@ -233,13 +205,13 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
 
     ``fail_after_files`` is for tests: the job fails once that many files are committed.
     """
+    import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipelines.raycluster import ensure_ray
     from seg_core.artifact import read_artifact_meta
 
     started = time.perf_counter()
-    resources = ensure_ray(cfg.address)
+    resources = ray.cluster_resources()
     DataContext.get_current().enable_progress_bars = cfg.progress
     meta = read_artifact_meta(local_artifact(cfg.model))
     store.claim_output(cfg.out, {"uri": cfg.model, "name": meta["name"], "version": meta["version"],
@@ -262,7 +234,10 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
             fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta,
                                    "with_confidence": cfg.confidence_maps,
                                    "threads": plan.threads, "storage_options": options},
-            compute=ActorPoolStrategy(size=plan.size), num_cpus=plan.num_cpus,
+            # all actors start at once; min 1, so fewer input blocks than actors (a small
+            # split) is no UserWarning about unused concurrency
+            compute=ActorPoolStrategy(min_size=1, max_size=plan.size, initial_size=plan.size),
+            num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None, udf_modifying_row_count=False,
         ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     summary = _summary(cfg, sink.written, inputs, seconds=time.perf_counter() - started,

@@ -5,7 +5,7 @@
 - :class:`BatchSettings`: the deployment's ``user_config`` (``max_batch_size``,
   ``batch_wait_timeout_s``), applied by ``reconfigure`` in running replicas.
 - :func:`start_endpoint` / :func:`reconfigure_endpoint` / :func:`stop_endpoint`: deploy the
-  ``serve build``-style YAML (``jobs/configs/serve.yaml`` by default) on a local or remote Ray.
+  ``serve build``-style YAML (``jobs/configs/serve.yaml`` ships) on the connected Ray.
 
 The YAML is applied as a declarative config, the way ``serve run serve.yaml`` and a KubeRay
 RayService apply it, so the replica counts, autoscaling and batching in the file are what runs,
@@ -15,47 +15,14 @@ import os
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from pipelines.config import BatchSettings, ServeArgs
 from seg_core.config import from_dict
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "serve.yaml"
 APP_NAME = "rayseg"
 DEPLOYMENT_NAME = "SegmentService"
-
-
-class ServeArgs(BaseModel):
-    """Arguments of the app builder (the ``args:`` block of a Serve config)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
-
-    model_uri: str = Field(description="artifact directory: local path or s3://")
-    out_uri: str | None = Field(None, description="Parquet sink root; None disables the sink")
-    api_key_env: str | None = Field(None, description="env var holding the API key; None: open")
-    max_request_bytes: int = Field(16 * 2**20, gt=0, description="larger bodies answer 413")
-    max_pixels: int | None = Field(None, gt=0, description="None: the artifact's max_pixels")
-    flush_rows: int = Field(256, ge=1, description="the sink writes a file at this many rows")
-    flush_interval_s: float = Field(30.0, gt=0, description="or when its oldest row is this old")
-    torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
-    device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', ...")
-    tta: bool = False
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """``user_config`` of the deployment; applied by ``reconfigure`` without a restart."""
-
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
-            raise ValueError(f"user_config: expected max_batch_size >= 1 and batch_wait_timeout_s "
-                             f">= 0, got {self.max_batch_size} and {self.batch_wait_timeout_s}")
 
 
 # The config last applied per application name, so that reconfigure_endpoint can re-apply it
@@ -63,13 +30,13 @@ class BatchSettings:
 _APPLIED: dict[str, dict[str, Any]] = {}
 
 
-def load_serve_config(config: str | Path | Mapping[str, Any] | None = None) -> dict[str, Any]:
+def load_serve_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     """A one-application Serve config as a plain dict, validated by Ray's own schema."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    if config is None or isinstance(config, (str, Path)):
-        data = yaml.safe_load(Path(config or DEFAULT_CONFIG).read_text())
+    if isinstance(config, (str, Path)):
+        data = yaml.safe_load(Path(config).read_text())
     else:
         data = yaml.safe_load(yaml.safe_dump(dict(config)))  # a deep copy
     ServeDeploySchema.model_validate(data)  # raises with Ray's message on a malformed file
@@ -80,21 +47,21 @@ def load_serve_config(config: str | Path | Mapping[str, Any] | None = None) -> d
 
 
 def start_endpoint(model_uri: str, out_uri: str | None = None, *,
-                   config: str | Path | Mapping[str, Any] | None = None,
+                   config: str | Path | Mapping[str, Any],
                    host: str | None = None, port: int | None = None,
                    api_key_env: str | None = None, args: Mapping[str, Any] | None = None,
                    user_config: Mapping[str, Any] | None = None,
                    timeout_s: float = 180.0) -> str:
     """Deploy the endpoint (starting a local Ray if none is connected); return its base URL.
 
-    ``config`` is a ``serve build``-style YAML (default ``jobs/configs/serve.yaml``) or its dict;
+    ``config`` is a ``serve build``-style YAML (``jobs/configs/serve.yaml`` ships) or its dict;
     the other arguments override its ``http_options``, ``args`` and ``user_config``.  When
     ``api_key_env`` names a variable set in this process, its value reaches the replicas through
     the application's ``runtime_env`` (with the ``AWS_*`` variables, as for every rayseg job).
     Returns once ``GET /healthz`` answers 200.  The config is applied declaratively: it is the
     whole set of applications on this Serve instance, so one started from another config goes.
     """
-    from pipelines.raycluster import ensure_ray, worker_env
+    from pipelines.raycluster import worker_env
 
     data = load_serve_config(config)
     app = data["applications"][0]
@@ -114,7 +81,6 @@ def start_endpoint(model_uri: str, out_uri: str | None = None, *,
         deployment["user_config"] = {**(deployment.get("user_config") or {}), **user_config}
     data["http_options"] = {**(data.get("http_options") or {}),
                             **({"host": host} if host else {}), **({"port": port} if port else {})}
-    ensure_ray()
     _apply(data, timeout_s)
     url = endpoint_url(data)
     _wait_healthy(url, timeout_s)

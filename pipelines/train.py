@@ -82,9 +82,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from pipelines.raycluster import ensure_ray
-
-    ensure_ray()
     cfg = absolute_paths(cfg)
     data = build_train_data(cfg)
     cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)

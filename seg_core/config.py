@@ -1,41 +1,59 @@
 """Frozen configuration dataclasses shared by every layer.
 
 One dataclass per concern (model, masks, preprocessing).  Jobs build them once from YAML/CLI;
-everything below receives typed objects.  ``to_dict``/``from_dict`` exist for the artifact's
-JSON and for Ray, which wants plain dicts.
+everything below receives typed objects.  :func:`from_dict` is the one strict builder from plain
+data (every job config, the artifact's JSON, Serve's ``user_config``); :func:`to_dict` is its
+inverse, for JSON and for Ray, which wants plain dicts.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+# The vocabularies, declared once (losses, engine, metrics and every job config import them).
 NormKind = Literal["batch", "group"]
 UpsampleKind = Literal["transpose", "bilinear"]
+LossName = Literal["ce", "dice", "dice_ce", "focal", "bce", "bce_dice"]
+LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
+MULTILABEL_LOSSES: tuple[str, ...] = ("bce", "bce_dice")   # the losses of multi-label masks
+ScheduleKind = Literal["cosine", "poly"]
+EmptyPolicy = Literal["nan", "one", "zero"]   # score of a class absent from truth and prediction
 
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any] | None) -> T:
-    """Build a (possibly nested) frozen dataclass from a dict, rejecting unknown keys.
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build a (possibly nested) frozen dataclass from plain data, strictly.
 
-    Lists become tuples so that the result stays hashable and frozen.
+    The one dict -> dataclass builder of rayseg (YAML configs, ``--set`` overrides, artifact JSON,
+    Serve ``user_config``).  Unknown keys are refused with the valid ones listed; every value is
+    checked against its type hint: nested dataclasses, ``X | None``, ``Literal[...]`` (one of
+    the listed values), ``tuple[...]`` (lists become tuples, so the result stays hashable),
+    ``int``/``bool``/``str`` exactly (``True`` is not an int, a path is a ``str``), ``float``
+    from ints and from strings such as ``"1e-3"`` (YAML 1.1 reads those as strings).  Errors
+    name the dotted key: ``optim.lr: expected a number, got 'fast'``.
     """
-    data = dict(data or {})
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    where = where or cls.__name__
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(
-            f"{cls.__name__}: unknown key(s) {unknown}; expected some of {sorted(names)}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        sub = _dataclass_type(hints[name])
-        if sub is not None and isinstance(value, dict):
-            value = from_dict(sub, value)
-        kwargs[name] = _freeze(value)
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected some of {names}")
+    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+               if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.init]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}; every run needs them")
+    prefix = "" if where == cls.__name__ else f"{where}."
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -44,19 +62,51 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return _thaw(dataclasses.asdict(obj))
 
 
-def _dataclass_type(annotation: Any) -> type | None:
-    """The dataclass inside ``annotation`` (``X`` or ``X | None``), if any."""
-    candidates = typing.get_args(annotation) or (annotation,)
-    for candidate in candidates:
-        if dataclasses.is_dataclass(candidate):
-            return candidate  # type: ignore[return-value]
-    return None
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Check/convert one plain value against a type hint (see :func:`from_dict`)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of "
+                         f"{[_hint_name(a) for a in args]}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == len(value) and Ellipsis not in args:
+            return tuple(_convert(v, a, where) for v, a in zip(value, args))
+        # tuple[X, ...], or a fixed length given wrong: items checked, the dataclass says more
+        return tuple(_convert(v, args[0] if args else Any, where) for v in value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if hint is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hint in (int, bool, str):
+        if type(value) is not hint:
+            raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return value
     return value
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 def _thaw(value: Any) -> Any:

@@ -1,27 +1,23 @@
-"""Device-agnostic training math: optimiser, LR schedule, one train step, evaluation counts.
+"""Device-agnostic training math: optimiser, LR schedule, one train step.
 
 Everything here runs on any iterable of batches on whatever device the model's parameters
-live on; distributed wrappers (Ray Train, DDP) stay outside and only feed batches in and sum
-the returned counts.  A batch is a dict with ``"image"`` (float ``N, C, H, W``) and ``"mask"``
-(integer ``N, H, W`` class ids, or ``N, K, H, W`` in ``{0, 1}`` for multi-label; both may hold
-``ignore_index``).
+live on; distributed wrappers (Ray Train, DDP) stay outside and only feed batches in.
+Validation counts come from :func:`seg_core.metrics.mask_counts`.  A batch is a dict with
+``"image"`` (float ``N, C, H, W``) and ``"mask"`` (integer ``N, H, W`` class ids, or
+``N, K, H, W`` in ``{0, 1}`` for multi-label; both may hold ``ignore_index``).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from seg_core.metrics import multilabel_counts, per_image_counts
+from seg_core.config import ScheduleKind
 
-ScheduleKind = Literal["cosine", "poly"]
 Batch = Mapping[str, torch.Tensor]
-COUNT_NAMES = ("tp", "fp", "fn", "tn")
 
 
 def build_optimizer(
@@ -143,53 +139,6 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     return {"loss": float(loss.item()), "grad_norm": float(grad_norm), "lr": lr}
-
-
-def evaluate_counts(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    num_classes: int,
-    ignore_index: int = 255,
-    multilabel: bool = False,
-    *,
-    amp_dtype: torch.dtype | None = None,
-    threshold: float = 0.5,
-    per_image: bool = False,
-) -> dict[str, np.ndarray]:
-    """Summed int64 ``tp, fp, fn, tn`` (shape ``K``) over all ``batches``.
-
-    Predictions are the argmax class, or ``sigmoid(logit) > threshold`` per channel when
-    ``multilabel``.  With ``per_image=True`` the counts are ``N_total, K`` in batch order.  The
-    model's train/eval mode is restored afterwards.  Feed the (summed) result to
-    :func:`seg_core.metrics.compute_metrics`.
-    """
-    device = model_device(model)
-    per_batch: list[dict[str, np.ndarray]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                images, target = batch_to_device(batch, device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(images)  # N,K,H,W
-                if multilabel:
-                    pred = (logits.float().sigmoid() > threshold).to(torch.uint8)
-                    counts = multilabel_counts(
-                        pred, target, ignore_index=ignore_index, per_image=True
-                    )
-                    per_batch.append(counts)
-                else:
-                    pred = logits.argmax(dim=1)  # N,H,W
-                    per_batch.append(per_image_counts(pred, target, num_classes, ignore_index))
-    finally:
-        model.train(was_training)
-    stacked = {
-        name: np.concatenate([c[name] for c in per_batch]) if per_batch
-        else np.zeros((0, num_classes), dtype=np.int64)
-        for name in COUNT_NAMES
-    }
-    return stacked if per_image else {name: v.sum(axis=0) for name, v in stacked.items()}
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -17,15 +17,12 @@ classes for the Dice parts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LossName = Literal["ce", "dice", "dice_ce", "focal", "bce", "bce_dice"]
-LOSS_NAMES: tuple[str, ...] = ("ce", "dice", "dice_ce", "focal", "bce", "bce_dice")
-MULTILABEL_LOSSES: frozenset[str] = frozenset({"bce", "bce_dice"})
+from seg_core.config import LOSS_NAMES, MULTILABEL_LOSSES, LossName
 
 
 class SegLoss(nn.Module):
@@ -287,7 +284,7 @@ def build_loss(
     """
     if pos_weight is not None and name not in MULTILABEL_LOSSES:
         raise ValueError(f"build_loss: pos_weight is for the multi-label losses "
-                         f"{sorted(MULTILABEL_LOSSES)}, got loss {name!r}")
+                         f"{list(MULTILABEL_LOSSES)}, got loss {name!r}")
     common = {
         "num_classes": num_classes,
         "ignore_index": ignore_index,

@@ -20,12 +20,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from seg_core.config import EmptyPolicy, MaskSpec
+
 Reduction = Literal["micro", "macro", "per_image"]
-EmptyPolicy = Literal["nan", "one", "zero"]
 ArrayLike = np.ndarray | torch.Tensor
 
 _POLICY_VALUE = {"nan": np.nan, "one": 1.0, "zero": 0.0}
 SCORE_NAMES = ("iou", "dice", "precision", "recall")
+COUNT_NAMES = ("tp", "fp", "fn", "tn")
 
 
 def confusion_matrix(
@@ -102,6 +104,18 @@ def multilabel_counts(
     }
     out = {name: _numpy(mask.sum(axis=(-2, -1))).astype(np.int64) for name, mask in counts.items()}
     return out if per_image else {name: value.sum(axis=0) for name, value in out.items()}
+
+
+def mask_counts(pred: ArrayLike, target: ArrayLike, spec: MaskSpec) -> dict[str, np.ndarray]:
+    """``tp, fp, fn, tn`` (int64, ``K`` each) of one mask, or a stack of them, as ``spec`` reads it.
+
+    Multi-class: ``pred`` and ``target`` are class ids of one shape (e.g. ``H, W``), counted by
+    :func:`confusion_counts`.  Multi-label: ``K, H, W`` (or ``N, K, H, W``) in ``{0, 1}``,
+    counted by :func:`multilabel_counts`.  ``spec.ignore_index`` pixels of ``target`` are skipped.
+    """
+    if spec.multilabel:
+        return multilabel_counts(pred, target, ignore_index=spec.ignore_index)
+    return confusion_counts(pred, target, spec.num_classes, spec.ignore_index)
 
 
 def compute_metrics(

@@ -12,9 +12,10 @@ def free_port() -> int:
 
 def endpoint_config(port: int | None = None) -> dict:
     """jobs/configs/serve.yaml with a quarter CPU per replica and one replica, on loopback."""
+    from jobs.options import shipped_config
     from pipelines.serve_control import load_serve_config
 
-    data = load_serve_config()
+    data = load_serve_config(shipped_config("serve"))
     deployment = data["applications"][0]["deployments"][0]
     deployment["ray_actor_options"] = {"num_cpus": 0.25}
     deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+SERVE_YAML = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "serve.yaml"  # shipped
 SIZE = 128
 THREADS = 1  # torch threads per replica and for the bare forward
 SCALE_MAX = 3
@@ -71,7 +72,7 @@ def _run(quick: bool) -> dict[str, Any]:
                                    "torch_threads": THREADS,
                                    "load_average_1m_at_start": round(os.getloadavg()[0], 1)}
         ensure_ray()
-        config = _config(load_serve_config(), max_replicas=1)
+        config = _config(load_serve_config(SERVE_YAML), max_replicas=1)
         config["http_options"].update(host="127.0.0.1", port=_free_port())
         url = start_endpoint(str(model_dir), f"{tmp}/sink", config=config)
         post = _poster(url, png)

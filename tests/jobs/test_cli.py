@@ -40,3 +40,37 @@ def test_no_command_prints_help_and_fails(capsys):
 
     assert main([]) == 2
     assert "usage: rayseg" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_command_takes_config_and_set(name, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([name, "--help"])
+    text = capsys.readouterr().out
+    assert "--config YAML" in text and "--set KEY=VALUE" in text
+
+
+def test_config_then_flags_then_set_and_typos_list_the_valid_keys(tmp_path):
+    import argparse
+
+    from jobs.options import job_config, resolve_config_path
+    from pipelines.config import PredictConfig
+
+    yaml_file = tmp_path / "predict.yaml"
+    yaml_file.write_text("model: m\ninput: i\nout: o\nbatch_size: 4\nactors: 3\n")
+    args = argparse.Namespace(config=str(yaml_file), overrides=["actors=5", "tta=true"])
+    cfg = job_config(PredictConfig, args, {"out": "flag-out", "batch_size": None})
+    assert (cfg.model, cfg.out, cfg.batch_size, cfg.actors, cfg.tta) == ("m", "flag-out", 4, 5, True)
+    args.overrides = ["batch_sise=8"]
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['batch_sise'\].*'batch_size'"):
+        job_config(PredictConfig, args)
+    args.overrides = ["batch_size=many"]
+    with pytest.raises(ValueError, match="batch_size: expected int, got 'many'"):
+        job_config(PredictConfig, args)
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['model', 'input', 'out'\]"):
+        job_config(PredictConfig, argparse.Namespace(config=None, overrides=[]))
+    # the shipped configs resolve by name and by their repository path, from any directory
+    assert resolve_config_path("serve").name == "serve.yaml"
+    assert resolve_config_path("/nowhere/jobs/configs/train_sample.yaml").is_file()
+    with pytest.raises(FileNotFoundError, match="train_isbi"):
+        resolve_config_path("trian_sample")

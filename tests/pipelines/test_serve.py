@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipelines import prediction_store as store
 from pipelines.serve import replica_counts, start_endpoint, stop_endpoint
+from jobs.options import shipped_config
 from pipelines.serve_control import BatchSettings, ServeArgs, load_serve_config
 from pipelines.serve_sink import PredictionSink
 from pipelines.storage import copy_dir_from_local, list_uri, read_table
@@ -158,7 +159,7 @@ def test_serve_configs_validate_and_agree():
     """jobs/configs/serve.yaml and the RayService's serveConfigV2 deploy the same application."""
     import yaml
 
-    local = load_serve_config()
+    local = load_serve_config(shipped_config("serve"))
     manifest = yaml.safe_load(Path("infra/rayservice.yaml").read_text())
     assert manifest["kind"] == "RayService"
     cluster = load_serve_config(yaml.safe_load(manifest["spec"]["serveConfigV2"]))

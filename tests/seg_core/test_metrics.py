@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from seg_core.config import MaskSpec
 from seg_core.metrics import (
+    COUNT_NAMES,
     compute_metrics,
     confusion_counts,
     confusion_matrix,
+    mask_counts,
     multilabel_counts,
     per_image_counts,
 )
@@ -140,6 +143,73 @@ def test_multilabel_counts_by_hand() -> None:
     per_img = multilabel_counts(np.stack([pred, pred]), np.stack([target, target]), per_image=True)
     assert per_img["tp"].shape == (2, 2)
     np.testing.assert_array_equal(per_img["tp"].sum(axis=0), [2, 4])
+
+
+def test_mask_counts_multiclass_by_hand_and_images_add() -> None:
+    spec = MaskSpec(num_classes=3, ignore_index=IGN)
+    perfect = np.array([[1, 1, 1], [0, 0, 0]])  # a second image, predicted exactly
+    first = mask_counts(PRED.astype(np.uint8), TARGET, spec)  # uint8 like Prediction.mask
+    second = mask_counts(perfect, perfect, spec)
+    expected = {  # TARGET/PRED pixel by pixel (see the top), plus 3 tp each for classes 0 and 1
+        "tp": [1 + 3, 1 + 3, 1 + 0],
+        "fp": [1, 1, 0],
+        "fn": [1, 0, 1],
+        "tn": [2 + 3, 3 + 3, 3 + 6],  # 5 + 6 kept pixels minus the class's tp, fp, fn
+    }
+    for name in COUNT_NAMES:
+        assert first[name].dtype == np.int64 and first[name].shape == (3,)
+        np.testing.assert_array_equal(first[name] + second[name], expected[name])
+    both = mask_counts(np.stack([PRED, perfect]), np.stack([TARGET, perfect]), spec)  # N,H,W
+    for name in COUNT_NAMES:
+        np.testing.assert_array_equal(both[name], expected[name])
+    with pytest.raises(ValueError, match="integer class ids"):  # not silently truncated
+        mask_counts(PRED.astype(np.float32), TARGET, spec)
+
+
+def test_mask_counts_multilabel_by_hand() -> None:
+    spec = MaskSpec(num_classes=2, ignore_index=IGN, multilabel=True)
+    target = np.array([[[1, 0], [IGN, 1]], [[1, 1], [0, 0]]], dtype=np.uint8)  # K,H,W
+    pred = np.array([[[1, 1], [1, 0]], [[1, 0], [0, 0]]], dtype=np.uint8)
+    # channel 0: (0,0) tp, (0,1) fp, (1,0) ignored, (1,1) fn
+    # channel 1: (0,0) tp, (0,1) fn, (1,0) tn, (1,1) tn
+    counts = mask_counts(pred, target, spec)
+    expected = {"tp": [1, 1], "fp": [1, 0], "fn": [1, 1], "tn": [0, 2]}
+    for name in COUNT_NAMES:
+        assert counts[name].dtype == np.int64
+        np.testing.assert_array_equal(counts[name], expected[name])
+
+
+def _pixel_loop_counts(pred: np.ndarray, target: np.ndarray, spec: MaskSpec) -> dict[str, list]:
+    """Reference counts, one pixel (multi-label: one pixel-channel) at a time."""
+    k = spec.num_classes
+    out = {name: [0] * k for name in COUNT_NAMES}
+    if spec.multilabel:  # K,H,W: each channel is its own binary mask
+        for c in range(k):
+            for p, t in zip(pred[c].ravel(), target[c].ravel()):
+                if t != spec.ignore_index:
+                    name = ("tp" if t == 1 else "fp") if p == 1 else ("fn" if t == 1 else "tn")
+                    out[name][c] += 1
+        return out
+    for p, t in zip(pred.ravel(), target.ravel()):
+        if t == spec.ignore_index:
+            continue
+        for c in range(k):
+            name = ("tp" if t == c else "fp") if p == c else ("fn" if t == c else "tn")
+            out[name][c] += 1
+    return out
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_mask_counts_match_a_pixel_loop(multilabel: bool) -> None:
+    rng = np.random.default_rng(3)
+    spec = MaskSpec(num_classes=4, ignore_index=IGN, multilabel=multilabel)
+    shape, high = ((4, 7, 5), 2) if multilabel else ((7, 5), 4)
+    pred = rng.integers(0, high, shape).astype(np.uint8)
+    target = rng.integers(0, high, shape).astype(np.uint8)
+    target[rng.random(shape) < 0.2] = IGN
+    counts = mask_counts(pred, target, spec)
+    for name, values in _pixel_loop_counts(pred, target, spec).items():
+        np.testing.assert_array_equal(counts[name], values)
 
 
 def test_torch_inputs_match_numpy() -> None:

@@ -1,0 +1,102 @@
+"""Every collective the training loop uses, in one place (``torch.distributed``, no Ray),
+plus the per-worker plumbing around them: rank-0 console lines and a test hook that loses a
+worker.
+
+Each collective takes the ``world`` size and is a no-op on a single worker, so the loop calls
+them unconditionally.  Tensors travel on the worker's ``device`` (NCCL needs CUDA tensors) and
+come back on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from pipelines.config import TrainConfig
+
+
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
+    """Element-wise sum over workers, on the CPU."""
+    return _all_reduce(tensor, device, world, "SUM")
+
+
+def agreed_train_size(size: tuple[int, int] | None, device: torch.device,
+                      world: int) -> tuple[int, int] | None:
+    """The largest H and W any worker has fed the network so far (every worker gets it)."""
+    local = torch.tensor(size or (0, 0), dtype=torch.int64)
+    height, width = (int(v) for v in _all_reduce(local, device, world, "MAX"))
+    return (height, width) if height and width else None
+
+
+def broadcast_buffers(model: nn.Module, device: torch.device, world: int) -> None:
+    """Copy rank 0's buffers (BatchNorm running stats) to every worker.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step every
+    rank holds its own running stats.  Validation must score the weights that rank 0 saves.
+    """
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        on_device = buffer.data.to(device)
+        dist.broadcast(on_device, src=0)
+        buffer.data.copy_(on_device)
+
+
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    """Every worker's ``obj`` (picklable), in rank order, on every worker."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@dataclass(frozen=True)
+class RankZeroLog:
+    """Rank 0's progress lines, to the driver's queue (or stdout when there is none)."""
+
+    progress: Any  # a ray.util.queue.Queue, or None
+    run_name: str
+    rank: int
+
+    def __call__(self, line: str) -> None:
+        if self.rank != 0:
+            return
+        if self.progress is None:
+            print(f"[{self.run_name}] {line}", flush=True)
+        else:
+            self.progress.put(f"[{self.run_name}] {line}", block=False)
+
+
+def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
+    """TESTS ONLY: the last worker's process dies once at ``fail_at_step`` (a lost node)."""
+    if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != world - 1:
+        return
+    from pipelines import storage
+
+    marker = storage.join_uri(cfg.storage.storage_path, cfg.run_name,
+                              f"fault_injected_at_step_{cfg.fail_at_step}")
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, f"rank {rank} killed at step {step}\n".encode())
+    os._exit(1)  # no cleanup, no exception: the actor process is gone
+
+
+def _all_reduce(tensor: torch.Tensor, device: torch.device, world: int,
+                op: str) -> torch.Tensor:
+    """``dist.all_reduce`` with ``ReduceOp.<op>``, on ``device``; the result on the CPU."""
+    if world == 1:
+        return tensor
+    import torch.distributed as dist
+
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device, op=getattr(dist.ReduceOp, op))
+    return on_device.cpu()

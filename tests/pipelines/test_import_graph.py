@@ -1,0 +1,113 @@
+"""pipelines' layering, read from the source: no import circles, no arrow up into ``jobs``.
+
+Every import counts, the ones inside functions too: a lazy import still makes two modules depend
+on each other, and a circle is what makes a package hard to find one's way in.  The graph is
+built from the files with ``ast`` (no module is imported), one node per module.
+"""
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pipelines
+
+ROOT = pathlib.Path(pipelines.__file__).parent
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _node(name: str) -> str | None:
+    """The pipelines module that ``name`` (a module, or a name inside one) lives in."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str) -> set[str]:
+    """Every module named by an import statement anywhere in ``module``'s source."""
+    tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for module in MODULES:
+        targets = {_node(name) for name in _imports(module) if name.startswith("pipelines")}
+        # a package's __init__ importing its own submodules is how packages export names
+        graph[module] = {t for t in targets if t and t != module
+                         and not (MODULES[module].name == "__init__.py"
+                                  and t.startswith(module + "."))}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_graph_sees_lazy_imports():
+    # the check must be able to fail: a function-level import is an arrow like any other
+    source = "def f():\n    from pipelines.storage import join_uri\n"
+    tree = ast.parse(source)
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names == {"pipelines.storage"}
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert "pipelines.ingest" in _graph()["pipelines.pack"]
+
+
+def test_pipelines_has_no_import_circles():
+    assert _cycles(_graph()) == []
+
+
+def test_pipelines_never_imports_jobs():
+    offenders = sorted(f"{module} -> {name}" for module in MODULES for name in _imports(module)
+                       if name == "jobs" or name.startswith("jobs."))
+    assert offenders == []
