@@ -1,4 +1,4 @@
-"""``rayseg evaluate``: flags -> EvaluateConfig -> pipelines.evaluate.run_evaluate -> summary."""
+"""``rayseg evaluate``: flags -> EvaluateConfig -> pipelines.evaluate.evaluate.run_evaluate -> summary."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import EvaluateConfig
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluate.evaluate import run_evaluate
     from pipelines.raycluster import ensure_ray
 
     flags = {name: getattr(args, name) for name in (

@@ -1,4 +1,4 @@
-"""``rayseg predict``: YAML/flags -> PredictConfig -> pipelines.predict.run_predict -> summary."""
+"""``rayseg predict``: YAML/flags -> PredictConfig -> pipelines.predict.predict.run_predict -> summary."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import PredictConfig
-    from pipelines.predict import run_predict
+    from pipelines.predict.predict import run_predict
     from pipelines.raycluster import ensure_ray
 
     cfg = job_config(PredictConfig, args, {k: getattr(args, k) for k in _FLAGS})

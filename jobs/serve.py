@@ -1,4 +1,4 @@
-"""``rayseg serve``: Serve YAML + flags -> pipelines.serve.start_endpoint -> URL, until Ctrl-C."""
+"""``rayseg serve``: Serve YAML + flags -> pipelines.serve.app.start_endpoint -> URL, until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipelines.config import apply_overrides, read_yaml
     from pipelines.raycluster import ensure_ray
-    from pipelines.serve import start_endpoint, stop_endpoint
+    from pipelines.serve.app import start_endpoint, stop_endpoint
 
     config = apply_overrides(read_yaml(resolve_config_path(args.config or "serve")),
                              args.overrides)

@@ -59,11 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     ensure_ray(address=args.address)
     if cfg.nfolds >= 2:
-        from pipelines.cv import cross_validate
+        from pipelines.train.cv import cross_validate
 
         print(cross_validate(cfg).summary())
     else:
-        from pipelines.train import train
+        from pipelines.train.train import train
 
         print(train(cfg).summary())
     return 0

@@ -1,4 +1,8 @@
-"""pipelines: the Ray layer of rayseg (storage, ingest, train, batch inference, serve, estimator API).
+"""pipelines: the Ray layer of rayseg.
+
+Shared ground at the root (config, records, storage, ingest, pack, validate, raycluster, demo)
+and five wings: ``train/``, ``predict/``, ``serve/``, ``evaluate/``, ``api/`` (see
+ARCHITECTURE.md at the repository root).
 
 The H2O-style API is importable from here too (``from pipelines import init, import_file,
 UNetSegmentationEstimator``); the names resolve lazily so that ``import pipelines`` stays cheap

@@ -29,8 +29,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.storage import fspath_fields
-from seg_core.config import (LOSS_NAMES, MULTILABEL_LOSSES, EmptyPolicy, LossName, MaskSpec,
-                             ModelConfig, Preprocessing, ScheduleKind, as_hw, from_dict, to_dict)
+from seg_core.config import (
+    LOSS_NAMES,
+    MULTILABEL_LOSSES,
+    EmptyPolicy,
+    LossName,
+    MaskSpec,
+    ModelConfig,
+    Preprocessing,
+    ScheduleKind,
+    as_hw,
+    from_dict,
+    to_dict,
+)
 
 AmpMode = Literal["auto", "bf16", "off"]
 FoldAssignment = Literal["auto", "column", "random"]
@@ -105,7 +116,7 @@ class OptimSpec:
 
 @dataclass(frozen=True)
 class ScalingSpec:
-    """Ray Train workers.  ``None`` means "decide from the cluster" (see ``pipelines.train``)."""
+    """Ray Train workers.  ``None`` means "decide from the cluster" (see ``pipelines.train.train``)."""
 
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them

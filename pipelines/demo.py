@@ -133,7 +133,7 @@ def _stages(cfg: DemoConfig, root: str, local: Path, connect: Callable[[], dict[
         note["note"] = f"{report.ok}/{report.total} pairs ok; class pixels {freq}"
     with progress.stage("train", f"{cfg.num_workers} Ray Train workers, {cfg.epochs} epochs") \
             as note:
-        from pipelines.train import train
+        from pipelines.train.train import train
 
         trained = train(train_cfg)
         model = trained.artifact_uri
@@ -141,7 +141,7 @@ def _stages(cfg: DemoConfig, root: str, local: Path, connect: Callable[[], dict[
         out["learning curve"] = storage.join_uri(model, "learning_curve.png")
         note["note"] = f"val mIoU {trained.metrics['miou']:.3f} -> {model}"
     with progress.stage("evaluate", "predict + score the val split") as note:
-        from pipelines.evaluate import EvaluateConfig, run_evaluate
+        from pipelines.evaluate.evaluate import EvaluateConfig, run_evaluate
 
         report_dir = str(local / "eval")
         scores = run_evaluate(EvaluateConfig(manifest=manifest, out=report_dir, model=model,
@@ -154,7 +154,7 @@ def _stages(cfg: DemoConfig, root: str, local: Path, connect: Callable[[], dict[
         note["note"] = (f"{scores['images_scored']} images, mIoU {macro['iou']:.3f}, "
                         f"mDice {macro['dice']:.3f}, pixel acc {macro['pixel_accuracy']:.3f}")
     with progress.stage("predict", "bulk inference over every image -> Parquet") as note:
-        from pipelines.predict import PredictConfig, run_predict
+        from pipelines.predict.predict import PredictConfig, run_predict
 
         predictions = storage.join_uri(root, "predictions")
         summary = run_predict(PredictConfig(model=model, input=manifest, out=predictions,
@@ -198,7 +198,7 @@ def _serve_once(model: str, out_uri: str, manifest: str, config: str) -> str:
     import logging
 
     from pipelines.ingest import read_manifest
-    from pipelines.serve_control import start_endpoint, stop_endpoint
+    from pipelines.serve.control import start_endpoint, stop_endpoint
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # keep to the stage lines
     image_uri = read_manifest(manifest)["image_uri"][0].as_py()

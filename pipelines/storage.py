@@ -13,10 +13,13 @@ see the driver's endpoint even when their environment lacks it.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
 import posixpath
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -138,7 +141,7 @@ def _filesystem(scheme: str, opts: tuple[tuple[str, Any], ...]) -> pafs.FileSyst
         return pafs.S3FileSystem(**kw)
     if scheme == "gs":
         return pafs.GcsFileSystem()
-    import fsspec   # anything else (memory://, az://, ...) through fsspec
+    import fsspec  # anything else (memory://, az://, ...) through fsspec
 
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
 
@@ -253,6 +256,26 @@ def copy_dir_to_local(uri: Uri, local_dir: str | os.PathLike,
     pafs.copy_files(path, str(dest), source_filesystem=fs,
                     destination_filesystem=pafs.LocalFileSystem())
     return dest
+
+
+def fetch_artifact(uri: Uri, storage_options: StorageOptions | None = None) -> Path:
+    """A local directory holding the model artifact at ``uri``.
+
+    A local artifact is used where it is; one in object storage is copied once per process into
+    a temporary directory (every predictor actor, Serve replica and notebook loads from there),
+    which is removed when the process exits.
+    """
+    uri = as_uri(uri)
+    if is_local(uri):
+        return Path(strip_scheme(uri))
+    if uri not in _FETCHED:
+        target = tempfile.mkdtemp(prefix="rayseg-model-")
+        atexit.register(shutil.rmtree, target, ignore_errors=True)
+        _FETCHED[uri] = copy_dir_to_local(uri, target, storage_options)
+    return _FETCHED[uri]
+
+
+_FETCHED: dict[str, Path] = {}
 
 
 def copy_dir_from_local(local_dir: str | os.PathLike, uri: Uri,

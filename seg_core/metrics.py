@@ -28,6 +28,7 @@ ArrayLike = np.ndarray | torch.Tensor
 _POLICY_VALUE = {"nan": np.nan, "one": 1.0, "zero": 0.0}
 SCORE_NAMES = ("iou", "dice", "precision", "recall")
 COUNT_NAMES = ("tp", "fp", "fn", "tn")
+SCORES = ("iou", "dice", "precision", "recall")   # per-class scores compute_metrics gives
 
 
 def confusion_matrix(

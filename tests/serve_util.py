@@ -13,7 +13,7 @@ def free_port() -> int:
 def endpoint_config(port: int | None = None) -> dict:
     """jobs/configs/serve.yaml with a quarter CPU per replica and one replica, on loopback."""
     from jobs.options import shipped_config
-    from pipelines.serve_control import load_serve_config
+    from pipelines.serve.control import load_serve_config
 
     data = load_serve_config(shipped_config("serve"))
     deployment = data["applications"][0]["deployments"][0]

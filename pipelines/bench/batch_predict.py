@@ -5,7 +5,7 @@ holding PNG images (textured scenes from :mod:`seg_core.sample_data`) packed int
 by ``rayseg pack`` (the layout rayseg recommends for bulk jobs), some also as loose objects, and a
 random-init U-Net (depth 4, base width 16, 3 classes) whose tile equals the image size.
 
-- **rayseg**: :func:`pipelines.predict.run_predict`, wall time from planning to the last
+- **rayseg**: :func:`pipelines.predict.predict.run_predict`, wall time from planning to the last
   committed file: S3 reads, decode, tiled inference, PNG encode, Parquet commits, and the actor
   pool's start-up (torch import, model load) included.
 - **plain**: the same PNG bytes decoded into one float tensor beforehand (not timed), then
@@ -82,7 +82,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 def _measure(model: str, manifest: str, blobs: list[bytes], out: Path) -> dict[str, Any]:
     """One rayseg run between two plain-loop timings, with the memory/CPU sampler running."""
-    from pipelines.predict import PredictConfig, run_predict
+    from pipelines.predict.predict import PredictConfig, run_predict
 
     plain_before, plain_cpu_before = _plain(model, blobs)
     sampler = _Sampler()
@@ -115,11 +115,11 @@ def _plain(model_dir: str, blobs: list[bytes], limit: int = 128) -> tuple[float,
     (images per second, CPU milliseconds per image of this process)."""
     import torch
 
-    from pipelines.predict import local_artifact
+    from pipelines.storage import fetch_artifact
     from seg_core.artifact import load_artifact
     from seg_core.codecs import decode_image
 
-    model = load_artifact(local_artifact(model_dir)).model.eval()
+    model = load_artifact(fetch_artifact(model_dir)).model.eval()
     x = torch.stack([torch.from_numpy(decode_image(b).copy()).permute(2, 0, 1).float() / 255
                      for b in blobs[:limit]])  # N x 3 x H x W, decoded before timing
     best = (0.0, 0.0)

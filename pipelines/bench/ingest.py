@@ -61,7 +61,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 def _ray_pipeline(source: str):
     from pipelines.ingest import read_pairs
-    from pipelines.train_data import prepare_batch
+    from pipelines.train.data import prepare_batch
 
     # Same CPU share for read and decode, so Ray fuses them into one task per block.
     return read_pairs(source, rows_per_block=32, num_cpus=1).map_batches(

@@ -1,6 +1,6 @@
 """``quality_isbi``: ISBI 2012 membrane quality after a wall-time budget through ``rayseg train``.
 
-Same code path as ``rayseg train --config jobs/configs/train_isbi.yaml`` (``pipelines.train.train``
+Same code path as ``rayseg train --config jobs/configs/train_isbi.yaml`` (``pipelines.train.train.train``
 with that YAML): 24 train / 6 val slices from the fixed manifest split, 256x256 resize, base-16
 U-Net, channels_last, flip/rot90 augmentation.  The budget (600 s, or 60 s with ``quick``) caps
 the training loop through ``max_runtime_secs`` (``RAYSEG_ISBI_BUDGET_S`` overrides it); the number of epochs (and so the LR schedule) is
@@ -46,7 +46,7 @@ def plan_epochs(loop_budget: float, steps_per_epoch: int, step_s: float) -> int:
 
 def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
-    from pipelines.train import train
+    from pipelines.train.train import train
 
     manifest = DATA / "manifest.csv"
     if not manifest.is_file():

@@ -5,11 +5,11 @@ classes, two of them under 2% of the pixels, colour twins told apart by vertical
 (sky/water, wall/road) and void (255) boundaries and blobs.  It is generated into
 ``rayseg_work/bench_multiclass/`` (gitignored).
 
-- **rayseg**: ``pipelines.train.train`` with the config a user would write (six named classes,
+- **rayseg**: ``pipelines.train.train.train`` with the config a user would write (six named classes,
   ``ignore_index`` 255, base width 16, depth 4, ``dice_ce``, native size: no ``resize``, no
   up-down flips, everything else default), ``max_runtime_secs`` = the budget (240 s; 40 s with ``quick``;
   ``RAYSEG_MC_BUDGET_S`` overrides it) and the epochs (so the cosine) sized to the budget from a
-  timed plain step.  Scored by ``pipelines.evaluate.run_evaluate``, the code behind
+  timed plain step.  Scored by ``pipelines.evaluate.evaluate.run_evaluate``, the code behind
   ``rayseg evaluate --model URI --manifest M --split val``, at full resolution.
   ``RAYSEG_MC_CLASS_WEIGHTS`` (``auto`` or ``w0,w1,...``) sets ``class_weights`` for this side only.
 - **plain**: written here without rayseg's loop or inference: the same ``seg_core.model.UNet``,
@@ -293,11 +293,11 @@ def run(quick: bool = False) -> dict[str, Any]:
 def rayseg_side(manifest: Path, *, epochs: int, budget_s: float, threads: int) -> dict[str, Any]:
     """``rayseg train`` with the user's settings, then ``rayseg evaluate --model --split val``.
 
-    Returns the :class:`~pipelines.train.TrainResult`, the evaluate report, both wall times and
+    Returns the :class:`~pipelines.train.train.TrainResult`, the evaluate report, both wall times and
     the class weights used.
     """
-    from pipelines.evaluate import EvaluateConfig, run_evaluate
-    from pipelines.train import train
+    from pipelines.evaluate.evaluate import EvaluateConfig, run_evaluate
+    from pipelines.train.train import train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg = user_config(manifest, [

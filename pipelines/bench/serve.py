@@ -5,7 +5,7 @@ Everything runs in this process and one run, on loopback only (127.0.0.1):
 - **bare forward**: the artifact's U-Net on one prepared image, ``model(x)`` at batch 1 under
   ``inference_mode`` with the replica's thread count; also ``Segmenter.predict`` (pre + tiled
   forward + post) and the whole in-process path (decode + predict + PNG row), for context;
-- **sweep**: :func:`pipelines.serve.start_endpoint` with the shipped ``serve.yaml`` on one replica
+- **sweep**: :func:`pipelines.serve.app.start_endpoint` with the shipped ``serve.yaml`` on one replica
   (sink on, as in production); a bounded load generator (fixed request count *and* time limit,
   then it stops by itself) posts the same PNG with ``Accept: image/png`` over keep-alive
   connections at concurrency 1, 4 and 16: p50 / p95 / p99 latency, requests/s, errors, and the
@@ -58,8 +58,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 def _run(quick: bool) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
-    from pipelines.serve import replica_counts, start_endpoint, stop_endpoint
-    from pipelines.serve_control import load_serve_config, reconfigure_endpoint
+    from pipelines.serve.app import replica_counts, start_endpoint, stop_endpoint
+    from pipelines.serve.control import load_serve_config, reconfigure_endpoint
     from pipelines.storage import read_table
 
     requests = {1: 60, 4: 160, 16: 320} if quick else {1: 300, 4: 600, 16: 1200}
@@ -192,7 +192,7 @@ class _Bare:
 
     def medians(self) -> dict[str, float]:
         """Median ms of model(x) (both layouts), Segmenter.predict, decode + predict + row."""
-        from pipelines.predict import predict_one
+        from pipelines.predict.predict import predict_one
 
         whole = (lambda: predict_one(self.segmenter, self.png, model_name="bench",
                                      model_version="b1"))

@@ -3,7 +3,7 @@
 Both sides train the same seg_core U-Net with the same batch size, input size and number of
 torch threads, in one run of this module:
 
-- **rayseg**: ``pipelines.train.train`` (TorchTrainer, one worker, Ray Data shard with per-batch
+- **rayseg**: ``pipelines.train.train.train`` (TorchTrainer, one worker, Ray Data shard with per-batch
   augmentation, per-epoch validation and checkpoint) on a generated dataset.  The step time is
   the loop's own training time per step, from the epochs after the first (validation,
   checkpointing and start-up are reported separately, not hidden in it).
@@ -87,7 +87,7 @@ def plain_step_seconds(cfg: Any, *, size: int, threads: int, repeats: int) -> fl
 
 def run(quick: bool = False) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
-    from pipelines.train import train
+    from pipelines.train.train import train
     from seg_core.sample_data import generate_sample_dataset
 
     resources = ensure_ray()

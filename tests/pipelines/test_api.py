@@ -13,8 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.api import (Frame, ModelPerformance, UNetSegmentationEstimator, hyperparameter_names,
-                           import_file, load_model, write_manifest)
+from pipelines.api import (
+    Frame,
+    ModelPerformance,
+    UNetSegmentationEstimator,
+    hyperparameter_names,
+    import_file,
+    load_model,
+)
+from pipelines.api.frame import write_manifest
 
 TINY = {"base_width": 4, "depth": 2, "batch_size": 4, "epochs": 2, "tile_size": 48,
         "log_every_steps": 0}
@@ -152,7 +159,7 @@ def test_import_shards_reads_metadata_only(ray_session, tiny_manifest, tmp_path)
 @pytest.fixture(scope="module")
 def trained(ray_session, tiny_manifest, tmp_path_factory):
     """One estimator: 2-fold CV on a fold column, then the main model (3 short fits)."""
-    from pipelines import api
+    from pipelines.api import api
 
     work = tmp_path_factory.mktemp("api_work")
     api._SESSION["work_dir"] = str(work)

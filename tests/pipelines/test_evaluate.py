@@ -10,9 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines import prediction_store as store
-from pipelines.evaluate import (EvaluateConfig, bootstrap_ci, run_evaluate, score_mask,
-                                summarize)
+from pipelines.evaluate.evaluate import (
+    EvaluateConfig,
+    bootstrap_ci,
+    run_evaluate,
+    score_mask,
+    summarize,
+)
+from pipelines.predict import store
 from pipelines.records import PREDICTION_SCHEMA
 from seg_core.codecs import decode_mask, encode_png
 from seg_core.config import MaskSpec, to_dict

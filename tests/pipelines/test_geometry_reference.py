@@ -12,13 +12,21 @@ import uuid
 import numpy as np
 import pytest
 
-from pipelines import prediction_store as store
+from pipelines.predict import store
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image, encode_png
 from seg_core.config import MaskSpec, Preprocessing
-from tests.geometry_reference import (CLASS_NAMES, MEAN, NUM_CLASSES, STD, TRAIN_SIZE,
-                                      assert_masks_match, reference_resized, render,
-                                      train_position_model)
+from tests.geometry_reference import (
+    CLASS_NAMES,
+    MEAN,
+    NUM_CLASSES,
+    STD,
+    TRAIN_SIZE,
+    assert_masks_match,
+    reference_resized,
+    render,
+    train_position_model,
+)
 from tests.serve_util import endpoint_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,7 +59,7 @@ def case(tmp_path_factory) -> dict:
 
 
 def test_rayseg_predict_masks_equal_the_reference(ray_session, case) -> None:
-    from pipelines.predict import PredictConfig, run_predict
+    from pipelines.predict.predict import PredictConfig, run_predict
 
     out = str(case["root"] / "predictions")
     run_predict(PredictConfig(model=str(case["model"]), input=str(case["root"] / "images"),
@@ -64,7 +72,7 @@ def test_rayseg_predict_masks_equal_the_reference(ray_session, case) -> None:
 
 
 def test_endpoint_masks_equal_the_reference(ray_session, s3_bucket, case) -> None:
-    from pipelines.serve import start_endpoint, stop_endpoint
+    from pipelines.serve.app import start_endpoint, stop_endpoint
 
     url = start_endpoint(str(case["model"]), f"s3://{s3_bucket}/geometry-{uuid.uuid4().hex[:8]}",
                          config=endpoint_config())
@@ -84,7 +92,7 @@ def test_train_time_validation_scores_the_reference_masks(ray_session, tmp_path)
     """The val counts that ``rayseg train`` records equal counts of the reference masks of the
     saved weights against the truth, and the artifact records the training geometry."""
     from pipelines.config import load_train_config
-    from pipelines.train import train
+    from pipelines.train.train import train
 
     rows = []
     for seed in range(12):

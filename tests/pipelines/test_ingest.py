@@ -11,7 +11,7 @@ import pytest
 
 from pipelines import ingest, records, storage
 from pipelines.pack import pack
-from pipelines.train_data import training_dataset
+from pipelines.train.data import training_dataset
 from seg_core.codecs import encode_png
 from seg_core.config import MaskSpec, Preprocessing
 from seg_core.transforms import Augment

@@ -80,8 +80,8 @@ def ml_dataset(tmp_path) -> Path:
 @pytest.mark.slow
 def test_multilabel_flow_on_s3_matches_hand_counts(ray_session, s3_prefix, ml_dataset,
                                                     one_torch_thread, monkeypatch):
-    from pipelines import api
-    from pipelines.serve import start_endpoint, stop_endpoint
+    from pipelines.api import api
+    from pipelines.serve.app import start_endpoint, stop_endpoint
     from tests.serve_util import endpoint_config
 
     root = ml_dataset.parent

@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from pipelines import prediction_store as store
-from pipelines.predict import PredictConfig, predict_one, run_predict
+from pipelines.predict import store
+from pipelines.predict.predict import PredictConfig, predict_one, run_predict
 from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA
 from pipelines.storage import copy_dir_from_local, read_bytes, write_bytes
 from seg_core.artifact import load_artifact, save_artifact
@@ -179,7 +179,7 @@ def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, a
     ({"CPU": 2.0}, 1, (1, 1.5, 0.0, 2)),                     # one actor gets the threads
 ])
 def test_plan_actors(resources, actors, expected):
-    from pipelines.predict import plan_actors
+    from pipelines.predict.predict import plan_actors
 
     cfg = PredictConfig(model="m", input="i", out="o", actors=actors)
     plan = plan_actors(cfg, resources)

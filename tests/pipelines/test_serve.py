@@ -15,19 +15,19 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from email.message import Message
 from datetime import datetime, timezone
+from email.message import Message
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import prediction_store as store
-from pipelines.serve import replica_counts, start_endpoint, stop_endpoint
 from jobs.options import shipped_config
-from pipelines.serve_control import BatchSettings, ServeArgs, load_serve_config
-from pipelines.serve_sink import PredictionSink
+from pipelines.predict import store
+from pipelines.serve.app import replica_counts, start_endpoint, stop_endpoint
+from pipelines.serve.control import BatchSettings, ServeArgs, load_serve_config
+from pipelines.serve.sink import PredictionSink
 from pipelines.storage import copy_dir_from_local, list_uri, read_table
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image
@@ -183,7 +183,7 @@ def test_serve_configs_validate_and_agree():
 def test_builder_takes_typed_args_and_sets_no_replica_counts():
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    from pipelines.serve import build_app
+    from pipelines.serve.app import build_app
 
     app = call_user_app_builder_with_args_if_necessary(build_app, {"model_uri": "m"})
     deployment = app._bound_deployment
@@ -340,7 +340,7 @@ def test_a_second_address_is_refused_while_serve_runs(endpoint, model_dir):
 @pytest.mark.slow
 def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
     """The batch job (Ray Data + predictor actors) and the endpoint give the same mask bytes."""
-    from pipelines.predict import PredictConfig, run_predict
+    from pipelines.predict.predict import PredictConfig, run_predict
 
     folder = tmp_path / "images"
     folder.mkdir()

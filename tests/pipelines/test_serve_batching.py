@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pipelines.serve_batching import ForwardCoalescer
+from pipelines.serve.batching import ForwardCoalescer
 
 
 class _Recorder:

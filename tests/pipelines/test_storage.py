@@ -128,8 +128,8 @@ def test_pathlib_paths_are_uris_everywhere(tmp_path):
     from pathlib import Path
 
     from pipelines.config import DataSpec, StorageSpec
-    from pipelines.evaluate import EvaluateConfig
-    from pipelines.predict import PredictConfig
+    from pipelines.evaluate.evaluate import EvaluateConfig
+    from pipelines.predict.predict import PredictConfig
 
     target = tmp_path / "a" / "b.bin"
     storage.write_bytes(target, b"x")
@@ -147,3 +147,17 @@ def test_pathlib_paths_are_uris_everywhere(tmp_path):
         tmp_path / "m.csv")
     with pytest.raises(TypeError, match="expected a URI or path .*got int 3"):
         storage.scheme_of(3)
+
+
+def test_fetch_artifact_uses_local_dirs_and_copies_remote_ones_once(tmp_path, s3_prefix):
+    local = tmp_path / "model"
+    local.mkdir()
+    (local / "artifact.json").write_text('{"name": "m"}')
+    assert storage.fetch_artifact(local) == local            # used where it is, never copied
+    assert storage.fetch_artifact(f"file://{local}") == local
+    remote = storage.copy_dir_from_local(local, f"{s3_prefix}/fetch-me")
+    first = storage.fetch_artifact(remote)
+    assert first != local and (first / "artifact.json").read_text() == '{"name": "m"}'
+    storage.write_bytes(f"{remote}/artifact.json", b'{"name": "changed"}')
+    assert storage.fetch_artifact(remote) == first            # once per process
+    assert (first / "artifact.json").read_text() == '{"name": "m"}'

@@ -16,7 +16,7 @@ import torch
 
 from pipelines import storage
 from pipelines.config import config_from_dict, config_to_dict, load_train_config
-from pipelines.train import default_cpus_per_worker, plan_steps
+from pipelines.train.train import default_cpus_per_worker, plan_steps
 
 TINY_MODEL = ["model.depth=2", "model.base_width=4"]
 
@@ -103,8 +103,8 @@ def test_fractional_cpus_leave_one_cpu_for_ray_data():
 
 
 def test_seeded_fold_assignment_is_balanced_and_stable(tiny_dataset):
-    from pipelines.cv import assign_folds
     from pipelines.ingest import read_manifest
+    from pipelines.train.cv import assign_folds
 
     cfg = _cfg(str(tiny_dataset), "/tmp/unused", "nfolds=3", "fold_assignment=random")
     table, how = assign_folds(read_manifest(str(tiny_dataset)), cfg)
@@ -122,7 +122,7 @@ def test_seeded_fold_assignment_is_balanced_and_stable(tiny_dataset):
 @pytest.mark.slow
 def test_two_workers_on_s3_checkpoint_to_s3_and_the_artifact_predicts(
         ray_session, s3_sample_dataset, s3_prefix, tmp_path):
-    from pipelines.train import train
+    from pipelines.train.train import train
     from seg_core.artifact import load_artifact
     from seg_core.codecs import decode_image, decode_mask
     from seg_core.inference import Segmenter
@@ -177,7 +177,7 @@ def test_two_workers_on_s3_checkpoint_to_s3_and_the_artifact_predicts(
 
 @pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_the_run_completes(ray_session, tiny_dataset, tmp_path):
-    from pipelines.train import train
+    from pipelines.train.train import train
 
     # 9 train rows / 2 workers -> 4 each -> 2 steps per epoch; rank 1 dies at step 3 (epoch 2).
     cfg = _cfg(str(tiny_dataset), str(tmp_path), "scaling.num_workers=2", "epochs=3",
@@ -196,7 +196,7 @@ def test_second_invocation_resumes_at_the_scheduled_learning_rate(
         ray_session, tiny_dataset, tmp_path):
     from ray.train import TrainingFailedError
 
-    from pipelines.train import train
+    from pipelines.train.train import train
 
     # 9 train rows, 1 worker, batch 3 -> 3 steps per epoch, 9 in all; dies at step 5 (epoch 2)
     # with no automatic restarts, like a job whose cluster went away.
@@ -222,7 +222,7 @@ def test_second_invocation_resumes_at_the_scheduled_learning_rate(
 @pytest.mark.slow
 def test_three_fold_cross_validation_returns_folds_and_a_summary(ray_session, tiny_dataset,
                                                                  tmp_path):
-    from pipelines.cv import cross_validate
+    from pipelines.train.cv import cross_validate
 
     cfg = _cfg(str(tiny_dataset), str(tmp_path), "nfolds=3", "epochs=1", "batch_size=2",
                "fold_assignment=random")

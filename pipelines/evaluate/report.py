@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.overlays import render_overlays
+from pipelines.evaluate.overlays import render_overlays
+from seg_core.metrics import SCORES
 
 if TYPE_CHECKING:
     from seg_core.config import MaskSpec
 
-SCORES = ("iou", "dice", "precision", "recall")
 
 
 def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,

@@ -5,7 +5,7 @@ The driver side of training: build the Ray Datasets, size the workers from the c
 checkpoint via ``FailureConfig``, resume when the run name already has checkpoints), print
 progress, and turn the final checkpoint into a seg_core artifact at
 ``<models_uri>/<name>/<version>/`` with ``metrics.json``, ``learning_curve.png`` and
-``config.yaml`` beside it.  The per-worker loop is :mod:`pipelines.train_loop`.
+``config.yaml`` beside it.  The per-worker loop is :mod:`pipelines.train.loop`.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import yaml
 
 from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
-from pipelines.train_data import build_train_data
-from pipelines.train_loop import STATE_FILE, StepPlan, train_loop_per_worker
+from pipelines.train.data import build_train_data
+from pipelines.train.loop import STATE_FILE, StepPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                    run_uri: str) -> TrainResult:
     """Checkpoint state -> ``<models_uri>/<name>/<version>/`` (artifact + metrics + plot + config)."""
-    from pipelines.plots import learning_curve_png
+    from pipelines.evaluate.plots import learning_curve_png
     from seg_core.artifact import reproducibility_record, save_artifact
     from seg_core.model import UNet
 

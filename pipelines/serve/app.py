@@ -13,16 +13,16 @@ Routes (``route_prefix`` from the Serve config, ``/`` by default):
 Decoding, pre/post-processing and PNG encoding are :mod:`seg_core.codecs` and
 :mod:`seg_core.inference`, the code that ``rayseg predict`` runs, so one image gives the same mask
 bytes online and in bulk.  Requests are batched with ``@serve.batch``, whose batches a
-:class:`~pipelines.serve_batching.ForwardCoalescer` merges into one forward at a time (each forward
+:class:`~pipelines.serve.batching.ForwardCoalescer` merges into one forward at a time (each forward
 takes every request waiting); ``max_batch_size`` and ``batch_wait_timeout_s`` come from
 ``user_config`` and change at run time through ``reconfigure``.
-Every answered request adds a row to a per-replica :class:`~pipelines.serve_sink.PredictionSink`,
+Every answered request adds a row to a per-replica :class:`~pipelines.serve.sink.PredictionSink`,
 flushed when Serve stops the replica (its graceful-shutdown hook is ``__del__``, which Serve calls
 explicitly after draining requests; see ``ray/serve/_private/replica.py::call_destructor``).
 
 Nothing here hard-codes replica counts or batch sizes: ``build_app`` is the typed builder named by
 ``jobs/configs/serve.yaml`` and ``infra/rayservice.yaml``, whose ``deployments:`` entries set the
-autoscaling, resources and ``user_config``.  :func:`~pipelines.serve_control.start_endpoint`
+autoscaling, resources and ``user_config``.  :func:`~pipelines.serve.control.start_endpoint`
 (re-exported here with ``stop_endpoint`` and ``reconfigure_endpoint``) applies that same YAML.
 
 No ``from __future__ import annotations`` here: Serve inspects ``build_app``'s annotation at run
@@ -33,12 +33,10 @@ import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -48,14 +46,20 @@ from ray.serve import Application
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from pipelines import serve_http as http
-from pipelines.serve_batching import ForwardCoalescer
-from pipelines.serve_control import (DEPLOYMENT_NAME, BatchSettings, ServeArgs,  # noqa: F401
-                                     reconfigure_endpoint, replica_counts, start_endpoint,
-                                     stop_endpoint)
 from pipelines.records import prediction_row
-from pipelines.serve_sink import PredictionSink
-from pipelines.storage import copy_dir_to_local, is_local, strip_scheme
+from pipelines.serve import http
+from pipelines.serve.batching import ForwardCoalescer
+from pipelines.serve.control import (  # noqa: F401
+    DEPLOYMENT_NAME,
+    BatchSettings,
+    ServeArgs,
+    reconfigure_endpoint,
+    replica_counts,
+    start_endpoint,
+    stop_endpoint,
+)
+from pipelines.serve.sink import PredictionSink
+from pipelines.storage import fetch_artifact, is_local
 from seg_core.config import from_dict
 from seg_core.errors import InputError
 
@@ -74,14 +78,6 @@ def _api_key(env_name: str | None) -> str | None:
         raise ValueError(f"api_key_env={env_name!r} is set but the replica has no such variable "
                          f"(or it is empty); set it on the workers, or drop api_key_env")
     return key
-
-
-def _local_artifact(uri: str) -> tuple[Path, str | None]:
-    """A local directory holding the artifact; object-store URIs are copied to a temp dir."""
-    if is_local(uri):
-        return Path(strip_scheme(uri)), None
-    temp_dir = tempfile.mkdtemp(prefix="rayseg-model-")
-    return copy_dir_to_local(uri, temp_dir), temp_dir
 
 
 @dataclass(frozen=True)
@@ -108,7 +104,7 @@ class SegmentService:
         torch.set_num_threads(args.torch_threads)
         self._args = args
         self._api_key = _api_key(args.api_key_env)
-        self._model_dir, self._temp_dir = _local_artifact(args.model_uri)
+        self._model_uri, self._model_dir = args.model_uri, fetch_artifact(args.model_uri)
         self._artifact = load_artifact(self._model_dir)
         device = args.device if args.device != "auto" else \
             ("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,8 +233,8 @@ class SegmentService:
             written = self._sink.close()
             logger.info("replica %s: sink closed, %d rows written", self._replica, written)
         self._forward_pool.shutdown(wait=True)
-        if self._temp_dir is not None:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        if not is_local(self._model_uri):   # the replica's fetched copy; its process ends
+            shutil.rmtree(self._model_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------ helpers
     def _decode(self, data: bytes, name: str) -> np.ndarray:

@@ -151,7 +151,9 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
     for row in ok:
         image, mask = row["image"], row["mask"]
         if preprocessing is not None:
-            from seg_core.inference import prepare_image   # torch: only when preprocessing
+            from seg_core.inference import (
+                prepare_image,  # torch: only when preprocessing
+            )
 
             try:
                 image = prepare_image(image, preprocessing).numpy()  # C x H' x W'

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from pipelines import prediction_store as store
 from pipelines import storage
+from pipelines.predict import store
 from pipelines.records import decode_prediction
 
 if TYPE_CHECKING:

@@ -29,7 +29,12 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.config import TrainConfig
-from pipelines.train import TrainResult, absolute_paths, default_cpus_per_worker, train
+from pipelines.train.train import (
+    TrainResult,
+    absolute_paths,
+    default_cpus_per_worker,
+    train,
+)
 
 SUMMARY_METRICS = ("miou", "mdice", "pixel_accuracy")
 

@@ -1,7 +1,7 @@
 """HTTP edges of the online endpoint: reading uploads within limits, API keys, response bodies.
 
 Plain functions over Starlette requests, kept apart from the deployment so that the route handlers
-in :mod:`pipelines.serve` read as "read -> decode -> predict -> encode -> answer".
+in :mod:`pipelines.serve.app` read as "read -> decode -> predict -> encode -> answer".
 Every refusal becomes a :class:`RequestRefused` carrying an HTTP status and a message that says
 what arrived, what was expected and how to fix it; nothing here raises anything else on bad input.
 """

@@ -31,7 +31,14 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA, RESULT_SCHEMA
-from pipelines.storage import filesystem_for, is_local, join_uri, list_uri, read_bytes, write_bytes
+from pipelines.storage import (
+    filesystem_for,
+    is_local,
+    join_uri,
+    list_uri,
+    read_bytes,
+    write_bytes,
+)
 
 QUARANTINE_DIR = "_quarantine"
 MODEL_FILE = "_model.json"

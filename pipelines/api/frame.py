@@ -223,7 +223,7 @@ class Frame:
 
     def _multilabel(self) -> bool:
         """Whether the model behind these predictions is multi-label (from ``_model.json``)."""
-        from pipelines import prediction_store
+        from pipelines.predict import store as prediction_store
 
         try:
             record = prediction_store.read_model_record(self.source)

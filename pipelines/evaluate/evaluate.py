@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines import prediction_store as store
 from pipelines import storage
-from pipelines.records import COUNT_SCHEMA, decode_prediction
 from pipelines.config import EvaluateConfig
+from pipelines.predict import store
+from pipelines.records import COUNT_SCHEMA, decode_prediction
 from seg_core.config import EmptyPolicy, MaskSpec, from_dict
 from seg_core.errors import InputError
+from seg_core.metrics import SCORES, Reduction
 
-REDUCTIONS = ("micro", "macro", "per_image")
-SCORES = ("iou", "dice", "precision", "recall")
+REDUCTIONS = typing.get_args(Reduction)
 # ------------------------------------------------------------------------ per-image counting
 
 
@@ -144,8 +145,8 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     import ray
     from ray.data import DataContext
 
+    from pipelines.evaluate.report import write_report
     from pipelines.ingest import pair_table, select_rows
-    from pipelines.report import write_report
 
     started = time.perf_counter()
     DataContext.get_current().enable_progress_bars = cfg.progress
@@ -244,7 +245,7 @@ def _spec_dict(spec: MaskSpec) -> dict[str, Any]:
 def _predict_first(cfg: EvaluateConfig, log: Callable[[str], None]) -> str:
     """Predict the split with ``cfg.model`` into ``--predictions`` (or ``<out>/predictions``);
     resumable like any ``rayseg predict`` run, so a second evaluate only scores."""
-    from pipelines.predict import PredictConfig, run_predict
+    from pipelines.predict.predict import PredictConfig, run_predict
 
     out = cfg.predictions or storage.join_uri(cfg.out, "predictions")
     run_predict(PredictConfig(model=cfg.model, input=cfg.manifest, out=out, split=cfg.split,

@@ -3,7 +3,7 @@
 Pipeline (Ray Data, streaming)::
 
     ingest source (manifest | prefix | shards), minus ids already done     [fetch tasks]
-      -> map_batches(Predictor, compute=ActorPoolStrategy(size=n))         [artifact once per actor]
+      -> map_batches(Predictor, compute=ActorPoolStrategy(1..n, all n up)) [artifact once per actor]
       -> write_datasink(CommitSink)                                         [atomic Parquet files]
 
 Every image goes through :func:`predict_rows`, the code the Serve endpoint can call too
@@ -12,26 +12,24 @@ Every image goes through :func:`predict_rows`, the code the Serve endpoint can c
 device), :func:`seg_core.inference.encode_prediction`.  Bad bytes become quarantine rows with their
 reason; they never stop the job, so ``input rows = predicted + quarantined``.
 
-Exactly once: see :mod:`pipelines.prediction_store`.  A rerun reads the ids already committed
+Exactly once: see :mod:`pipelines.predict.store`.  A rerun reads the ids already committed
 under ``--out``, leaves them out *before* any bytes are fetched, and reports how many it skipped.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import prediction_store as store
 from pipelines import storage
 from pipelines.config import PredictConfig
-from pipelines.predict_inputs import InputPlan, plan_inputs
+from pipelines.predict import store
+from pipelines.predict.inputs import InputPlan, plan_inputs
 from pipelines.records import RESULT_SCHEMA, prediction_row, quarantine_row
 from seg_core.codecs import decode_image
 from seg_core.errors import InputError
@@ -149,7 +147,7 @@ class Predictor:
         from seg_core.inference import Segmenter
 
         torch.set_num_threads(threads)
-        artifact = load_artifact(local_artifact(model_uri, storage_options))
+        artifact = load_artifact(storage.fetch_artifact(model_uri, storage_options))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # Tiles per forward: 4 ran fastest per image on CPU (seg_core.inference.predict_batch);
         # a GPU wants bigger batches (not measured here: no GPU was lent).
@@ -165,17 +163,6 @@ class Predictor:
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
-def local_artifact(uri: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """A local directory holding the artifact at ``uri`` (copied once per process if remote)."""
-    if storage.is_local(uri):
-        return Path(storage.strip_scheme(uri))
-    if uri not in _LOCAL_COPIES:
-        _LOCAL_COPIES[uri] = storage.copy_dir_to_local(
-            uri, tempfile.mkdtemp(prefix="rayseg-model-"), storage_options)
-    return _LOCAL_COPIES[uri]
-
-
-_LOCAL_COPIES: dict[str, Path] = {}
 
 
 def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
@@ -213,7 +200,7 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     started = time.perf_counter()
     resources = ray.cluster_resources()
     DataContext.get_current().enable_progress_bars = cfg.progress
-    meta = read_artifact_meta(local_artifact(cfg.model))
+    meta = read_artifact_meta(storage.fetch_artifact(cfg.model))
     store.claim_output(cfg.out, {"uri": cfg.model, "name": meta["name"], "version": meta["version"],
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
                                  "confidence_maps": cfg.confidence_maps,

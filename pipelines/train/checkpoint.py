@@ -13,7 +13,7 @@ Checkpoint ``state.pt`` (one per epoch, written by rank 0)::
                                    artifact records it so inference reproduces the geometry
 
 Everything after ``rng`` is a field of :class:`LoopState`; :func:`epoch_record` builds the
-``history`` entries (``pipelines.train`` reads them, and ``best``, to write the artifact).
+``history`` entries (``pipelines.train.train`` reads them, and ``best``, to write the artifact).
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Everything that is training math (optimizer, schedule, step, loss, metrics, pred
 seg_core; this module adds only what Ray needs: the dataset shards, ``prepare_model`` (DDP and
 device), ``ray.train.report`` every epoch with a checkpoint written by rank zero, and restoring
 that checkpoint after a failure or on resume.  The checkpoint format and generator state are in
-:mod:`pipelines.checkpoint`; every collective (summed validation counts, agreed sizes and clocks)
-is in :mod:`pipelines.distributed`.
+:mod:`pipelines.train.checkpoint`; every collective (summed validation counts, agreed sizes and clocks)
+is in :mod:`pipelines.train.distributed`.
 """
 from __future__ import annotations
 
@@ -20,11 +20,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.checkpoint import (STATE_FILE, LoopState, epoch_record, restore_state, rng_state,
-                                  save_state, seed_everything)
 from pipelines.config import TrainConfig
-from pipelines.distributed import (RankZeroLog, agreed_train_size, all_reduce_sum,
-                                   broadcast_buffers, gather_objects, maybe_fail)
+from pipelines.train.checkpoint import (
+    STATE_FILE,
+    LoopState,
+    epoch_record,
+    restore_state,
+    rng_state,
+    save_state,
+    seed_everything,
+)
+from pipelines.train.distributed import (
+    RankZeroLog,
+    agreed_train_size,
+    all_reduce_sum,
+    broadcast_buffers,
+    gather_objects,
+    maybe_fail,
+)
 from seg_core.engine import build_optimizer, build_scheduler, train_step
 from seg_core.inference import Segmenter
 from seg_core.losses import build_loss

@@ -23,7 +23,7 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
 
     import torch
 
-    from pipelines.predict import local_artifact
+    from pipelines.storage import fetch_artifact
     from seg_core.artifact import load_artifact, read_artifact_meta
 
     if format not in ("torchscript", "onnx"):
@@ -31,7 +31,7 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
     if format == "onnx" and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         raise RuntimeError("ONNX export needs the onnx exporter packages, which are not "
                            "installed: pip install onnx onnxscript  (or use format='torchscript')")
-    local = local_artifact(artifact_uri)
+    local = fetch_artifact(artifact_uri)
     artifact = load_artifact(local)
     model = artifact.model.eval()
     height, width = (_trace_side(side, model.size_multiple)

@@ -13,7 +13,7 @@
     perf = model.model_performance(valid)       # per-class IoU, Dice/F1, precision, recall
 
 Everything here is a thin layer over the jobs' own code paths: ``train`` is
-:func:`pipelines.train.train` (Ray Train), ``predict`` is :func:`pipelines.predict.run_predict`
+:func:`pipelines.train.train.train` (Ray Train), ``predict`` is :func:`pipelines.predict.predict.run_predict`
 (Ray Data actor pool writing Parquet), ``model_performance`` is the ``rayseg evaluate`` scorer.
 Frames handed to them are written as manifests under the work directory (default
 ``rayseg_work``; on a multi-node cluster pass ``init(work_dir="s3://bucket/prefix")`` so every
@@ -28,8 +28,8 @@ import uuid
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from pipelines import storage
-from pipelines.frame import Frame, read_frame, write_manifest
-from pipelines.performance import ModelPerformance
+from pipelines.api.frame import Frame, read_frame, write_manifest
+from pipelines.api.performance import ModelPerformance
 
 if TYPE_CHECKING:
     import pandas
@@ -229,7 +229,7 @@ class UNetSegmentationEstimator:
         spans them, and only an ``epochs`` you set yourself can end training sooner.
         ``overrides`` set any other hyperparameter for this and later runs (e.g. ``epochs=3``).
         """
-        from pipelines.train import train as run_train
+        from pipelines.train.train import train as run_train
 
         _check_params(overrides)
         self._params.update(overrides)
@@ -251,7 +251,7 @@ class UNetSegmentationEstimator:
             self._infer_classes = False
         nfolds = int(self._params.get("nfolds") or 0)
         if nfolds >= 2:
-            from pipelines.cv import cross_validate
+            from pipelines.train.cv import cross_validate
 
             self.cv_result = cross_validate(self.build_config(
                 manifest, max_iterations=max_iterations, version=f"{version}-cv"))
@@ -284,7 +284,7 @@ class UNetSegmentationEstimator:
         The Parquet goes to ``out`` (default ``<work_dir>/predictions/<model_id>-<random>``);
         the frame's ``mask(i)`` decodes one predicted mask.
         """
-        from pipelines.predict import PredictConfig, run_predict
+        from pipelines.predict.predict import PredictConfig, run_predict
 
         model = self._require_model()
         token = uuid.uuid4().hex[:8]
@@ -308,7 +308,7 @@ class UNetSegmentationEstimator:
                                  "pass a Frame to score")
             return ModelPerformance.from_training(self.train_result.metrics,
                                                   self.train_result.history, self.artifact_uri)
-        from pipelines.performance import evaluate_frame
+        from pipelines.api.performance import evaluate_frame
 
         model = self._require_model()
         token = uuid.uuid4().hex[:8]
@@ -361,7 +361,7 @@ class UNetSegmentationEstimator:
         preprocessing), with H and W multiples of ``2**depth``, and give logits.  TorchScript
         embeds ``artifact.json`` as an extra file.  ONNX needs ``pip install onnx onnxscript``.
         """
-        from pipelines.export import export_artifact
+        from pipelines.predict.export import export_artifact
 
         out_dir = os.path.join(work_directory(), "exports", self.model_id) \
             if storage.is_local(work_directory()) else os.path.join(DEFAULT_WORK_DIR, "exports")
@@ -380,10 +380,7 @@ def load_model(path: str | os.PathLike) -> UNetSegmentationEstimator:
     if not storage.exists(storage.join_uri(path, "artifact.json")):
         raise FileNotFoundError(f"load_model: {path} holds no artifact.json (expected a directory "
                                 f"written by save_model or rayseg train)")
-    local = storage.strip_scheme(path) if storage.is_local(path) else \
-        str(storage.copy_dir_to_local(path, os.path.join(work_directory(), "loaded",
-                                                         uuid.uuid4().hex[:8])))
-    meta = read_artifact_meta(local)
+    meta = read_artifact_meta(storage.fetch_artifact(path))
     state_uri = storage.join_uri(path, ESTIMATOR_FILE)
     state = json.loads(storage.read_bytes(state_uri)) if storage.exists(state_uri) else {}
     spec = meta["mask_spec"]
@@ -433,7 +430,7 @@ def cv_summary_frame(cv: Any) -> "pandas.DataFrame":
     """H2O-style CV summary: one row per metric, columns mean, sd, cv_1_valid .. cv_k_valid."""
     import pandas
 
-    from pipelines.cv import fold_metric
+    from pipelines.train.cv import fold_metric
 
     rows = {name: {"mean": stats["mean"], "sd": stats["std"],
                    **{f"cv_{k + 1}_valid": fold_metric(fold, name)

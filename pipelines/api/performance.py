@@ -58,7 +58,7 @@ class ModelPerformance:
     @classmethod
     def from_training(cls, val: dict[str, Any], history: Sequence[dict[str, Any]] = (),
                       artifact_uri: str | None = None) -> "ModelPerformance":
-        """From the validation block ``pipelines.train`` records for the saved weights."""
+        """From the validation block ``pipelines.train.train`` records for the saved weights."""
         per_class = val["per_class"]
         return cls(
             class_names=tuple(val["class_names"]),
@@ -145,7 +145,7 @@ class ModelPerformance:
             if not self.history:
                 raise ValueError("no learning curve: this performance object has no training "
                                  "history (use model.model_performance() after train())")
-            from pipelines.plots import learning_curve_png
+            from pipelines.evaluate.plots import learning_curve_png
 
             return str(learning_curve_png(list(self.history), storage.strip_scheme(target)))
         fig, axis = plt.subplots(figsize=(max(4.0, 1.4 * len(self.class_names) + 2), 3.4),
@@ -204,7 +204,7 @@ def _fmt(value: float | None) -> str:
 def evaluate_frame(model_uri: str, manifest: str, out: str, *, predictions: str | None = None,
                    history: Sequence[dict[str, Any]] = ()) -> ModelPerformance:
     """Score every row of ``manifest`` with the ``rayseg evaluate`` code path."""
-    from pipelines.evaluate import EvaluateConfig, run_evaluate
+    from pipelines.evaluate.evaluate import EvaluateConfig, run_evaluate
 
     cfg = EvaluateConfig(manifest=manifest, out=out, model=model_uri, predictions=predictions,
                          split=None, progress=False)
