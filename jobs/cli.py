@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
+VERBOSE_ENV = "RAYSEG_VERBOSE"   # read by pipelines.raycluster.ensure_ray
 SUBCOMMANDS = ("demo", "validate", "pack", "train", "predict", "evaluate", "serve", "bench")
 
 DESCRIPTION = """\
@@ -18,6 +20,12 @@ rayseg: U-Net image segmentation on Ray, from a laptop to a cluster.
 Data flows one way: object storage -> ingest -> train | batch predict | serve -> Parquet.
 Every URI may be a local path, file://, or s3:// (endpoint and keys come from the standard
 AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO).  Run `rayseg <command> --help` for details.
+
+Output is rayseg's own status lines plus Ray's real warnings and errors.  Ray's INFO logs, its
+worker output and a few Ray lines known to be harmless (the token-authentication notice, Ray
+Data's "no available CPUs" when CPUs free up a moment later, Serve's shutdown retry notice, the
+actor-argument notice of Ray Data's actor pools) are held back; `rayseg --verbose <command>`
+(or RAYSEG_VERBOSE=1) shows all of them.  Ray keeps its full logs in /tmp/ray/session_latest/logs.
 """
 
 EPILOG = """\
@@ -30,6 +38,7 @@ typical flow:
   rayseg evaluate --predictions s3://bucket/preds/ --manifest data/manifest.csv
   rayseg serve --model runs/models/unet/v1
   rayseg bench all
+  rayseg --verbose demo                          # the same, with Ray's own logs in full
 """
 
 
@@ -41,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's own logs in full: INFO lines, worker output and the "
+                             "known-harmless notices rayseg otherwise holds back (sets "
+                             f"{VERBOSE_ENV}=1); give it before the command")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"jobs.{name}")
@@ -53,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rayseg`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"   # every ensure_ray in this process (and its workers)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -8,7 +8,10 @@ One helper, :func:`ensure_ray`, used by every job and by the test fixtures:
 - The driver's ``AWS_*``, ``RAYSEG_*`` and ``RAY_DATA_*`` variables travel to every worker through
   ``runtime_env`` (notes §1.1: code that opens S3 inside a task needs them there).
 - Local clusters read Parquet footers with one actor per 8 CPUs instead of Ray's 32 (see below).
-- Logging is quiet (warnings only) and Ray Data progress bars are off unless ``quiet=False``.
+- Logging is quiet (warnings only) and Ray Data progress bars are off unless ``quiet=False``
+  or ``RAYSEG_VERBOSE=1`` (what ``rayseg --verbose`` sets).  Quiet also drops Ray lines that are
+  known to be benign and would read as faults (see :func:`quiet_known_noise`); everything else
+  Ray warns about still shows, and every dropped line is still in the session's log files.
 
 Token authentication (on by default for local clusters since 2.59) is left as Ray sets it: rayseg
 never calls the dashboard REST API, so nothing needs the token.  Set ``RAY_AUTH_MODE=disabled``
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from typing import Any, Mapping
 
 _MB = 1024 * 1024
@@ -33,6 +37,10 @@ _PROPAGATED_PREFIXES = ("AWS_", "RAYSEG_", "RAY_DATA_")
 _FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _DATASOURCE_V2_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 _SMALL_CLUSTER_CPUS = 8
+VERBOSE_ENV = "RAYSEG_VERBOSE"   # "1": Ray's own logs in full (``rayseg --verbose`` sets it)
+# Ray pushes "Task X failed. There are N retries remaining, so the task will be retried" to the
+# driver's terminal for every retried task; Serve's own shutdown triggers one on each stop.
+_RETRY_NOTICE_ENV = "RAY_enable_output_error_log_if_still_retry"
 
 
 def default_object_store_mb(total_ram_mb: int | None = None, shm_free_mb: int | None = None) -> int:
@@ -55,7 +63,7 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
                object_store_mb: int | None = None, env_vars: Mapping[str, str] | None = None,
-               quiet: bool = True, **init_kwargs: Any) -> dict[str, float]:
+               quiet: bool | None = None, **init_kwargs: Any) -> dict[str, float]:
     """Make sure this process is connected to Ray; returns the cluster's resources.
 
     Does nothing when Ray is already initialised (so tests can share one session cluster).
@@ -66,11 +74,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
         num_cpus: CPUs for a local cluster (ignored when joining).  Default: all cores.
         object_store_mb: object store for a local cluster.  Default: :func:`default_object_store_mb`.
         env_vars: extra worker environment, on top of the propagated AWS variables.
-        quiet: warnings-only logging and no Ray Data progress bars.
+        quiet: warnings-only logging, no Ray Data progress bars, known-benign Ray lines dropped
+            (:func:`quiet_known_noise`).  Default: quiet unless ``RAYSEG_VERBOSE=1``.
         init_kwargs: passed through to ``ray.init`` (e.g. ``namespace``).
     """
     import ray
 
+    if quiet is None:
+        quiet = not verbose_requested()
+    if quiet:
+        quiet_known_noise()
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {
             "runtime_env": {"env_vars": worker_env(env_vars)},
@@ -88,7 +101,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
         ray.init(address=address, **kwargs)
     if quiet:
         _quiet_data()
+        _absorb_actor_arg_notice()
     return dict(ray.cluster_resources())
+
+
+def verbose_requested() -> bool:
+    """True when ``RAYSEG_VERBOSE`` asks for Ray's logs in full (``rayseg --verbose``)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _small_cluster_parquet(num_cpus: int, worker_vars: dict[str, str]) -> None:
@@ -116,3 +135,118 @@ def _quiet_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # ... and a warning that progress bars are off, which is what quiet asked for.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+# ------------------------------------------------------------------- known-benign Ray output
+#
+# A fresh `rayseg demo` on Ray 2.60 printed these besides its own lines; each reads as a fault
+# and is not one.  They stay in the session logs (/tmp/ray/session_latest/logs) and all come back
+# with `rayseg --verbose`.
+#
+# - "Token authentication is enabled for this Ray cluster ..." (ray._private.authentication):
+#   a notice that Ray's secure default is on.  The opposite warning (auth *disabled*) is kept.
+# - "The Ray cluster currently does not have any available CPUs. The Dataset job will hang ..."
+#   (ray.data.dataset): Ray Data samples `ray.available_resources()` once as a dataset starts;
+#   right after a job with an actor pool the pool's CPUs are still being released (measured: 0.5
+#   of 2 CPUs free for ~0.25 s), so the next job triggers it and does not hang.  Kept when CPUs
+#   stay unavailable for a few seconds: that is the real hang it warns about.
+# - "INFO ... serve -- Started Serve in namespace" (ray.serve): Serve sets its driver logger to
+#   INFO on start, past the warnings-only level `ray.init` was given.
+# - "(raylet) Task ServeController.graceful_shutdown failed. There are infinite retries
+#   remaining": Serve's controller kills itself while `serve.shutdown()` waits on it; every stop.
+#   Ray's switch for these retry notices (RAY_enable_output_error_log_if_still_retry) is set to
+#   0 unless already set; a task that finally fails still raises its error.
+# - "core_worker.cc: Actor ... 'MapWorker(MapBatches(...))' has constructor arguments in the
+#   object store and max_restarts > 0": Ray Data passes every actor pool's UDF to its actors as
+#   an ObjectRef that the operator keeps alive (ray-project/ray#57733; our constructor arguments
+#   are a few strings).  A C++ line logged once per process, so :func:`_absorb_actor_arg_notice`
+#   spends that once on a throw-away actor with stderr muted.
+
+_FILTERS_INSTALLED = False
+_ACTOR_NOTICE_ABSORBED = False
+_CPU_RECHECK_S = 3.0
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+class _BelowWarning(logging.Filter):
+    """Drops INFO and DEBUG records (a filter outlives the logger's own ``setLevel``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+class _TransientNoCpus(logging.Filter):
+    """Ray Data's "no available CPUs" warning, kept only if no CPU frees up within a few seconds."""
+
+    marker = "The Ray cluster currently does not have any available CPUs"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.marker not in record.getMessage():
+            return True
+        import ray
+
+        deadline = time.monotonic() + _CPU_RECHECK_S
+        while time.monotonic() < deadline:
+            try:
+                if ray.available_resources().get("CPU", 0) > 0:
+                    return False
+            except Exception:  # Ray going away: let the warning through
+                return True
+            time.sleep(0.1)
+        return True
+
+
+def quiet_known_noise() -> None:
+    """Install the filters for the known-benign Ray lines above (idempotent, before ``ray.init``)."""
+    global _FILTERS_INSTALLED
+    os.environ.setdefault(_RETRY_NOTICE_ENV, "0")
+    if _FILTERS_INSTALLED:
+        return
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _DropMessages("Token authentication is enabled for this Ray cluster"))
+    logging.getLogger("ray.data.dataset").addFilter(_TransientNoCpus())
+    logging.getLogger("ray.serve").addFilter(_BelowWarning())
+    _FILTERS_INSTALLED = True
+
+
+def _absorb_actor_arg_notice() -> None:
+    """Spend Ray's once-per-process "constructor arguments in the object store" line on a
+    throw-away actor while stderr is muted (it still goes to the driver's log file)."""
+    global _ACTOR_NOTICE_ABSORBED
+    import ray
+
+    if _ACTOR_NOTICE_ABSORBED or ray.util.client.ray.is_connected():
+        return
+    _ACTOR_NOTICE_ABSORBED = True
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class _Absorb:
+        def __init__(self, ref: Any) -> None:
+            pass
+
+    import sys
+
+    ref = ray.put(None)
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):   # no usable stderr: nothing to keep clean
+        return
+    try:
+        os.dup2(devnull, 2)
+        actor = _Absorb.remote(ref)   # Ray logs the line here, synchronously, on this thread
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    ray.kill(actor)
