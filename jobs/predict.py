@@ -65,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.raycluster import ensure_ray
 
     cfg = job_config(PredictConfig, args, {k: getattr(args, k) for k in _FLAGS})
+    from pipelines.predict.store import LeaseHeld
+
     ensure_ray(cfg.address)
-    summary = run_predict(cfg)
+    try:
+        summary = run_predict(cfg)
+    except LeaseHeld as held:   # another run writes to this --out: say who, change nothing
+        raise SystemExit(f"rayseg predict: {held}") from None
     return 0 if summary["duplicates"] == 0 and summary["missing"] == 0 else 1

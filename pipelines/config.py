@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.storage import fspath_fields
+from pipelines.storage import fspath_fields, join_uri
 from seg_core.config import (
     LOSS_NAMES,
     MULTILABEL_LOSSES,
@@ -182,6 +182,7 @@ class TrainConfig:
     channels_last: bool | None = None  # None: on GPU only
     log_every_steps: int = 10
     fail_at_step: int | None = None  # TESTS ONLY: last worker dies once at this global step
+    nan_at_step: int | None = None  # TESTS ONLY: the loss reads NaN at this global step
 
     def __post_init__(self) -> None:
         if self.model.num_classes != self.mask.num_classes:
@@ -216,6 +217,11 @@ class TrainConfig:
     def run_name(self) -> str:
         """Stable name of this run's checkpoint directory; the same name resumes."""
         return self.storage.run_name or f"{self.name}-{self.version}"
+
+    @property
+    def run_uri(self) -> str:
+        """Where this run's checkpoints live: ``<storage.storage_path>/<run_name>``."""
+        return join_uri(self.storage.storage_path, self.run_name)
 
     def with_fold(self, fold: int) -> "TrainConfig":
         """The config of one cross-validation fold: version and run name get ``-fold<k>``."""

@@ -53,7 +53,7 @@ def detect_kind(source: str, storage_options: storage.StorageOptions | None = No
     if lowered.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        with storage.open_uri(source, "rb", storage_options) as handle:
+        with storage.open_uri(source, storage_options) as handle:
             names = pq.read_schema(handle).names
         return "shards" if "image_bytes" in names else "manifest"
     if storage.exists(storage.join_uri(source, "images"), storage_options):

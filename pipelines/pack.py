@@ -122,7 +122,7 @@ def _mean_row_bytes(source: str, kind: SourceKind, storage_options) -> float:
 def _parquet_rows(uri: str, storage_options) -> int:
     import pyarrow.parquet as pq
 
-    with storage.open_uri(uri, "rb", storage_options) as handle:
+    with storage.open_uri(uri, storage_options) as handle:
         return pq.ParquetFile(handle).metadata.num_rows
 
 

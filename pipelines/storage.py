@@ -20,6 +20,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -191,24 +192,93 @@ def read_bytes(uri: Uri, storage_options: StorageOptions | None = None) -> bytes
 
 
 def write_bytes(uri: Uri, data: bytes, storage_options: StorageOptions | None = None) -> None:
-    """Create or replace one object (local parent directories are created)."""
+    """Create or replace one object, all at once: readers see the old object or the complete
+    new one, never a part (local parent directories are created).
+
+    The bytes go to a hidden sibling first (``.<name>.<random>.tmp``: Parquet readers, Ray Data
+    and :func:`list_uri` with a suffix skip it) and are then published under ``uri`` by a rename
+    (local) or a server-side copy (S3).  A failed upload can leave only the hidden sibling, and
+    it is deleted: an S3 output stream that fails midway still completes its multipart upload
+    on close, which would otherwise publish a truncated object under the final key.
+    """
     fs, path = filesystem_for(uri, storage_options)
+    directory, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    staging = f"{directory}/.{name}.{uuid.uuid4().hex[:12]}.tmp" if directory else \
+        f".{name}.{uuid.uuid4().hex[:12]}.tmp"
     if is_local(uri):
-        fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
-
-
-def open_uri(uri: Uri, mode: str = "rb", storage_options: StorageOptions | None = None):
-    """A binary file object (``rb`` random access, ``wb`` stream) for ``uri``."""
-    fs, path = filesystem_for(uri, storage_options)
-    if mode == "rb":
-        return fs.open_input_file(path)
-    if mode == "wb":
+        fs.create_dir(directory or ".", recursive=True)
+    try:
+        with fs.open_output_stream(staging) as stream:
+            stream.write(data)
         if is_local(uri):
-            fs.create_dir(os.path.dirname(path), recursive=True)
-        return fs.open_output_stream(path)
-    raise ValueError(f"open_uri: mode must be 'rb' or 'wb', got {mode!r}")
+            fs.move(staging, path)          # rename(2): atomic on one filesystem
+        else:
+            fs.copy_file(staging, path)     # CopyObject: the key appears complete or not at all
+            fs.delete_file(staging)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.delete_file(staging)
+        raise
+
+
+def create_exclusive(uri: Uri, data: bytes, storage_options: StorageOptions | None = None) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there yet; False when something is.
+
+    Atomic against a concurrent creator: ``O_CREAT | O_EXCL`` locally, a conditional PUT
+    (``If-None-Match: *``) on S3, so of two writers racing for one key exactly one wins.
+    """
+    uri = as_uri(uri)
+    if is_local(uri):
+        path = strip_scheme(uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return True
+    if scheme_of(uri) != "s3":
+        raise NotImplementedError(f"{uri}: exclusive create is implemented for local paths and "
+                                  f"s3:// only")
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = strip_scheme(uri).partition("/")
+    try:
+        _s3_client(resolve_options(storage_options)).put_object(
+            Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                           "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
+def _s3_client(opts: Mapping[str, Any]) -> Any:
+    """A botocore S3 client from :func:`resolve_options`' dict (for the calls pyarrow lacks)."""
+    import botocore.config
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=opts.get("endpoint_override"), region_name=opts.get("region"),
+        aws_access_key_id=opts.get("access_key"), aws_secret_access_key=opts.get("secret_key"),
+        aws_session_token=opts.get("session_token"),
+        config=botocore.config.Config(signature_version=botocore.UNSIGNED)
+        if opts.get("anonymous") else None)
+
+
+def delete(uri: Uri, storage_options: StorageOptions | None = None) -> None:
+    """Delete one object or file; a missing one is fine."""
+    fs, path = filesystem_for(uri, storage_options)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+def open_uri(uri: Uri, storage_options: StorageOptions | None = None):
+    """A random-access binary file object for reading ``uri`` (write with :func:`write_bytes`)."""
+    fs, path = filesystem_for(uri, storage_options)
+    return fs.open_input_file(path)
 
 
 def exists(uri: Uri, storage_options: StorageOptions | None = None) -> bool:
@@ -296,12 +366,18 @@ def s3_env() -> dict[str, str]:
 
 
 def write_table(table: pa.Table, uri: str, storage_options: StorageOptions | None = None) -> str:
-    """Write one Parquet file at ``uri`` (zstd); returns ``uri``."""
+    """Write one Parquet file at ``uri`` (zstd), all at once (:func:`write_bytes`); returns it."""
+    write_bytes(uri, parquet_bytes(table), storage_options)
+    return uri
+
+
+def parquet_bytes(table: pa.Table, compression: str | dict[str, str] = "zstd") -> bytes:
+    """``table`` as the bytes of one Parquet file (serialised whole before anything is written)."""
     import pyarrow.parquet as pq
 
-    with open_uri(uri, "wb", storage_options) as sink:
-        pq.write_table(table, sink, compression="zstd")
-    return uri
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue().to_pybytes()
 
 
 def read_table(uri: Uri, storage_options: StorageOptions | None = None) -> pa.Table:

@@ -280,7 +280,7 @@ def _parquet_kind(path: str, storage_options: dict[str, Any] | None) -> str | No
         files = storage.list_uri(path, suffixes=(".parquet",), storage_options=storage_options)
         if not files or storage.exists(storage.join_uri(path, "images"), storage_options):
             return None
-    with storage.open_uri(files[0], "rb", storage_options) as handle:
+    with storage.open_uri(files[0], storage_options) as handle:
         names = pq.read_schema(handle).names
     if "mask_png" in names:
         return "predictions"

@@ -193,7 +193,7 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     ``fail_after_files`` is for tests: the job fails once that many files are committed.
     """
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from seg_core.artifact import read_artifact_meta
 
@@ -201,6 +201,15 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     resources = ray.cluster_resources()
     DataContext.get_current().enable_progress_bars = cfg.progress
     meta = read_artifact_meta(storage.fetch_artifact(cfg.model))
+    with store.lease(cfg.out):   # one writer per output: a second run here is refused
+        return _predict_under_lease(cfg, meta, resources, log, fail_after_files, started)
+
+
+def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: dict[str, float],
+                         log: Callable[[str], None], fail_after_files: int | None,
+                         started: float) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
     store.claim_output(cfg.out, {"uri": cfg.model, "name": meta["name"], "version": meta["version"],
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
                                  "confidence_maps": cfg.confidence_maps,

@@ -6,11 +6,11 @@ Layout of an output URI ``<out>``::
     <out>/_quarantine/part-<key>.parquet  unreadable inputs (records.QUARANTINE_SCHEMA)
     <out>/_model.json                     which model wrote them (checked on every rerun)
     <out>/_SUCCESS                        summary of the last run that finished
-    <out>/.tmp/                           local staging for atomic renames (never read)
+    <out>/_LEASE                          the run writing here now (one writer per output)
 
-The commit unit is one Parquet file.  Each file appears atomically (an S3 PUT or multipart upload
-becomes visible only when complete; locally we write to ``.tmp`` and rename), so every id found in
-a file under ``<out>`` is done.  A rerun skips those ids (:func:`done_ids`) and processes the rest,
+The commit unit is one Parquet file.  Each file appears atomically (:func:`storage.write_bytes`:
+a hidden sibling, then a rename or a server-side copy; an upload that fails midway never
+publishes a partial file), so every id found in a file under ``<out>`` is done.  A rerun skips those ids (:func:`done_ids`) and processes the rest,
 hence no duplicates and no gaps however the previous run died.  ``<key>`` is a hash of the sorted
 ids in the file, so when Ray retries a write task on the same rows it overwrites the same file
 instead of adding a second copy.  ``_``- and ``.``-prefixed entries are skipped by Arrow readers,
@@ -18,24 +18,30 @@ so ``pyarrow.dataset(<out>)`` sees predictions only.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
 import json
+import os
+import socket
+import threading
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA, RESULT_SCHEMA
 from pipelines.storage import (
+    create_exclusive,
+    delete,
     filesystem_for,
-    is_local,
     join_uri,
     list_uri,
+    parquet_bytes,
     read_bytes,
     write_bytes,
 )
@@ -43,7 +49,6 @@ from pipelines.storage import (
 QUARANTINE_DIR = "_quarantine"
 MODEL_FILE = "_model.json"
 SUCCESS_FILE = "_SUCCESS"
-_STAGING_DIR = ".tmp"
 _PREFIX, _SUFFIX = "part-", ".parquet"
 _PNG_COLUMNS = ("mask_png", "class_mask_pngs", "confidence_png")
 
@@ -97,6 +102,91 @@ def claim_output(out: str, model: dict[str, Any]) -> None:
         raise ValueError(f"{out} already holds predictions from a different setup "
                          f"(existing vs requested: {changed}); write to a fresh --out, or delete "
                          f"{out} to start over")
+
+
+LEASE_FILE = "_LEASE"
+LEASE_TTL_S = 120.0   # a lease not renewed for this long belongs to a run that died
+
+
+class LeaseHeld(RuntimeError):
+    """Another run holds the output's lease."""
+
+
+@contextlib.contextmanager
+def lease(out: str, *, ttl_s: float = LEASE_TTL_S,
+          storage_options: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Hold ``out``'s lease for the duration: one writer per output.
+
+    The lease is ``<out>/_LEASE``, created with an exclusive create (a conditional PUT on S3), so
+    of two runs started together exactly one gets it; the other is refused with a message naming
+    the holder.  The holder renews it every ``ttl_s / 4`` seconds; a lease that was not renewed
+    for ``ttl_s`` (its run died), or whose process is gone from this host, is stale and taken over.
+    """
+    uri = join_uri(out, LEASE_FILE)
+    me = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
+          "started_at": _now(), "ttl_s": ttl_s}
+    for attempt in range(3):
+        if create_exclusive(uri, _lease_bytes(me), storage_options):
+            break
+        holder = _read_lease(uri, storage_options)
+        if holder is not None and not _stale(holder):
+            raise LeaseHeld(
+                f"{out} is being written by another run ({holder.get('host')} pid "
+                f"{holder.get('pid')}, run {holder.get('run')}, since {holder.get('started_at')}, "
+                f"renewed {holder.get('renewed_at', holder.get('started_at'))}); wait for it to "
+                f"finish, write to another --out, or if that run is gone delete {uri} (a lease "
+                f"not renewed for {holder.get('ttl_s', ttl_s):g} s expires by itself)")
+        delete(uri, storage_options)   # stale, or vanished between the two calls: try again
+    else:
+        raise LeaseHeld(f"{out}: could not take the lease {uri} after 3 tries; another run keeps "
+                        f"taking it")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl_s / 4):
+            with contextlib.suppress(Exception):   # a missed renewal is retried next round
+                write_bytes(uri, _lease_bytes({**me, "renewed_at": _now()}), storage_options)
+
+    keeper = threading.Thread(target=renew, name="rayseg-lease", daemon=True)
+    keeper.start()
+    try:
+        yield me
+    finally:
+        stop.set()
+        keeper.join()
+        if (_read_lease(uri, storage_options) or {}).get("run") == me["run"]:
+            delete(uri, storage_options)
+
+
+def _lease_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2) + "\n").encode()
+
+
+def _read_lease(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any] | None:
+    try:
+        return json.loads(read_bytes(uri, storage_options))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """Not renewed within its TTL, or its process is gone from this very host."""
+    renewed = dt.datetime.fromisoformat(holder.get("renewed_at") or holder["started_at"])
+    age = (dt.datetime.now(dt.timezone.utc) - renewed).total_seconds()
+    if age > float(holder.get("ttl_s", LEASE_TTL_S)):
+        return True
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
 def read_model_record(out: str) -> dict[str, Any]:
@@ -178,20 +268,9 @@ class CommitSink(Datasink):
 
 def commit_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``table`` as one Parquet file that appears at ``uri`` all at once."""
-    fs, path = filesystem_for(uri, storage_options)
     # PNG bytes are compressed already: zstd would only spend CPU on them.
     compression = {name: "none" if name in _PNG_COLUMNS else "zstd" for name in table.column_names}
-    if not is_local(uri):  # an S3 object becomes visible only when its upload completes
-        with fs.open_output_stream(path) as sink:
-            pq.write_table(table, sink, compression=compression)
-        return
-    directory, name = path.rsplit("/", 1)
-    base = directory[: -len(QUARANTINE_DIR) - 1] if directory.endswith(QUARANTINE_DIR) else directory
-    staging = f"{base}/{_STAGING_DIR}/{name}.{uuid.uuid4().hex}"
-    fs.create_dir(f"{base}/{_STAGING_DIR}", recursive=True)
-    fs.create_dir(directory, recursive=True)
-    pq.write_table(table, staging, filesystem=fs, compression=compression)
-    fs.move(staging, path)  # rename(2): atomic on one local filesystem
+    write_bytes(uri, parquet_bytes(table, compression), storage_options)
 
 
 def _parts(directory: str, storage_options: dict[str, Any] | None = None) -> list[str]:

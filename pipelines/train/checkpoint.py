@@ -14,11 +14,18 @@ Checkpoint ``state.pt`` (one per epoch, written by rank 0)::
 
 Everything after ``rng`` is a field of :class:`LoopState`; :func:`epoch_record` builds the
 ``history`` entries (``pipelines.train.train`` reads them, and ``best``, to write the artifact).
+
+Only plain data is saved (tensors, numbers, strings, lists, dicts; generator states converted),
+so checkpoints load with ``torch.load(weights_only=True)``: whoever can write the checkpoint
+prefix cannot make the workers run code.  A newest checkpoint that does not load (torn by a
+crash mid-upload, or corrupt) is skipped for the one before it, with a warning.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import io
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +34,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines import storage
 from pipelines.config import TrainConfig
 from seg_core.metrics import COUNT_NAMES, compute_metrics
 
 STATE_FILE = "state.pt"
+NON_FINITE = "non-finite loss"   # how LoopState.stopped starts when the loss blew up
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run could be loaded."""
 
 
 @dataclass
@@ -53,6 +67,12 @@ class LoopState:
             height, width = max(self.train_size[0], height), max(self.train_size[1], width)
         self.train_size = (height, width)
 
+    def stop_non_finite(self) -> None:
+        """The loss blew up: stop now, for good (a resume would replay the same data)."""
+        self.stopped = (f"{NON_FINITE} at step {self.step} (epoch {self.epoch + 1}): training "
+                        f"stopped without retry; the artifact gets the best epoch so far. Lower "
+                        f"optim.lr, set optim.clip_grad, or check the inputs and preprocessing")
+
     def track_best(self, record: dict[str, Any], model: nn.Module, rounds: int | None,
                    tolerance: float) -> None:
         """Early stopping: keep the best weights; stop after ``rounds`` epochs without a gain."""
@@ -71,14 +91,64 @@ def save_state(path: str, state: LoopState, model: nn.Module, optimizer: Any, sc
                rng: list[dict[str, Any]]) -> None:
     """Write ``state.pt``; ``model`` is the bare network (not DDP), ``rng`` one entry per rank."""
     progress = {f.name: getattr(state, f.name) for f in dataclasses.fields(LoopState)}
-    torch.save({"model": cpu_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng, **progress}, path)
+    torch.save(plain({"model": cpu_state(model), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "rng": rng, **progress}), path)
 
 
-def restore_state(path: str, model: nn.Module, optimizer: Any, scheduler: Any,
+def load_state(source: str | bytes) -> dict[str, Any]:
+    """A ``state.pt`` (a local path, or its bytes) as plain data; tensors and numbers only."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    with torch.serialization.safe_globals(_NUMPY_DATA):   # checkpoints written before 0.2
+        return torch.load(handle, map_location="cpu", weights_only=True)
+
+
+# numpy's array/scalar/dtype reconstructors rebuild data only; rayseg 0.1 checkpoints hold numpy
+# generator states and float64 metrics.  Nothing else outside plain data is allowed.
+_NUMPY_DATA = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray,
+               np.dtype] + [type(np.dtype(code)) for code in ("uint32", "float64", "float32",
+                                                                "int64", "bool")]
+
+
+def load_newest_good(directory: str | None, run_uri: str) -> dict[str, Any]:
+    """The checkpoint in ``directory`` (Ray's latest), else the newest older one that loads.
+
+    ``run_uri`` holds the run's ``checkpoint_epoch_*/state.pt`` (local or object storage).
+    Each one skipped is logged as a warning naming the file; raises :class:`CheckpointError`
+    when none loads.
+    """
+    tried: list[str] = []
+    if directory is not None:
+        try:
+            return load_state(f"{directory}/{STATE_FILE}")
+        except Exception as error:   # torn or corrupt: any unpickling/zip/IO failure
+            tried.append(f"{directory}/{STATE_FILE}: {type(error).__name__}: {error}")
+            logger.warning("checkpoint %s does not load (%s); trying the one before it",
+                           directory, error)
+    saved = sorted((uri for uri in storage.list_uri(run_uri, suffixes=(f"/{STATE_FILE}",))
+                    if "/checkpoint_" in uri), reverse=True)
+    for uri in saved:
+        if directory is not None and uri.rstrip("/").endswith(
+                f"{directory.rstrip('/').rsplit('/', 1)[-1]}/{STATE_FILE}"):
+            continue   # the one that just failed
+        try:
+            state = load_state(storage.read_bytes(uri))
+        except Exception as error:
+            tried.append(f"{uri}: {type(error).__name__}: {error}")
+            logger.warning("checkpoint %s does not load (%s); trying the one before it", uri,
+                           error)
+            continue
+        if tried:
+            logger.warning("resuming from %s: newer checkpoint(s) did not load", uri)
+        return state
+    raise CheckpointError(f"{run_uri}: no checkpoint loads ({'; '.join(tried) or 'none saved'}); "
+                          f"delete the run directory (or set storage.run_name to a new name) to "
+                          f"start over")
+
+
+def restore_state(saved: dict[str, Any], model: nn.Module, optimizer: Any, scheduler: Any,
                   rank: int) -> LoopState:
-    """Load ``state.pt`` into the model, optimizer, scheduler and this rank's generators."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    """Load a checkpoint (:func:`load_newest_good`) into the model, optimizer, scheduler and
+    this rank's generators."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -135,9 +205,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays turned into Python numbers/lists (and tuples into
+    lists), so it unpickles with ``weights_only=True``; tensors are left as they are."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def rng_state() -> dict[str, Any]:
     """This process's python, numpy, torch (and cuda) generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -146,8 +232,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -9,6 +9,7 @@ come back on the CPU.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,24 @@ def agreed_train_size(size: tuple[int, int] | None, device: torch.device,
     local = torch.tensor(size or (0, 0), dtype=torch.int64)
     height, width = (int(v) for v in _all_reduce(local, device, world, "MAX"))
     return (height, width) if height and width else None
+
+
+def any_worker(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every worker when ``flag`` is true on any of them (so they act together)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), device,
+                               world).item() > 0)
+
+
+def agreed_stop(cfg: "TrainConfig", step: int, started: float, world: int,
+                device: torch.device) -> str | None:
+    """Why training stops now, the same answer on every worker (None: go on).  Step limits are
+    deterministic; the wall clock is agreed on."""
+    if cfg.max_iterations is not None and step >= cfg.max_iterations:
+        return f"max_iterations={cfg.max_iterations} reached"
+    if cfg.max_runtime_secs is not None and any_worker(
+            time.monotonic() - started >= cfg.max_runtime_secs, device, world):
+        return f"max_runtime_secs={cfg.max_runtime_secs:g} reached"
+    return None
 
 
 def broadcast_buffers(model: nn.Module, device: torch.device, world: int) -> None:
@@ -88,6 +107,11 @@ def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
         return
     storage.write_bytes(marker, f"rank {rank} killed at step {step}\n".encode())
     os._exit(1)  # no cleanup, no exception: the actor process is gone
+
+
+def maybe_nan(cfg: "TrainConfig", step: int, loss: float) -> float:
+    """TESTS ONLY: the loss reads NaN at global step ``nan_at_step`` (a run that blew up)."""
+    return float("nan") if cfg.nan_at_step == step else loss
 
 
 def _all_reduce(tensor: torch.Tensor, device: torch.device, world: int,

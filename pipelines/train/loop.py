@@ -4,12 +4,13 @@ Everything that is training math (optimizer, schedule, step, loss, metrics, pred
 seg_core; this module adds only what Ray needs: the dataset shards, ``prepare_model`` (DDP and
 device), ``ray.train.report`` every epoch with a checkpoint written by rank zero, and restoring
 that checkpoint after a failure or on resume.  The checkpoint format and generator state are in
-:mod:`pipelines.train.checkpoint`; every collective (summed validation counts, agreed sizes and clocks)
-is in :mod:`pipelines.train.distributed`.
+:mod:`pipelines.train.checkpoint`; every collective (summed validation counts, agreed sizes,
+clocks and stops) is in :mod:`pipelines.train.distributed`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -21,23 +22,12 @@ import numpy as np
 import torch
 
 from pipelines.config import TrainConfig
-from pipelines.train.checkpoint import (
-    STATE_FILE,
-    LoopState,
-    epoch_record,
-    restore_state,
-    rng_state,
-    save_state,
-    seed_everything,
-)
-from pipelines.train.distributed import (
-    RankZeroLog,
-    agreed_train_size,
-    all_reduce_sum,
-    broadcast_buffers,
-    gather_objects,
-    maybe_fail,
-)
+from pipelines.train.checkpoint import (NON_FINITE, STATE_FILE, LoopState, epoch_record,
+                                        load_newest_good, restore_state, rng_state, save_state,
+                                        seed_everything)
+from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_size,
+                                         all_reduce_sum, any_worker, broadcast_buffers,
+                                         gather_objects, maybe_fail, maybe_nan)
 from seg_core.engine import build_optimizer, build_scheduler, train_step
 from seg_core.inference import Segmenter
 from seg_core.losses import build_loss
@@ -84,19 +74,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     parts = build_parts(cfg, plan)
     state = LoopState()
     if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as directory:
-            state = restore_state(os.path.join(directory, STATE_FILE), parts.unet,
-                                  parts.optimizer, parts.scheduler, rank)
+        with checkpoint.as_directory() as directory:   # a torn newest one: the one before
+            saved = load_newest_good(directory, cfg.run_uri)
+        state = restore_state(saved, parts.unet, parts.optimizer, parts.scheduler, rank)
         lr = current_lr(parts.optimizer)
         state.restarts.append({"epoch": state.epoch, "step": state.step, "lr": lr})
         say(f"resumed at epoch {state.epoch} step {state.step} lr {lr:.3g}")
-
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     started = time.monotonic()
     while state.epoch < cfg.epochs and state.stopped is None:
         totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
                              rank, world, started, say)
+        if (state.stopped or "").startswith(NON_FINITE):   # no validation of broken weights,
+            say(state.stopped)                              # no retry: the same data would
+            report(state, None, parts, rank, world)         # blow up again
+            break
         state.train_size = agreed_train_size(state.train_size, parts.device, world)
         counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
                           train_size=state.train_size)
@@ -158,12 +151,16 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
                           parts.optimizer, scheduler=parts.scheduler, amp_dtype=parts.amp_dtype,
                           clip_grad=cfg.optim.clip_grad)["loss"]
         state.step, steps = state.step + 1, steps + 1
+        loss = maybe_nan(cfg, state.step, loss)   # TESTS ONLY: a loss that blew up
+        if any_worker(not math.isfinite(loss), parts.device, world):
+            state.stop_non_finite()
+            break
         totals[0] += loss * len(images)
         totals[1] += len(images)
         if cfg.log_every_steps and state.step % cfg.log_every_steps == 0:
             say(f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step} loss {loss:.4f} "
                 f"lr {current_lr(parts.optimizer):.3g}")
-        state.stopped = _should_stop(cfg, state.step, started, world, parts.device)
+        state.stopped = agreed_stop(cfg, state.step, started, world, parts.device)
         if state.stopped or steps == plan.steps_per_epoch:
             break  # an epoch is exactly steps_per_epoch steps on every worker
     totals[2] = time.perf_counter() - t0
@@ -190,15 +187,19 @@ def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device,
     return {name: summed[i].numpy() for i, name in enumerate(COUNT_NAMES)}
 
 
-def report(state: LoopState, record: dict[str, Any], parts: Parts, rank: int,
+def report(state: LoopState, record: dict[str, Any] | None, parts: Parts, rank: int,
            world: int) -> None:
-    """``ray.train.report`` on every worker (a barrier); rank 0 attaches the checkpoint."""
+    """``ray.train.report`` on every worker (a barrier); rank 0 attaches the checkpoint.
+
+    ``record`` is None when the epoch was cut short by a non-finite loss (no validation)."""
     import ray.train
 
     rng = gather_objects(rng_state(), world)
-    metrics = {k: v for k, v in record.items() if k != "val"}
-    metrics.update({f"val_iou_{name}": value for name, value in
-                    zip(record["val"]["class_names"], record["val"]["per_class"]["iou"])})
+    metrics: dict[str, Any] = {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
+    if record is not None:
+        metrics = {k: v for k, v in record.items() if k != "val"}
+        metrics.update({f"val_iou_{name}": value for name, value in
+                        zip(record["val"]["class_names"], record["val"]["per_class"]["iou"])})
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
@@ -211,18 +212,6 @@ def report(state: LoopState, record: dict[str, Any], parts: Parts, rank: int,
     # that window would take it along.  Wait for the commit so a restart resumes from here.
     ray.train.get_all_reported_checkpoints(
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-
-
-def _should_stop(cfg: TrainConfig, step: int, started: float, world: int,
-                 device: torch.device) -> str | None:
-    """Same answer on every worker: step limits are deterministic, the clock is agreed on."""
-    if cfg.max_iterations is not None and step >= cfg.max_iterations:
-        return f"max_iterations={cfg.max_iterations} reached"
-    if cfg.max_runtime_secs is not None:
-        over = torch.tensor([float(time.monotonic() - started >= cfg.max_runtime_secs)])
-        if all_reduce_sum(over, device, world).item() > 0:
-            return f"max_runtime_secs={cfg.max_runtime_secs:g} reached"
-    return None
 
 
 def current_lr(optimizer: Any) -> float:

@@ -24,7 +24,8 @@ import yaml
 from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
 from pipelines.train.data import build_train_data
-from pipelines.train.loop import STATE_FILE, StepPlan, train_loop_per_worker
+from pipelines.train.checkpoint import NON_FINITE, load_newest_good
+from pipelines.train.loop import StepPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     data = build_train_data(cfg)
     cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
     plan = plan_steps(cfg, data.num_train)
-    run_uri = storage.join_uri(cfg.storage.storage_path, cfg.run_name)
+    run_uri = cfg.run_uri
     _save_run_config(cfg, run_uri)
     fs, path = storage.filesystem_for(cfg.storage.storage_path)
     progress = Queue(actor_options={"num_cpus": 0})
@@ -116,9 +117,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"{run_uri}: training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        import torch
-
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_newest_good(directory, run_uri)
     result = write_artifact(cfg, state, data.source_sha256, run_uri)
     total = max(data.labelled_pixels if cfg.mask.multilabel else sum(data.class_pixels), 1)
     return dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
@@ -215,7 +214,11 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
     from seg_core.model import UNet
 
     best = state.get("best")
-    if cfg.artifact_weights == "best" and best is not None:
+    broken = (state.get("stopped") or "").startswith(NON_FINITE)
+    if broken and best is None:
+        raise RuntimeError(f"{run_uri}: {state['stopped']}; it happened before the first epoch "
+                           f"ended, so there are no weights worth exporting")
+    if (cfg.artifact_weights == "best" or broken) and best is not None:
         weights, val, epoch = best["model"], best["val"], best["epoch"]
     else:
         weights, val, epoch = state["model"], state["history"][-1]["val"], state["epoch"]
@@ -226,7 +229,9 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
     summary = {"miou": val["miou"], "mdice": val["mdice"], "pixel_accuracy": val["pixel_accuracy"],
                "class_names": val["class_names"], "iou": val["per_class"]["iou"],
                "dice": val["per_class"]["dice"], "epoch": epoch}
-    report = {"val": val, "selected_epoch": epoch, "artifact_weights": cfg.artifact_weights,
+    chosen = f"best (epoch {epoch}: the last weights are not finite)" if broken \
+        else cfg.artifact_weights
+    report = {"val": val, "selected_epoch": epoch, "artifact_weights": chosen,
               "epochs_completed": state["epoch"], "steps": state["step"],
               "stopped": state["stopped"], "restarts": state["restarts"],
               "history": [{k: v for k, v in h.items() if k != "val"} | {"val_iou": h["val"]

@@ -145,6 +145,14 @@ def test_other_model_in_same_output_is_refused(s3_run):
         run_predict(replace(s3_run["cfg"], tta=False), log=lambda _: None)
 
 
+def test_a_second_run_on_the_same_output_is_refused(s3_run):
+    before = store.done_ids(s3_run["cfg"].out)
+    with store.lease(s3_run["cfg"].out) as holder:       # another run, still writing
+        with pytest.raises(store.LeaseHeld, match=f"run {holder['run']}"):
+            run_predict(s3_run["cfg"], log=lambda _: None)
+    assert store.done_ids(s3_run["cfg"].out).equals(before)   # nothing written, no _SUCCESS race
+
+
 def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, artifact_dir,
                                                   tmp_path, capsys):
     """An injected failure after 2 committed files, then the same command again."""

@@ -161,3 +161,27 @@ def test_fetch_artifact_uses_local_dirs_and_copies_remote_ones_once(tmp_path, s3
     storage.write_bytes(f"{remote}/artifact.json", b'{"name": "changed"}')
     assert storage.fetch_artifact(remote) == first            # once per process
     assert (first / "artifact.json").read_text() == '{"name": "m"}'
+
+
+class _Broken:
+    """Bytes-like enough to open the upload, then fails inside it (a dropped connection)."""
+
+    def __bytes__(self) -> bytes:
+        raise ConnectionError("connection reset while uploading")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_write_that_fails_midway_publishes_nothing(where, tmp_path, s3_prefix):
+    base = str(tmp_path) if where == "local" else f"{s3_prefix}/atomic"
+    uri = storage.join_uri(base, "part-1.parquet")
+    storage.write_bytes(uri, b"old complete object")
+    with pytest.raises((ConnectionError, TypeError)):
+        storage.write_bytes(uri, _Broken())
+    assert storage.read_bytes(uri) == b"old complete object"       # never a partial object
+    with pytest.raises((ConnectionError, TypeError)):
+        storage.write_bytes(storage.join_uri(base, "part-2.parquet"), _Broken())
+    assert not storage.exists(storage.join_uri(base, "part-2.parquet"))
+    listing = storage.list_uri(base)                                 # no staging left behind
+    assert [u.rsplit("/", 1)[-1] for u in listing] == ["part-1.parquet"]
+    storage.write_table(pa.table({"a": [1, 2]}), uri)
+    assert storage.read_table(uri).column("a").to_pylist() == [1, 2]

@@ -236,3 +236,72 @@ def test_three_fold_cross_validation_returns_folds_and_a_summary(ray_session, ti
     for fold in result.folds:  # each fold validated on its own 3 images of 32x32
         assert sum(np.add(fold.metrics["counts"]["tp"], fold.metrics["counts"]["fn"])) == 3 * 32 * 32
     assert "mean" in result.summary() and Path(result.summary_uri).is_file()
+
+
+# ------------------------------------------------------------------------ safe restarts
+
+
+def test_checkpoints_load_as_data_only(tmp_path):
+    import os
+
+    from pipelines.train.checkpoint import load_state, plain, rng_state, set_rng_state
+
+    class Payload:   # what a writer of the checkpoint prefix could plant
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    planted = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Payload()}, planted)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_state(str(planted))
+    assert not (tmp_path / "pwned").exists()
+    # a 0.1-era checkpoint (numpy generator state, numpy floats) still loads
+    old = tmp_path / "old.pt"
+    torch.save({"rng": [{"numpy": np.random.get_state()}], "val_miou": np.float64(0.5)}, old)
+    assert load_state(str(old))["val_miou"] == 0.5
+    # generator states survive the plain round trip exactly
+    state = plain(rng_state())
+    expected = (np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (np.random.rand(), torch.rand(1).item()) == expected
+
+
+@pytest.mark.slow
+def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(ray_session, tiny_dataset,
+                                                               tmp_path):
+    from ray.train import TrainingFailedError
+
+    from pipelines.train.train import train
+
+    # 9 train rows, batch 3 -> 3 steps per epoch; dies at step 7 (epoch 3), no restarts
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "fail_at_step=7",
+               "storage.max_failures=0")
+    with pytest.raises(TrainingFailedError):
+        train(cfg)
+    run = tmp_path / "ray_results" / cfg.run_name
+    newest = run / "checkpoint_epoch_0002" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])   # torn upload
+    result = train(cfg)
+    assert (result.restarts[0]["epoch"], result.restarts[0]["step"]) == (1, 3)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_without_retry_and_exports_the_best_epoch(
+        ray_session, tiny_dataset, tmp_path):
+    from pipelines.train.train import train
+
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "nan_at_step=5",
+               "storage.max_failures=2", "artifact_weights=last")
+    result = train(cfg)
+    assert result.stopped.startswith("non-finite loss at step 5 (epoch 2)")
+    assert result.restarts == [] and [h["epoch"] for h in result.history] == [1]
+    metrics = json.loads(storage.read_bytes(storage.join_uri(result.artifact_uri,
+                                                             "metrics.json")))
+    assert metrics["artifact_weights"].startswith("best (epoch 1")
+    assert all(torch.isfinite(v).all() for v in torch.load(
+        Path(result.artifact_uri) / "weights.pt", weights_only=True).values()
+        if v.is_floating_point())
+    early = _cfg(str(tiny_dataset), str(tmp_path / "early"), "epochs=2", "nan_at_step=1")
+    with pytest.raises(RuntimeError, match="before the first epoch ended"):
+        train(early)
