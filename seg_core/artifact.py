@@ -32,7 +32,11 @@ from seg_core.model import UNet
 # 2: preprocessing records ``train_size`` (the inputs training showed the network) and
 # ``tile_size`` may be null or [H, W].  Version-1 artifacts load with their inference window
 # inferred from ``resize`` (see Preprocessing.inference_window).
-FORMAT_VERSION = 2
+# 3: preprocessing records ``bit_depth`` (how 16-bit pixels are scaled), ``tiff_page`` and
+# ``max_inference_bytes``.  Older artifacts load with the defaults, which reproduce what they
+# did (scale by the dtype's range, page 0 of single-page TIFFs) under a 2 GiB budget; an older
+# rayseg refuses a version-3 artifact as newer instead of misreading it.
+FORMAT_VERSION = 3
 ARTIFACT_JSON = "artifact.json"
 WEIGHTS_FILE = "weights.pt"
 # Wrappers that prefix parameter names: DistributedDataParallel and torch.compile.

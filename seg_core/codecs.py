@@ -3,23 +3,30 @@
 Pure functions, no I/O: callers read the bytes (local file, S3, HTTP upload) and pass a ``source``
 name so that every :class:`~seg_core.errors.InputError` says which file is bad.
 
-- :func:`decode_image`: PNG, JPEG, BMP, GIF (first frame), TIFF (8/16-bit, first page) -> H x W x C
-  (C in 1, 3, 4; uint8 or uint16).  Palette images become RGB / RGBA.
+- :func:`decode_image`: PNG, JPEG, BMP, GIF (first frame), TIFF (8/16-bit, one page) -> H x W x C
+  (C in 1, 3, 4; uint8 or uint16), as displayed: an EXIF (or TIFF) orientation tag is applied,
+  so a phone photo stored sideways comes out upright, the way annotators saw it when they drew
+  its mask.  Palette images become RGB / RGBA.  A multi-page TIFF is refused (``multi_page``)
+  unless ``tiff_page`` says which page is the image.
 - :func:`decode_mask`: lossless masks only -> H x W int64 class ids (multi-class) or K x H x W
-  uint8 {0, 1} (multi-label).
+  uint8 {0, 1} (multi-label).  Masks are never re-oriented: they are drawn on the displayed
+  image and saved without an orientation tag (PNG), so they match :func:`decode_image`.
 - :func:`encode_png`: masks and previews back to PNG bytes.
 
-The pixel limit is checked from the header before the pixel data is decoded (decompression bombs).
-PIL's own guard (``Image.MAX_IMAGE_PIXELS``) is left as is and mapped to the same reason, so the
-effective limit is the smaller of the two.  ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False
-(PIL's default): truncation is detected when ``load()`` fails.
+Limits are checked from the header before any pixel is decoded (decompression bombs): H x W
+against ``max_pixels`` and, for TIFF, the pages, samples per pixel, bits and sample format, so a
+file of a few kB that declares 64 uint16 samples per pixel is refused without allocating them.  PIL's
+own guard (``Image.MAX_IMAGE_PIXELS``) is left as is and mapped to the same reason, so the
+effective limit is the smaller of the two.  A decoder that still runs out of memory is an
+:class:`InputError` (``too_large``), not a crash.  ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay
+False (PIL's default): truncation is detected when ``load()`` fails.
 """
 from __future__ import annotations
 
 import io
 import struct
 import zlib
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import tifffile
@@ -35,6 +42,8 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("png", "jpeg", "bmp", "gif", "tiff")
 LOSSY_FORMATS: tuple[str, ...] = ("jpeg", "webp")
 
 _MAX_MASK_CHANNELS = 64  # multi-page TIFF masks: pages x H x W is bounded by this x max_pixels
+_MAX_SAMPLE_BYTES = 4    # TIFF samples wider than 32 bits are refused from the header
+_ORIENTATION_TAG = 0x0112  # EXIF / TIFF Orientation, 1 (as stored) .. 8
 
 # Decoders raise many types on hostile bytes (PIL plugins, zlib, struct, tifffile); all of them
 # mean "these bytes do not decode", which must surface as InputError, never as a crash.
@@ -64,15 +73,21 @@ def sniff_format(data: bytes) -> Format | None:
     return None
 
 
-def decode_image(data: bytes, *, source: str = "<bytes>",
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, *, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 tiff_page: int | None = None) -> np.ndarray:
     """Decode image bytes to an H x W x C array (C in 1, 3, 4; dtype uint8 or uint16).
 
     Grey stays 1 channel, grey+alpha becomes RGBA, palette becomes RGB (RGBA with transparency).
-    Raises InputError (empty_file, not_an_image, unsupported_format, too_many_pixels, truncated,
-    corrupt, bad_channels) naming ``source``.
+    The EXIF / TIFF orientation is applied (the array is the image as displayed).
+    ``tiff_page`` (``Preprocessing.tiff_page``) picks the page of a multi-page TIFF; without it
+    such a file is refused.  Raises InputError (empty_file, not_an_image, unsupported_format,
+    too_many_pixels, truncated, corrupt, bad_channels, multi_page, too_large) naming ``source``.
     """
-    arr = _decode(data, source=source, max_pixels=max_pixels, palette_indices=False)
+    try:
+        arr = _decode(data, source=source, max_pixels=max_pixels, palette_indices=False,
+                      tiff_page=tiff_page, is_image=True)
+    except MemoryError as error:
+        raise _out_of_memory(data, source) from error
     channels = arr.shape[2]
     if channels == 2:  # grey + alpha
         arr = np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2)
@@ -123,6 +138,14 @@ def decode_mask(data: bytes | Sequence[bytes], spec: MaskSpec, *, source: str = 
     files = [data] if isinstance(data, bytes) else list(data)
     for blob in files:
         _refuse_lossy(bytes(blob).removeprefix(IGNORE_PART), source)
+    try:
+        return _decode_mask_files(files, spec, source=source, max_pixels=max_pixels)
+    except MemoryError as error:
+        raise _out_of_memory(b"".join(bytes(f) for f in files), source) from error
+
+
+def _decode_mask_files(files: list, spec: MaskSpec, *, source: str,
+                       max_pixels: int) -> np.ndarray:
     if spec.multilabel:
         return _decode_multilabel(files, spec, source=source, max_pixels=max_pixels)
     if len(files) != 1:
@@ -163,8 +186,10 @@ def encode_png(arr: np.ndarray) -> bytes:
 
 
 # --------------------------------------------------------------------------- decoding internals
-def _decode(data: bytes, *, source: str, max_pixels: int, palette_indices: bool) -> np.ndarray:
-    """Raw H x W x C array (any C); palette images keep indices when ``palette_indices``."""
+def _decode(data: bytes, *, source: str, max_pixels: int, palette_indices: bool,
+            tiff_page: int | None = None, is_image: bool = False) -> np.ndarray:
+    """Raw H x W x C array (C in 1..4); palette images keep indices when ``palette_indices``.
+    An image (``is_image``, never a mask) gets its orientation tag applied."""
     if not data:
         raise InputError("empty_file", "the file has 0 bytes", source=source,
                          hint="check that the upload or copy finished")
@@ -177,15 +202,17 @@ def _decode(data: bytes, *, source: str, max_pixels: int, palette_indices: bool)
                          hint=f"convert to one of {', '.join(SUPPORTED_FORMATS)}")
     if fmt == "tiff":
         return _decode_tiff(data, source=source, max_pixels=max_pixels, all_pages=False,
-                            palette_indices=palette_indices)
+                            palette_indices=palette_indices, tiff_page=tiff_page,
+                            is_image=is_image)
     return _decode_pil(data, fmt, source=source, max_pixels=max_pixels,
-                       palette_indices=palette_indices)
+                       palette_indices=palette_indices, is_image=is_image)
 
 
-def _decode_pil(data: bytes, fmt: str, *, source: str, max_pixels: int,
-                palette_indices: bool) -> np.ndarray:
+def _decode_pil(data: bytes, fmt: str, *, source: str, max_pixels: int, palette_indices: bool,
+                frame: int = 0, is_image: bool = False) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data), formats=[fmt.upper()])
+        image.seek(frame)  # GIF / multi-frame: the first frame; TIFF: the page chosen
     except Image.DecompressionBombError as error:
         raise _too_many(str(error), source) from error
     except (UnidentifiedImageError, *_DECODE_ERRORS) as error:
@@ -194,11 +221,37 @@ def _decode_pil(data: bytes, fmt: str, *, source: str, max_pixels: int,
     if width * height > max_pixels:
         raise _too_many(f"{width}x{height} = {width * height} pixels > limit {max_pixels}", source)
     try:
-        image.seek(0)  # GIF / multi-frame: first frame only
         image.load()
-        return _pil_to_array(image, palette_indices, source)
+        arr = _pil_to_array(image, palette_indices, source)
     except _DECODE_ERRORS as error:
         raise _undecodable(data, fmt, error, source) from error
+    # After load(): PNG's getexif() loads the image itself, and must not swallow its errors.
+    return _orient(arr, _exif_orientation(image)) if is_image else arr
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image; 1 when absent, unreadable or invalid."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except _DECODE_ERRORS:  # a damaged EXIF block does not make the pixels unreadable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """H x W x C as stored -> as displayed for EXIF ``orientation`` (the transforms of
+    ``PIL.ImageOps.exif_transpose``); a view, made contiguous by the caller."""
+    if orientation in (2, 3):
+        arr = arr[:, ::-1]                       # mirror; with 3, rotate 180
+    if orientation in (3, 4):
+        arr = arr[::-1]
+    if orientation in (5, 6, 7, 8):
+        arr = arr.swapaxes(0, 1)                 # transpose, then:
+        if orientation in (6, 7):
+            arr = arr[:, ::-1]                   # 6: 90 clockwise; 7: transverse
+        if orientation in (7, 8):
+            arr = arr[::-1]                      # 8: 90 counter-clockwise
+    return arr
 
 
 def _pil_to_array(image: Image.Image, palette_indices: bool, source: str) -> np.ndarray:
@@ -232,24 +285,33 @@ def _pil_to_array(image: Image.Image, palette_indices: bool, source: str) -> np.
 
 
 def _decode_tiff(data: bytes, *, source: str, max_pixels: int, all_pages: bool,
-                 palette_indices: bool = True) -> np.ndarray:
-    """First page (or, with ``all_pages``, the first series as channels) -> H x W x C."""
+                 palette_indices: bool = True, tiff_page: int | None = None,
+                 is_image: bool = False) -> np.ndarray:
+    """One page (or, with ``all_pages``, the first series as channels) -> H x W x C.
+
+    Everything that sizes the decoded array (pages, H x W, samples per pixel, bits, sample
+    format) is checked from the header first; only then are pixels decoded.
+    """
+    index = 0
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages[0]
-            height, width = int(page.imagelength), int(page.imagewidth)
-            if height * width > max_pixels:
-                raise _too_many(f"{width}x{height} = {height * width} pixels > limit {max_pixels}",
-                                source)
-            series = tif.series[0] if all_pages else None
-            if series is not None and series.size > _MAX_MASK_CHANNELS * max_pixels:
-                raise _too_many(f"TIFF series {series.shape} holds {series.size} values > "
-                                f"{_MAX_MASK_CHANNELS} x limit {max_pixels}", source)
-            arr = series.asarray() if series is not None else page.asarray()
-            axes = series.axes if series is not None else page.axes
+            if all_pages:
+                series = tif.series[0]
+                page = series.keyframe
+                _check_tiff_page(page, source, max_pixels, max_samples=_MAX_MASK_CHANNELS)
+                if series.size > _MAX_MASK_CHANNELS * max_pixels:
+                    raise _too_many(f"TIFF series {series.shape} holds {series.size} values > "
+                                    f"{_MAX_MASK_CHANNELS} x limit {max_pixels}", source)
+                arr, axes = series.asarray(), series.axes
+            else:
+                index = _tiff_page_index(tif, tiff_page, source, is_image)
+                page = tif.pages[index]
+                _check_tiff_page(page, source, max_pixels, max_samples=4)
+                arr, axes = page.asarray(), page.axes
             if page.photometric == tifffile.PHOTOMETRIC.PALETTE and not palette_indices:
                 colormap = np.asarray(page.colormap)  # 3 x 2**bits, 16-bit entries
                 arr, axes = (colormap[:, arr] >> 8).astype(np.uint8), "SYX"  # 3 x H x W
+            orientation = int(page.tags.valueof(_ORIENTATION_TAG, 1) or 1) if is_image else 1
     except InputError:
         raise
     except _DECODE_ERRORS as error:
@@ -261,7 +323,7 @@ def _decode_tiff(data: bytes, *, source: str, max_pixels: int, all_pages: bool,
                                                  "imagecodecs") from error
         # LZW/PackBits/JPEG TIFFs need imagecodecs in tifffile; PIL decodes them natively.
         return _decode_pil(data, "tiff", source=source, max_pixels=max_pixels,
-                           palette_indices=palette_indices)
+                           palette_indices=palette_indices, frame=index, is_image=is_image)
     while arr.ndim > 3 and arr.shape[0] == 1:  # leading singleton axes (time, depth, ...)
         arr, axes = arr[0], axes[1:]
     if arr.ndim == 3 and not axes.endswith("S"):
@@ -271,7 +333,55 @@ def _decode_tiff(data: bytes, *, source: str, max_pixels: int, all_pages: bool,
     if arr.ndim != 3:
         raise InputError("bad_channels", f"TIFF data has shape {arr.shape} (axes {axes})",
                          source=source, hint="save a single 2-D image (H x W or H x W x C)")
-    return _to_uint(arr, source)
+    return _to_uint(_orient(arr, orientation if 1 <= orientation <= 8 else 1), source)
+
+
+def _tiff_page_index(tif: tifffile.TiffFile, tiff_page: int | None, source: str,
+                     is_image: bool) -> int:
+    """The page to decode: 0 for a single page, else ``tiff_page``; a multi-page file without
+    it (or with too few pages) is refused, listing its pages."""
+    count = len(tif.pages)
+    if count == 1:
+        return 0
+    if tiff_page is not None and tiff_page < count:
+        return tiff_page
+    shown = "; ".join(f"page {i}: {'x'.join(map(str, tif.pages[i].shape))} "
+                      f"{tif.pages[i].dtype}" for i in range(min(count, 4)))
+    more = f"; and {count - 4} more" if count > 4 else ""
+    if tiff_page is not None:
+        detail = f"tiff_page={tiff_page} but the TIFF has {count} pages ({shown}{more})"
+    else:
+        detail = f"TIFF has {count} pages ({shown}{more}) and none was chosen"
+    hint = ("set preprocessing.tiff_page to the 0-based page that is the image (page 0 is "
+            "sometimes a thumbnail), or save one page per file") if is_image else \
+        ("save the mask as one page; multi-page TIFF masks are read as one class per page "
+         "only for multi-label tasks")
+    raise InputError("multi_page", detail, source=source, hint=hint)
+
+
+def _check_tiff_page(page: Any, source: str, max_pixels: int, *, max_samples: int) -> None:
+    """Refuse, from the header alone, a page whose decoded array would be too large or of a
+    type this module does not return: H x W over ``max_pixels``, a volume, more than
+    ``max_samples`` samples per pixel, floating-point or wider-than-32-bit samples."""
+    height, width = int(page.imagelength), int(page.imagewidth)
+    if height * width > max_pixels:
+        raise _too_many(f"{width}x{height} = {height * width} pixels > limit {max_pixels}", source)
+    samples, depth = int(page.samplesperpixel), int(getattr(page, "imagedepth", 1) or 1)
+    if depth > 1:
+        raise InputError("bad_channels", f"TIFF page is a volume of depth {depth}",
+                         source=source, hint="save one 2-D image per file")
+    if samples > max_samples:
+        raise InputError("bad_channels", f"TIFF declares {samples} samples per pixel "
+                         f"({page.bitspersample}-bit), expected at most {max_samples}",
+                         source=source, hint="save the image as grey, RGB or RGBA" if
+                         max_samples == 4 else "save one binary page per class")
+    dtype = page.dtype
+    if dtype is None or dtype.kind not in "uib" or dtype.itemsize > _MAX_SAMPLE_BYTES:
+        kind = "unknown" if dtype is None else {"f": "float", "c": "complex"}.get(dtype.kind,
+                                                                                  str(dtype))
+        raise InputError("unsupported_format", f"TIFF samples are {page.bitspersample}-bit "
+                         f"{kind} (sample format {int(page.sampleformat)})", source=source,
+                         hint="save as 8- or 16-bit unsigned integers")
 
 
 def _to_uint(arr: np.ndarray, source: str) -> np.ndarray:
@@ -302,14 +412,22 @@ def _too_many(detail: str, source: str) -> InputError:
                       hint="downscale or tile the image, or raise max_pixels if it is trusted")
 
 
+def _out_of_memory(data: bytes, source: str) -> InputError:
+    return InputError("too_large", f"ran out of memory decoding {len(data)} bytes of "
+                      f"{sniff_format(data) or 'data'}", source=source,
+                      hint="give the worker more memory, or lower max_pixels so that such "
+                           "files are refused from their header")
+
+
 def _describe(data: bytes) -> str:
-    head = data[:24]
+    """What unknown bytes look like, never quoting them: a file named as an image may hold
+    secrets (``/proc/self/environ``, a credentials file), and messages end up in logs."""
     try:
-        text = head.decode("utf-8")
+        text = data[:256].decode("utf-8")
     except UnicodeDecodeError:
-        return f"starts with 0x{head[:8].hex()}"
-    return f"looks like text: {text!r}" if text.isprintable() or "\n" in text else \
-        f"starts with 0x{head[:8].hex()}"
+        return f"{len(data)} bytes of binary data"
+    return f"{len(data)} bytes that look like text" if text.isprintable() or "\n" in text else \
+        f"{len(data)} bytes of binary data"
 
 
 # ------------------------------------------------------------------------------ mask internals

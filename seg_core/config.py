@@ -196,15 +196,17 @@ class MaskSpec:
 
 
 DEFAULT_TILE = 256  # inference window when nothing says what training saw (old artifacts)
+DEFAULT_MAX_INFERENCE_BYTES = 2 * 2**30  # the memory one prediction may allocate
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     """Deterministic image -> tensor steps, stored in the artifact so that train, batch and serve agree.
 
-    Images are scaled to [0, 1] by their dtype's range, converted to ``channels`` (1 = grey,
-    3 = RGB; alpha is dropped), optionally resized to ``resize`` (H, W), then normalised.
-    Inference on a resized model resizes probabilities back to the input size.
+    Images are scaled to [0, 1] by their dtype's range (or by ``bit_depth``), converted to
+    ``channels`` (1 = grey, 3 = RGB; alpha is dropped), optionally resized to ``resize``
+    (H, W), then normalised.  Inference on a resized model resizes probabilities back to the
+    input size.
 
     Inference geometry follows training geometry (:meth:`inference_window`): ``train_size`` is
     the largest H x W the network saw in one training forward (the resize, the random crop, or
@@ -212,6 +214,22 @@ class Preprocessing:
     forward on themselves; larger ones are cut into windows of that size.  ``tile_size`` (int or
     ``(H, W)``) is an optional smaller window for large images; it is never allowed to exceed
     ``train_size``, because a window the network never saw in training changes its answer.
+
+    Unusual and hostile inputs:
+
+    - ``max_pixels``: a decoded H x W above it is refused from the file header.
+    - ``max_inference_bytes``: the memory one prediction may allocate (input, stitched
+      probabilities, post-processing and the forward's windows), estimated from the image's
+      H x W, the classes, TTA and the batch before any forward
+      (``seg_core.inference.Segmenter.memory_estimate``); above it the image is refused with
+      reason ``too_large``.  The default, 2 GiB, fits a small machine (a base-width-16 U-Net
+      then takes up to about 70 Mpx at 2 classes, 17 Mpx at 20).
+    - ``bit_depth``: the significant bits of 16-bit pixels (12 for a 12-bit sensor stored in
+      uint16): they are scaled by ``2**bit_depth - 1`` instead of 65535, and larger values
+      are clipped to 1.  None (the default, and every artifact written before it existed)
+      scales by the dtype's range.  8-bit pixels are always scaled by 255.
+    - ``tiff_page``: the 0-based page of a multi-page TIFF image to use.  None refuses
+      multi-page TIFF images (page 0 is sometimes a thumbnail); single-page files ignore it.
     """
 
     channels: int = 3
@@ -222,6 +240,9 @@ class Preprocessing:
     tile_overlap: float = 0.25
     max_pixels: int = 64_000_000
     train_size: tuple[int, int] | None = None
+    max_inference_bytes: int = DEFAULT_MAX_INFERENCE_BYTES
+    bit_depth: int | None = None
+    tiff_page: int | None = None
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -231,6 +252,18 @@ class Preprocessing:
                 f"Preprocessing: mean/std need {self.channels} entries, got "
                 f"{len(self.mean)} and {len(self.std)}"
             )
+        if not all(s > 0 for s in self.std):  # NaN fails too
+            raise ValueError(f"Preprocessing: std must be > 0 in every channel (pixels are "
+                             f"divided by it), got {tuple(self.std)}")
+        if self.max_pixels < 1 or self.max_inference_bytes < 1:
+            raise ValueError(f"Preprocessing: max_pixels and max_inference_bytes must be >= 1, "
+                             f"got {self.max_pixels} and {self.max_inference_bytes}")
+        if self.bit_depth is not None and not 1 <= self.bit_depth <= 16:
+            raise ValueError(f"Preprocessing: bit_depth must be None or in 1..16 (the "
+                             f"significant bits of 16-bit pixels), got {self.bit_depth}")
+        if self.tiff_page is not None and self.tiff_page < 0:
+            raise ValueError(f"Preprocessing: tiff_page must be None or >= 0 (0 = the first "
+                             f"page), got {self.tiff_page}")
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"Preprocessing: tile_overlap must be in [0, 1), got {self.tile_overlap}")
         for name in ("resize", "tile_size", "train_size"):

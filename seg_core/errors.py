@@ -14,12 +14,18 @@ Reason = Literal[
     "not_an_image",    # text, zip, ... : no image signature at all
     "unsupported_format",
     "too_many_pixels", # decompression-bomb guard
+    "too_large",       # segmenting it needs more memory (or work) than the budget allows
+    "multi_page",      # a multi-page TIFF without a page chosen (Preprocessing.tiff_page)
     "lossy_mask",      # JPEG (or other lossy) mask
     "missing_mask",    # manifest names a mask that does not exist / no mask paired
     "missing_image",
     "size_mismatch",   # image and mask H x W differ
     "unknown_label",   # mask value outside the declared classes / palette
     "bad_channels",    # multi-label mask with the wrong number of channels
+    "path_refused",    # a manifest path the ingest policy refuses (outside its root, /proc, ...)
+    "not_a_file",      # a directory, device, pipe or socket where a file was named
+    "unreadable",      # the file exists but cannot be read (permissions, I/O error)
+    "source_mismatch", # a prediction made from another image than the one scored against it
 ]
 
 HTTP_STATUS: dict[str, int] = {
@@ -29,12 +35,18 @@ HTTP_STATUS: dict[str, int] = {
     "not_an_image": 415,
     "unsupported_format": 415,
     "too_many_pixels": 413,
+    "too_large": 413,
+    "multi_page": 422,
     "lossy_mask": 422,
     "missing_mask": 422,
     "missing_image": 422,
     "size_mismatch": 422,
     "unknown_label": 422,
     "bad_channels": 422,
+    "path_refused": 422,
+    "not_a_file": 422,
+    "unreadable": 422,
+    "source_mismatch": 422,
 }
 
 

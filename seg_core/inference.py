@@ -13,6 +13,13 @@ validation are the numbers a client gets from the endpoint for the same bytes.
 
 Tiles are blended in probability space (a convex combination keeps them valid probabilities),
 and so are the flip test-time augmentations.
+
+Before any forward, :meth:`Segmenter.memory_estimate` adds up what a prediction allocates (the
+normalised input, the float32 stitched probabilities, the stitch band, the forward's windows,
+post-processing) and an image over ``preprocessing.max_inference_bytes`` is refused with reason
+``too_large``, as is an image whose padded windows would cost the network more work than a
+``max_pixels`` square (a 1 x N strip is padded to 16 x N at depth 4).  An allocation that fails
+anyway (another process took the memory) is the same :class:`InputError`, never a crash.
 """
 from __future__ import annotations
 
@@ -30,12 +37,16 @@ from seg_core.artifact import Artifact
 from seg_core.codecs import encode_png
 from seg_core.config import MaskSpec, Preprocessing
 from seg_core.errors import InputError
-from seg_core.tiling import sliding_window_many
+from seg_core.model import UNet, channel_plan
+from seg_core.tiling import forward_pixels, padded_side, sliding_window_many, window_grid
 
 # ITU-R BT.601 luma, the same weights PIL uses for RGB -> L.
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 # Flip dims of a C x H x W tensor used for test-time augmentation (each is its own inverse).
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,))
+# What a prediction allocates beyond its counted buffers: allocator slack, kernel workspaces, the
+# window list.  Measured at 12-25 MiB on this CPU build (tests/seg_core/test_hostile_inputs.py).
+_OVERHEAD_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -51,42 +62,55 @@ class Prediction:
 def prepare_image(image: np.ndarray, pre: Preprocessing) -> torch.Tensor:
     """H x W x C (or H x W) uint8/uint16/bool/float array -> normalised float32 C x H' x W'.
 
-    Steps: scale by the dtype's range (floats are taken as already in [0, 1]); drop alpha;
-    grey <-> RGB to ``pre.channels``; bilinear resize (antialiased when shrinking, as
-    ``transforms.Resize``) to ``pre.resize`` if set;
-    ``(x - mean) / std``.
+    Steps: scale to [0, 1] by the dtype's range (uint16 by ``2**pre.bit_depth - 1`` when set,
+    clipped; floats are taken as already in [0, 1]); drop alpha; grey <-> RGB to
+    ``pre.channels``; bilinear resize (antialiased when shrinking, as ``transforms.Resize``) to
+    ``pre.resize`` if set; ``(x - mean) / std``.  Colour planes are converted one at a time and
+    normalised in place, so the peak is the result plus one float plane.
     """
+    arr = _pixels(image)
+    colour = 1 if arr.shape[2] <= 2 else 3  # alpha (channel 2 of 2, 4 of 4) is dropped
+    x = torch.empty(colour, *arr.shape[:2], dtype=torch.float32)  # C x H x W
+    for c in range(colour):
+        x[c] = torch.from_numpy(_to_unit_float(arr[..., c], pre.bit_depth))
+    if pre.channels == 1 and colour == 3:
+        x = (x * _LUMA).sum(dim=0, keepdim=True)
+    elif pre.channels == 3 and colour == 1:
+        x = x.expand(3, -1, -1)
+    if pre.resize is not None and tuple(x.shape[-2:]) != tuple(pre.resize):
+        shrinking = pre.resize[0] < x.shape[1] or pre.resize[1] < x.shape[2]  # as transforms.Resize
+        x = F.interpolate(x[None], size=tuple(pre.resize), mode="bilinear", align_corners=False,
+                          antialias=shrinking)[0]
+    x = x.contiguous()  # an expanded grey plane becomes three
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _pixels(image: np.ndarray) -> np.ndarray:
+    """``image`` as an H x W x C array with C in 1..4 (a view), or InputError."""
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
         raise InputError("bad_channels", f"expected an H x W x C image with C in 1..4, got "
                          f"shape {arr.shape}", hint="pass grey, grey+alpha, RGB or RGBA pixels")
-    x = torch.from_numpy(_to_unit_float(arr)).permute(2, 0, 1)  # C x H x W
-    if x.shape[0] in (2, 4):  # drop alpha
-        x = x[:-1]
-    if pre.channels == 1 and x.shape[0] == 3:
-        x = (x * _LUMA).sum(dim=0, keepdim=True)
-    elif pre.channels == 3 and x.shape[0] == 1:
-        x = x.expand(3, -1, -1)
-    if pre.resize is not None and tuple(x.shape[-2:]) != tuple(pre.resize):
-        shrinking = pre.resize[0] < x.shape[1] or pre.resize[1] < x.shape[2]  # as transforms.Resize
-        x = F.interpolate(x[None], size=tuple(pre.resize), mode="bilinear", align_corners=False,
-                          antialias=shrinking)[0]
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return arr
 
 
-def _to_unit_float(arr: np.ndarray) -> np.ndarray:
-    """Pixels scaled to [0, 1] float32 by their dtype's range."""
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
-    if arr.dtype == np.bool_ or arr.dtype.kind == "f":
-        return arr.astype(np.float32)
-    raise InputError("unsupported_format", f"pixel type {arr.dtype} is not supported",
+def _to_unit_float(plane: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
+    """One H x W plane scaled to [0, 1] float32 by its dtype's range (uint16: by ``bit_depth``)."""
+    if plane.dtype == np.uint8:
+        unit = plane.astype(np.float32)
+        unit /= np.float32(255.0)
+        return unit
+    if plane.dtype == np.uint16:
+        unit = plane.astype(np.float32)
+        unit /= np.float32(65535.0 if bit_depth is None else 2**bit_depth - 1)
+        return unit if bit_depth is None else np.minimum(unit, np.float32(1.0), out=unit)
+    if plane.dtype == np.bool_ or plane.dtype.kind == "f":
+        return plane.astype(np.float32)
+    raise InputError("unsupported_format", f"pixel type {plane.dtype} is not supported",
                      hint="pass uint8, uint16 or float images in [0, 1]")
 
 
@@ -147,31 +171,32 @@ class Segmenter:
         the forward's batch composition differs, which moves probabilities by float rounding
         at most.  (On the CPUs measured here, 4 tiles of 256^2 per forward ran 1.27x faster per
         image than 16: larger batches only pay on GPUs.)
+
+        Every image is checked against the budget first (:meth:`check_budget`), and images are
+        worked on in consecutive groups whose estimates together fit
+        ``preprocessing.max_inference_bytes``.  Raises :class:`InputError` (``too_large``) for
+        an image over the budget, or when an allocation fails anyway.
         """
-        if not images:
-            return []
-        sizes = [np.asarray(image).shape[:2] for image in images]
-        inputs = [prepare_image(image, self.preprocessing) for image in images]  # C x h x w
-        flips = _TTA_FLIPS if self.tta else ((),)
-        summed: list[torch.Tensor] = []
-        for dims in flips:  # average in probability space, each flip undone before adding
-            outputs = self._tiled_probs([x.flip(dims) if dims else x for x in inputs])
-            outputs = [out.flip(dims) if dims else out for out in outputs]
-            summed = outputs if not summed else [a + b for a, b in zip(summed, outputs)]
-        predictions = []
-        for probs, (height, width) in zip(summed, sizes):
-            probs = probs / len(flips)  # K x h x w
-            if tuple(probs.shape[-2:]) != (height, width):
-                probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
-                                      align_corners=False)[0]
-            predictions.append(_finish(probs.float().clamp_(0.0, 1.0), self.mask_spec.multilabel))
+        arrays = [_pixels(image) for image in images]  # H x W x C
+        needs = [self.check_budget(array.shape) for array in arrays]
+        predictions: list[Prediction] = []
+        for group in _groups(needs, self.preprocessing.max_inference_bytes):
+            try:
+                predictions.extend(self._predict_group([arrays[i] for i in group]))
+            except (MemoryError, RuntimeError) as error:
+                if not _allocation_failed(error):
+                    raise
+                raise self._out_of_memory([arrays[i].shape for i in group],
+                                          sum(needs[i] for i in group)) from error
         return predictions
 
     def predict_each(self, images: Sequence[np.ndarray],
                      catch: tuple[type[BaseException], ...] = (InputError,)
                      ) -> list[Prediction | BaseException]:
         """:meth:`predict_batch`, except that an image raising one of ``catch`` gets that
-        exception in its slot while the others are still predicted (then one at a time)."""
+        exception in its slot while the others are still predicted (then one at a time).
+        An image over the memory budget, or whose allocation fails, gets an :class:`InputError`
+        (``too_large``) like any other bad image."""
         try:
             return list(self.predict_batch(images))
         except catch:
@@ -183,6 +208,75 @@ class Segmenter:
             except catch as error:
                 results.append(error)
         return results
+
+    def memory_estimate(self, shape: Sequence[int]) -> int:
+        """Bytes that predicting one image of ``shape`` (H x W or H x W x C) allocates at its
+        peak: see :func:`inference_bytes`."""
+        return inference_bytes(shape, self.preprocessing, num_classes=self.mask_spec.num_classes,
+                               multilabel=self.mask_spec.multilabel, tta=self.tta,
+                               batch_size=self.batch_size,
+                               activation_bytes=activation_bytes(self.model),
+                               size_multiple=_size_multiple(self.model))
+
+    def check_budget(self, shape: Sequence[int]) -> int:
+        """The :meth:`memory_estimate` of an image of ``shape``, or :class:`InputError`
+        (``too_large``) when it exceeds ``preprocessing.max_inference_bytes``, or when its
+        padded windows cost the network more work than a ``max_pixels`` square image would.
+        Nothing is allocated: this is arithmetic on the shape."""
+        pre = self.preprocessing
+        height, width = int(shape[0]), int(shape[1])
+        need, limit = self.memory_estimate(shape), pre.max_inference_bytes
+        classes = f"{self.mask_spec.num_classes} classes" + (", TTA" if self.tta else "")
+        if need > limit:
+            raise InputError("too_large", f"a {height}x{width} image needs about {_mib(need)} "
+                             f"to segment ({classes}), over max_inference_bytes {_mib(limit)}",
+                             hint="downscale or crop the image (memory grows with H x W x "
+                                  "classes), or raise preprocessing.max_inference_bytes where "
+                                  "the machine has the memory")
+        window, multiple = pre.inference_window(), _size_multiple(self.model)
+        work_h, work_w = pre.resize or (height, width)
+        work = forward_pixels(work_h, work_w, window, pre.tile_overlap, multiple)
+        side = math.isqrt(pre.max_pixels)
+        allowed = forward_pixels(side, side, window, pre.tile_overlap, multiple)
+        if work > allowed:
+            raise InputError("too_large", f"a {height}x{width} image makes the network process "
+                             f"{work:,} padded pixels (windows padded to multiples of "
+                             f"{multiple}), more than a {side}x{side} image (max_pixels) would "
+                             f"({allowed:,})", hint="crop or resample very thin images: a side "
+                                                    f"below {multiple} pixels is padded up to it")
+        return need
+
+    def _predict_group(self, arrays: list[np.ndarray]) -> list[Prediction]:
+        """:meth:`predict_batch` on images already checked against the budget."""
+        sizes = [array.shape[:2] for array in arrays]
+        inputs = [prepare_image(array, self.preprocessing) for array in arrays]  # C x h x w
+        flips = _TTA_FLIPS if self.tta else ((),)
+        summed: list[torch.Tensor | None] = []
+        for dims in flips:  # average in probability space, each flip undone before adding
+            outputs = self._tiled_probs([x.flip(dims) if dims else x for x in inputs])
+            outputs = [out.flip(dims) if dims else out for out in outputs]
+            summed = outputs if not summed else [a.add_(b) for a, b in zip(summed, outputs)]
+            del outputs
+        del inputs
+        predictions = []
+        for index, (height, width) in enumerate(sizes):
+            probs, summed[index] = summed[index], None  # K x h x w; freed once finished
+            if len(flips) > 1:
+                probs.div_(len(flips))
+            if tuple(probs.shape[-2:]) != (height, width):
+                probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
+                                      align_corners=False)[0]
+            predictions.append(_finish(probs.clamp_(0.0, 1.0), self.mask_spec.multilabel))
+        return predictions
+
+    def _out_of_memory(self, shapes: list[tuple[int, ...]], need: int) -> InputError:
+        sizes = ", ".join(f"{shape[0]}x{shape[1]}" for shape in shapes)
+        return InputError("too_large", f"ran out of memory segmenting {sizes} (estimated "
+                          f"{_mib(need)}, within max_inference_bytes "
+                          f"{_mib(self.preprocessing.max_inference_bytes)})",
+                          hint="other work holds the memory: retry, give the worker more "
+                               "memory, or lower preprocessing.max_inference_bytes so that "
+                               "such images are refused before they start")
 
     def _tiled_probs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Probabilities K x h x w per input, on the CPU; tiles run on ``self.device``."""
@@ -212,23 +306,124 @@ def _warn_if_tile_exceeds_training(pre: Preprocessing) -> None:
                       f"the image borders and changes the masks", stacklevel=3)
 
 
+def inference_bytes(shape: Sequence[int], pre: Preprocessing, *, num_classes: int,
+                    multilabel: bool = False, tta: bool = False, batch_size: int = 4,
+                    activation_bytes: int = 4 * 13 * 64, size_multiple: int = 1) -> int:
+    """Peak bytes :meth:`Segmenter.predict` allocates for one image of ``shape`` (H x W [x C]).
+
+    The largest of three phases, counted from the code's own buffers (float32 = 4 bytes; ``P``
+    = H x W, ``p`` = the working h x w, i.e. ``pre.resize`` or H x W, ``K`` = classes, ``c`` =
+    ``pre.channels``), plus a fixed 32 MiB for allocator slack and kernel workspaces:
+
+    - preprocessing: up to 7 float planes of ``P`` (the colour planes, a temporary, the result)
+      plus the ``c x p`` resized input;
+    - tiling, per flip pass: the ``c x p`` input (x2 with TTA), the float32 ``K x p`` output
+      (x3 with TTA: sum, output, its flip), the float64 stitch band ``(K + 1)`` x one window
+      deep, and the forward: up to ``batch_size`` windows, padded to ``size_multiple``, x
+      ``activation_bytes`` a pixel, plus the windows' input, logits and probabilities;
+    - post-processing: the ``K x p`` probabilities, ``K x P`` when resized back, and about
+      21 bytes a pixel (multi-class: confidence, int64 argmax, mask, entropy and a temporary)
+      or ``2K + 20`` (multi-label).
+
+    The caller's decoded image is not counted (it exists before the call).  Measured peaks stay
+    below this (``tests/seg_core/test_hostile_inputs.py``; 0.5-1.0x of it on large images).
+    """
+    height, width = int(shape[0]), int(shape[1])
+    colour = 3 if len(shape) == 3 and shape[2] >= 3 else 1
+    full = height * width
+    work_h, work_w = pre.resize or (height, width)
+    work, channels, k = work_h * work_w, pre.channels, num_classes
+    resized = (work_h, work_w) != (height, width)
+    planes = 7 if channels < colour else (4 if channels > colour else colour + 1)
+    prepare = 4 * full * planes + (4 * channels * work if resized else 0)
+    rows, cols, window_h, window_w = window_grid(work_h, work_w, pre.inference_window(),
+                                                 pre.tile_overlap)
+    band = 8 * (k + 1) * min(window_h * work_w, window_w * work_h) if rows * cols > 1 else 0
+    padded = padded_side(window_h, size_multiple) * padded_side(window_w, size_multiple)
+    # per window: the activations, and the stacked input, logits, probabilities, their float64
+    # copy and the weighted window of the stitch
+    forward = min(batch_size, rows * cols) * (padded * activation_bytes +
+                                              4 * (channels + 5 * k) * window_h * window_w)
+    copies = 3 if tta else 1
+    tiling = 4 * channels * work * (2 if tta else 1) + 4 * k * work * copies + band + forward
+    per_pixel = 2 * k + 20 if multilabel else 21
+    finish = 4 * k * work + (4 * k * full if resized else 0) + per_pixel * full
+    return max(prepare, tiling, finish) + _OVERHEAD_BYTES
+
+
+def activation_bytes(model: nn.Module) -> int:
+    """Bytes the forward holds per padded window pixel, at its peak (inference mode).
+
+    For a :class:`UNet`, ``4 * (13 * base_width + 2 * (in_channels + num_classes))``: measured
+    on this CPU build at 42-50 bytes per channel of base width (depth 2-4, widths 4-64), the
+    full-resolution stem, decoder and their convolution workspaces dominating.  Any other
+    module is sized the same way from its widest convolution (64 if it has none).
+    """
+    if isinstance(model, UNet):
+        config = model.config
+        return 4 * (13 * channel_plan(config)[0] + 2 * (config.in_channels + config.num_classes))
+    widths = [m.out_channels for m in model.modules()
+              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    return 4 * 13 * max(widths, default=64)
+
+
+def _size_multiple(model: nn.Module) -> int:
+    """What the model pads each side up to (:attr:`UNet.size_multiple`; 1 for other modules)."""
+    return int(getattr(model, "size_multiple", 1))
+
+
+def _groups(needs: list[int], limit: int) -> list[list[int]]:
+    """Consecutive indices whose ``needs`` sum to at most ``limit`` (one each at least)."""
+    groups: list[list[int]] = []
+    total = 0
+    for index, need in enumerate(needs):
+        if groups and total + need <= limit:
+            groups[-1].append(index)
+            total += need
+        else:
+            groups.append([index])
+            total = need
+    return groups
+
+
+def _allocation_failed(error: BaseException) -> bool:
+    """A NumPy ``MemoryError``, or torch's allocator giving up (CPU or CUDA)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "not enough memory" in text
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
 def _finish(probs: torch.Tensor, multilabel: bool) -> Prediction:
-    """K x H x W probabilities -> Prediction with mask, confidence and normalised entropy."""
+    """K x H x W probabilities -> Prediction with mask, confidence and normalised entropy.
+
+    Entropy and multi-label confidence go one class plane at a time, so the temporaries are
+    a few H x W planes, never another K x H x W.  ``probs`` becomes the prediction's array.
+    """
     num_classes = probs.shape[0]
-    plogp = torch.special.xlogy(probs, probs)  # 0 log 0 = 0
+    entropy = torch.zeros(probs.shape[1:], dtype=torch.float32)
     if multilabel:
         mask = (probs >= 0.5).to(torch.uint8)
-        confidence = torch.maximum(probs, 1 - probs).amin(dim=0)
-        binary = -(plogp + torch.special.xlogy(1 - probs, 1 - probs))  # K x H x W, nats
-        entropy = binary.mean(dim=0) / math.log(2)
+        confidence = torch.ones_like(entropy)
+        for p in probs:
+            q = 1 - p
+            torch.minimum(confidence, torch.maximum(p, q), out=confidence)
+            entropy -= torch.special.xlogy(p, p)  # 0 log 0 = 0; nats
+            entropy -= torch.special.xlogy(q, q)
+        entropy /= num_classes * math.log(2)
     else:
         confidence, mask = probs.max(dim=0)
         mask = mask.to(torch.uint8)
-        entropy = -plogp.sum(dim=0) / math.log(num_classes) if num_classes > 1 else \
-            torch.zeros_like(confidence)
-    return Prediction(probs=probs.numpy(), mask=mask.numpy(),
-                      confidence=confidence.numpy().astype(np.float32),
-                      entropy=entropy.clamp(0.0, 1.0).numpy().astype(np.float32))
+        if num_classes > 1:
+            for p in probs:
+                entropy -= torch.special.xlogy(p, p)
+            entropy /= math.log(num_classes)
+    return Prediction(probs=probs.numpy(), mask=mask.numpy(), confidence=confidence.numpy(),
+                      entropy=entropy.clamp_(0.0, 1.0).numpy())
 
 
 def encode_prediction(pred: Prediction, spec: MaskSpec,

@@ -13,10 +13,14 @@ multiple of ``2**depth`` on its own, as it did in training).  Padding a small im
 tile moves the image borders away from where the network learned to see them and changes its
 answer (issue 11: 76% pixel agreement on a 176x240 model run in 256x256 tiles).
 
-Stitching accumulates in float64, so a predictor that returns float32 values reproduces them
-bit-exactly: ``sum(w_i * v) / sum(w_i)`` differs from ``v`` by far less than a float32 step.
-:func:`sliding_window_many` streams the windows of several images through shared batches; windows
-of one shape are batched together.
+Stitching streams: windows arrive row by row (or column by column, whichever leaves the smaller
+band), and only a band one window deep is accumulated before it is divided into the float32
+output, so an image costs its output plus one band, never a full-size accumulator.  The band
+accumulates in float64 by default, so a predictor that returns float32 values is reproduced
+bit-exactly: ``sum(w_i * v) / sum(w_i)`` differs from ``v`` by far less than a float32 step
+(``accum_dtype=torch.float32`` halves the band and is within a few float32 steps).  :func:`sliding_window_many` streams the windows of
+several images through shared batches; windows of one shape are batched together.
+:func:`forward_pixels` counts what the network processes, padding included.
 """
 from __future__ import annotations
 
@@ -100,8 +104,9 @@ def sliding_window(
         batch_size: windows per ``predict_fn`` call.
         blend: window weights, ``"gaussian"`` or ``"constant"``.
         device: compute device for ``predict_fn``; defaults to ``image.device``.
-        accum_dtype: CPU accumulation dtype (float64 keeps the result exact; float32 halves
-            memory for very large images).
+        accum_dtype: CPU accumulation dtype of the stitch band.  float64 (the default)
+            reproduces a float32 predictor bit-exactly; float32 halves the band's memory and
+            is within a few float32 steps.
 
     Returns:
         float32 ``num_out, H, W`` on the CPU.
@@ -128,9 +133,10 @@ def sliding_window_many(
     hold windows of several images: eight images of one size that each fit in a tile take one
     forward of batch 8, not eight forwards of batch 1.  Images of different sizes below the tile
     get windows of different shapes, and those never share a forward (padding them to one shape
-    would change what the network sees).  Each image is stitched into its own accumulator exactly
+    would change what the network sees).  Each image is stitched into its own output exactly
     as :func:`sliding_window` does, so only the batch composition seen by ``predict_fn``
-    changes.  Memory: one accumulator per image plus ``batch_size`` windows.
+    changes.  Memory: each image's float32 output, a band one window deep for an image being
+    stitched (see :class:`_Stitch`), and ``batch_size`` windows.
 
     Returns:
         one float32 ``num_out, H, W`` CPU tensor per image, in order.
@@ -140,16 +146,19 @@ def sliding_window_many(
         return []
     tile_h, tile_w = tile_shape(tile)
     device = prepared[0].device if device is None else torch.device(device)
-    totals, weight_sums = [], []
+    stitches: list[_Stitch] = []
     by_shape: dict[tuple[int, int], list[_Window]] = {}  # insertion order = first appearance
     for index, image in enumerate(prepared):
         _, height, width = image.shape
         window = (min(tile_h, height), min(tile_w, width))
-        totals.append(torch.zeros(num_out, height, width, dtype=accum_dtype))
-        weight_sums.append(torch.zeros(height, width, dtype=accum_dtype))
-        rows = tile_starts(height, window[0], max(1, int(window[0] * (1.0 - overlap))))
-        cols = tile_starts(width, window[1], max(1, int(window[1] * (1.0 - overlap))))
-        by_shape.setdefault(window, []).extend((index, y, x) for y in rows for x in cols)
+        rows = tile_starts(height, window[0], window_stride(window[0], overlap))
+        cols = tile_starts(width, window[1], window_stride(window[1], overlap))
+        along_x = window[1] * height < window[0] * width  # the smaller band (see _Stitch)
+        stitches.append(_Stitch(num_out, height, width, window, len(rows) * len(cols),
+                                accum_dtype, along_x))
+        order = ((x, y) for x in cols for y in rows) if along_x else \
+            ((x, y) for y in rows for x in cols)
+        by_shape.setdefault(window, []).extend((index, y, x) for x, y in order)
     with torch.inference_mode():
         for (height, width), windows in by_shape.items():
             weights = blend_weights((height, width), blend, dtype=accum_dtype)
@@ -163,10 +172,101 @@ def sliding_window_many(
                                      f"{tuple(pred.shape)}")
                 pred = pred.to("cpu", accum_dtype)  # stitching happens on the CPU
                 for (i, y, x), window_pred in zip(chunk, pred):
-                    totals[i][:, y:y + height, x:x + width] += window_pred * weights
-                    weight_sums[i][y:y + height, x:x + width] += weights
-    return [(total / weight_sum).to(torch.float32)
-            for total, weight_sum in zip(totals, weight_sums)]
+                    stitches[i].add(window_pred, weights, y, x)
+    return [stitch.out for stitch in stitches]
+
+
+def window_stride(window: int, overlap: float) -> int:
+    """Step between window starts along an axis: the window side less the overlap, >= 1."""
+    return max(1, int(window * (1.0 - overlap)))
+
+
+def window_grid(height: int, width: int, tile: TileSize,
+                overlap: float) -> tuple[int, int, int, int]:
+    """``(rows, cols, window_h, window_w)``: the windows :func:`sliding_window` cuts from a
+    ``height x width`` image, counted rather than enumerated, so any size is cheap to ask about."""
+    tile_h, tile_w = tile_shape(tile)
+    window_h, window_w = min(tile_h, height), min(tile_w, width)
+
+    def starts(length: int, window: int) -> int:  # len(tile_starts(...)), without the list
+        if length <= window:
+            return 1
+        steps, rest = divmod(length - window, window_stride(window, overlap))
+        return steps + 1 + (rest > 0)
+
+    return starts(height, window_h), starts(width, window_w), window_h, window_w
+
+
+def forward_pixels(height: int, width: int, tile: TileSize, overlap: float,
+                   size_multiple: int = 1) -> int:
+    """Pixels the network processes for one ``height x width`` image: windows x window area.
+
+    Each window side is rounded up to ``size_multiple``, as a network that pads its input to
+    a multiple of ``2**depth`` does: a 1 x N image costs 16 rows per window at depth 4.
+    """
+    rows, cols, window_h, window_w = window_grid(height, width, tile, overlap)
+    return rows * cols * padded_side(window_h, size_multiple) * padded_side(window_w, size_multiple)
+
+
+def padded_side(side: int, size_multiple: int) -> int:
+    """``side`` rounded up to a multiple of ``size_multiple``."""
+    return -(-side // size_multiple) * size_multiple
+
+
+class _Stitch:
+    """One image's float32 output, stitched band by band.
+
+    Windows arrive one row of windows after another (or one column after another: the stitch
+    streams along whichever axis leaves the smaller band, so a 1 x N strip holds one window,
+    not the strip).  The weighted sums and summed weights live in a band one window deep, in
+    ``accum_dtype``; once the windows move on to row ``y``, the rows before ``y`` can get no
+    more contributions, so they are divided into the output and the band moves on.  The band,
+    allocated at the first window and freed after the last, is all the stitch holds beyond the
+    output.  An image of one window is that window's prediction (the weights cancel exactly).
+    """
+
+    def __init__(self, num_out: int, height: int, width: int, window: tuple[int, int],
+                 windows: int, accum_dtype: torch.dtype, along_x: bool) -> None:
+        self.out = torch.empty(num_out, height, width, dtype=torch.float32)
+        # The streamed axis is dim 1 of this view: rows, or columns of the transposed output.
+        self._view = self.out.transpose(1, 2) if along_x else self.out
+        self.depth = window[1] if along_x else window[0]  # band depth along the streamed axis
+        self.along_x, self.windows, self.remaining = along_x, windows, windows
+        self.accum_dtype, self.top = accum_dtype, 0  # streamed index of band position 0
+        self.total = self.weight = torch.empty(0)
+
+    def add(self, pred: torch.Tensor, weights: torch.Tensor, y: int, x: int) -> None:
+        """Add one window's ``num_out x h x w`` prediction at ``(y, x)``, weighted."""
+        if self.windows == 1:
+            self.out.copy_(pred)
+            return
+        if self.along_x:  # the same band logic, on transposed windows
+            pred, weights, y, x = pred.transpose(1, 2), weights.T, x, y
+        if self.remaining == self.windows:
+            num_out, _, across = self._view.shape
+            self.total = torch.zeros(num_out, self.depth, across, dtype=self.accum_dtype)
+            self.weight = torch.zeros(self.depth, across, dtype=self.accum_dtype)
+        if y > self.top:
+            self._emit(y)
+        depth, width = weights.shape
+        self.total[:, :depth, x:x + width] += pred * weights
+        self.weight[:depth, x:x + width] += weights
+        self.remaining -= 1
+        if self.remaining == 0:
+            self._emit(self._view.shape[1])
+            self.total = self.weight = torch.empty(0)
+
+    def _emit(self, until: int) -> None:
+        """Positions ``top .. until - 1`` are final: divide them into the output, move the band."""
+        done = until - self.top
+        self._view[:, self.top:until] = self.total[:, :done] / self.weight[:done]
+        keep = self.depth - done
+        if keep > 0:
+            self.total[:, :keep] = self.total[:, done:].clone()
+            self.weight[:keep] = self.weight[done:].clone()
+        self.total[:, keep:] = 0
+        self.weight[keep:] = 0
+        self.top = until
 
 
 def _validated_image(

@@ -50,7 +50,7 @@ def test_round_trip_identical_logits(tmp_path: Path) -> None:
 
 def test_json_record(tmp_path: Path) -> None:
     meta = json.loads((save(tmp_path, trained_model()) / "artifact.json").read_text())
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     assert meta["reproducibility"]["seed"] == 7 and meta["reproducibility"]["fold"] == 2
     assert set(meta["reproducibility"]["packages"]) >= {"python", "torch", "numpy", "rayseg"}
     assert meta["metrics"] == {"iou": 0.5, "dice_per_class": [1.0, None]}
@@ -83,9 +83,9 @@ def test_config_mismatch_is_refused(tmp_path: Path) -> None:
 def test_future_and_missing(tmp_path: Path) -> None:
     directory = save(tmp_path, trained_model())
     meta = json.loads((directory / "artifact.json").read_text())
-    meta["format_version"] = 3
+    meta["format_version"] = 4
     (directory / "artifact.json").write_text(json.dumps(meta))
-    with pytest.raises(ArtifactError, match="format_version 3 is newer.*upgrade rayseg"):
+    with pytest.raises(ArtifactError, match="format_version 4 is newer.*upgrade rayseg"):
         load_artifact(directory)
     with pytest.raises(ArtifactError, match="no artifact.json"):
         read_artifact_meta(tmp_path / "nowhere")
