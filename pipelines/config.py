@@ -393,9 +393,25 @@ class ServeArgs(BaseModel):
     max_pixels: int | None = Field(None, gt=0, description="None: the artifact's max_pixels")
     flush_rows: int = Field(256, ge=1, description="the sink writes a file at this many rows")
     flush_interval_s: float = Field(30.0, gt=0, description="or when its oldest row is this old")
+    wal_dir: str | None = Field(None, description="local dir of the write-ahead log on each node; "
+                                "None: <system temp dir>/rayseg-serve-wal/<app name>")
+    max_buffer_rows: int = Field(10_000, ge=1, description="rows waiting for storage before 503")
+    max_buffer_bytes: int = Field(256 * 2**20, ge=1, description="WAL bytes waiting, before 503")
+    max_unflushed_age_s: float = Field(300.0, gt=0, description="503 once the oldest row waiting "
+                                       "for storage is this old")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', ...")
     tta: bool = False
+
+    def model_post_init(self, context: Any, /) -> None:
+        """The backlog bounds must leave room for normal flushing."""
+        if self.max_buffer_rows < self.flush_rows:
+            raise ValueError(f"ServeArgs: expected max_buffer_rows >= flush_rows, got "
+                             f"{self.max_buffer_rows} < {self.flush_rows}; raise max_buffer_rows")
+        if self.max_unflushed_age_s <= self.flush_interval_s:
+            raise ValueError(f"ServeArgs: expected max_unflushed_age_s > flush_interval_s, got "
+                             f"{self.max_unflushed_age_s} <= {self.flush_interval_s}; raise "
+                             f"max_unflushed_age_s")
 
 
 @dataclass(frozen=True)

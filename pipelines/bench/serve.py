@@ -60,7 +60,7 @@ def _run(quick: bool) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
     from pipelines.serve.app import replica_counts, start_endpoint, stop_endpoint
     from pipelines.serve.control import load_serve_config, reconfigure_endpoint
-    from pipelines.storage import read_table
+    from pipelines.serve.sink import read_serve_log
 
     requests = {1: 60, 4: 160, 16: 320} if quick else {1: 300, 4: 600, 16: 1200}
     limit_s = 20.0 if quick else 60.0
@@ -109,7 +109,7 @@ def _run(quick: bool) -> dict[str, Any]:
         scale = _autoscale(start_endpoint, replica_counts, model_dir, tmp, config, post, limit_s)
         figures.update(scale)
         stop_endpoint()
-        figures["sink_rows"] = read_table(f"{tmp}/sink").num_rows
+        figures["sink_rows"] = read_serve_log(f"{tmp}/sink").num_rows   # one per request id
         figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 1)
     figures["answered_200"] = warm["ok"] + sum(r["ok"] for r in rows) + scale["scale_requests"]
     errors = warm["errors"] + sum(r["errors"] for r in rows) + scale["scale_errors"]

@@ -6,9 +6,12 @@ Routes (``route_prefix`` from the Serve config, ``/`` by default):
   ``Accept: image/png`` answers the mask PNG; otherwise JSON with the mask as base64 PNG, per-class
   areas, mean confidence, the model name/version and server timing (also in ``Server-Timing``).
   ``?confidence=true`` adds the confidence map.  Bad input answers 413 / 415 / 422 with a message,
-  a missing or wrong ``X-API-Key`` (when a key is configured) answers 401.
+  a missing or wrong ``X-API-Key`` (when a key is configured) answers 401.  While the prediction
+  log is too far behind storage, requests answer 503 with ``Retry-After`` (nothing is answered 200
+  that is not in the log).
 - ``GET /v1/model``: the artifact's metadata and the serving settings.
-- ``GET /healthz``: liveness (never needs the key).
+- ``GET /healthz``: 200 while the replica takes requests, 503 while the log refuses rows (never
+  needs the key).
 
 Decoding, pre/post-processing and PNG encoding are :mod:`seg_core.codecs` and
 :mod:`seg_core.inference`, the code that ``rayseg predict`` runs, so one image gives the same mask
@@ -16,9 +19,14 @@ bytes online and in bulk.  Requests are batched with ``@serve.batch``, whose bat
 :class:`~pipelines.serve.batching.ForwardCoalescer` merges into one forward at a time (each forward
 takes every request waiting); ``max_batch_size`` and ``batch_wait_timeout_s`` come from
 ``user_config`` and change at run time through ``reconfigure``.
-Every answered request adds a row to a per-replica :class:`~pipelines.serve.sink.PredictionSink`,
-flushed when Serve stops the replica (its graceful-shutdown hook is ``__del__``, which Serve calls
-explicitly after draining requests; see ``ray/serve/_private/replica.py::call_destructor``).
+Every answered request's row is in the replica's write-ahead log on local disk before its 200
+goes out (:class:`~pipelines.serve.sink.PredictionSink`: fsynced, group-committed in a thread);
+the sink ships it as Parquet by count or age, and when Serve stops the replica (its
+graceful-shutdown hook is ``__del__``, which Serve calls explicitly after draining requests; see
+``ray/serve/_private/replica.py::call_destructor``).  A replica that dies without that hook leaves
+its log on the node, and the next replica there ships it.  ``check_health`` fails while the log
+refuses rows because storage fails, so Serve reports the deployment unhealthy and replaces the
+replica (its log stays on disk for the replacement).
 
 Nothing here hard-codes replica counts or batch sizes: ``build_app`` is the typed builder named by
 ``jobs/configs/serve.yaml`` and ``infra/rayservice.yaml``, whose ``deployments:`` entries set the
@@ -58,7 +66,8 @@ from pipelines.serve.control import (  # noqa: F401
     start_endpoint,
     stop_endpoint,
 )
-from pipelines.serve.sink import PredictionSink
+from pipelines.serve.sink import PredictionSink, SinkUnavailable
+from pipelines.serve.wal import default_wal_dir
 from pipelines.storage import fetch_artifact, is_local
 from seg_core.config import from_dict
 from seg_core.errors import InputError
@@ -113,10 +122,13 @@ class SegmentService:
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._coalescer = ForwardCoalescer(self._forward, self._forward_pool,
                                            BatchSettings().max_batch_size)
-        self._replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self._replica = context.replica_id.unique_id
         self._sink = None if args.out_uri is None else PredictionSink(
             args.out_uri, flush_rows=args.flush_rows, flush_interval_s=args.flush_interval_s,
-            writer_id=self._replica)
+            writer_id=self._replica, wal_dir=args.wal_dir or default_wal_dir(context.app_name),
+            max_buffer_rows=args.max_buffer_rows, max_buffer_bytes=args.max_buffer_bytes,
+            max_unflushed_age_s=args.max_unflushed_age_s)
         self._batch = BatchSettings()
         self._closed = False
 
@@ -166,24 +178,29 @@ class SegmentService:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
             http.check_api_key(request, self._api_key)
+            if self._sink is not None and (refusal := self._sink.refusal()) is not None:
+                raise refusal  # cheap 503 before reading and predicting
             data, name = await http.read_image_bytes(request, self._args.max_request_bytes)
             received = time.perf_counter()
             result = await (await self._enqueue(_Job(data, name, request_id, confidence)))
             if isinstance(result, BaseException):
                 raise result
+            row, decode_ms, encode_ms = result
+            done = time.perf_counter()
+            timing = {"receive": (received - started) * 1e3, "decode": decode_ms,
+                      # batch wait + thread hop + pre/post-processing + forward
+                      "infer": (done - received) * 1e3 - decode_ms - encode_ms,
+                      "encode": encode_ms, "total": (done - started) * 1e3}
+            row["latency_ms"] = timing["total"]
+            if self._sink is not None:  # fsynced before answering: a 200 always has its row
+                await self._sink.add_async(row)
         except http.RequestRefused as refused:
             return http.error_response(refused, request_id)
         except InputError as error:
             return http.error_response(http.RequestRefused.from_input_error(error), request_id)
-        row, decode_ms, encode_ms = result
-        done = time.perf_counter()
-        timing = {"receive": (received - started) * 1e3, "decode": decode_ms,
-                  # batch wait + thread hop + pre/post-processing + forward
-                  "infer": (done - received) * 1e3 - decode_ms - encode_ms,
-                  "encode": encode_ms, "total": (done - started) * 1e3}
-        row["latency_ms"] = timing["total"]
-        if self._sink is not None:  # before answering: a 200 always has its row
-            self._sink.add(row)
+        except SinkUnavailable as unavailable:
+            return http.error_response(http.RequestRefused.unavailable(
+                unavailable.reason, unavailable.detail, unavailable.retry_after_s), request_id)
         # Serve's proxy puts the request id in x-request-id (taken from the client's header or
         # generated) and echoes it on every response, so it is not repeated here.
         headers = {"X-Model-Version": self._artifact.version,
@@ -214,15 +231,26 @@ class SegmentService:
                              "serving": settings, "replica": self._replica})
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        """Liveness: the model is loaded and the sink accepts rows."""
-        return {"status": "ok", **self._model_ref(), "replica": self._replica,
-                "pending_rows": 0 if self._sink is None else self._sink.pending}
+    async def healthz(self) -> JSONResponse:
+        """200 while the replica takes requests; 503 (and why) while its log refuses rows."""
+        stats = {} if self._sink is None else self._sink.stats()
+        refusal = None if self._sink is None else self._sink.refusal()
+        body = {"status": "ok" if refusal is None else "unavailable", **self._model_ref(),
+                "replica": self._replica, "pending_rows": 0, **stats}
+        if refusal is None:
+            return JSONResponse(body)
+        body["detail"] = refusal.detail
+        return JSONResponse(body, status_code=503,
+                            headers={"Retry-After": str(refusal.retry_after_s)})
 
     def check_health(self) -> None:
-        """Serve's health probe: fail when the replica was closed underneath us."""
+        """Serve's health probe: fail when the replica was closed underneath us, or while its
+        log refuses rows because storage fails (or its local disk does)."""
         if self._closed:
             raise RuntimeError("replica already closed")
+        problem = None if self._sink is None else self._sink.health()
+        if problem is not None:
+            raise RuntimeError(f"prediction log unhealthy: {problem}")
 
     def __del__(self) -> None:
         """Graceful shutdown (Serve calls this once, after draining): flush rows, free files."""
@@ -230,7 +258,7 @@ class SegmentService:
             return
         self._closed = True
         if self._sink is not None:
-            written = self._sink.close()
+            written = self._sink.close()  # rows it cannot ship stay in the node's WAL
             logger.info("replica %s: sink closed, %d rows written", self._replica, written)
         self._forward_pool.shutdown(wait=True)
         if not is_local(self._model_uri):   # the replica's fetched copy; its process ends
@@ -240,7 +268,8 @@ class SegmentService:
     def _decode(self, data: bytes, name: str) -> np.ndarray:
         from seg_core.codecs import decode_image
 
-        return decode_image(data, source=name, max_pixels=self._max_pixels)
+        return decode_image(data, source=name, max_pixels=self._max_pixels,
+                            tiff_page=self._artifact.preprocessing.tiff_page)
 
     def _model_ref(self) -> dict[str, str]:
         return {"name": self._artifact.name, "version": self._artifact.version}

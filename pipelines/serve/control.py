@@ -103,7 +103,8 @@ def stop_endpoint(app_name: str = APP_NAME, *, shutdown_serve: bool = True) -> N
     """Delete the app (replicas drain, then flush their Parquet rows) and stop Serve.
 
     ``serve.delete`` returns only after every replica finished its graceful shutdown, so rows of
-    every answered request are on storage when this returns.
+    every answered request are on storage when this returns, if storage was reachable; rows it
+    could not take stay in the node's write-ahead log, for the next replica of the app there.
     """
     from ray import serve
 

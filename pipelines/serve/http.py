@@ -4,6 +4,8 @@ Plain functions over Starlette requests, kept apart from the deployment so that 
 in :mod:`pipelines.serve.app` read as "read -> decode -> predict -> encode -> answer".
 Every refusal becomes a :class:`RequestRefused` carrying an HTTP status and a message that says
 what arrived, what was expected and how to fix it; nothing here raises anything else on bad input.
+Bad input is a 4xx; the one 5xx is 503 with ``Retry-After`` (:meth:`RequestRefused.unavailable`),
+while the replica's prediction log cannot take rows.
 """
 import base64
 import hmac
@@ -22,11 +24,19 @@ MAX_FORM_FIELDS = 16
 
 
 class RequestRefused(Exception):
-    """A client error that ends the request with ``status`` (4xx) and a JSON body."""
+    """A refusal that ends the request with ``status`` (4xx, or 503) and a JSON body."""
 
-    def __init__(self, status: int, reason: str, detail: str, hint: str = "") -> None:
+    def __init__(self, status: int, reason: str, detail: str, hint: str = "",
+                 retry_after_s: int | None = None) -> None:
         super().__init__(f"{status} {reason}: {detail}")
         self.status, self.reason, self.detail, self.hint = status, reason, detail, hint
+        self.retry_after_s = retry_after_s
+
+    @classmethod
+    def unavailable(cls, reason: str, detail: str, retry_after_s: float) -> "RequestRefused":
+        """503: the request was not served (nor logged); the client may retry after a while."""
+        return cls(503, reason, detail, hint="retry later with the same X-Request-Id",
+                   retry_after_s=max(1, int(retry_after_s)))
 
     @classmethod
     def from_input_error(cls, error: InputError) -> "RequestRefused":
@@ -72,10 +82,15 @@ def wants_png(request: Request) -> bool:
 
 
 def error_response(refused: RequestRefused, request_id: str) -> JSONResponse:
-    """The JSON body of every 4xx: ``{error, detail, hint, request_id}``."""
-    body = {"error": refused.reason, "detail": refused.detail, "hint": refused.hint,
-            "request_id": request_id}
-    return JSONResponse(body, status_code=refused.status)
+    """The JSON body of every refusal: ``{error, detail, hint, request_id}`` (and, on a 503,
+    ``retry_after_s`` and the ``Retry-After`` header)."""
+    body: dict[str, Any] = {"error": refused.reason, "detail": refused.detail,
+                            "hint": refused.hint, "request_id": request_id}
+    headers = None
+    if refused.retry_after_s is not None:
+        body["retry_after_s"] = refused.retry_after_s
+        headers = {"Retry-After": str(refused.retry_after_s)}
+    return JSONResponse(body, status_code=refused.status, headers=headers)
 
 
 def segment_body(encoded: Mapping[str, Any], *, request_id: str, model: Mapping[str, str],

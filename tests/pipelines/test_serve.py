@@ -217,8 +217,8 @@ def endpoint(ray_session, s3_bucket, model_dir):
     """The app on a free loopback port; the sink holds every row until shutdown."""
     out = f"s3://{s3_bucket}/serve-{uuid.uuid4().hex[:8]}"
     config = endpoint_config(free_port())
-    args = {"flush_rows": 10_000, "flush_interval_s": 3600, "max_request_bytes": MAX_REQUEST_BYTES,
-            "max_pixels": MAX_PIXELS}
+    args = {"flush_rows": 10_000, "flush_interval_s": 3600, "max_unflushed_age_s": 7200,
+            "max_request_bytes": MAX_REQUEST_BYTES, "max_pixels": MAX_PIXELS}
     url = start_endpoint(str(model_dir), out, config=config, args=args)
     state = {"url": url, "out": out, "config": config, "args": args, "answered": [],
              "running": True}
@@ -344,19 +344,20 @@ def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
 
     folder = tmp_path / "images"
     folder.mkdir()
+    name = {fmt: f"scene_{fmt}.{'tif' if fmt == 'tiff' else fmt}" for fmt in images}
     for fmt, data in images.items():
-        (folder / f"scene_{fmt}.{'tif' if fmt == 'tiff' else fmt}").write_bytes(data)
+        (folder / name[fmt]).write_bytes(data)
     out = str(tmp_path / "predictions")
     run_predict(PredictConfig(model=str(model_dir), input=str(folder), out=out, batch_size=2,
                               actors=1, cpus_per_actor=0.5, progress=False), log=lambda _: None)
     batch = {row["id"]: row["mask_png"]
              for row in store.read_predictions(out, ["id", "mask_png"]).to_pylist()}
-    assert sorted(batch) == sorted(f"scene_{fmt}" for fmt in FORMATS)
+    assert sorted(batch) == sorted(name[fmt] for fmt in FORMATS)   # ids: paths under the prefix
     for fmt, data in images.items():
         status, _, body = post(endpoint["url"], data, headers={"Accept": "image/png"},
                                answered=endpoint["answered"])
         assert status == 200
-        assert body == batch[f"scene_{fmt}"], fmt
+        assert body == batch[name[fmt]], fmt
 
 
 @pytest.mark.slow
