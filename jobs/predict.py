@@ -30,7 +30,7 @@ examples:
 """
 
 _FLAGS = ("model", "input", "out", "split", "tta", "confidence_maps", "batch_size", "actors",
-          "cpus_per_actor", "rows_per_file", "address", "progress")
+          "cpus_per_actor", "rows_per_file", "address", "progress", "verify_done")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -56,6 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="Ray Data progress bars (default on)")
+    parser.add_argument("--verify-done", action=argparse.BooleanOptionalAction, default=None,
+                        help="on a rerun, read the inputs already done again and report any "
+                             "whose bytes changed since (default off: ids and paths are "
+                             "checked, bytes are not re-read)")
     return parser
 
 
@@ -72,4 +76,5 @@ def run(args: argparse.Namespace) -> int:
         summary = run_predict(cfg)
     except LeaseHeld as held:   # another run writes to this --out: say who, change nothing
         raise SystemExit(f"rayseg predict: {held}") from None
-    return 0 if summary["duplicates"] == 0 and summary["missing"] == 0 else 1
+    return 0 if summary["duplicates"] == summary["missing"] == len(summary["conflicts"]) == 0 \
+        else 1

@@ -274,6 +274,7 @@ class PredictConfig:
     rows_per_file: int = 256        # rows per committed Parquet file (the unit of resume)
     address: str | None = None      # Ray cluster to join; None starts a local one
     progress: bool = True           # Ray Data progress bars (rows done per stage)
+    verify_done: bool = False       # on a rerun, re-read done inputs and check their SHA-256
 
     def __post_init__(self) -> None:
         fspath_fields(self, "model", "input", "out")

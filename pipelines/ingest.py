@@ -16,15 +16,18 @@ gives null bytes, which the decode step turns into a quarantine row: bad input n
 from __future__ import annotations
 
 import io
+import os
 import posixpath
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from pipelines import storage
-from pipelines.records import PAIR_SCHEMA, ROW_SCHEMA, quarantine_row
+from pipelines.records import PAIR_SCHEMA, ROW_SCHEMA, quarantine_row, refusal, refusal_json
 from seg_core.codecs import (DEFAULT_MAX_PIXELS, IGNORE_PART, decode_image, decode_mask,
                              pack_mask_parts)
 from seg_core.config import MaskSpec
@@ -40,6 +43,89 @@ IGNORE_PREFIX = "ignore="  # a multi-label mask part naming a binary ignore mask
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 _FETCH_THREADS = 16
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"   # how Ray writes a null partition value (pack)
+DEFAULT_MAX_BYTES = 4 * DEFAULT_MAX_PIXELS    # per object read: 256 MiB at the 64 Mpx guard
+_SPECIAL_ROOTS = ("/proc", "/dev", "/sys", "/run")   # never image files, sometimes secrets
+ALLOWED_ROOTS_ENV = "RAYSEG_ALLOWED_ROOTS"   # prefixes a manifest may reach outside its dir
+
+
+# ------------------------------------------------------------------------------ path policy
+
+
+def path_refusal(raw: str, resolved: str, manifest_dir: str,
+                 allowed_roots: Sequence[str] = ()) -> InputError | None:
+    """Why the manifest cell ``raw`` (resolved to ``resolved``) may not be read, or None.
+
+    - a relative path stays inside the manifest's directory (no ``../`` out of it);
+    - a manifest in object storage names no local file (absolute path or ``file://``);
+    - nothing under ``/proc``, ``/dev``, ``/sys`` or ``/run``.
+    ``allowed_roots`` (URI prefixes; default: the comma-separated ``RAYSEG_ALLOWED_ROOTS``)
+    lifts the first two rules for paths under them.
+    """
+    def refuse(why: str) -> InputError:
+        return InputError("path_refused", why, source=resolved,
+                          hint=f"keep data under the manifest's directory, or allow its root "
+                               f"explicitly: {ALLOWED_ROOTS_ENV}=<prefix>[,<prefix>...]")
+
+    local = storage.is_local(resolved) or raw.startswith(("/", "file://"))
+    path = storage.strip_scheme(raw if "://" not in resolved or raw.startswith("/") else resolved) \
+        if local else ""
+    if local and any(path == root or path.startswith(root + "/") for root in _SPECIAL_ROOTS):
+        return refuse(f"{path} is a system path, not a data file")
+    roots = allowed_roots or [r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(",") if r]
+    if any(resolved == root.rstrip("/") or resolved.startswith(root.rstrip("/") + "/")
+           for root in map(storage.as_uri, roots)):
+        return None
+    if local and not storage.is_local(manifest_dir):
+        return refuse(f"a manifest in object storage ({manifest_dir}) names the local file "
+                      f"{path}")
+    relative = "://" not in raw and not raw.startswith("/")
+    root = manifest_dir.rstrip("/") + "/"
+    if relative and not resolved.startswith(root):
+        return refuse(f"the relative path {raw!r} leaves the manifest's directory "
+                      f"{manifest_dir}")
+    return None
+
+
+def read_limited(uri: str, storage_options: storage.StorageOptions | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | None:
+    """The bytes of a regular file or object of at most ``max_bytes``; None when missing.
+
+    Raises :class:`InputError` (``not_a_file``, ``too_large``) for a FIFO, device, directory or
+    an object over the limit: a manifest row naming ``/dev/zero`` or a 30 GB object costs one
+    metadata call, not the task's memory.
+    """
+    fs, path = storage.filesystem_for(uri, storage_options)
+    if storage.is_local(uri):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(mode):
+            raise InputError("not_a_file", "not a regular file (a directory, device, pipe or "
+                             "socket)", source=uri, hint="point the manifest at image files")
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type != pafs.FileType.File:
+        raise InputError("not_a_file", "not a file or object", source=uri,
+                         hint="point the manifest at image files")
+    limit = _too_large(uri, info.size, max_bytes)
+    if limit:
+        raise limit
+    with fs.open_input_stream(path) as stream:
+        data = stream.read(max_bytes + 1)      # the object may have grown since the listing
+    if len(data) > max_bytes:
+        raise _too_large(uri, len(data), max_bytes)
+    return data
+
+
+def _too_large(uri: str, size: int | None, max_bytes: int) -> InputError | None:
+    if size is None or size <= max_bytes:
+        return None
+    return InputError("too_large", f"{size / 2**20:.1f} MiB is over the {max_bytes / 2**20:.0f} "
+                      f"MiB limit per file", source=uri,
+                      hint="raise max_bytes (and max_pixels) if such files are expected, or "
+                           "tile the image before ingest")
 
 
 # ------------------------------------------------------------------------------ pair metadata
@@ -66,8 +152,13 @@ def detect_kind(source: str, storage_options: storage.StorageOptions | None = No
     )
 
 
-def read_manifest(uri: str, storage_options: storage.StorageOptions | None = None) -> pa.Table:
-    """Parse a CSV/Parquet manifest into :data:`PAIR_SCHEMA` with absolute URIs."""
+def read_manifest(uri: str, storage_options: storage.StorageOptions | None = None, *,
+                  allowed_roots: Sequence[str] = ()) -> pa.Table:
+    """Parse a CSV/Parquet manifest into :data:`PAIR_SCHEMA` with absolute URIs.
+
+    Rows whose paths break the :func:`path_refusal` policy keep their URIs (for the report) and
+    get ``refused`` set: they are quarantined when fetched, never read.
+    """
     if uri.lower().endswith(".parquet"):
         raw = storage.read_table(uri, storage_options)
     else:
@@ -83,12 +174,28 @@ def read_manifest(uri: str, storage_options: storage.StorageOptions | None = Non
     if image_col is None or mask_col is None:
         raise ValueError(f"{uri}: manifest needs 'image' and 'mask' columns, got {sorted(names)}")
     base = storage.parent_uri(uri)
-    images = [_resolve(base, v) for v in _strings(raw[image_col])]
-    masks = [_resolve(base, v) for v in _strings(raw[mask_col])]
-    ids = _strings(raw["id"]) if "id" in names else _default_ids(images)
+    raw_images, raw_masks = _strings(raw[image_col]), _strings(raw[mask_col])
+    images = [_resolve(base, v) for v in raw_images]
+    masks = [_resolve(base, v) for v in raw_masks]
+    ids = _strings(raw["id"]) if "id" in names else _default_ids(images, base)
     splits = _strings(raw["split"]) if "split" in names else [None] * len(images)
     folds = _folds(raw["fold"], uri) if "fold" in names else [None] * len(images)
-    return pa.table([ids, images, masks, splits, folds], schema=PAIR_SCHEMA)
+    refused = [_row_refusal(raw_cells, base, allowed_roots)
+               for raw_cells in zip(raw_images, raw_masks)]
+    return pa.table([ids, images, masks, splits, folds, refused], schema=PAIR_SCHEMA)
+
+
+def _row_refusal(cells: tuple[str | None, str | None], base: str,
+                 allowed_roots: Sequence[str]) -> str | None:
+    """The ``refused`` cell of one manifest row: its first path that breaks the policy."""
+    for cell in cells:
+        for part in (p.strip() for p in (cell or "").split(MASK_SEPARATOR) if p.strip()):
+            raw_part = part.removeprefix(IGNORE_PREFIX)
+            error = path_refusal(raw_part, storage.resolve_against(base, raw_part), base,
+                                 allowed_roots)
+            if error is not None:
+                return refusal_json(error)
+    return None
 
 
 def list_prefix_pairs(uri: str, storage_options: storage.StorageOptions | None = None) -> pa.Table:
@@ -103,8 +210,10 @@ def list_prefix_pairs(uri: str, storage_options: storage.StorageOptions | None =
 
     images, masks = by_stem("images"), by_stem("masks")
     stems = sorted(set(images) | set(masks))
-    rows = [stems, [images.get(s) for s in stems], [masks.get(s) for s in stems],
-            [None] * len(stems), [None] * len(stems)]
+    root = uri.rstrip("/") + "/"
+    ids = [(images.get(s) or masks[s])[len(root):] for s in stems]   # as a manifest there would
+    rows = [ids, [images.get(s) for s in stems], [masks.get(s) for s in stems],
+            [None] * len(stems), [None] * len(stems), [None] * len(stems)]
     return pa.table(rows, schema=PAIR_SCHEMA)
 
 
@@ -167,11 +276,15 @@ def mask_part_uris(value: str | None) -> list[str]:
     return [p.removeprefix(IGNORE_PREFIX) for p in parts]
 
 
-def _default_ids(images: list[str | None]) -> list[str]:
-    stems = [posixpath.splitext(posixpath.basename(u or ""))[0] for u in images]
-    if len(set(stems)) == len(stems) and all(stems):
-        return stems
-    return [f"{i:06d}_{s}" for i, s in enumerate(stems)]
+def _default_ids(images: list[str | None], base: str) -> list[str]:
+    """Each image's path relative to the manifest's directory (``images/a.png``); the full URI
+    for an image outside it.
+
+    An id depends on the image's own path only, never on its row or on the other rows: adding or
+    reordering rows keeps every id, so a resumed predict skips exactly the images it did.
+    """
+    root = base.rstrip("/") + "/"
+    return [(u[len(root):] if u.startswith(root) else u) if u else "" for u in images]
 
 
 # -------------------------------------------------------------------------------- reading bytes
@@ -256,8 +369,9 @@ def shard_to_rows(batch: pa.Table, split: str | None = None,
 
     renamed = {"id": "id", "image_uri": "source_uri", "mask_uri": "mask_uri", "split": "split",
                "fold": "fold", "image_bytes": "image_bytes", "mask_bytes": "mask_bytes"}
-    table = pa.Table.from_arrays(
-        [batch[renamed[f.name]].cast(f.type) for f in ROW_SCHEMA], schema=ROW_SCHEMA)
+    table = pa.Table.from_arrays(   # packed bytes were read at pack time: nothing refused
+        [batch[renamed[f.name]].cast(f.type) if f.name in renamed
+         else pa.nulls(batch.num_rows, f.type) for f in ROW_SCHEMA], schema=ROW_SCHEMA)
     split_values = pc.if_else(pc.equal(table["split"], _HIVE_NULL), None, table["split"])
     table = table.set_column(table.schema.get_field_index("split"), "split", split_values)
     if split is not None:
@@ -268,44 +382,62 @@ def shard_to_rows(batch: pa.Table, split: str | None = None,
 
 
 def list_images(prefix: str, storage_options: storage.StorageOptions | None = None) -> pa.Table:
-    """:data:`PAIR_SCHEMA` rows for a bare prefix of images (no masks): id = path stem."""
+    """:data:`PAIR_SCHEMA` rows for a bare prefix of images (no masks): id = path under it."""
     root = prefix.rstrip("/")
     uris = storage.list_uri(root, suffixes=IMAGE_SUFFIXES, storage_options=storage_options)
-    ids = [posixpath.splitext(u[len(root) + 1:])[0] for u in uris]
+    ids = [u[len(root) + 1:] for u in uris]
     nulls = [None] * len(uris)
-    return pa.table([ids, uris, nulls, nulls, nulls], schema=PAIR_SCHEMA)
+    return pa.table([ids, uris, nulls, nulls, nulls, nulls], schema=PAIR_SCHEMA)
 
 
-def fetch_bytes(batch: pa.Table, storage_options: dict[str, Any]) -> pa.Table:
-    """Add ``image_bytes`` and ``mask_bytes`` (null where a file is missing) to a pair batch."""
-    images = batch["image_uri"].to_pylist()
-    masks = batch["mask_uri"].to_pylist()
+def fetch_bytes(batch: pa.Table, storage_options: dict[str, Any],
+                max_bytes: int = DEFAULT_MAX_BYTES) -> pa.Table:
+    """Add ``image_bytes`` and ``mask_bytes`` (null where a file is missing) to a pair batch.
+
+    Refused rows are not read; a file that is not regular or is over ``max_bytes`` refuses its
+    row (``refused`` set, bytes null), so it becomes a quarantine row downstream.
+    """
+    refused = batch["refused"].to_pylist()
+
+    def fetch(i: int) -> tuple[bytes | None, bytes | None, str | None]:
+        if refused[i]:
+            return None, None, refused[i]
+        try:
+            return (_read_or_none(batch["image_uri"][i].as_py(), storage_options, max_bytes),
+                    read_mask_bytes(batch["mask_uri"][i].as_py(), storage_options, max_bytes),
+                    None)
+        except InputError as error:
+            return None, None, refusal_json(error)
+        except (OSError, pa.ArrowException) as error:   # permissions, bad paths, I/O errors
+            return None, None, refusal_json(InputError(
+                "unreadable", f"{type(error).__name__}: {error}",
+                source=batch["image_uri"][i].as_py() or "<row>",
+                hint="check the path and the read permissions"))
+
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
-        image_bytes = list(pool.map(lambda u: _read_or_none(u, storage_options), images))
-        mask_bytes = list(pool.map(lambda u: read_mask_bytes(u, storage_options), masks))
-    columns = [batch[name].cast(field.type) for name, field in zip(PAIR_SCHEMA.names, PAIR_SCHEMA)]
-    columns += [pa.array(image_bytes, pa.binary()), pa.array(mask_bytes, pa.binary())]
+        image_bytes, mask_bytes, refused = zip(*pool.map(fetch, range(batch.num_rows))) \
+            if batch.num_rows else ((), (), ())
+    columns = [batch[name].cast(field.type) for name, field in zip(PAIR_SCHEMA.names, PAIR_SCHEMA)
+               if name != "refused"]
+    columns += [pa.array(refused, pa.string()), pa.array(image_bytes, pa.binary()),
+                pa.array(mask_bytes, pa.binary())]
     return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
 
 
-def _read_or_none(uri: str | None, storage_options: dict[str, Any]) -> bytes | None:
-    if uri is None:
-        return None
-    try:
-        return storage.read_bytes(uri, storage_options)
-    except FileNotFoundError:
-        return None
+def _read_or_none(uri: str | None, storage_options: dict[str, Any] | None,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | None:
+    return None if uri is None else read_limited(uri, storage_options, max_bytes)
 
 
-def read_mask_bytes(uri: str | None, storage_options: dict[str, Any] | None = None
-                    ) -> bytes | None:
+def read_mask_bytes(uri: str | None, storage_options: dict[str, Any] | None = None,
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | None:
     """One mask file's bytes, or the per-class files of ``a.png;b.png`` packed into one blob
     (:func:`pack_mask_parts`); ``None`` when any file is missing."""
     if uri is None or (MASK_SEPARATOR not in uri and not uri.startswith(IGNORE_PREFIX)):
-        return _read_or_none(uri, storage_options)
+        return _read_or_none(uri, storage_options, max_bytes)
     parts = []
     for part in uri.split(MASK_SEPARATOR):
-        data = _read_or_none(part.removeprefix(IGNORE_PREFIX), storage_options)
+        data = _read_or_none(part.removeprefix(IGNORE_PREFIX), storage_options, max_bytes)
         if data is None:
             return None
         parts.append(IGNORE_PART + data if part.startswith(IGNORE_PREFIX) else data)
@@ -329,12 +461,15 @@ def read_mask(uri: str, spec: MaskSpec, storage_options: dict[str, Any] | None =
 
 def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None, spec: MaskSpec, *,
                 image_uri: str | None = None, mask_uri: str | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
+                max_pixels: int = DEFAULT_MAX_PIXELS, refused: str | None = None,
+                tiff_page: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode and cross-check one pair -> (H x W x C image, H x W or K x H x W mask).
 
-    Raises :class:`InputError` for every kind of bad pair (missing file, undecodable bytes, lossy
-    mask, unknown label, pixel limit, size mismatch).
+    Raises :class:`InputError` for every kind of bad pair (refused path or file, missing file,
+    undecodable bytes, lossy mask, unknown label, pixel limit, size mismatch).
     """
+    if (error := refusal(refused)) is not None:
+        raise error
     image_src, mask_src = image_uri or "<image>", mask_uri or "<mask>"
     if image_bytes is None:
         raise InputError("missing_image", "no image file for this mask", source=image_src,
@@ -342,7 +477,7 @@ def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None, spec: MaskS
     if mask_bytes is None:
         raise InputError("missing_mask", "no mask file for this image", source=mask_src,
                          hint="add the mask (same stem under masks/) or drop the image")
-    image = decode_image(image_bytes, source=image_src, max_pixels=max_pixels)
+    image = decode_image(image_bytes, source=image_src, max_pixels=max_pixels, tiff_page=tiff_page)
     mask = decode_mask(mask_bytes, spec, source=mask_src, max_pixels=max_pixels)
     if image.shape[:2] != mask.shape[-2:]:
         raise InputError("size_mismatch", f"image is {image.shape[0]}x{image.shape[1]} (HxW), "
@@ -351,8 +486,10 @@ def decode_pair(image_bytes: bytes | None, mask_bytes: bytes | None, spec: MaskS
     return image, mask
 
 
-def decode_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 *, stage: str = "decode") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def decode_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, *, stage: str = "decode",
+                 tiff_page: int | None = None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Decode a batch of fetched rows -> ``(ok_rows, quarantine_rows)``; never raises on bad data.
 
     ``ok_rows`` keep ``id, image_uri, mask_uri, split, fold`` and add ``image`` / ``mask`` arrays;
@@ -365,7 +502,8 @@ def decode_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec, max_pixels: 
         try:
             image, mask = decode_pair(_scalar(batch["image_bytes"][i]), _scalar(batch["mask_bytes"][i]),
                                       mask_spec, image_uri=row.get("image_uri"),
-                                      mask_uri=row.get("mask_uri"), max_pixels=max_pixels)
+                                      mask_uri=row.get("mask_uri"), max_pixels=max_pixels,
+                                      refused=row.get("refused"), tiff_page=tiff_page)
         except InputError as error:
             bad.append(quarantine_row(row, error, stage))
             continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 PAIR_SCHEMA = pa.schema([
     ("id", pa.string()), ("image_uri", pa.string()), ("mask_uri", pa.string()),
     ("split", pa.string()), ("fold", pa.int32()),
+    ("refused", pa.string()),   # why ingest will not read this pair (JSON, see refusal), or null
 ])
 """Pair metadata, before the bytes are fetched."""
 
@@ -93,6 +95,22 @@ COUNT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("messag
                           ("fn", pa.list_(pa.int64())), ("tn", pa.list_(pa.int64())),
                           ("confusion", pa.list_(pa.int64()))])
 """One scored image: status ``ok`` or a reason code, counts per class, flattened K x K matrix."""
+
+
+def refusal_json(error: "InputError") -> str:
+    """An :class:`InputError` as the ``refused`` cell of a pair row."""
+    return json.dumps({"reason": error.reason, "detail": error.detail, "source": error.source,
+                       "hint": error.hint})
+
+
+def refusal(cell: str | None) -> "InputError | None":
+    """The :class:`InputError` a ``refused`` cell holds (None: the pair was not refused)."""
+    if not cell:
+        return None
+    from seg_core.errors import InputError
+
+    data = json.loads(cell)
+    return InputError(data["reason"], data["detail"], source=data["source"], hint=data["hint"])
 
 
 def now_utc() -> dt.datetime:

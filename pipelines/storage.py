@@ -39,6 +39,7 @@ _ALIASES = {
     "endpoint_url": "endpoint_override", "key": "access_key", "secret": "secret_key",
     "token": "session_token", "region_name": "region", "anon": "anonymous",
 }
+S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S = 10.0, 120.0
 _S3_KEYS = ("endpoint_override", "access_key", "secret_key", "session_token", "region",
             "anonymous", "scheme", "request_timeout", "connect_timeout")
 
@@ -139,6 +140,10 @@ def _filesystem(scheme: str, opts: tuple[tuple[str, Any], ...]) -> pafs.FileSyst
             kw.setdefault("scheme", "http" if str(endpoint).startswith("http://") else "https")
             # pyarrow wants host:port when scheme is separate; it also accepts the full URL.
         kw.setdefault("region", "us-east-1")   # avoids a region lookup against the endpoint
+        # a stalled endpoint fails the read (and the row is quarantined or retried) instead of
+        # hanging a task forever; storage_options can set other values
+        kw.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
+        kw.setdefault("request_timeout", S3_REQUEST_TIMEOUT_S)
         return pafs.S3FileSystem(**kw)
     if scheme == "gs":
         return pafs.GcsFileSystem()

@@ -134,7 +134,8 @@ def summarize_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
         try:
             _, mask = decode_pair(_py(batch["image_bytes"][i]), _py(batch["mask_bytes"][i]),
                                   mask_spec, image_uri=row["image_uri"], mask_uri=row["mask_uri"],
-                                  max_pixels=max_pixels)
+                                  max_pixels=max_pixels,
+                                  refused=_py(batch["refused"][i]) if "refused" in batch else None)
             height, width = mask.shape[-2:]
             counts = _class_pixels(mask, mask_spec)
             empty = bool(counts[:k].sum() == 0) if mask_spec.multilabel else \

@@ -262,7 +262,8 @@ def read_frame(path: storage.Uri, storage_options: dict[str, Any] | None = None)
     kind = ingest.detect_kind(path, storage_options)
     if kind == "prefix":
         pairs = ingest.list_prefix_pairs(path, storage_options)
-        table = pairs.rename_columns(["id", "image", "mask", "split", "fold"])
+        table = pairs.drop_columns(["refused"]).rename_columns(["id", "image", "mask", "split",
+                                                                "fold"])
         return Frame(table, kind="files", source=path, storage_options=storage_options)
     return _read_manifest_frame(path, storage_options)
 

@@ -15,6 +15,7 @@ resample is computed from those counts, never by averaging batch scores.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import typing
 from typing import Any, Callable
@@ -52,24 +53,28 @@ def score_mask(pred: np.ndarray, truth: np.ndarray, spec: MaskSpec) -> dict[str,
                                                     spec.ignore_index)}
 
 
-def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
-                storage_options: dict[str, Any] | None = None) -> pa.Table:
+def score_batch(batch: pa.Table, truth: dict[str, tuple[str | None, str | None]],
+                spec: dict[str, Any], storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Ray Data stage: prediction rows -> :data:`COUNT_SCHEMA` rows (ids not in ``truth`` dropped).
 
-    ``truth`` maps id -> mask URI.  A truth mask that cannot be read or does not fit gives a row
-    with its reason as ``status`` and no counts, so it is reported rather than silently skipped.
+    ``truth`` maps id -> (image URI, mask URI).  A prediction is scored only if it was made from
+    that very image: same source URI and same SHA-256 of its bytes (an id can name another
+    image in another manifest, or the file changed since); else its row gets ``source_mismatch``.
+    A truth mask that cannot be read or does not fit gives a row with its reason as ``status``
+    and no counts, so it is reported rather than silently skipped.
     """
-    from pipelines.ingest import read_mask
+    from pipelines.ingest import read_limited, read_mask
 
     mask_spec = from_dict(MaskSpec, spec)
     out = []
     for row in batch.to_pylist():
-        uri = truth.get(row["id"])
         if row["id"] not in truth:
             continue
+        image_uri, uri = truth[row["id"]]
         try:
             if uri is None:
                 raise InputError("missing_mask", "the manifest gives no mask for this image")
+            _check_source(row, image_uri, read_limited, storage_options)
             mask = read_mask(uri, mask_spec, storage_options)  # multi-label: one file per class
             counts = score_mask(decode_prediction(row, mask_spec), mask, mask_spec)
         except FileNotFoundError:
@@ -81,6 +86,21 @@ def score_batch(batch: pa.Table, truth: dict[str, str], spec: dict[str, Any],
         out.append({"id": row["id"], "status": "ok", "message": None,
                     **{k: v.reshape(-1).tolist() for k, v in counts.items()}})
     return pa.Table.from_pylist(out, schema=COUNT_SCHEMA)
+
+
+def _check_source(row: dict[str, Any], image_uri: str | None, read: Callable[..., Any],
+                  storage_options: dict[str, Any] | None) -> None:
+    """Refuse to score a prediction of another image than the truth row's."""
+    if row.get("source_uri") and image_uri and row["source_uri"] != image_uri:
+        raise InputError("source_mismatch", f"the prediction was made from {row['source_uri']}, "
+                         f"the truth row's image is {image_uri}", source=image_uri,
+                         hint="ids collide between the two sources: predict this manifest into "
+                              "a fresh --out, or give both the same explicit ids")
+    data = read(image_uri, storage_options) if image_uri and row.get("source_sha256") else None
+    if data is not None and hashlib.sha256(data).hexdigest() != row["source_sha256"]:
+        raise InputError("source_mismatch", "the image changed since it was predicted "
+                         "(SHA-256 differs)", source=image_uri,
+                         hint="predict it again (into a fresh --out) before scoring")
 
 
 def _unscored(id_: str, reason: str, message: str) -> dict[str, Any]:
@@ -156,13 +176,15 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     if cfg.mask_values is not None:
         spec = dataclasses.replace(spec, mask_values=tuple(cfg.mask_values))
     truth = select_rows(pair_table(cfg.manifest), split=cfg.split)
-    truth_masks = dict(zip(truth["id"].to_pylist(), truth["mask_uri"].to_pylist()))
+    truth_masks = {id_: (image, mask) for id_, image, mask in zip(
+        truth["id"].to_pylist(), truth["image_uri"].to_pylist(), truth["mask_uri"].to_pylist())}
     files = store.prediction_files(predictions)
     if not files:
         raise ValueError(f"{predictions}: no prediction files; run `rayseg predict` first")
     fs, _ = storage.filesystem_for(files[0])
     ds = ray.data.read_parquet([storage.strip_scheme(f) for f in files], filesystem=fs,
-                               columns=["id", "mask_png", "class_mask_pngs"])
+                               columns=["id", "source_uri", "source_sha256", "mask_png",
+                                        "class_mask_pngs"])
     scored = ds.map_batches(score_batch, batch_format="pyarrow", fn_kwargs={
         "truth": truth_masks, "spec": _spec_dict(spec),
         "storage_options": storage.resolve_options()}).to_arrow_refs()
@@ -179,7 +201,7 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
 
 
 def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
-                 truth_ids: dict[str, str | None], predictions: str,
+                 truth_ids: dict[str, Any], predictions: str,
                  record: dict[str, Any]) -> dict[str, Any]:
     """The content of ``report.json`` from scored rows (:data:`COUNT_SCHEMA`)."""
     rows = table.to_pylist()

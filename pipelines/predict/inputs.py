@@ -28,14 +28,23 @@ class InputPlan:
     dataset: "ray.data.Dataset | None"
     ids: pa.Array
     skipped: int
+    conflicts: tuple[str, ...] = ()   # done ids now naming another source (reported, not done)
 
     @property
     def todo(self) -> int:
         return len(self.ids) - self.skipped
 
 
-def plan_inputs(source: str, done: pa.Array, *, split: str | None = None) -> InputPlan:
-    """Ingest rows of ``source`` (of ``split``, if given) whose id is not in ``done``."""
+def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
+                done_sources: dict[str, tuple[str | None, str | None]] | None = None,
+                verify_done: bool = False) -> InputPlan:
+    """Ingest rows of ``source`` (of ``split``, if given) whose id is not in ``done``.
+
+    ``done_sources`` (id -> (source URI, SHA-256) committed) catches an id that now names
+    another file (a manifest edited between runs), and with ``verify_done`` also a file whose
+    bytes changed (that reads every done input again): such rows are neither predicted again
+    (that would write the id twice) nor silently skipped, but returned as ``conflicts``.
+    """
     from pipelines import ingest
 
     kind = _kind(source)
@@ -53,11 +62,38 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None) -> Inp
     table = ingest.select_rows(table, split=split)
     ids = table["id"].combine_chunks()
     _check_unique(ids, source)
+    done_sources = done_sources or {}
+    conflicts = tuple(
+        f"{id_}: committed from {done_sources[id_][0]}, now {uri}"
+        for id_, uri in zip(table["id"].to_pylist(), table["image_uri"].to_pylist())
+        if id_ in done_sources and done_sources[id_][0] not in (None, uri))
+    if verify_done:
+        conflicts += _changed_since(table.filter(pc.is_in(ids, value_set=done)), done_sources)
     todo = table.filter(pc.invert(pc.is_in(ids, value_set=done)))
     todo = todo.set_column(todo.schema.get_field_index("mask_uri"), "mask_uri",
                            pa.nulls(todo.num_rows, pa.string()))
     dataset = ingest.fetch_pairs(todo) if todo.num_rows else None
-    return InputPlan(dataset, ids, len(ids) - todo.num_rows)
+    return InputPlan(dataset, ids, len(ids) - todo.num_rows, conflicts)
+
+
+def _changed_since(table: pa.Table, done: dict[str, tuple[str | None, str | None]]
+                   ) -> tuple[str, ...]:
+    """Done rows whose image bytes no longer have the committed SHA-256 (reads them all)."""
+    import hashlib
+
+    from pipelines import ingest
+
+    if not table.num_rows:
+        return ()
+    table = table.set_column(table.schema.get_field_index("mask_uri"), "mask_uri",
+                             pa.nulls(table.num_rows, pa.string()))
+    changed = []
+    for batch in ingest.fetch_pairs(table).iter_batches(batch_format="pyarrow"):
+        for id_, data in zip(batch["id"].to_pylist(), batch["image_bytes"].to_pylist()):
+            digest = done.get(id_, (None, None))[1]
+            if digest and data is not None and hashlib.sha256(data).hexdigest() != digest:
+                changed.append(f"{id_}: its bytes changed since they were predicted")
+    return tuple(changed)
 
 
 def _kind(source: str) -> str:

@@ -30,7 +30,7 @@ from pipelines import storage
 from pipelines.config import PredictConfig
 from pipelines.predict import store
 from pipelines.predict.inputs import InputPlan, plan_inputs
-from pipelines.records import RESULT_SCHEMA, prediction_row, quarantine_row
+from pipelines.records import RESULT_SCHEMA, prediction_row, quarantine_row, refusal
 from seg_core.codecs import decode_image
 from seg_core.errors import InputError
 
@@ -64,7 +64,7 @@ def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name
     :func:`records.prediction_row`), for callers holding one image's bytes; the Serve replica builds its
     rows with :func:`records.prediction_row` too, so all three write the same row for the same bytes.
     """
-    image = _decode(image_bytes, source_uri or id or "<bytes>", segmenter.preprocessing.max_pixels)
+    image = _decode(image_bytes, source_uri or id or "<bytes>", segmenter.preprocessing)
     return prediction_row(segmenter.predict(image), segmenter, id=id, source_uri=source_uri,
                           source_sha256=_sha256(image_bytes), model_name=model_name,
                           model_version=model_version, with_confidence=with_confidence,
@@ -101,8 +101,10 @@ def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_na
     pixels = 0
     for index, row in enumerate(rows):
         try:
+            if (refused := refusal(row.get("refused"))) is not None:
+                raise refused   # a path the policy refuses, or not a regular file / too big
             image = _decode(row.get("image_bytes"), row.get("image_uri") or row["id"],
-                            segmenter.preprocessing.max_pixels)
+                            segmenter.preprocessing)
         except InputError as error:
             results[index] = _quarantine_row(row, error, now)
             continue
@@ -117,11 +119,12 @@ def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_na
     return results  # type: ignore[return-value]  # every slot is filled above
 
 
-def _decode(data: bytes | None, source: str, max_pixels: int) -> Any:
+def _decode(data: bytes | None, source: str, pre: Any) -> Any:
+    """Image bytes -> array under the artifact's limits (``pre``: its Preprocessing)."""
     if data is None:
         raise InputError("missing_image", "the image file does not exist", source=source,
                          hint="check the path in the manifest, or remove the row")
-    return decode_image(data, source=source, max_pixels=max_pixels)
+    return decode_image(data, source=source, max_pixels=pre.max_pixels, tiff_page=pre.tiff_page)
 
 
 def _quarantine_row(row: dict[str, Any], error: InputError, now: dt.datetime) -> dict[str, Any]:
@@ -214,7 +217,12 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
                                  "confidence_maps": cfg.confidence_maps,
                                  "reported_metrics": meta.get("metrics") or {}})
-    inputs = plan_inputs(cfg.input, store.done_ids(cfg.out), split=cfg.split)
+    inputs = plan_inputs(cfg.input, store.done_ids(cfg.out), split=cfg.split,
+                         done_sources=store.done_sources(cfg.out), verify_done=cfg.verify_done)
+    if inputs.conflicts:
+        log(f"predict: {len(inputs.conflicts)} input id(s) already committed from another "
+            f"source, left as they are (write to a fresh --out to predict them): "
+            f"{'; '.join(inputs.conflicts[:5])}")
     if inputs.skipped:
         log(f"predict: skipped {inputs.skipped} of {len(inputs.ids)} inputs already committed "
             f"under {cfg.out}")
@@ -256,6 +264,7 @@ def _summary(cfg: PredictConfig, written: list[dict[str, Any]], inputs: InputPla
         "seconds": round(seconds, 2),
         "images_per_s": round((rows + quarantined) / seconds, 2) if seconds > 0 else None,
         "committed_rows": len(done), "duplicates": len(done) - len(pc.unique(done)),
+        "conflicts": list(inputs.conflicts),
         "missing": len(inputs.ids) - int(pc.sum(pc.is_in(inputs.ids, value_set=done)).as_py() or 0),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -267,4 +276,5 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['skipped']} skipped (already done) of {summary['inputs']} inputs in "
             f"{summary['seconds']} s ({summary['images_per_s']} images/s); "
             f"{summary['committed_rows']} rows committed under {summary['out']} "
-            f"({summary['duplicates']} duplicate ids, {summary['missing']} inputs missing)")
+            f"({summary['duplicates']} duplicate ids, {summary['missing']} inputs missing, "
+            f"{len(summary['conflicts'])} ids naming another source)")

@@ -71,6 +71,21 @@ def done_ids(out: str) -> pa.Array:
     return pa.chunked_array(chunks, pa.string()).combine_chunks()
 
 
+def done_sources(out: str) -> dict[str, tuple[str | None, str | None]]:
+    """id -> (source URI, SHA-256 of its bytes) it was committed from; quarantined ids have no
+    digest."""
+    sources: dict[str, tuple[str | None, str | None]] = {}
+    if files := prediction_files(out):
+        table = _read(files, ["id", "source_uri", "source_sha256"])
+        sources.update((i, (u, d)) for i, u, d in zip(*(table[c].to_pylist()
+                                                        for c in table.column_names)))
+    if files := quarantine_files(out):
+        table = _read(files, ["id", "image_uri"])
+        sources.update((i, (u, None)) for i, u in zip(table["id"].to_pylist(),
+                                                       table["image_uri"].to_pylist()))
+    return sources
+
+
 def read_predictions(out: str, columns: list[str] | None = None) -> pa.Table:
     """All committed predictions under ``out`` (empty table with the schema when none)."""
     files = prediction_files(out)

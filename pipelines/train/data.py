@@ -146,7 +146,8 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
     resized to match; without it both stay as decoded.
     """
     limit = max_pixels or (preprocessing.max_pixels if preprocessing else 64_000_000)
-    ok, bad = decode_pairs(batch, mask_spec, limit, stage=stage)
+    ok, bad = decode_pairs(batch, mask_spec, limit, stage=stage,
+                           tiff_page=preprocessing.tiff_page if preprocessing else None)
     ids, images, masks = [], [], []
     for row in ok:
         image, mask = row["image"], row["mask"]

@@ -1,11 +1,10 @@
 """The per-worker Ray Train loop: dataset shard in, ``seg_core.engine`` math, report + checkpoint out.
 
-Everything that is training math (optimizer, schedule, step, loss, metrics, prediction) lives in
-seg_core; this module adds only what Ray needs: the dataset shards, ``prepare_model`` (DDP and
-device), ``ray.train.report`` every epoch with a checkpoint written by rank zero, and restoring
-that checkpoint after a failure or on resume.  The checkpoint format and generator state are in
-:mod:`pipelines.train.checkpoint`; every collective (summed validation counts, agreed sizes,
-clocks and stops) is in :mod:`pipelines.train.distributed`.
+Training math (optimizer, schedule, step, loss, metrics, prediction) lives in seg_core; this
+module adds only what Ray needs: the dataset shards, ``prepare_model`` (DDP and device),
+``ray.train.report`` every epoch with a checkpoint written by rank zero, and restoring it after a
+failure or on resume.  The checkpoint format and generator state are in
+:mod:`pipelines.train.checkpoint`; every collective is in :mod:`pipelines.train.distributed`.
 """
 from __future__ import annotations
 
@@ -29,6 +28,7 @@ from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_
                                          all_reduce_sum, any_worker, broadcast_buffers,
                                          gather_objects, maybe_fail, maybe_nan)
 from seg_core.engine import build_optimizer, build_scheduler, train_step
+from seg_core.errors import InputError
 from seg_core.inference import Segmenter
 from seg_core.losses import build_loss
 from seg_core.metrics import COUNT_NAMES, mask_counts
@@ -180,9 +180,10 @@ def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device,
     counts = np.zeros((len(COUNT_NAMES), cfg.mask.num_classes), dtype=np.int64)  # 4 x K
     for row in val_shard.iter_rows():
         if zlib.crc32(str(row["id"]).encode()) % world == rank:
-            prediction = segmenter.predict(np.asarray(row["image"]))
-            found = mask_counts(prediction.mask, np.asarray(row["mask"]), cfg.mask)
-            counts += np.stack([found[name] for name in COUNT_NAMES])
+            prediction = segmenter.predict_each([np.asarray(row["image"])])[0]
+            if not isinstance(prediction, InputError):   # over the memory budget: not scored
+                found = mask_counts(prediction.mask, np.asarray(row["mask"]), cfg.mask)
+                counts += np.stack([found[name] for name in COUNT_NAMES])
     summed = all_reduce_sum(torch.from_numpy(counts), device, world)
     return {name: summed[i].numpy() for i, name in enumerate(COUNT_NAMES)}
 
@@ -190,7 +191,6 @@ def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device,
 def report(state: LoopState, record: dict[str, Any] | None, parts: Parts, rank: int,
            world: int) -> None:
     """``ray.train.report`` on every worker (a barrier); rank 0 attaches the checkpoint.
-
     ``record`` is None when the epoch was cut short by a non-finite loss (no validation)."""
     import ray.train
 

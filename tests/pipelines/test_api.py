@@ -44,7 +44,8 @@ def test_frame_metadata_without_pixels(tiny_manifest):
     assert frame.nrow == 16 and frame.shape == (16, 4) and len(frame) == 16
     assert frame.columns == ["id", "image", "mask", "split"]      # id added as ingest derives it
     head = frame.head(3)
-    assert list(head["id"]) == ["sample_0000", "sample_0001", "sample_0002"]
+    assert list(head["id"]) == ["images/sample_0000.png", "images/sample_0001.jpg",
+                                "images/sample_0002.bmp"]
     assert head["image"][1] == "images/sample_0001.jpg"           # as written in the manifest
     assert frame.resolved("image")[1] == str(tiny_manifest.parent / "images/sample_0001.jpg")
     assert frame.levels("split") == ["train", "val"]

@@ -121,11 +121,15 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
 # ---------------------------------------------------------------------------- end to end (Ray)
 
 
-def write_predictions(out: Path, rows: list[tuple[str, np.ndarray]], spec: MaskSpec) -> str:
-    """A hand-made prediction output: one committed file plus the model record."""
+def write_predictions(out: Path, rows: list[tuple[str, np.ndarray]], spec: MaskSpec,
+                      sources: dict[str, tuple[str, str]] | None = None) -> str:
+    """A hand-made prediction output: one committed file plus the model record.  ``sources``:
+    id -> (source URI, SHA-256) recorded in the rows (default: none recorded)."""
     now = dt.datetime.now(dt.timezone.utc)
+    sources = sources or {}
     table = pa.Table.from_pylist([{
-        "id": image_id, "source_uri": None, "source_sha256": "", "model_name": "hand",
+        "id": image_id, "source_uri": sources.get(image_id, (None, ""))[0],
+        "source_sha256": sources.get(image_id, (None, ""))[1], "model_name": "hand",
         "model_version": "0", "height": mask.shape[0], "width": mask.shape[1],
         "mask_png": encode_png(mask.astype(np.uint8)),
         "class_mask_pngs": [encode_png((mask == k).astype(np.uint8) * 255)
@@ -145,12 +149,12 @@ def write_case(root: Path, cases: dict[str, np.ndarray]) -> Path:
     (root / "masks").mkdir()
     with open(root / "manifest.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "mask", "split"])
+        writer.writerow(["id", "image", "mask", "split"])
         for image_id, truth in cases.items():
             image = (np.arange(truth.size).reshape(truth.shape) * 40 % 256).astype(np.uint8)
             (root / "images" / f"{image_id}.png").write_bytes(encode_png(image))
             (root / "masks" / f"{image_id}.png").write_bytes(encode_png(truth.astype(np.uint8)))
-            writer.writerow([f"images/{image_id}.png", f"masks/{image_id}.png", "val"])
+            writer.writerow([image_id, f"images/{image_id}.png", f"masks/{image_id}.png", "val"])
     return root / "manifest.csv"
 
 
@@ -181,6 +185,29 @@ def test_evaluate_hand_built_end_to_end(ray_session, tmp_path):
     assert overlay.width == 4 * 2 and overlay.height == 2 + 16  # 4 panels of 2 px + caption
 
 
+def test_predictions_of_another_image_are_reported_not_scored(ray_session, tmp_path):
+    import hashlib
+
+    data = tmp_path / "data"
+    manifest = write_case(data, {"a": TRUTH_A, "b": TRUTH_B, "c": TRUTH_A})
+    digest = {k: hashlib.sha256((data / "images" / f"{k}.png").read_bytes()).hexdigest()
+              for k in "abc"}
+    sources = {"a": (str(data / "images/a.png"), digest["a"]),          # the very image
+               "b": ("s3://elsewhere/images/b.png", digest["b"]),     # same id, other source
+               "c": (str(data / "images/c.png"), "0" * 64)}           # the file changed since
+    preds = write_predictions(tmp_path / "preds", [("a", PRED_A), ("b", PRED_B), ("c", PRED_A)],
+                              SPEC2, sources)
+    report = run_evaluate(EvaluateConfig(manifest=str(manifest), predictions=preds,
+                                         out=str(tmp_path / "eval"), bootstrap=10, overlays=0,
+                                         progress=False), log=lambda _: None)
+    assert report["images_scored"] == 1
+    unscored = {u["id"]: u for u in report["unscored"]}
+    assert {k: u["reason"] for k, u in unscored.items()} == {"b": "source_mismatch",
+                                                            "c": "source_mismatch"}
+    assert "s3://elsewhere/images/b.png" in unscored["b"]["message"]
+    assert "SHA-256" in unscored["c"]["message"]
+
+
 def test_evaluate_prediction_equal_to_truth_scores_one(ray_session, sample_dataset, tmp_path):
     spec = MaskSpec(num_classes=3)
     rows = []
@@ -188,7 +215,7 @@ def test_evaluate_prediction_equal_to_truth_scores_one(ray_session, sample_datas
         for row in csv.DictReader(handle):
             if row["split"] == "val":
                 mask = decode_mask((sample_dataset.parent / row["mask"]).read_bytes(), spec)
-                rows.append((Path(row["image"]).stem, mask))
+                rows.append((row["image"], mask))   # the default id: the path in the manifest
     preds = write_predictions(tmp_path / "preds", rows, spec)
     report = run_evaluate(EvaluateConfig(manifest=str(sample_dataset), predictions=preds,
                                          out=str(tmp_path / "eval"), bootstrap=50,

@@ -54,7 +54,7 @@ def case(tmp_path_factory) -> dict:
     for seed in SEEDS:
         image, _ = render(seed)
         (root / "images" / f"scene_{seed}.png").write_bytes(encode_png(image))
-        references[f"scene_{seed}"] = reference_resized(model, image)
+        references[f"scene_{seed}.png"] = reference_resized(model, image)   # id: path under images/
     return {"root": root, "model": artifact, "references": references}
 
 
@@ -83,7 +83,7 @@ def test_endpoint_masks_equal_the_reference(ray_session, s3_bucket, case) -> Non
                                              headers={"Accept": "image/png"})
             with urllib.request.urlopen(request, timeout=60) as response:
                 mask = _mask(response.read())
-            assert_masks_match(mask, case["references"][f"scene_{seed}"])
+            assert_masks_match(mask, case["references"][f"scene_{seed}.png"])
     finally:
         stop_endpoint()
 

@@ -41,21 +41,22 @@ def test_manifest_paths_resolve_against_the_manifest(tmp_path):
     table = ingest.read_manifest(str(tmp_path / "m.csv"))
     assert table.schema == records.PAIR_SCHEMA
     assert table.to_pylist() == [
-        {"id": "a", "image_uri": f"{tmp_path}/images/a.png", "mask_uri": f"{tmp_path}/masks/a.png",
-         "split": "train", "fold": 1},
-        {"id": "b", "image_uri": "/abs/b.jpg",
+        {"id": "images/a.png", "image_uri": f"{tmp_path}/images/a.png",
+         "mask_uri": f"{tmp_path}/masks/a.png", "split": "train", "fold": 1, "refused": None},
+        {"id": "/abs/b.jpg", "image_uri": "/abs/b.jpg",
          "mask_uri": f"{tmp_path}/masks/b_c0.png;{tmp_path}/masks/b_c1.png",
-         "split": "val", "fold": None},
-        {"id": "c", "image_uri": "s3://bkt/c.tif", "mask_uri": None, "split": None, "fold": 2},
+         "split": "val", "fold": None, "refused": None},
+        {"id": "s3://bkt/c.tif", "image_uri": "s3://bkt/c.tif", "mask_uri": None, "split": None,
+         "fold": 2, "refused": None},
     ]
 
 
-def test_manifest_ids_fall_back_to_index_when_stems_repeat_and_parquet_works(tmp_path):
+def test_manifest_ids_are_relative_paths_when_stems_repeat_and_parquet_works(tmp_path):
     table = pa.table({"image": ["x/1.png", "y/1.png"], "mask": ["m1.png", "m2.png"]})
     pq.write_table(table, tmp_path / "m.parquet")
     assert ingest.detect_kind(str(tmp_path / "m.parquet")) == "manifest"
     got = ingest.read_manifest(str(tmp_path / "m.parquet"))
-    assert got["id"].to_pylist() == ["000000_1", "000001_1"]
+    assert got["id"].to_pylist() == ["x/1.png", "y/1.png"]
     with pytest.raises(ValueError, match="needs 'image' and 'mask' columns"):
         (tmp_path / "bad.csv").write_text("img,label\na,b\n")
         ingest.read_manifest(str(tmp_path / "bad.csv"))
@@ -70,10 +71,10 @@ def test_prefix_pairs_by_stem_and_keeps_unpaired_files(tmp_path):
     rows = {r["id"]: (r["image_uri"], r["mask_uri"])
             for r in ingest.list_prefix_pairs(str(tmp_path)).to_pylist()}
     assert rows == {
-        "a": (f"{tmp_path}/images/a.jpg", f"{tmp_path}/masks/a.png"),
-        "sub/b": (f"{tmp_path}/images/sub/b.png", f"{tmp_path}/masks/sub/b.png"),
-        "c": (f"{tmp_path}/images/c.png", None),          # -> missing_mask when decoded
-        "d": (None, f"{tmp_path}/masks/d.png"),            # -> missing_image when decoded
+        "images/a.jpg": (f"{tmp_path}/images/a.jpg", f"{tmp_path}/masks/a.png"),
+        "images/sub/b.png": (f"{tmp_path}/images/sub/b.png", f"{tmp_path}/masks/sub/b.png"),
+        "images/c.png": (f"{tmp_path}/images/c.png", None),   # -> missing_mask when decoded
+        "masks/d.png": (None, f"{tmp_path}/masks/d.png"),     # -> missing_image when decoded
     }
 
 
@@ -112,7 +113,7 @@ def test_three_sources_give_identical_pairs(ray_session, sample_dataset, s3_samp
     assert len(from_manifest) == len(from_shards) == len(from_prefix) == len(expected) == 24
     by_id = {r["id"]: r for r in from_manifest}
     for row in expected:   # the bytes are exactly the local files, via s3:// URIs
-        got = by_id[row["image"].split("/")[-1].rsplit(".", 1)[0]]
+        got = by_id[row["image"]]   # the image's path under the manifest's directory
         assert got["image_uri"] == f"{sample_root}/{row['image']}"
         assert got["image_bytes"] == (sample_dataset.parent / row["image"]).read_bytes()
         assert got["mask_bytes"] == (sample_dataset.parent / row["mask"]).read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,9 @@ def test_counts_schema_and_quarantine_reasons(s3_run, s3_case):
     assert summary["inputs"] == preds.num_rows + bad.num_rows == summary["committed_rows"]
     assert (summary["predicted"], summary["quarantined"]) == (preds.num_rows, bad.num_rows)
     assert (summary["duplicates"], summary["missing"], summary["skipped"]) == (0, 0, 0)
-    reasons = {row["id"]: row["reason"] for row in bad.to_pylist()}
-    assert reasons == {**BAD, "does_not_exist": "missing_image"}
+    reasons = {row["id"]: row["reason"] for row in bad.to_pylist()}   # ids: paths in the manifest
+    assert reasons == {**{f"bad/{name}.png": reason for name, reason in BAD.items()},
+                       "bad/does_not_exist.png": "missing_image"}
     assert set(bad.column("stage").to_pylist()) == {"predict"}
     assert all(hint for hint in bad.column("hint").to_pylist())
 
@@ -177,7 +179,38 @@ def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, a
     assert summary["skipped"] == len(before)
     assert summary["predicted"] == 24 - len(before)
     assert pc.all(pc.is_in(before, value_set=store.done_ids(out))).as_py()
-    assert not list((Path(out) / ".tmp").glob("*")), "no staging leftovers"
+    assert not [p for p in Path(out).rglob(".*")], "no staging leftovers"
+
+
+def test_an_id_that_now_names_another_image_is_reported_not_skipped(
+        ray_session, sample_dataset, artifact_dir, tmp_path):
+    import shutil
+
+    rows = list(csv.DictReader(sample_dataset.open()))[:3]
+    names = []
+    for row in rows:   # private copies: one is rewritten below
+        shutil.copy(sample_dataset.parent / row["image"], tmp_path / Path(row["image"]).name)
+        names.append(Path(row["image"]).name)
+    manifest = tmp_path / "m.csv"
+
+    def write(images: list[str]) -> None:
+        manifest.write_text("id,image,mask\n" + "".join(f"r{i},{im},\n"
+                                                        for i, im in enumerate(images)))
+
+    write(names)
+    cfg = PredictConfig(model=str(artifact_dir), input=str(manifest), out=str(tmp_path / "out"),
+                        actors=1, cpus_per_actor=0.5, progress=False)
+    assert run_predict(cfg, log=lambda _: None)["predicted"] == 3
+    write([names[0], names[2], names[1]])                      # r1 and r2 swapped images
+    summary = run_predict(cfg, log=lambda _: None)
+    assert summary["predicted"] == 0 and summary["duplicates"] == 0
+    assert sorted(c.split(":")[0] for c in summary["conflicts"]) == ["r1", "r2"]
+    assert names[1] in " ".join(summary["conflicts"])
+    write(names)
+    (tmp_path / names[0]).write_bytes((tmp_path / names[2]).read_bytes())   # r0 changed
+    assert run_predict(cfg, log=lambda _: None)["conflicts"] == []          # paths only
+    changed = run_predict(replace(cfg, verify_done=True), log=lambda _: None)["conflicts"]
+    assert changed == ["r0: its bytes changed since they were predicted"]
 
 
 @pytest.mark.parametrize("resources, actors, expected", [
