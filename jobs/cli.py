@@ -71,7 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    from pipelines.raycluster import StorageContractError
+
+    try:
+        return int(args._run(args) or 0)
+    except StorageContractError as refused:   # before any work: say what to change, no trace
+        print(f"rayseg {args.command}: {refused}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

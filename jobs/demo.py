@@ -60,11 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
-    import functools
 
     from pipelines.config import DemoConfig
     from pipelines.demo import run_demo
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import check_shared, ensure_ray
 
     cfg = job_config(DemoConfig, args, {
         "work_dir": args.work_dir, "images": args.images, "size": args.size,
@@ -73,7 +72,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(  # the shipped configs, unless the YAML or --set named others
         cfg, train_config=cfg.train_config or str(shipped_config("train_sample")),
         serve_config=cfg.serve_config or str(shipped_config("serve")))
-    result = run_demo(cfg, connect=functools.partial(ensure_ray, cfg.address))
+    def connect() -> dict[str, float]:
+        resources = ensure_ray(cfg.address)
+        if not cfg.s3:   # with --s3 every URI is on the demo's S3 server
+            check_shared({"--work-dir": cfg.work_dir})
+        return resources
+
+    result = run_demo(cfg, connect=connect)
     print()
     print(result.summary())
     return 0

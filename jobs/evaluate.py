@@ -53,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import EvaluateConfig
     from pipelines.evaluate.evaluate import run_evaluate
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import check_manifest_shared, check_shared, ensure_ray
 
     flags = {name: getattr(args, name) for name in (
         "manifest", "out", "predictions", "model", "empty_policy", "bootstrap", "seed",
@@ -64,5 +64,10 @@ def run(args: argparse.Namespace) -> int:
     if args.split is not None:   # 'all' scores every row
         cfg = dataclasses.replace(cfg, split=None if args.split == "all" else args.split)
     ensure_ray(cfg.address)
+    check_manifest_shared("manifest", cfg.manifest)
+    # tasks read predictions (and write them first with --model); the report stays on this
+    # machine, so --out may be local unless predictions go under it
+    check_shared({"predictions": cfg.predictions, "model": cfg.model,
+                  "out": cfg.out if cfg.model and not cfg.predictions else None})
     report = run_evaluate(cfg)
     return 0 if report["images_scored"] else 1

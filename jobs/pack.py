@@ -42,11 +42,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import PackConfig
     from pipelines.pack import pack
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import check_manifest_shared, check_shared, ensure_ray
 
     cfg = job_config(PackConfig, args, {name: getattr(args, name) for name in (
         "source", "out", "shard_mb", "partition_by_split", "address")})
     ensure_ray(address=cfg.address)
+    check_manifest_shared("SOURCE", cfg.source)
+    check_shared({"out": cfg.out})
     summary = pack(cfg.source, cfg.out, shard_mb=cfg.shard_mb,
                    partition_by_split=cfg.partition_by_split)
     print(f"packed {summary.rows} pairs into {summary.files} shard(s), "

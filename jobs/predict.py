@@ -66,12 +66,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import PredictConfig
     from pipelines.predict.predict import run_predict
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import check_manifest_shared, check_shared, ensure_ray
 
     cfg = job_config(PredictConfig, args, {k: getattr(args, k) for k in _FLAGS})
     from pipelines.predict.store import LeaseHeld
 
     ensure_ray(cfg.address)
+    check_manifest_shared("input", cfg.input)
+    check_shared({"model": cfg.model, "out": cfg.out})
     try:
         summary = run_predict(cfg)
     except LeaseHeld as held:   # another run writes to this --out: say who, change nothing

@@ -55,12 +55,14 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from pipelines.config import apply_overrides, read_yaml
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import check_shared, ensure_ray
     from pipelines.serve.app import start_endpoint, stop_endpoint
 
     config = apply_overrides(read_yaml(resolve_config_path(args.config or "serve")),
                              args.overrides)
     ensure_ray()
+    args_block = config["applications"][0].get("args") or {}
+    check_shared({"--model": args.model, "--out": args.out or args_block.get("out_uri")})
     url = start_endpoint(args.model, args.out, config=config, host=args.host,
                          port=args.port, api_key_env=args.api_key_env)
     key = f" -H \"X-API-Key: ${args.api_key_env}\"" if args.api_key_env else ""

@@ -55,9 +55,13 @@ def run(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
 
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import check_manifest_shared, check_shared, ensure_ray
 
     ensure_ray(address=args.address)
+    if cfg.data.manifest:
+        check_manifest_shared("data.manifest", cfg.data.manifest)
+    check_shared({"data.shards": cfg.data.shards, "storage.storage_path":
+                  cfg.storage.storage_path, "storage.models_uri": cfg.storage.models_uri})
     if cfg.nfolds >= 2:
         from pipelines.train.cv import cross_validate
 

@@ -87,12 +87,13 @@ def mask_spec_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.raycluster import ensure_ray
+    from pipelines.raycluster import check_manifest_shared, ensure_ray
     from pipelines.validate import validate
 
     cfg = validate_config(args)
     out = cfg.out or _default_out(cfg.source)
     ensure_ray(address=cfg.address)
+    check_manifest_shared("SOURCE", cfg.source)   # the report is written here, may be local
     report = validate(cfg.source, cfg.mask, out_uri=out, max_pixels=cfg.max_pixels,
                       max_bad=cfg.max_bad)
     print(report.table())

@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.storage import fspath_fields, join_uri
+from pipelines.storage import path_fields, join_uri
 from seg_core.config import (
     LOSS_NAMES,
     MULTILABEL_LOSSES,
@@ -66,7 +66,7 @@ class DataSpec:
     shuffle_buffer: int = 64  # rows shuffled per worker and epoch (seeded); 0 keeps file order
 
     def __post_init__(self) -> None:
-        fspath_fields(self, "manifest", "shards")
+        path_fields(self, "manifest", "shards")
         if (self.manifest is None) == (self.shards is None):
             raise ValueError(
                 f"data: set exactly one of manifest / shards, got manifest={self.manifest!r}, "
@@ -146,7 +146,7 @@ class StorageSpec:
     num_to_keep: int = 2  # checkpoints kept (the newest always survives)
 
     def __post_init__(self) -> None:
-        fspath_fields(self, "storage_path", "models_uri")
+        path_fields(self, "storage_path", "models_uri")
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ class PredictConfig:
     verify_done: bool = False       # on a rerun, re-read done inputs and check their SHA-256
 
     def __post_init__(self) -> None:
-        fspath_fields(self, "model", "input", "out")
+        path_fields(self, "model", "input", "out")
         if self.batch_size < 1 or self.rows_per_file < 1:
             raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
                              f"{self.batch_size} and {self.rows_per_file}")
@@ -306,7 +306,7 @@ class EvaluateConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        fspath_fields(self, "manifest", "out", "predictions", "model")
+        path_fields(self, "manifest", "out", "predictions", "model")
         if self.predictions is None and self.model is None:
             raise ValueError("evaluate: give --predictions (output of rayseg predict) or --model "
                              "(predict first), got neither")
@@ -330,7 +330,7 @@ class ValidateConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        fspath_fields(self, "source", "out")
+        path_fields(self, "source", "out")
         if not 0.0 <= self.max_bad <= 1.0 or self.max_pixels < 1:
             raise ValueError(f"validate: expected 0 <= max_bad <= 1 and max_pixels >= 1, got "
                              f"{self.max_bad} and {self.max_pixels}")
@@ -347,7 +347,7 @@ class PackConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
-        fspath_fields(self, "source", "out")
+        path_fields(self, "source", "out")
         if self.shard_mb <= 0:
             raise ValueError(f"pack: shard_mb must be > 0, got {self.shard_mb}")
 
@@ -377,6 +377,7 @@ class DemoConfig:
     serve_config: str | None = None  # Serve YAML (`rayseg demo`: jobs/configs/serve.yaml)
 
     def __post_init__(self) -> None:
+        path_fields(self, "work_dir", "train_config", "serve_config")
         if self.images < 8 or self.size < 32 or self.epochs < 1 or self.num_workers < 1:
             raise ValueError(f"demo: need images >= 8, size >= 32, epochs >= 1, workers >= 1; got "
                              f"{self.images}, {self.size}, {self.epochs}, {self.num_workers}")

@@ -66,9 +66,8 @@ def path_refusal(raw: str, resolved: str, manifest_dir: str,
                           hint=f"keep data under the manifest's directory, or allow its root "
                                f"explicitly: {ALLOWED_ROOTS_ENV}=<prefix>[,<prefix>...]")
 
-    local = storage.is_local(resolved) or raw.startswith(("/", "file://"))
-    path = storage.strip_scheme(raw if "://" not in resolved or raw.startswith("/") else resolved) \
-        if local else ""
+    local = storage.is_local(resolved)
+    path = storage.strip_scheme(resolved) if local else ""
     if local and any(path == root or path.startswith(root + "/") for root in _SPECIAL_ROOTS):
         return refuse(f"{path} is a system path, not a data file")
     roots = allowed_roots or [r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(",") if r]

@@ -250,3 +250,63 @@ def _absorb_actor_arg_notice() -> None:
         os.close(saved)
         os.close(devnull)
     ray.kill(actor)
+
+
+# --------------------------------------------------------------------------- storage contract
+
+SHARED_FS_ENV = "RAYSEG_SHARED_FS"   # comma-separated local prefixes every node mounts
+
+
+class StorageContractError(ValueError):
+    """A local path given to a job on a multi-node cluster, where other nodes cannot see it."""
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are alive."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_shared(uris: Mapping[str, str | None], *, nodes: int | None = None) -> None:
+    """Refuse, before any work, local paths that tasks on other nodes would not see.
+
+    ``uris`` maps each setting's name (as the user writes it: ``--out``, ``storage.storage_path``)
+    to its URI.  On a cluster of more than one node every one must be in object storage
+    (``s3://``, ``gs://``, ...) or under a prefix listed in ``RAYSEG_SHARED_FS`` (an NFS or
+    similar mount present on every node).  On one node anything goes.
+    """
+    from pipelines import storage
+
+    nodes = alive_nodes() if nodes is None else nodes
+    if nodes <= 1:
+        return
+    shared = [p.rstrip("/") for p in os.environ.get(SHARED_FS_ENV, "").split(",") if p]
+    bad = [(key, uri) for key, uri in uris.items()
+           if uri and storage.is_local(uri) and not any(
+               storage.strip_scheme(uri) == root or storage.strip_scheme(uri).startswith(
+                   root + "/") for root in shared)]
+    if bad:
+        listed = "; ".join(f"{key}={uri}" for key, uri in bad)
+        raise StorageContractError(
+            f"this Ray cluster has {nodes} nodes, and {listed} is a local path: tasks, workers "
+            f"and replicas on the other nodes would read or write their own disks (lost or "
+            f"scattered data). Use object storage (s3://bucket/...) for it, or declare a "
+            f"filesystem every node mounts: {SHARED_FS_ENV}=/mnt/shared")
+
+
+def check_manifest_shared(key: str, source: str, *, nodes: int | None = None) -> None:
+    """:func:`check_shared` for ``source`` and, when it is a manifest, every file it names."""
+    nodes = alive_nodes() if nodes is None else nodes
+    check_shared({key: source}, nodes=nodes)
+    if nodes <= 1 or not source.lower().endswith((".csv", ".tsv", ".parquet")):
+        return
+    from pipelines import ingest
+
+    if ingest.detect_kind(source) != "manifest":
+        return
+    table = ingest.read_manifest(source)
+    for column in ("image_uri", "mask_uri"):
+        for value in table[column].to_pylist():
+            for uri in ingest.mask_part_uris(value):
+                check_shared({f"{key} row {column.split('_')[0]} {uri}": uri}, nodes=nodes)

@@ -56,12 +56,18 @@ def as_uri(uri: Uri) -> str:
                     f"{uri!r}")
 
 
-def fspath_fields(config: Any, *names: str) -> None:
-    """Turn ``pathlib.Path`` (any ``os.PathLike``) fields of a frozen dataclass into ``str``."""
+def path_fields(config: Any, *names: str) -> None:
+    """Normalise the URI fields ``names`` of a frozen dataclass: ``pathlib.Path`` (any
+    ``os.PathLike``) becomes ``str``, and a local path becomes absolute (``file://`` dropped).
+
+    Configs are built on the driver; the tasks, actors and replicas that read these paths run
+    in other processes (and on a cluster, other machines) with another working directory, so a
+    relative path must not leave the driver.
+    """
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, os.PathLike):
-            object.__setattr__(config, name, os.fspath(value))
+        if value is not None and (isinstance(value, os.PathLike) or is_local(value)):
+            object.__setattr__(config, name, strip_scheme(value))
 
 
 def scheme_of(uri: Uri) -> str:
@@ -179,9 +185,13 @@ def parent_uri(uri: Uri) -> str:
 
 
 def resolve_against(base_dir: Uri, ref: Uri) -> str:
-    """``ref`` if it is absolute (scheme or ``/``), else ``ref`` relative to ``base_dir``."""
+    """``ref`` if it is absolute (scheme or ``/``), else ``ref`` relative to ``base_dir``.
+
+    An absolute ``/path`` stays a local path even against an object-storage ``base_dir``
+    (ingest's path policy then refuses it there, rather than reading ``s3:///path``).
+    """
     base_dir, ref = as_uri(base_dir), as_uri(ref)
-    if "://" in ref or (is_local(base_dir) and os.path.isabs(ref)):
+    if "://" in ref or os.path.isabs(ref):
         return ref
     return join_uri(base_dir, ref)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipelines.config import BatchSettings, ServeArgs
+from pipelines.storage import is_local, strip_scheme
 from seg_core.config import from_dict
 
 APP_NAME = "rayseg"
@@ -70,6 +71,9 @@ def start_endpoint(model_uri: str, out_uri: str | None = None, *,
         app["args"]["out_uri"] = out_uri
     if api_key_env is not None:
         app["args"]["api_key_env"] = api_key_env
+    for key in ("model_uri", "out_uri"):   # replicas run elsewhere: no relative path leaves here
+        if app["args"].get(key) and is_local(app["args"][key]):
+            app["args"][key] = strip_scheme(app["args"][key])
     ServeArgs.model_validate(app["args"])  # fail here rather than inside the build task
     key_env = {api_key_env: os.environ[api_key_env]} \
         if api_key_env and os.environ.get(api_key_env) else None

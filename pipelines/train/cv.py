@@ -31,7 +31,6 @@ from pipelines import storage
 from pipelines.config import TrainConfig
 from pipelines.train.train import (
     TrainResult,
-    absolute_paths,
     default_cpus_per_worker,
     train,
 )
@@ -74,7 +73,6 @@ def cross_validate(cfg: TrainConfig, *, parallelism: int | None = None) -> CVRes
         raise ValueError("cross_validate: random folds need a manifest; shards carry their own "
                          "fold column (rayseg pack), so use fold_assignment: column")
     resources = ray.cluster_resources()
-    cfg = absolute_paths(cfg)
     parallelism = max(1, min(parallelism or cfg.cv_parallelism, cfg.nfolds))
     folds_uri, assignment, sizes = write_fold_assignment(cfg)
     fold_cfgs = [fold_config(cfg, k, folds_uri, parallelism, resources) for k in range(cfg.nfolds)]

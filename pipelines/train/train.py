@@ -83,7 +83,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    cfg = absolute_paths(cfg)
     data = build_train_data(cfg)
     cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
     plan = plan_steps(cfg, data.num_train)
@@ -190,17 +189,6 @@ def default_cpus_per_worker(cluster_cpus: float, num_workers: int, trainers: int
     """
     spare = (cluster_cpus - 1.0) / (num_workers * trainers)
     return min(1.0, max(0.25, math.floor(spare * 4) / 4))
-
-
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local relative paths -> absolute, because Ray workers do not share the driver's cwd."""
-    def fix(uri: str | None) -> str | None:
-        return storage.strip_scheme(uri) if uri and storage.is_local(uri) else uri
-
-    data = dataclasses.replace(cfg.data, manifest=fix(cfg.data.manifest), shards=fix(cfg.data.shards))
-    store = dataclasses.replace(cfg.storage, storage_path=fix(cfg.storage.storage_path),
-                                models_uri=fix(cfg.storage.models_uri))
-    return dataclasses.replace(cfg, data=data, storage=store)
 
 
 # ------------------------------------------------------------------------------------ outputs
