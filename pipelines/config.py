@@ -62,7 +62,8 @@ class DataSpec:
     train_split: str = "train"
     val_split: str = "val"
     fold_column: str = "fold"
-    cache_decoded: bool = True  # preprocess once into the object store; off if it won't fit
+    cache_decoded: bool | Literal["auto"] = "auto"  # preprocess once into the object store;
+    # auto: when the estimated decoded train + val sets take at most half of it, else stream
     shuffle_buffer: int = 64  # rows shuffled per worker and epoch (seeded); 0 keeps file order
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ import io
 import os
 import posixpath
 import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -125,6 +126,19 @@ def _too_large(uri: str, size: int | None, max_bytes: int) -> InputError | None:
                       f"MiB limit per file", source=uri,
                       hint="raise max_bytes (and max_pixels) if such files are expected, or "
                            "tile the image before ingest")
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header without decoding pixels; None if unreadable."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 # ------------------------------------------------------------------------------ pair metadata

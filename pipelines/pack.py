@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import random
-import warnings
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.ingest import SourceKind, detect_kind, mask_part_uris, pair_table, read_pairs
+from pipelines.ingest import (SourceKind, detect_kind, header_size, mask_part_uris, pair_table,
+                              read_pairs)
 from pipelines.records import SHARD_SCHEMA
 from seg_core.codecs import sniff_format
 
@@ -86,7 +85,7 @@ def to_shard_rows(batch: pa.Table) -> pa.Table:
     images = batch["image_bytes"].to_pylist()
     formats, heights, widths, digests = [], [], [], []
     for data in images:
-        size = _header_size(data) if data else None
+        size = header_size(data) if data else None
         formats.append(sniff_format(data) if data else None)
         heights.append(size[1] if size else None)
         widths.append(size[0] if size else None)
@@ -124,16 +123,3 @@ def _parquet_rows(uri: str, storage_options) -> int:
 
     with storage.open_uri(uri, storage_options) as handle:
         return pq.ParquetFile(handle).metadata.num_rows
-
-
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header without decoding pixels; None if unreadable."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None

@@ -13,9 +13,10 @@ see the driver's endpoint even when their environment lacks it.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import posixpath
 import shutil
@@ -343,24 +344,45 @@ def copy_dir_to_local(uri: Uri, local_dir: str | os.PathLike,
     return dest
 
 
-def fetch_artifact(uri: Uri, storage_options: StorageOptions | None = None) -> Path:
-    """A local directory holding the model artifact at ``uri``.
+ARTIFACT_CACHE = Path(tempfile.gettempdir()) / "rayseg-artifacts"
 
-    A local artifact is used where it is; one in object storage is copied once per process into
-    a temporary directory (every predictor actor, Serve replica and notebook loads from there),
-    which is removed when the process exits.
+
+def fetch_artifact(uri: Uri, storage_options: StorageOptions | None = None) -> Path:
+    """A local directory holding the model artifact at ``uri``; the one way an artifact gets
+    onto a machine (predict actors, Serve replicas, evaluate, export, the notebook API).
+
+    A local artifact is used where it is.  One in object storage is copied once per node into
+    ``<tmp>/rayseg-artifacts/<weights sha256>/``: every actor and replica of that node shares
+    the copy, and a new artifact at the same URI (other weights) gets its own.  The copy is
+    staged under a hidden name, its weights are checked against the recorded hash, and it is
+    renamed into place whole, so a reader never sees half a copy.
     """
+    from seg_core.artifact import ARTIFACT_JSON, WEIGHTS_FILE, sha256_file
+
     uri = as_uri(uri)
     if is_local(uri):
         return Path(strip_scheme(uri))
-    if uri not in _FETCHED:
-        target = tempfile.mkdtemp(prefix="rayseg-model-")
-        atexit.register(shutil.rmtree, target, ignore_errors=True)
-        _FETCHED[uri] = copy_dir_to_local(uri, target, storage_options)
-    return _FETCHED[uri]
+    meta = read_bytes(join_uri(uri, ARTIFACT_JSON), storage_options)
+    recorded = json.loads(meta).get("weights_sha256")   # artifacts before 0.2 lack it
+    key = recorded or hashlib.sha256(as_uri(uri).encode() + meta).hexdigest()
+    target = ARTIFACT_CACHE / key
+    if (target / ARTIFACT_JSON).is_file():
+        return target
+    staging = ARTIFACT_CACHE / f".{key}.{uuid.uuid4().hex[:8]}"
+    try:
+        copy_dir_to_local(uri, staging, storage_options)
+        if recorded and sha256_file(staging / WEIGHTS_FILE) != recorded:
+            raise ValueError(f"{uri}: {WEIGHTS_FILE} does not match the weights_sha256 in "
+                             f"{ARTIFACT_JSON} (changed while it was copied?); try again")
+        try:
+            os.rename(staging, target)    # whole, or another process was first: use theirs
+        except OSError:
+            if not (target / ARTIFACT_JSON).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
-
-_FETCHED: dict[str, Path] = {}
 
 
 def copy_dir_from_local(local_dir: str | os.PathLike, uri: Uri,

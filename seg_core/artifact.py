@@ -121,6 +121,7 @@ def save_artifact(path: str | Path, model: nn.Module, *, name: str, version: str
     state = {_strip_prefix(k): v.detach().to("cpu").contiguous()
              for k, v in unet.state_dict().items()}
     _atomic_write(directory / WEIGHTS_FILE, lambda handle: torch.save(state, handle))
+    meta["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)   # the artifact's identity
     text = json.dumps(_jsonable(meta), indent=2, sort_keys=False, allow_nan=False) + "\n"
     _atomic_write(directory / ARTIFACT_JSON, lambda handle: handle.write(text.encode()))
     return directory

@@ -40,7 +40,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +67,7 @@ from pipelines.serve.control import (  # noqa: F401
 )
 from pipelines.serve.sink import PredictionSink, SinkUnavailable
 from pipelines.serve.wal import default_wal_dir
-from pipelines.storage import fetch_artifact, is_local
+from pipelines.storage import fetch_artifact
 from seg_core.config import from_dict
 from seg_core.errors import InputError
 
@@ -113,7 +112,7 @@ class SegmentService:
         torch.set_num_threads(args.torch_threads)
         self._args = args
         self._api_key = _api_key(args.api_key_env)
-        self._model_uri, self._model_dir = args.model_uri, fetch_artifact(args.model_uri)
+        self._model_dir = fetch_artifact(args.model_uri)
         self._artifact = load_artifact(self._model_dir)
         device = args.device if args.device != "auto" else \
             ("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,9 +259,7 @@ class SegmentService:
         if self._sink is not None:
             written = self._sink.close()  # rows it cannot ship stay in the node's WAL
             logger.info("replica %s: sink closed, %d rows written", self._replica, written)
-        self._forward_pool.shutdown(wait=True)
-        if not is_local(self._model_uri):   # the replica's fetched copy; its process ends
-            shutil.rmtree(self._model_dir, ignore_errors=True)
+        self._forward_pool.shutdown(wait=True)   # the fetched artifact is the node's: it stays
 
     # ------------------------------------------------------------------------------ helpers
     def _decode(self, data: bytes, name: str) -> np.ndarray:

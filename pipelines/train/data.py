@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.config import TrainConfig
-from pipelines.ingest import SourceKind, decode_pairs, read_pairs
+from pipelines.ingest import SourceKind, decode_pairs, pair_table, read_pairs
 from pipelines.records import QUARANTINE_SCHEMA, quarantine_row
 from seg_core.config import MaskSpec, Preprocessing
 from seg_core.errors import InputError
@@ -112,7 +112,9 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
                              **common)
     val = decoded_dataset(source, cfg.mask, max_pixels=cfg.preprocessing.max_pixels, **val_sel,
                           **common)
-    if cfg.data.cache_decoded:
+    cache, why = cache_decision(cfg, source, kind, train_sel, val_sel)
+    print(f"[{cfg.run_name}] data: {why}", flush=True)
+    if cache:
         train, val = train.materialize(), val.materialize()
     counts = [train.count(), val.count()]  # after bad pairs were dropped
     if min(counts) == 0:
@@ -122,7 +124,7 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     # one cheap pass over the cached set (a second decode otherwise: only when auto needs it)
     class_pixels: tuple[int, ...] = ()
     labelled = 0
-    if cfg.data.cache_decoded or "auto" in (cfg.class_weights, cfg.pos_weight):
+    if cache or "auto" in (cfg.class_weights, cfg.pos_weight):
         per_class, labelled = class_pixel_counts(train, cfg.mask)
         class_pixels = tuple(int(c) for c in per_class)
     augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
@@ -130,6 +132,75 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     return TrainData(train=train, val=val, augment=augment, num_train=counts[0],
                      num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
                      labelled_pixels=labelled)
+
+
+CACHE_SHARE = 0.5     # decoded sets may take this share of the object store to be cached
+_SIZE_SAMPLE = 16     # images whose headers give the mean size
+
+
+def cache_decision(cfg: TrainConfig, source: str, kind: str, train_sel: dict[str, Any],
+                   val_sel: dict[str, Any]) -> tuple[bool, str]:
+    """Whether to materialise the decoded sets, and the sentence that says why.
+
+    ``data.cache_decoded: auto`` estimates the decoded sizes (train: float32 C x H' x W' plus an
+    int64 mask; val: the decoded image plus its mask) from the row counts and the mean image
+    size of a sample of headers, and caches when they take at most :data:`CACHE_SHARE` of the
+    object store; a dataset that would not fit streams (decoded again every epoch).
+    """
+    import ray
+
+    if cfg.data.cache_decoded != "auto":
+        return bool(cfg.data.cache_decoded), f"cache_decoded={cfg.data.cache_decoded}"
+    rows, pixels = _rows_and_mean_pixels(source, kind, train_sel, val_sel)
+    c = cfg.preprocessing.channels
+    trained = cfg.preprocessing.resize[0] * cfg.preprocessing.resize[1] \
+        if cfg.preprocessing.resize else pixels
+    need = rows[0] * trained * (4 * c + 8) + rows[1] * pixels * (c + 8)
+    store = float(ray.cluster_resources().get("object_store_memory", 0))
+    cache = need <= CACHE_SHARE * store
+    action = "caching them" if cache else \
+        "streaming them (decoded again every epoch; data.cache_decoded=true forces caching)"
+    return cache, (f"decoded train + val ~{need / 2**20:,.0f} MiB, object store "
+                   f"{store / 2**20:,.0f} MiB: {action}")
+
+
+def _rows_and_mean_pixels(source: str, kind: str, train_sel: dict[str, Any],
+                          val_sel: dict[str, Any]) -> tuple[tuple[int, int], float]:
+    """(train rows, val rows) and the mean H x W of a sample of images (header reads only)."""
+    import random
+
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from pipelines.ingest import header_size
+
+    if kind == "shards":
+        fs, path = storage.filesystem_for(source)
+        table = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive",
+                             exclude_invalid_files=True).to_table(
+            columns=["split", "fold", "height", "width"])
+        sizes = [h * w for h, w in zip(table["height"].to_pylist(), table["width"].to_pylist())
+                 if h and w]
+    else:
+        table = pair_table(source, kind)
+        uris = table["image_uri"].to_pylist()
+        picks = random.Random(0).sample(range(len(uris)), min(_SIZE_SAMPLE, len(uris)))
+        sizes = []
+        for i in picks:
+            try:
+                found = header_size(storage.read_bytes(uris[i])) if uris[i] else None
+            except (OSError, ValueError):
+                found = None
+            if found:
+                sizes.append(found[0] * found[1])
+
+    def count(sel: dict[str, Any]) -> int:
+        mask = pc.equal(table["split"], sel["split"])
+        if "folds" in sel:
+            mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(sel["folds"], pa.int32())))
+        return int(pc.sum(pc.fill_null(mask, False)).as_py() or 0)
+
+    return (count(train_sel), count(val_sel)), (sum(sizes) / len(sizes) if sizes else 0.0)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -305,3 +305,22 @@ def test_a_non_finite_loss_stops_without_retry_and_exports_the_best_epoch(
     early = _cfg(str(tiny_dataset), str(tmp_path / "early"), "epochs=2", "nan_at_step=1")
     with pytest.raises(RuntimeError, match="before the first epoch ended"):
         train(early)
+
+
+def test_cache_decoded_auto_weighs_the_decoded_size_against_the_object_store(
+        ray_session, tiny_dataset, tmp_path, monkeypatch):
+    from pipelines.train import data
+
+    cfg = _cfg(str(tiny_dataset), str(tmp_path))
+    assert cfg.data.cache_decoded == "auto"
+    train_sel, val_sel = {"split": "train"}, {"split": "val"}
+    cache, why = data.cache_decision(cfg, str(tiny_dataset), "manifest", train_sel, val_sel)
+    # 9 train rows at 32x32 (3 x 4 + 8 bytes per pixel), 3 val rows (3 + 8 bytes per pixel)
+    expected = (9 * 1024 * 20 + 3 * 1024 * 11) / 2**20
+    assert cache and why.startswith(f"decoded train + val ~{expected:,.0f} MiB") and \
+        why.endswith("caching them")
+    monkeypatch.setattr(data, "CACHE_SHARE", 1e-9)          # as if the store were tiny
+    cache, why = data.cache_decision(cfg, str(tiny_dataset), "manifest", train_sel, val_sel)
+    assert not cache and "streaming them" in why
+    forced = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_decoded=True))
+    assert data.cache_decision(forced, str(tiny_dataset), "manifest", train_sel, val_sel)[0]
