@@ -74,7 +74,8 @@ def validate_config(args: argparse.Namespace):
     own = {f.name for f in dataclasses.fields(ValidateConfig)}
     if not set(data) <= own and "mask" in data:          # a training config: its mask only
         data = {"mask": data["mask"]}
-    if "num_classes" not in (data.get("mask") or {}) and args.num_classes is None:
+    if "num_classes" not in (data.get("mask") or {}) and args.num_classes is None and not any(
+            item.startswith("mask.num_classes=") for item in args.overrides):
         raise SystemExit("rayseg validate: give --num-classes K (or a --config with "
                          "mask.num_classes)")
     flags = {key: value for key, value in flags.items() if value is not None}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -57,10 +58,13 @@ def test_config_then_flags_then_set_and_typos_list_the_valid_keys(tmp_path):
     from pipelines.config import PredictConfig
 
     yaml_file = tmp_path / "predict.yaml"
-    yaml_file.write_text("model: m\ninput: i\nout: o\nbatch_size: 4\nactors: 3\n")
+    yaml_file.write_text("model: s3://b/m\ninput: s3://b/i\nout: o\nbatch_size: 4\nactors: 3\n")
     args = argparse.Namespace(config=str(yaml_file), overrides=["actors=5", "tta=true"])
-    cfg = job_config(PredictConfig, args, {"out": "flag-out", "batch_size": None})
-    assert (cfg.model, cfg.out, cfg.batch_size, cfg.actors, cfg.tta) == ("m", "flag-out", 4, 5, True)
+    cfg = job_config(PredictConfig, args, {"out": "s3://b/flag-out", "batch_size": None})
+    assert (cfg.model, cfg.out, cfg.batch_size, cfg.actors, cfg.tta) == (
+        "s3://b/m", "s3://b/flag-out", 4, 5, True)
+    relative = job_config(PredictConfig, argparse.Namespace(config=str(yaml_file), overrides=[]))
+    assert relative.out == str(Path("o").resolve())   # no relative path leaves the driver
     args.overrides = ["batch_sise=8"]
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['batch_sise'\].*'batch_size'"):
         job_config(PredictConfig, args)
