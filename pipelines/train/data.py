@@ -20,6 +20,7 @@ running beside Train workers that reserve fractional CPUs on a 2-core machine.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -132,6 +133,22 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     return TrainData(train=train, val=val, augment=augment, num_train=counts[0],
                      num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
                      labelled_pixels=labelled)
+
+
+def val_shards(val: "ray.data.Dataset", workers: int) -> dict[str, "ray.data.Dataset"]:
+    """``{"val_<rank>": rows of that worker}``: the val set partitioned by a hash of each id.
+
+    Ray Train's own split (``streaming_split(equal=True)``) drops rows to even out the shares,
+    which validation must not do; these unsplit per-rank datasets keep every row exactly once,
+    and each worker reads only its own.
+    """
+    return {f"val_{rank}": val.filter(_of_rank, fn_kwargs={"rank": rank, "workers": workers},
+                                      num_cpus=0.25)
+            for rank in range(workers)}
+
+
+def _of_rank(row: dict[str, Any], rank: int, workers: int) -> bool:
+    return zlib.crc32(str(row["id"]).encode()) % workers == rank
 
 
 CACHE_SHARE = 0.5     # decoded sets may take this share of the object store to be cached

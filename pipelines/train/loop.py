@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +80,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         state.restarts.append({"epoch": state.epoch, "step": state.step, "lr": lr})
         say(f"resumed at epoch {state.epoch} step {state.step} lr {lr:.3g}")
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard(f"val_{rank}")   # this worker's rows only
     started = time.monotonic()
     while state.epoch < cfg.epochs and state.stopped is None:
         totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
@@ -170,20 +169,19 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
 def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device, rank: int,
              world: int, train_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Integer counts of full-resolution predictions against the original masks, summed over
-    every worker.  Each worker predicts the val rows whose id hashes to its rank (the val set is
-    not split, so every row is scored exactly once), through the same Segmenter as batch predict,
-    at the geometry the saved artifact will record (``train_size``).
+    every worker.  Each worker reads and predicts only its share of the val rows (``val_<rank>``,
+    see :func:`pipelines.train.data.val_shards`: every row once, none dropped), through the
+    same Segmenter as batch predict, at the geometry the artifact will record (``train_size``).
     """
     broadcast_buffers(unet, device, world)
     pre = dataclasses.replace(cfg.preprocessing, train_size=train_size)
     segmenter = Segmenter.from_model(unet, cfg.mask, pre, device=device)
     counts = np.zeros((len(COUNT_NAMES), cfg.mask.num_classes), dtype=np.int64)  # 4 x K
     for row in val_shard.iter_rows():
-        if zlib.crc32(str(row["id"]).encode()) % world == rank:
-            prediction = segmenter.predict_each([np.asarray(row["image"])])[0]
-            if not isinstance(prediction, InputError):   # over the memory budget: not scored
-                found = mask_counts(prediction.mask, np.asarray(row["mask"]), cfg.mask)
-                counts += np.stack([found[name] for name in COUNT_NAMES])
+        prediction = segmenter.predict_each([np.asarray(row["image"])])[0]
+        if not isinstance(prediction, InputError):   # over the memory budget: not scored
+            found = mask_counts(prediction.mask, np.asarray(row["mask"]), cfg.mask)
+            counts += np.stack([found[name] for name in COUNT_NAMES])
     summed = all_reduce_sum(torch.from_numpy(counts), device, world)
     return {name: summed[i].numpy() for i, name in enumerate(COUNT_NAMES)}
 
