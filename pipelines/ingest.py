@@ -1,6 +1,8 @@
 """Image/mask pairs from object storage into Ray Data, and the decode step that splits off bad rows.
 
-Three sources give the same rows ``{id, image_uri, mask_uri, image_bytes, mask_bytes, split, fold}``:
+Three sources give the same rows (:data:`records.ROW_SCHEMA`: ``id, image_uri, mask_uri, split,
+fold, refused, image_bytes, mask_bytes``); a default id is the image's path under the source's
+root, so a manifest and a prefix of the same folder agree:
 
 - a **manifest** (CSV or Parquet) with ``image`` and ``mask`` columns and optional ``id``, ``split``,
   ``fold``.  Relative paths resolve against the manifest's own location.  A mask cell may hold
@@ -11,7 +13,10 @@ Three sources give the same rows ``{id, image_uri, mask_uri, image_bytes, mask_b
 
 Manifests and listings are metadata, parsed on the driver; the bytes are fetched inside Ray tasks
 (I/O threads per task), so the dataset itself never passes through the driver.  A missing file
-gives null bytes, which the decode step turns into a quarantine row: bad input never crashes a job.
+gives null bytes, and a path the policy refuses (:func:`path_refusal`: out of the manifest's
+directory, a local file named by a remote manifest, /proc ...) or a file that is not regular or
+too big (:func:`read_limited`) sets ``refused``; the decode step turns both into quarantine rows:
+bad input never crashes a job, and nothing refused is read.
 """
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ class TrainData:
     """Ray Datasets of one run and the augmentation the loop applies per batch."""
 
     train: Any  # preprocessed rows {id, image C,h,w float32, mask}
-    val: Any  # decoded originals {id, image H,W,C, mask}
+    val: dict[str, Any]  # {"val_<rank>": that worker's decoded originals {id, image, mask}}
     augment: Augment  # applied by the loop to every training batch
     num_train: int
     num_val: int
@@ -130,25 +130,31 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
         class_pixels = tuple(int(c) for c in per_class)
     augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
                       ignore_index=cfg.mask.ignore_index, seed=cfg.seed)
+    val = val_shards(val, cfg.scaling.num_workers, materialize=cache)
     return TrainData(train=train, val=val, augment=augment, num_train=counts[0],
                      num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
                      labelled_pixels=labelled)
 
 
-def val_shards(val: "ray.data.Dataset", workers: int) -> dict[str, "ray.data.Dataset"]:
+def val_shards(val: "ray.data.Dataset", workers: int, *,
+               materialize: bool) -> dict[str, "ray.data.Dataset"]:
     """``{"val_<rank>": rows of that worker}``: the val set partitioned by a hash of each id.
 
     Ray Train's own split (``streaming_split(equal=True)``) drops rows to even out the shares,
     which validation must not do; these unsplit per-rank datasets keep every row exactly once,
-    and each worker reads only its own.
+    and each worker reads only its own.  A cached val set is partitioned once, here.
     """
-    return {f"val_{rank}": val.filter(_of_rank, fn_kwargs={"rank": rank, "workers": workers},
-                                      num_cpus=0.25)
-            for rank in range(workers)}
+    shards = {f"val_{rank}": val.map_batches(_rows_of_rank, batch_format="numpy", num_cpus=0.25,
+                                             fn_kwargs={"rank": rank, "workers": workers})
+              for rank in range(workers)}
+    return {name: ds.materialize() for name, ds in shards.items()} if materialize else shards
 
 
-def _of_rank(row: dict[str, Any], rank: int, workers: int) -> bool:
-    return zlib.crc32(str(row["id"]).encode()) % workers == rank
+def _rows_of_rank(batch: dict[str, np.ndarray], rank: int, workers: int
+                  ) -> dict[str, np.ndarray]:
+    keep = [i for i, id_ in enumerate(batch["id"])
+            if zlib.crc32(str(id_).encode()) % workers == rank]
+    return {name: column[keep] for name, column in batch.items()}
 
 
 CACHE_SHARE = 0.5     # decoded sets may take this share of the object store to be cached

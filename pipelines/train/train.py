@@ -23,7 +23,7 @@ import yaml
 
 from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
-from pipelines.train.data import build_train_data, val_shards
+from pipelines.train.data import build_train_data
 from pipelines.train.checkpoint import NON_FINITE, load_newest_good
 from pipelines.train.loop import StepPlan, train_loop_per_worker
 
@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,
                            "progress": progress},
-        datasets={"train": data.train, **val_shards(data.val, cfg.scaling.num_workers)},
+        datasets={"train": data.train, **data.val},
         dataset_config=DataConfig(datasets_to_split=["train"]),  # val_<rank>: one per worker
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
