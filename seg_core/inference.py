@@ -44,6 +44,8 @@ from seg_core.tiling import forward_pixels, padded_side, sliding_window_many, wi
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 # Flip dims of a C x H x W tensor used for test-time augmentation (each is its own inverse).
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,))
+# float32 words the forward holds per channel of base width, per window pixel (activation_bytes)
+_ACTIVATION_WORDS = 16
 # What a prediction allocates beyond its counted buffers: allocator slack, kernel workspaces, the
 # window list.  Measured at 12-25 MiB on this CPU build (tests/seg_core/test_hostile_inputs.py).
 _OVERHEAD_BYTES = 32 * 2**20
@@ -308,7 +310,7 @@ def _warn_if_tile_exceeds_training(pre: Preprocessing) -> None:
 
 def inference_bytes(shape: Sequence[int], pre: Preprocessing, *, num_classes: int,
                     multilabel: bool = False, tta: bool = False, batch_size: int = 4,
-                    activation_bytes: int = 4 * 13 * 64, size_multiple: int = 1) -> int:
+                    activation_bytes: int = 4 * 16 * 64, size_multiple: int = 1) -> int:
     """Peak bytes :meth:`Segmenter.predict` allocates for one image of ``shape`` (H x W [x C]).
 
     The largest of three phases, counted from the code's own buffers (float32 = 4 bytes; ``P``
@@ -354,17 +356,19 @@ def inference_bytes(shape: Sequence[int], pre: Preprocessing, *, num_classes: in
 def activation_bytes(model: nn.Module) -> int:
     """Bytes the forward holds per padded window pixel, at its peak (inference mode).
 
-    For a :class:`UNet`, ``4 * (13 * base_width + 2 * (in_channels + num_classes))``: measured
-    on this CPU build at 42-50 bytes per channel of base width (depth 2-4, widths 4-64), the
-    full-resolution stem, decoder and their convolution workspaces dominating.  Any other
+    For a :class:`UNet`, ``4 * (16 * base_width + 2 * (in_channels + num_classes))``: measured
+    at 42-50 bytes per channel of base width on one AVX-512 CPU (depth 2-4, widths 4-64) and
+    up to about 57 on others (oneDNN picks other kernels and workspaces per instruction set),
+    the full-resolution stem, decoder and their convolution workspaces dominating.  Any other
     module is sized the same way from its widest convolution (64 if it has none).
     """
     if isinstance(model, UNet):
         config = model.config
-        return 4 * (13 * channel_plan(config)[0] + 2 * (config.in_channels + config.num_classes))
+        return 4 * (_ACTIVATION_WORDS * channel_plan(config)[0] +
+                    2 * (config.in_channels + config.num_classes))
     widths = [m.out_channels for m in model.modules()
               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    return 4 * 13 * max(widths, default=64)
+    return 4 * _ACTIVATION_WORDS * max(widths, default=64)
 
 
 def _size_multiple(model: nn.Module) -> int:
