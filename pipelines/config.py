@@ -115,6 +115,19 @@ class OptimSpec:
             )
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+def _check_resources(key: str, resources: Mapping[str, float] | None) -> None:
+    """Custom resources only (CPU and GPU have their own keys), each amount > 0."""
+    for name, amount in (resources or {}).items():
+        if name in ("CPU", "GPU", "memory"):
+            raise ValueError(f"{key}: {name} has its own setting (cpus/gpus per worker or actor); "
+                             f"list only custom resources here")
+        if amount <= 0:
+            raise ValueError(f"{key}: expected amounts > 0, got {name}: {amount}")
+
+
 @dataclass(frozen=True)
 class ScalingSpec:
     """Ray Train workers.  ``None`` means "decide from the cluster" (see ``pipelines.train.train``)."""
@@ -124,8 +137,13 @@ class ScalingSpec:
     cpus_per_worker: float | None = None  # None: 1, or a fraction on small boxes (2-core hang)
     gpus_per_worker: float = 1.0
     torch_threads: int | None = None  # None: what Ray sets (one per reserved CPU, at least 1)
+    # custom Ray resources each worker also needs, e.g. {train_node: 1} keeps workers on the nodes
+    # that declare `train_node` (KubeRay: rayStartParams.resources); one each spreads them
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: PlacementStrategy = "PACK"  # SPREAD: workers on as many nodes as can be
 
     def __post_init__(self) -> None:
+        _check_resources("scaling.resources_per_worker", self.resources_per_worker)
         if self.num_workers < 1:
             raise ValueError(f"scaling: num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
@@ -184,6 +202,7 @@ class TrainConfig:
     log_every_steps: int = 10
     fail_at_step: int | None = None  # TESTS ONLY: last worker dies once at this global step
     nan_at_step: int | None = None  # TESTS ONLY: the loss reads NaN at this global step
+    pause_at_step: int | None = None  # TESTS ONLY: last worker stalls once here (node removal)
 
     def __post_init__(self) -> None:
         if self.model.num_classes != self.mask.num_classes:
@@ -276,8 +295,12 @@ class PredictConfig:
     address: str | None = None      # Ray cluster to join; None starts a local one
     progress: bool = True           # Ray Data progress bars (rows done per stage)
     verify_done: bool = False       # on a rerun, re-read done inputs and check their SHA-256
+    # custom Ray resources each actor also needs, e.g. {predict_node: 1}: one actor per node
+    # that declares predict_node: 1 (KubeRay: rayStartParams.resources)
+    resources_per_actor: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        _check_resources("predict: resources_per_actor", self.resources_per_actor)
         path_fields(self, "model", "input", "out")
         if self.batch_size < 1 or self.rows_per_file < 1:
             raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "

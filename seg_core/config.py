@@ -82,6 +82,12 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if value not in args:
             raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        key_hint, value_hint = args or (Any, Any)
+        return {_convert(k, key_hint, where): _convert(v, value_hint, f"{where}.{k}")
+                for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: expected a list, got {value!r}")

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import time
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -107,6 +107,15 @@ def _unscored(id_: str, reason: str, message: str) -> dict[str, Any]:
     return {"id": id_, "status": reason, "message": message}
 
 
+def _quarantined(predictions: str, truth: Mapping[str, Any]) -> pa.Table:
+    """Truth rows that ``rayseg predict`` quarantined: unscored, with predict's reason, rather
+    than reported as missing predictions."""
+    rows = store.read_quarantine(predictions).to_pylist()
+    return pa.Table.from_pylist([_unscored(r["id"], r["reason"], f"quarantined by predict: "
+                                           f"{r['message']}") for r in rows if r["id"] in truth],
+                                schema=COUNT_SCHEMA)
+
+
 # ------------------------------------------------------------------------- aggregate scores
 
 
@@ -188,13 +197,14 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     scored = ds.map_batches(score_batch, batch_format="pyarrow", fn_kwargs={
         "truth": truth_masks, "spec": _spec_dict(spec),
         "storage_options": storage.resolve_options()}).to_arrow_refs()
-    table = pa.concat_tables(ray.get(scored)).sort_by("id") if scored else \
-        COUNT_SCHEMA.empty_table()
+    table = pa.concat_tables([*ray.get(scored), _quarantined(predictions, truth_masks)]
+                             ).sort_by("id")
     report = build_report(table, spec, cfg, truth_ids=truth_masks, predictions=predictions,
                           record=record)
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_report(report, cfg.out, spec, truth=truth, predictions=predictions)
-    log(f"evaluate: {report['images_scored']} images scored "
+    unscored = f", {len(report['unscored'])} not scored" if report["unscored"] else ""
+    log(f"evaluate: {report['images_scored']} images scored{unscored} "
         f"(split={cfg.split}); macro IoU {report['metrics']['macro']['iou']:.4f}, "
         f"micro IoU {report['metrics']['micro']['iou']:.4f}; report in {cfg.out}")
     return report

@@ -9,6 +9,7 @@ defined per id.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,8 +38,12 @@ class InputPlan:
 
 def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
                 done_sources: dict[str, tuple[str | None, str | None]] | None = None,
-                verify_done: bool = False) -> InputPlan:
+                verify_done: bool = False, actors: int = 1) -> InputPlan:
     """Ingest rows of ``source`` (of ``split``, if given) whose id is not in ``done``.
+
+    Manifest and prefix inputs are cut into blocks of at most 32 rows, and into at least 4
+    blocks per actor: an actor takes whole blocks, so 40 rows in two blocks of 32 and 8 would
+    leave one of two actors idle (Ray Data then stops it) and the run on one process.
 
     ``done_sources`` (id -> (source URI, SHA-256) committed) catches an id that now names
     another file (a manifest edited between runs), and with ``verify_done`` also a file whose
@@ -72,7 +77,8 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
     todo = table.filter(pc.invert(pc.is_in(ids, value_set=done)))
     todo = todo.set_column(todo.schema.get_field_index("mask_uri"), "mask_uri",
                            pa.nulls(todo.num_rows, pa.string()))
-    dataset = ingest.fetch_pairs(todo) if todo.num_rows else None
+    per_block = max(1, min(32, math.ceil(todo.num_rows / (4 * max(1, actors)))))
+    dataset = ingest.fetch_pairs(todo, rows_per_block=per_block) if todo.num_rows else None
     return InputPlan(dataset, ids, len(ids) - todo.num_rows, conflicts)
 
 

@@ -217,8 +217,10 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
                                  "confidence_maps": cfg.confidence_maps,
                                  "reported_metrics": meta.get("metrics") or {}})
+    plan = plan_actors(cfg, resources)
     inputs = plan_inputs(cfg.input, store.done_ids(cfg.out), split=cfg.split,
-                         done_sources=store.done_sources(cfg.out), verify_done=cfg.verify_done)
+                         done_sources=store.done_sources(cfg.out), verify_done=cfg.verify_done,
+                         actors=plan.size)
     if inputs.conflicts:
         log(f"predict: {len(inputs.conflicts)} input id(s) already committed from another "
             f"source, left as they are (write to a fresh --out to predict them): "
@@ -226,13 +228,15 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
     if inputs.skipped:
         log(f"predict: skipped {inputs.skipped} of {len(inputs.ids)} inputs already committed "
             f"under {cfg.out}")
-    plan = plan_actors(cfg, resources)
     options = storage.resolve_options()  # the driver's S3 endpoint/keys, shipped to the workers
     sink = store.CommitSink(cfg.out, rows_per_file=cfg.rows_per_file,
                             fail_after_files=fail_after_files, storage_options=options)
     if inputs.todo:
+        extra = "".join(f" + {amount:g} {name}" for name, amount in
+                        (cfg.resources_per_actor or {}).items())
         log(f"predict: {inputs.todo} inputs -> {plan.size} actor(s) x {plan.num_cpus:g} CPU"
-            f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}, {plan.threads} thread(s)")
+            f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}{extra}, "
+            f"{plan.threads} thread(s)")
         inputs.dataset.map_batches(
             Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
             fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta,
@@ -243,6 +247,7 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
             compute=ActorPoolStrategy(min_size=1, max_size=plan.size, initial_size=plan.size),
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus or None, udf_modifying_row_count=False,
+            **({"resources": dict(cfg.resources_per_actor)} if cfg.resources_per_actor else {}),
         ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
     summary = _summary(cfg, sink.written, inputs, seconds=time.perf_counter() - started,
                        model=meta)

@@ -89,24 +89,51 @@ class RankZeroLog:
     def __call__(self, line: str) -> None:
         if self.rank != 0:
             return
-        if self.progress is None:
-            print(f"[{self.run_name}] {line}", flush=True)
-        else:
-            self.progress.put(f"[{self.run_name}] {line}", block=False)
+        line = f"[{self.run_name}] {line}"
+        if self.progress is not None:
+            try:
+                self.progress.put(line, block=False)
+                return
+            except Exception:  # noqa: BLE001 - the queue went with its node: a log line
+                pass           # must never stop training; it goes to the worker's log instead
+        print(line, flush=True)
 
 
 def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
     """TESTS ONLY: the last worker's process dies once at ``fail_at_step`` (a lost node)."""
-    if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != world - 1:
-        return
+    marker = _first_time(cfg, "fault_injected", cfg.fail_at_step, step, rank, world)
+    if marker is not None:
+        _write_marker(marker, f"rank {rank} killed at step {step}")
+        os._exit(1)  # no cleanup, no exception: the actor process is gone
+
+
+def maybe_pause(cfg: TrainConfig, step: int, rank: int, world: int,
+                timeout_s: float = 120.0) -> None:
+    """TESTS ONLY: the last worker stalls once at ``pause_at_step`` (marker
+    ``paused_at_step_<N>`` beside the checkpoints), so that a test can take its node away while
+    the run is known to be mid-epoch; after ``timeout_s`` it carries on."""
+    marker = _first_time(cfg, "paused", cfg.pause_at_step, step, rank, world)
+    if marker is not None:
+        _write_marker(marker, f"rank {rank} paused at step {step}")
+        time.sleep(timeout_s)
+
+
+def _first_time(cfg: TrainConfig, what: str, at: int | None, step: int, rank: int,
+                world: int) -> str | None:
+    """The marker ``<run>/<what>_at_step_<at>`` when the last rank reaches ``at`` for the first
+    time in this run (no marker yet), else None."""
+    if at is None or step != at or rank != world - 1:
+        return None
     from pipelines import storage
 
-    marker = storage.join_uri(cfg.storage.storage_path, cfg.run_name,
-                              f"fault_injected_at_step_{cfg.fail_at_step}")
-    if storage.exists(marker):
-        return
-    storage.write_bytes(marker, f"rank {rank} killed at step {step}\n".encode())
-    os._exit(1)  # no cleanup, no exception: the actor process is gone
+    marker = storage.join_uri(cfg.storage.storage_path, cfg.run_name, f"{what}_at_step_{at}")
+    return None if storage.exists(marker) else marker
+
+
+def _write_marker(uri: str, line: str) -> None:
+    from pipelines import storage
+
+    storage.write_bytes(uri, f"{line}\n".encode())
 
 
 def maybe_nan(cfg: "TrainConfig", step: int, loss: float) -> float:

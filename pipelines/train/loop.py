@@ -25,7 +25,8 @@ from pipelines.train.checkpoint import (NON_FINITE, STATE_FILE, LoopState, epoch
                                         seed_everything)
 from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_size,
                                          all_reduce_sum, any_worker, broadcast_buffers,
-                                         gather_objects, maybe_fail, maybe_nan)
+                                         gather_objects, maybe_fail, maybe_nan,
+                                         maybe_pause)
 from seg_core.engine import build_optimizer, build_scheduler, train_step
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
@@ -140,6 +141,7 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
     for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                     prefetch_batches=2, **shuffle):
         maybe_fail(cfg, state.step, rank, world)
+        maybe_pause(cfg, state.step, rank, world)
         batch = augment(batch, rng)
         images = torch.from_numpy(batch["image"]).to(parts.device, non_blocking=True)
         if parts.channels_last:

@@ -89,7 +89,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     run_uri = cfg.run_uri
     _save_run_config(cfg, run_uri)
     fs, path = storage.filesystem_for(cfg.storage.storage_path)
-    progress = Queue(actor_options={"num_cpus": 0})
+    progress = Queue(actor_options=driver_node_actor())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,
@@ -121,6 +121,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     total = max(data.labelled_pixels if cfg.mask.multilabel else sum(data.class_pixels), 1)
     return dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
                                class_weights=cfg.class_weights)
+
+
+def driver_node_actor() -> dict[str, Any]:
+    """Options of a zero-CPU helper actor pinned to the driver's node: it lives as long as the
+    driver does, not with whichever node Ray would pick (and may lose mid-run)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
 def resolve_class_weights(cfg: TrainConfig, class_pixels: tuple[int, ...],
@@ -160,7 +171,8 @@ def plan_steps(cfg: TrainConfig, num_train: int) -> StepPlan:
 
 
 def scaling_config(cfg: TrainConfig) -> Any:
-    """Workers from config; GPUs when the cluster has them; fractional CPUs on small boxes.
+    """Workers from config; GPUs when the cluster has them; fractional CPUs on small boxes;
+    the config's custom resources and placement strategy (which nodes the workers land on).
 
     A Train worker holding a whole CPU on a 2-CPU cluster leaves Ray Data nothing to read with
     and the run hangs (notes §3.2), so by default each worker takes at most
@@ -175,11 +187,12 @@ def scaling_config(cfg: TrainConfig) -> Any:
     cpus = spec.cpus_per_worker
     if cpus is None:
         cpus = default_cpus_per_worker(resources.get("CPU", 1.0), spec.num_workers)
-    per_worker: dict[str, float] = {"CPU": cpus}
+    per_worker: dict[str, float] = {"CPU": cpus, **(spec.resources_per_worker or {})}
     if use_gpu:
         per_worker["GPU"] = spec.gpus_per_worker
     return ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
-                         resources_per_worker=per_worker)
+                         resources_per_worker=per_worker,
+                         placement_strategy=spec.placement_strategy)
 
 
 def default_cpus_per_worker(cluster_cpus: float, num_workers: int, trainers: int = 1) -> float:

@@ -100,14 +100,20 @@ def test_validate_quarantines_every_hostile_row_with_its_reason(ray_session, hos
     assert "AWS_" not in json.dumps(list(got.values()), default=str)   # no file contents echoed
 
 
-def test_predict_quarantines_hostile_rows_and_predicts_the_rest_once(ray_session, hostile):
+@pytest.fixture(scope="module")
+def predicted(ray_session, hostile) -> tuple[dict, str]:
+    """``rayseg predict`` over the hostile manifest: (summary, output URI)."""
     from pipelines.config import PredictConfig
     from pipelines.predict.predict import run_predict
 
     out = f"s3://{hostile['bucket']}/fault-suite/predict"
     cfg = PredictConfig(model=hostile["model"], input=hostile["manifest"], out=out,
                         actors=1, cpus_per_actor=0.5, batch_size=4, progress=False)
-    summary = run_predict(cfg, log=lambda _: None)
+    return run_predict(cfg, log=lambda _: None), out
+
+
+def test_predict_quarantines_hostile_rows_and_predicts_the_rest_once(hostile, predicted):
+    summary, out = predicted
     bad = {r["id"]: r["reason"] for r in store.read_quarantine(out).to_pylist()}
     done = store.read_predictions(out, ["id"])["id"].to_pylist()
     assert summary["inputs"] == hostile["rows"] == len(done) + len(bad)   # in = out + quarantined
@@ -117,6 +123,23 @@ def test_predict_quarantines_hostile_rows_and_predicts_the_rest_once(ray_session
     assert set(done) >= {f"good{i}" for i in range(GOOD)}
     # the thin image is predicted cheaply or refused as too large, never a crash or a retry
     assert "thin" in done or bad.get("thin") == "too_large"
+
+
+def test_evaluate_reports_what_predict_quarantined_as_unscored_not_missing(hostile, predicted,
+                                                                           tmp_path):
+    from pipelines.config import EvaluateConfig
+    from pipelines.evaluate.evaluate import run_evaluate
+
+    _, out = predicted
+    cfg = EvaluateConfig(manifest=hostile["manifest"], predictions=out, out=str(tmp_path),
+                         split=None, bootstrap=0, overlays=0, progress=False)
+    report = run_evaluate(cfg, log=lambda _: None)
+    unscored = {u["id"]: u["reason"] for u in report["unscored"]}
+    quarantined = {r["id"]: r["reason"] for r in store.read_quarantine(out).to_pylist()}
+    assert unscored == quarantined and len(unscored) >= len(CASES)
+    assert report["missing_predictions"] == []
+    assert report["images_in_split"] == hostile["rows"] == report["images_scored"] + len(unscored)
+    assert all(u["message"].startswith("quarantined by predict: ") for u in report["unscored"])
 
 
 def test_the_endpoint_answers_4xx_to_hostile_images_and_its_replica_survives(

@@ -225,3 +225,17 @@ def test_plan_actors(resources, actors, expected):
     cfg = PredictConfig(model="m", input="i", out="o", actors=actors)
     plan = plan_actors(cfg, resources)
     assert (plan.size, plan.num_cpus, plan.num_gpus, plan.threads) == expected
+
+
+@pytest.mark.parametrize("actors, blocks", [(1, 4), (2, 8), (8, 24)])
+def test_inputs_are_cut_so_that_every_actor_gets_blocks(ray_session, sample_dataset, actors,
+                                                        blocks):
+    """An actor takes whole blocks: 24 rows in one block of 32 would keep one actor busy and
+    leave the others idle.  At least 4 blocks per actor (one row each at most), 32 rows at most."""
+    import pyarrow as pa
+
+    from pipelines.predict.inputs import plan_inputs
+
+    plan = plan_inputs(str(sample_dataset), pa.array([], pa.string()), actors=actors)
+    assert plan.todo == 24
+    assert plan.dataset.materialize().num_blocks() == blocks

@@ -102,6 +102,20 @@ def test_fractional_cpus_leave_one_cpu_for_ray_data():
     assert default_cpus_per_worker(64, 4) == 1.0
 
 
+def test_placement_settings_reach_ray_train(ray_session, tiny_dataset):
+    from pipelines.train.train import scaling_config
+
+    cfg = _cfg(str(tiny_dataset), "/tmp/unused", "scaling.num_workers=2",
+               "scaling.resources_per_worker={train_node: 1}", "scaling.placement_strategy=SPREAD")
+    scaling = scaling_config(cfg)
+    assert scaling.resources_per_worker == {"CPU": 0.5, "train_node": 1.0}
+    assert scaling.placement_strategy == "SPREAD"
+    with pytest.raises(ValueError, match="CPU has its own setting"):
+        _cfg(str(tiny_dataset), "/tmp/unused", "scaling.resources_per_worker={CPU: 2}")
+    with pytest.raises(ValueError, match="expected one of"):
+        _cfg(str(tiny_dataset), "/tmp/unused", "scaling.placement_strategy=spread")
+
+
 def test_seeded_fold_assignment_is_balanced_and_stable(tiny_dataset):
     from pipelines.ingest import read_manifest
     from pipelines.train.cv import assign_folds

@@ -26,6 +26,19 @@ def test_nested_dataclasses_are_rebuilt():
     assert outer.pre == Preprocessing(channels=1, mean=(0.5,), std=(0.2,))
 
 
+def test_mappings_are_checked_key_by_key():
+    @dataclass(frozen=True)
+    class Placement:
+        resources: dict[str, float] | None = None
+
+    assert from_dict(Placement, {"resources": {"gpu_node": 1}}).resources == {"gpu_node": 1.0}
+    assert from_dict(Placement, {"resources": None}).resources is None
+    with pytest.raises(ValueError, match="resources: expected a mapping, got \\[1\\]"):
+        from_dict(Placement, {"resources": [1]})
+    with pytest.raises(ValueError, match="resources.gpu_node: expected a number, got 'x'"):
+        from_dict(Placement, {"resources": {"gpu_node": "x"}})
+
+
 def test_unknown_key_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown key.*'depht'.*depth"):
         from_dict(ModelConfig, {"depht": 3})
