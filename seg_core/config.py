@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 # The vocabularies, declared once (losses, engine, metrics and every job config import them).
 NormKind = Literal["batch", "group"]
 UpsampleKind = Literal["transpose", "bilinear"]
+ArchKind = Literal["unet", "lite"]
 LossName = Literal["ce", "dice", "dice_ce", "focal", "bce", "bce_dice"]
 LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
 MULTILABEL_LOSSES: tuple[str, ...] = ("bce", "bce_dice")   # the losses of multi-label masks
@@ -125,7 +126,12 @@ def _thaw(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """U-Net shape.  ``depth`` down-sampling stages; widths double per stage from ``base_width``."""
+    """U-Net shape.  ``depth`` down-sampling stages; widths double per stage from ``base_width``.
+
+    ``arch``: ``unet`` (two 3x3 convolutions per stage, concatenated skips) or ``lite``
+    (depthwise-separable convolutions and an additive, bilinear decoder: several times fewer
+    FLOPs for small machines; ``upsample`` does not apply to it).
+    """
 
     in_channels: int = 3
     num_classes: int = 2
@@ -134,6 +140,7 @@ class ModelConfig:
     norm: NormKind = "batch"
     upsample: UpsampleKind = "transpose"
     dropout: float = 0.0
+    arch: ArchKind = "unet"
 
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.num_classes < 1:
@@ -145,6 +152,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: depth must be in 1..6, got {self.depth}")
         if self.norm not in ("batch", "group"):
             raise ValueError(f"ModelConfig: norm must be 'batch' or 'group', got {self.norm!r}")
+        if self.arch not in ("unet", "lite"):
+            raise ValueError(f"ModelConfig: arch must be 'unet' or 'lite', got {self.arch!r}")
         if self.upsample not in ("transpose", "bilinear"):
             raise ValueError(
                 f"ModelConfig: upsample must be 'transpose' or 'bilinear', got {self.upsample!r}"

@@ -23,6 +23,7 @@ anyway (another process took the memory) is the same :class:`InputError`, never 
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from seg_core.artifact import Artifact
 from seg_core.codecs import encode_png
 from seg_core.config import MaskSpec, Preprocessing
 from seg_core.errors import InputError
-from seg_core.model import UNet, channel_plan
+from seg_core.model import UNet, channel_plan, fold_batchnorm
 from seg_core.tiling import forward_pixels, padded_side, sliding_window_many, window_grid
 
 # ITU-R BT.601 luma, the same weights PIL uses for RGB -> L.
@@ -125,18 +126,24 @@ class Segmenter:
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
                  batch_size: int = 4, channels_last: bool = True) -> None:
-        self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
-                   batch_size, channels_last)
+        # a copy with its BatchNorms folded into the convolutions: inference only
+        self._init(fold_batchnorm(copy.deepcopy(artifact.model)), artifact.mask_spec,
+                   artifact.preprocessing, device, tta, batch_size, channels_last)
 
     @classmethod
     def from_model(cls, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
                    device: str | torch.device = "cpu", tta: bool = False,
-                   batch_size: int = 4, channels_last: bool = False) -> "Segmenter":
+                   batch_size: int = 4, channels_last: bool = False,
+                   fold_norms: bool = False) -> "Segmenter":
         """A segmenter around a model in memory (validation during training uses this).
 
         ``channels_last`` defaults to off here: it re-lays the caller's parameters in place.
+        ``fold_norms`` predicts with a copy whose BatchNorms are folded into the convolutions, as
+        a segmenter built from an artifact does; the caller's model is left as it is.
         """
         segmenter = cls.__new__(cls)
+        if fold_norms:
+            model = fold_batchnorm(copy.deepcopy(model))
         segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size, channels_last)
         return segmenter
 

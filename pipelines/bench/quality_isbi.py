@@ -3,7 +3,8 @@
 Same code path as ``rayseg train --config jobs/configs/train_isbi.yaml`` (``pipelines.train.train.train``
 with that YAML): 24 train / 6 val slices from the fixed manifest split, 256x256 resize, base-16
 U-Net, channels_last, flip/rot90 augmentation.  The budget (600 s, or 60 s with ``quick``) caps
-the training loop through ``max_runtime_secs`` (``RAYSEG_ISBI_BUDGET_S`` overrides it); the number of epochs (and so the LR schedule) is
+the training loop through ``max_runtime_secs`` (``RAYSEG_ISBI_BUDGET_S`` overrides it;
+``RAYSEG_ISBI_ARCH=lite`` trains the lite U-Net instead); the number of epochs (and so the LR schedule) is
 sized to the budget from a short timing of the training step first.  Validation scores
 full-resolution 512x512 predictions (Segmenter, resized back) against the original masks.
 
@@ -55,15 +56,16 @@ def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
     resources = ensure_ray()
     threads = max(1, int(resources.get("CPU", 1)))  # decoded data is cached: the loop gets all cores
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    arch = os.environ.get("RAYSEG_ISBI_ARCH", "unet")   # lite: the lite U-Net, same budget
     base = load_train_config(REPO / "jobs/configs/train_isbi.yaml", [
-        f"data.manifest={manifest}", f"scaling.torch_threads={threads}"])
+        f"data.manifest={manifest}", f"scaling.torch_threads={threads}", f"model.arch={arch}"])
     step_s = plain_step_seconds(base, size=base.preprocessing.resize[0], threads=threads,
                                 repeats=5)
     steps_per_epoch = math.ceil(24 / base.batch_size)
     loop_budget = max(budget - STARTUP_ALLOWANCE_S, 10.0)
     epochs = plan_epochs(loop_budget, steps_per_epoch, step_s)
     cfg = load_train_config(REPO / "jobs/configs/train_isbi.yaml", [
-        f"data.manifest={manifest}", f"scaling.torch_threads={threads}",
+        f"data.manifest={manifest}", f"scaling.torch_threads={threads}", f"model.arch={arch}",
         f"epochs={epochs}", f"max_runtime_secs={loop_budget}", "artifact_weights=last",
         f"version=bench-{stamp}", f"storage.storage_path={REPO}/rayseg_work/ray_results",
         f"storage.models_uri={REPO}/rayseg_work/models", "log_every_steps=0"])
@@ -82,7 +84,7 @@ def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
         "wall_s": round(wall, 1), "budget_s": budget, "epochs_planned": epochs,
         "epochs_run": len(result.history), "steps": result.history[-1]["step"],
         "stopped": result.stopped, "threads": threads, "resize": list(cfg.preprocessing.resize),
-        "base_width": cfg.model.base_width, "plain_step_s": round(step_s, 3),
+        "base_width": cfg.model.base_width, "arch": arch, "plain_step_s": round(step_s, 3),
         "baseline": BASELINE, "model_dir": str(MODEL_DIR),
     }
     return {"bench": "quality_isbi", "figures": figures,

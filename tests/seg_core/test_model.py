@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from seg_core.config import ModelConfig
-from seg_core.model import ConvBlock, DecoderStage, UNet, _pad_to_multiple, channel_plan
+from seg_core.model import (ConvBlock, DecoderStage, SeparableBlock, UNet, _pad_to_multiple,
+                            channel_plan, conv_macs, fold_batchnorm)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,9 +25,10 @@ def test_channel_plan_doubles_from_base_width() -> None:
     assert channel_plan(ModelConfig(depth=3, base_width=8)) == (8, 16, 32, 64)
 
 
+@pytest.mark.parametrize("arch", ["unet", "lite"])
 @pytest.mark.parametrize("height,width", [(16, 16), (17, 31), (5, 3), (1, 1), (33, 8)])
-def test_any_size_gives_same_size_logits(height: int, width: int) -> None:
-    model = _model().eval()
+def test_any_size_gives_same_size_logits(height: int, width: int, arch: str) -> None:
+    model = _model(arch=arch).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, height, width))
     assert out.shape == (2, 4, height, width)
@@ -57,15 +59,17 @@ def test_blocks_follow_channel_plan() -> None:
     assert model.config.depth == 3
 
 
-def test_every_parameter_receives_a_gradient() -> None:
-    model = _model(upsample="bilinear", norm="group")
+@pytest.mark.parametrize("arch", ["unet", "lite"])
+def test_every_parameter_receives_a_gradient(arch: str) -> None:
+    model = _model(upsample="bilinear", norm="group", arch=arch)
     model(torch.randn(1, 3, 12, 12)).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
 
 
-def test_channels_last_matches_nchw() -> None:
-    model = _model(depth=3).eval()
+@pytest.mark.parametrize("arch", ["unet", "lite"])
+def test_channels_last_matches_nchw(arch: str) -> None:
+    model = _model(depth=3, arch=arch).eval()
     x = torch.randn(2, 3, 23, 18)
     with torch.no_grad():
         expected = model(x)
@@ -76,6 +80,49 @@ def test_channels_last_matches_nchw() -> None:
         got = model_cl(x_cl)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_lite_uses_separable_blocks_and_an_additive_decoder() -> None:
+    model = _model(arch="lite", depth=3, base_width=8)
+    assert [isinstance(stage.block, SeparableBlock) for stage in model.encoder] == [True] * 3
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in model.modules())
+    # additive skips: every decoder block sees the skip's width, not twice it
+    assert [stage.block[0].in_channels for stage in model.decoder] == [32, 16, 8]
+
+
+def test_conv_macs_counts_each_convolution_by_hand() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=4))
+    conv = 10 * 12 * 8 * 3 * 9          # output pixels x out x in x k*k
+    transpose = 10 * 12 * 8 * 4 * 4     # input pixels x in x out x k*k
+    depthwise = 20 * 24 * 4 * 1 * 9     # one input channel per output channel
+    assert conv_macs(model, 10, 12) == conv + transpose + depthwise
+
+
+def test_lite_has_several_times_fewer_flops_and_parameters() -> None:
+    base = UNet(ModelConfig(depth=4, base_width=16))
+    lite = UNet(ModelConfig(depth=4, base_width=16, arch="lite"))
+    assert conv_macs(base, 256, 256) >= 3 * conv_macs(lite, 256, 256)
+    assert sum(p.numel() for p in base.parameters()) >= 3 * sum(
+        p.numel() for p in lite.parameters())
+
+
+@pytest.mark.parametrize("arch", ["unet", "lite"])
+def test_folded_batchnorm_gives_the_same_logits_without_norm_layers(arch: str) -> None:
+    model = _model(arch=arch, depth=3)
+    model.train()
+    with torch.no_grad():   # running statistics far from the initial 0 / 1
+        for _ in range(5):
+            model(3 * torch.randn(4, 3, 24, 24) + 1)
+    model.eval()
+    folded = fold_batchnorm(copy.deepcopy(model))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(2, 3, 37, 29)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_dropout_only_active_in_training() -> None:
