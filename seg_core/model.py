@@ -53,12 +53,13 @@ class ConvBlock(nn.Sequential):
 
 
 class EncoderStage(nn.Module):
-    """Halve the resolution with 2x2 max-pooling, then a :class:`ConvBlock`."""
+    """Halve the resolution with 2x2 max-pooling, then a :class:`ConvBlock` (or ``block``)."""
 
-    def __init__(self, in_ch: int, out_ch: int, norm: NormKind, dropout: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, norm: NormKind, dropout: float,
+                 block: type[nn.Sequential] = ConvBlock) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(2)
-        self.block = ConvBlock(in_ch, out_ch, norm, dropout)
+        self.block = block(in_ch, out_ch, norm, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(self.pool(x))
@@ -111,15 +112,6 @@ class SeparableBlock(nn.Sequential):
         super().__init__(*layers)
 
 
-class LiteEncoderStage(EncoderStage):
-    """2x2 max-pooling, then a :class:`SeparableBlock`."""
-
-    def __init__(self, in_ch: int, out_ch: int, norm: NormKind, dropout: float) -> None:
-        nn.Module.__init__(self)
-        self.pool = nn.MaxPool2d(2)
-        self.block = SeparableBlock(in_ch, out_ch, norm, dropout)
-
-
 class LiteDecoderStage(nn.Module):
     """Bilinear x2 and a 1x1 projection to ``skip_ch``, *added* to the skip connection (no
     concatenation: the block sees ``skip_ch`` channels, not twice that), then one separable
@@ -159,7 +151,7 @@ class UNet(nn.Module):
                 make_norm(cfg.norm, widths[0]), nn.ReLU(inplace=True),
                 SeparableBlock(widths[0], widths[0], cfg.norm))
             self.encoder = nn.ModuleList(
-                LiteEncoderStage(widths[i], widths[i + 1], cfg.norm, cfg.dropout)
+                EncoderStage(widths[i], widths[i + 1], cfg.norm, cfg.dropout, SeparableBlock)
                 for i in range(cfg.depth))
             self.decoder = nn.ModuleList(
                 LiteDecoderStage(widths[i + 1], widths[i], cfg.norm, cfg.dropout) for i in deep)

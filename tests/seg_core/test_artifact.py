@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,9 +19,9 @@ SPEC = MaskSpec(num_classes=3, class_names=("bg", "disc", "rect"))
 PRE = Preprocessing(channels=3, resize=(32, 32), tile_size=64)
 
 
-def trained_model() -> UNet:
+def trained_model(config: ModelConfig = CONFIG) -> UNet:
     torch.manual_seed(0)
-    model = UNet(CONFIG)
+    model = UNet(config)
     model.train()
     with torch.no_grad():  # move BatchNorm running stats away from their defaults
         model(torch.randn(2, 3, 16, 16) * 3 + 1)
@@ -46,6 +47,29 @@ def test_round_trip_identical_logits(tmp_path: Path) -> None:
         assert torch.equal(model(x), loaded.model(x))
     assert (loaded.model_config, loaded.mask_spec, loaded.preprocessing) == (CONFIG, SPEC, PRE)
     assert (loaded.name, loaded.version) == ("shapes", "1.0.0")
+
+
+def test_a_lite_model_round_trips_and_its_segmenter_predicts_the_same_masks(tmp_path: Path
+                                                                            ) -> None:
+    import dataclasses
+
+    from seg_core.inference import Segmenter
+
+    config, pre = dataclasses.replace(CONFIG, arch="lite"), dataclasses.replace(PRE, tile_size=32)
+    model = trained_model(config)
+    loaded = load_artifact(save(tmp_path, model, preprocessing=pre))
+    assert loaded.model_config.arch == "lite"
+    x = torch.randn(1, 3, 21, 27)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+    # the artifact's Segmenter folds BatchNorm into the convolutions; the artifact keeps them
+    image = np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    folded = Segmenter(loaded).predict(image)
+    unfolded = Segmenter.from_model(loaded.model, SPEC, pre).predict(image)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in loaded.model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in Segmenter(loaded).model.modules())
+    assert (folded.mask == unfolded.mask).mean() >= 0.999
+    np.testing.assert_allclose(folded.confidence, unfolded.confidence, atol=1e-4)
 
 
 def test_json_record(tmp_path: Path) -> None:
