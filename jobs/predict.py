@@ -27,6 +27,8 @@ examples:
   rayseg predict --config jobs/configs/predict.yaml --input s3://bucket/new_images/ --tta
   rayseg predict --model s3://bucket/models/unet/v1 --input s3://bucket/shards/ \\
       --out s3://bucket/preds/2026-11-24 --confidence-maps --actors 4 --batch-size 16
+  rayseg predict ... --actors 2 --set 'resources_per_actor={predict_node: 1}'
+      # one actor per node that declares the custom resource predict_node: 1 (README, cluster)
 """
 
 _FLAGS = ("model", "input", "out", "split", "tta", "confidence_maps", "batch_size", "actors",

@@ -30,6 +30,9 @@ examples:
       --set storage.storage_path=s3://bucket/ray_results --set storage.models_uri=s3://bucket/models
   rayseg train --config jobs/configs/train_sample.yaml --set nfolds=3      # cross-validation
   rayseg train --config jobs/configs/train_sample.yaml --print-config      # resolved YAML only
+  rayseg train --config jobs/configs/train_isbi.yaml --set model.arch=lite  # lite U-Net
+  rayseg train ... --set scaling.num_workers=2 --set 'scaling.resources_per_worker={train_node: 1}'
+      # one worker per node that declares the custom resource train_node: 1 (README, cluster)
 """
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
