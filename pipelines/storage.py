@@ -384,7 +384,6 @@ def fetch_artifact(uri: Uri, storage_options: StorageOptions | None = None) -> P
     return target
 
 
-
 def copy_dir_from_local(local_dir: str | os.PathLike, uri: Uri,
                         storage_options: StorageOptions | None = None) -> str:
     """Upload every file under ``local_dir`` to ``uri``; returns ``uri``."""

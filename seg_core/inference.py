@@ -122,13 +122,14 @@ class Segmenter:
 
     ``device`` is where the model runs; stitching and post-processing stay on the CPU.  The model
     is moved to ``device`` and put in eval mode (training loops call ``model.train()`` again).
+    Built from an artifact, it predicts with a copy whose BatchNorms are folded into the
+    convolutions (:func:`seg_core.model.fold_batchnorm`); the artifact's model is left as it is.
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
                  batch_size: int = 4, channels_last: bool = True) -> None:
-        # a copy with its BatchNorms folded into the convolutions: inference only
-        self._init(fold_batchnorm(copy.deepcopy(artifact.model)), artifact.mask_spec,
-                   artifact.preprocessing, device, tta, batch_size, channels_last)
+        self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
+                   batch_size, channels_last, fold_norms=True)
 
     @classmethod
     def from_model(cls, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
@@ -142,16 +143,17 @@ class Segmenter:
         a segmenter built from an artifact does; the caller's model is left as it is.
         """
         segmenter = cls.__new__(cls)
-        if fold_norms:
-            model = fold_batchnorm(copy.deepcopy(model))
-        segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size, channels_last)
+        segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size, channels_last,
+                        fold_norms=fold_norms)
         return segmenter
 
     def _init(self, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing,
               device: str | torch.device, tta: bool, batch_size: int,
-              channels_last: bool) -> None:
+              channels_last: bool, *, fold_norms: bool) -> None:
         if batch_size < 1:
             raise ValueError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
+        if fold_norms:   # a copy with its BatchNorms folded into the convolutions
+            model = fold_batchnorm(copy.deepcopy(model))
         self.device = torch.device(device)
         # NHWC convolutions: 1.1-1.8x faster inference than NCHW on the CPUs measured here
         # (README, benchmarks), and the layout GPUs want for bf16 tensor cores.

@@ -218,9 +218,9 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
                                  "confidence_maps": cfg.confidence_maps,
                                  "reported_metrics": meta.get("metrics") or {}})
     plan = plan_actors(cfg, resources)
-    inputs = plan_inputs(cfg.input, store.done_ids(cfg.out), split=cfg.split,
-                         done_sources=store.done_sources(cfg.out), verify_done=cfg.verify_done,
-                         actors=plan.size)
+    sources = store.done_sources(cfg.out)   # one read of the committed files: ids and sources
+    inputs = plan_inputs(cfg.input, pa.array(list(sources), pa.string()), split=cfg.split,
+                         done_sources=sources, verify_done=cfg.verify_done, actors=plan.size)
     if inputs.conflicts:
         log(f"predict: {len(inputs.conflicts)} input id(s) already committed from another "
             f"source, left as they are (write to a fresh --out to predict them): "
