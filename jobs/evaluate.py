@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 
 from jobs.options import add_config_options, job_config
+from seg_core.config import ENGINES
 
 DESCRIPTION = """\
 Score predictions from `rayseg predict` against the ground-truth masks of a manifest (or an
@@ -36,6 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--predictions", help="output URI of `rayseg predict`")
     parser.add_argument("--manifest", help="ground truth: manifest or prefix")
     parser.add_argument("--model", help="predict with this artifact first, then score")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="with --model: " "inference engine (default auto: OpenVINO on CPUs, torch on GPUs); "
+                             "torch, openvino, onnxruntime, or openvino-int8 / onnxruntime-int8 "
+                             "(INT8, calibrated on the training images the artifact stores)")
     parser.add_argument("--split", help="split to score (default val); 'all' for every row")
     parser.add_argument("--out", help="report directory (default rayseg_work/eval)")
     parser.add_argument("--empty-policy", choices=("nan", "one", "zero"),
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     flags = {name: getattr(args, name) for name in (
         "manifest", "out", "predictions", "model", "empty_policy", "bootstrap", "seed",
-        "overlays", "address")}
+        "overlays", "engine", "address")}
     flags["mask_values"] = [int(v) for v in args.mask_values.split(",")] \
         if args.mask_values else None
     cfg = job_config(EvaluateConfig, args, flags)

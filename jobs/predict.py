@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.options import add_config_options, job_config
+from seg_core.config import ENGINES
 
 DESCRIPTION = """\
 Bulk offline inference.  Reads images through the ingest sources (a manifest CSV/Parquet, a
@@ -31,7 +32,8 @@ examples:
       # one actor per node that declares the custom resource predict_node: 1 (README, cluster)
 """
 
-_FLAGS = ("model", "input", "out", "split", "tta", "confidence_maps", "batch_size", "actors",
+_FLAGS = ("model", "input", "out", "split", "tta", "engine", "confidence_maps", "batch_size",
+          "actors",
           "cpus_per_actor", "rows_per_file", "address", "progress", "verify_done")
 
 
@@ -47,6 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--split", help="only rows of this split (manifests and shards)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="flip test-time augmentation, averaged in probability space")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="inference engine (default auto: OpenVINO on CPUs, torch on GPUs); "
+                             "torch, openvino, onnxruntime, or openvino-int8 / onnxruntime-int8 "
+                             "(INT8, calibrated on the training images the artifact stores)")
     parser.add_argument("--confidence-maps", action=argparse.BooleanOptionalAction, default=None,
                         help="store an 8-bit confidence-map PNG per image")
     parser.add_argument("--batch-size", type=int, help="images per predictor call, i.e. per Ray task (default 16)")

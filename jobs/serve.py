@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.options import add_config_options, resolve_config_path
+from seg_core.config import ENGINES
 
 DESCRIPTION = """\
 Online segmentation on Ray Serve.  Deploys the model artifact behind an HTTP endpoint, prints its
@@ -45,6 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", help="Parquet prefix for answered requests (local or s3://)")
     parser.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="inference engine (default auto: OpenVINO on CPUs, torch on GPUs); "
+                             "torch, openvino, onnxruntime, or openvino-int8 / onnxruntime-int8 "
+                             "(INT8, calibrated on the training images the artifact stores)")
     parser.add_argument("--api-key-env", metavar="VAR",
                         help="require the key held in environment variable VAR (X-API-Key header)")
     return parser
@@ -64,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     args_block = config["applications"][0].get("args") or {}
     check_shared({"--model": args.model, "--out": args.out or args_block.get("out_uri")})
     url = start_endpoint(args.model, args.out, config=config, host=args.host,
-                         port=args.port, api_key_env=args.api_key_env)
+                         port=args.port, api_key_env=args.api_key_env,
+                         args={"engine": args.engine} if args.engine else None)
     key = f" -H \"X-API-Key: ${args.api_key_env}\"" if args.api_key_env else ""
     print(f"rayseg serve: listening on {url}  (Ctrl-C stops and flushes)\n"
           f"  curl -s{key} --data-binary @image.png -H 'Accept: image/png' "

@@ -33,12 +33,14 @@ from seg_core.config import (
     LOSS_NAMES,
     MULTILABEL_LOSSES,
     EmptyPolicy,
+    EngineKind,
     LossName,
     MaskSpec,
     ModelConfig,
     Preprocessing,
     ScheduleKind,
     as_hw,
+    check_engine,
     from_dict,
     to_dict,
 )
@@ -287,6 +289,7 @@ class PredictConfig:
     out: str                        # output prefix (local path or s3://)
     split: str | None = None        # only rows of this split (manifests and shards); None: all
     tta: bool = False               # flip test-time augmentation, averaged in probability space
+    engine: EngineKind = "auto"     # auto: torch on GPUs, OpenVINO on CPUs (seg_core.runtimes)
     confidence_maps: bool = False   # add an 8-bit confidence PNG per row
     batch_size: int = 16            # images per predictor call (one Ray task)
     actors: int | None = None       # predictor actors; None: one per GPU, else one per CPU
@@ -301,6 +304,7 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         _check_resources("predict: resources_per_actor", self.resources_per_actor)
+        check_engine(self.engine)
         path_fields(self, "model", "input", "out")
         if self.batch_size < 1 or self.rows_per_file < 1:
             raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
@@ -326,11 +330,13 @@ class EvaluateConfig:
     seed: int = 0
     overlays: int = 3                   # best and worst images rendered (each)
     mask_values: tuple[int, ...] | None = None  # override the artifact's MaskSpec.mask_values
+    engine: EngineKind = "auto"         # inference engine when predicting with `model`
     address: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         path_fields(self, "manifest", "out", "predictions", "model")
+        check_engine(self.engine)
         if self.predictions is None and self.model is None:
             raise ValueError("evaluate: give --predictions (output of rayseg predict) or --model "
                              "(predict first), got neither")
@@ -428,9 +434,13 @@ class ServeArgs(BaseModel):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', ...")
     tta: bool = False
+    engine: str = Field("auto", description="inference engine: auto (torch on GPUs, OpenVINO "
+                        "on CPUs), torch, openvino, onnxruntime, openvino-int8, "
+                        "onnxruntime-int8 (seg_core.runtimes)")
 
     def model_post_init(self, context: Any, /) -> None:
         """The backlog bounds must leave room for normal flushing."""
+        check_engine(self.engine)
         if self.max_buffer_rows < self.flush_rows:
             raise ValueError(f"ServeArgs: expected max_buffer_rows >= flush_rows, got "
                              f"{self.max_buffer_rows} < {self.flush_rows}; raise max_buffer_rows")

@@ -6,6 +6,9 @@ Layout::
                           preprocessing, reproducibility {seed, packages, manifest_sha256, fold},
                           metrics, created_at
     <dir>/weights.pt      the U-Net state_dict (plain CPU tensors, loaded with weights_only=True)
+    <dir>/calibration.npz optional: training images for INT8 calibration (seg_core.runtimes)
+    <dir>/engines/        optional, written on first use: exported ONNX graphs keyed by the
+                          weights' SHA-256 (seg_core.runtimes)
 
 Local paths only: the pipelines layer copies artifacts to and from object storage.
 """
@@ -58,6 +61,17 @@ class Artifact:
     name: str
     version: str
     meta: dict[str, Any]  # the full artifact.json (reproducibility, metrics, created_at, ...)
+    path: Path | None = None  # the directory it was loaded from
+
+    @property
+    def weights_key(self) -> str:
+        """The weights' SHA-256 (hex): what caches of derived files (exported graphs) key on."""
+        recorded = self.meta.get("weights_sha256")
+        if recorded:
+            return str(recorded)
+        if self.path is None:
+            raise ArtifactError("an artifact built in memory has no weights file to key on")
+        return sha256_file(self.path / WEIGHTS_FILE)
 
 
 def package_versions() -> dict[str, str]:
@@ -152,7 +166,7 @@ def load_artifact(path: str | Path) -> Artifact:
     model.eval()
     return Artifact(model=model, model_config=model_config, mask_spec=mask_spec,
                     preprocessing=preprocessing, name=str(meta.get("name", "")),
-                    version=str(meta.get("version", "")), meta=meta)
+                    version=str(meta.get("version", "")), meta=meta, path=directory)
 
 
 def read_artifact_meta(path: str | Path) -> dict[str, Any]:

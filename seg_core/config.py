@@ -23,6 +23,17 @@ LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
 MULTILABEL_LOSSES: tuple[str, ...] = ("bce", "bce_dice")   # the losses of multi-label masks
 ScheduleKind = Literal["cosine", "poly"]
 EmptyPolicy = Literal["nan", "one", "zero"]   # score of a class absent from truth and prediction
+# inference engines (seg_core.runtimes): auto is torch on GPUs and OpenVINO on CPUs
+EngineKind = Literal["auto", "torch", "openvino", "onnxruntime", "openvino-int8",
+                     "onnxruntime-int8"]
+ENGINES: tuple[str, ...] = typing.get_args(EngineKind)
+
+
+def check_engine(engine: str) -> str:
+    """``engine`` if it is one of :data:`ENGINES`, else ``ValueError`` naming them."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    return engine
 
 T = TypeVar("T")
 

@@ -39,6 +39,7 @@ from seg_core.codecs import encode_png
 from seg_core.config import MaskSpec, Preprocessing
 from seg_core.errors import InputError
 from seg_core.model import UNet, channel_plan, fold_batchnorm
+from seg_core.runtimes import ENGINE_DIR, EngineKind, engine_runner, resolve_engine
 from seg_core.tiling import forward_pixels, padded_side, sliding_window_many, window_grid
 
 # ITU-R BT.601 luma, the same weights PIL uses for RGB -> L.
@@ -124,12 +125,23 @@ class Segmenter:
     is moved to ``device`` and put in eval mode (training loops call ``model.train()`` again).
     Built from an artifact, it predicts with a copy whose BatchNorms are folded into the
     convolutions (:func:`seg_core.model.fold_batchnorm`); the artifact's model is left as it is.
+    ``engine`` runs that copy with torch eager or a CPU graph engine (OpenVINO, ONNX Runtime,
+    INT8: :mod:`seg_core.runtimes`); tiling, stitching and post-processing are the same for all.
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
-                 batch_size: int = 4, channels_last: bool = True) -> None:
+                 batch_size: int = 4, channels_last: bool = True,
+                 engine: EngineKind = "torch") -> None:
         self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
                    batch_size, channels_last, fold_norms=True)
+        self.engine = resolve_engine(engine, self.device)
+        if self.engine != "torch":
+            if artifact.path is None:
+                raise ValueError(f"Segmenter: engine {engine!r} caches its graph in the "
+                                 f"artifact directory; load the artifact from one")
+            self._runner = engine_runner(self.model, self.engine,
+                                         cache_dir=artifact.path / ENGINE_DIR,
+                                         key=artifact.weights_key, calibration_dir=artifact.path)
 
     @classmethod
     def from_model(cls, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
@@ -165,6 +177,8 @@ class Segmenter:
         _warn_if_tile_exceeds_training(preprocessing)
         self.tta = tta
         self.batch_size = batch_size
+        self.engine = "torch"
+        self._runner = self._torch_forward
 
     def predict(self, image: np.ndarray) -> Prediction:
         """Prediction for one H x W x C image, returned at the same H x W."""
@@ -299,11 +313,14 @@ class Segmenter:
 
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """N x C x h x w windows on ``self.device`` -> N x K x h x w probabilities (same device)."""
+        logits = self._runner(tiles)
+        return torch.sigmoid(logits) if self.mask_spec.multilabel else logits.softmax(dim=1)
+
+    def _torch_forward(self, tiles: torch.Tensor) -> torch.Tensor:
         tiles = tiles.float()
         if self.channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
-        logits = self.model(tiles)
-        return torch.sigmoid(logits) if self.mask_spec.multilabel else logits.softmax(dim=1)
+        return self.model(tiles)
 
 
 def _warn_if_tile_exceeds_training(pre: Preprocessing) -> None:

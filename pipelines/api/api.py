@@ -278,7 +278,7 @@ class UNetSegmentationEstimator:
 
     # --------------------------------------------------------------------------- scoring
     def predict(self, test_data: Frame, *, out: str | os.PathLike | None = None, tta: bool = False,
-                confidence_maps: bool = False) -> Frame:
+                confidence_maps: bool = False, engine: str = "auto") -> Frame:
         """Masks for every row of ``test_data`` via the bulk path; a ``predictions`` Frame.
 
         The Parquet goes to ``out`` (default ``<work_dir>/predictions/<model_id>-<random>``);
@@ -293,7 +293,7 @@ class UNetSegmentationEstimator:
         out = storage.as_uri(out) if out else storage.join_uri(
             work_directory(), "predictions", f"{self.model_id}-{token}")
         _connected()
-        run_predict(PredictConfig(model=model, input=manifest, out=out, tta=tta,
+        run_predict(PredictConfig(model=model, input=manifest, out=out, tta=tta, engine=engine,
                                   confidence_maps=confidence_maps, progress=False),
                     log=lambda line: None)
         return read_frame(out)

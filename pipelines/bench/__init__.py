@@ -20,6 +20,8 @@ BENCHMARKS: dict[str, str] = {
     "unet_step": "seg_core U-Net training step, images/s and GFLOP/s as a fraction of cpu_ceiling",
     "ingest": "decoded pairs/s from local S3: loose files and shards via Ray Data vs a plain PIL loop",
     "lite_unet": "lite U-Net vs base U-Net: params, GFLOPs, CPU inference and training images/s",
+    "engines": "ISBI model through torch / OpenVINO / ONNX Runtime / INT8: images/s at 256², "
+               "mask agreement with torch, membrane Dice",
     "train_overhead": "Ray Train step time / plain PyTorch loop step time",
     "batch_predict": "rayseg predict images/s vs a plain model(x) loop; peak RSS at 1k and 4k images",
     "serve": "Ray Serve latency/throughput sweep vs bare forward; replica scale-up/down",

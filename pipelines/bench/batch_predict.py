@@ -20,7 +20,9 @@ random-init U-Net (depth 4, base width 16, 3 classes) whose tile equals the imag
   cluster it started (GCS, raylet, workers, actors; also the moto thread), sampled every 0.5 s.
   Linux only (reads ``/proc``).
 
-Runs: throughput at ``RATIO_SIZE``^2 over shards (the headline ``ratio``, goal >= 0.9); memory
+Runs: throughput at ``RATIO_SIZE``^2 over shards with the torch engine (the headline ``ratio``,
+goal >= 0.9) and with ``engine: auto`` (OpenVINO on CPUs; goal >= 2.0 against the same eager
+loop); the rest with the torch engine: memory
 at ``MEMORY_SIZE``^2 over shards of ``n_small`` and ``n_large`` images (goal: peak ratio <= 1.1),
 whose throughput is reported too; and loose objects at ``MEMORY_SIZE``^2, ``n_small`` images
 (moto answers two requests per object, HEAD + GET, from pure Python on the same cores).
@@ -53,20 +55,24 @@ def run(quick: bool = False) -> dict[str, Any]:
         from pipelines.raycluster import ensure_ray
 
         ensure_ray()
-        runs = [(RATIO_SIZE, "shards", n_ratio), (MEMORY_SIZE, "shards", n_small),
-                (MEMORY_SIZE, "shards", n_large), (MEMORY_SIZE, "loose", n_small)]
+        runs = [(RATIO_SIZE, "shards", n_ratio, "torch"), (RATIO_SIZE, "shards", n_ratio, "auto"),
+                (MEMORY_SIZE, "shards", n_small, "torch"), (MEMORY_SIZE, "shards", n_large, "torch"),
+                (MEMORY_SIZE, "loose", n_small, "torch")]
         for size in (RATIO_SIZE, MEMORY_SIZE):
-            counts = sorted({n for s, _, n in runs if s == size})
+            counts = sorted({n for s, _, n, _ in runs if s == size})
             loose = n_small if size == MEMORY_SIZE else 0
             model, inputs, blobs = _setup(Path(tmp) / str(size), size, counts, loose)
-            for layout, n in ((layout, n) for s, layout, n in runs if s == size):
+            for layout, n, engine in ((lay, n, e) for s, lay, n, e in runs if s == size):
                 result = _measure(model, inputs[layout, n], blobs[:n],
-                                  Path(tmp) / f"out-{size}-{layout}-{n}")
-                figures.update({f"{key}_{size}px_{layout}_{n}": v for key, v in result.items()})
+                                  Path(tmp) / f"out-{size}-{layout}-{n}-{engine}", engine)
+                tag = "" if engine == "torch" else f"_{engine}"
+                figures.update({f"{key}_{size}px_{layout}_{n}{tag}": v
+                                for key, v in result.items()})
     head = f"{RATIO_SIZE}px_shards_{n_ratio}"
     ratio = figures[f"rayseg_images_per_s_{head}"] / figures[f"plain_images_per_s_{head}"]
     for name, suffix in (("ratio_128px_shards", f"{MEMORY_SIZE}px_shards_{n_large}"),
-                         ("ratio_128px_loose_objects", f"{MEMORY_SIZE}px_loose_{n_small}")):
+                         ("ratio_128px_loose_objects", f"{MEMORY_SIZE}px_loose_{n_small}"),
+                         ("ratio_256px_shards_auto_engine", f"{head}_auto")):
         figures[name] = round(figures[f"rayseg_images_per_s_{suffix}"]
                               / figures[f"plain_images_per_s_{suffix}"], 3)
     figures["memory_ratio_large_over_small"] = round(
@@ -76,19 +82,24 @@ def run(quick: bool = False) -> dict[str, Any]:
               - figures[f"pss_before_run_mb_{MEMORY_SIZE}px_shards_{n}"] for n in (n_small, n_large)]
     figures["pipeline_pss_growth_mb_small_large"] = f"{growth[0]:.0f}/{growth[1]:.0f}"
     figures["memory_goal"] = "<= 1.1 (peak summed PSS, driver + local Ray cluster)"
+    figures["engine_goals"] = ("torch: >= 0.95 at 128px from shards, >= 0.85 from loose objects; "
+                               "auto (OpenVINO on CPUs): >= 2.0 at 256px")
     return {"bench": "batch_predict", "figures": figures, "ratio": round(ratio, 3),
             "goal": f">=0.9 ({RATIO_SIZE}px)"}
 
 
-def _measure(model: str, manifest: str, blobs: list[bytes], out: Path) -> dict[str, Any]:
-    """One rayseg run between two plain-loop timings, with the memory/CPU sampler running."""
+def _measure(model: str, manifest: str, blobs: list[bytes], out: Path,
+             engine: str) -> dict[str, Any]:
+    """One rayseg run with ``engine`` between two plain-loop timings (torch eager, as a user's
+    own loop would be), with the memory/CPU sampler running."""
     from pipelines.predict.predict import PredictConfig, run_predict
 
     plain_before, plain_cpu_before = _plain(model, blobs)
     sampler = _Sampler()
     sampler.start()
     summary = run_predict(PredictConfig(model=model, input=manifest, out=str(out),
-                                        batch_size=BATCH, rows_per_file=512, progress=False),
+                                        batch_size=BATCH, rows_per_file=512, progress=False,
+                                        engine=engine),
                           log=lambda _: None)
     sampler.stop()
     plain_after, plain_cpu_after = _plain(model, blobs)

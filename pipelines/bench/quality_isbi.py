@@ -10,7 +10,8 @@ full-resolution 512x512 predictions (Segmenter, resized back) against the origin
 
 Baseline: a plain PyTorch loop on this machine reached membrane Dice 0.79 and pixel accuracy
 0.919 in 418 s (base 16, channels_last, flip/rot90).  The model is copied to
-``rayseg_work/isbi_model/`` (gitignored) and its path printed.  The data never enters the repo.
+``rayseg_work/isbi_model/`` (``isbi_model_lite/`` for the lite U-Net; gitignored) and its path
+printed; ``rayseg bench engines`` reads it from there.  The data never enters the repo.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pipelines.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("RAYSEG_ISBI_DIR", "/work/shared/data/isbi2012_em_membrane"))
-MODEL_DIR = REPO / "rayseg_work" / "isbi_model"
+MODEL_DIR = REPO / "rayseg_work" / "isbi_model"   # lite models go to isbi_model_lite
 BASELINE = {"membrane_dice": 0.79, "pixel_accuracy": 0.919, "wall_s": 418}
 MEMBRANE = 0  # mask value 0 -> class 0
 STARTUP_ALLOWANCE_S = 45.0  # Ray worker start, data decode, artifact write (not training)
@@ -43,6 +44,11 @@ def plan_epochs(loop_budget: float, steps_per_epoch: int, step_s: float) -> int:
     step timed on a loaded machine and finished in 261 of 600 s.
     """
     return max(1, int(loop_budget / (steps_per_epoch * step_s + 1.5)))
+
+
+def model_dir_for(arch: str) -> Path:
+    """Where the last model of ``arch`` is kept (``rayseg bench engines`` reads it)."""
+    return MODEL_DIR if arch == "unet" else MODEL_DIR.with_name(f"{MODEL_DIR.name}_{arch}")
 
 
 def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
@@ -72,10 +78,11 @@ def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - started
-    if MODEL_DIR.exists():
-        shutil.rmtree(MODEL_DIR)
-    shutil.copytree(result.artifact_uri, MODEL_DIR)
-    print(f"quality_isbi: model written to {MODEL_DIR}", flush=True)
+    model_dir = model_dir_for(arch)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(result.artifact_uri, model_dir)
+    print(f"quality_isbi: model written to {model_dir}", flush=True)
     val = result.metrics
     dice = val["per_class"]["dice"][MEMBRANE]
     figures = {
@@ -85,7 +92,7 @@ def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
         "epochs_run": len(result.history), "steps": result.history[-1]["step"],
         "stopped": result.stopped, "threads": threads, "resize": list(cfg.preprocessing.resize),
         "base_width": cfg.model.base_width, "arch": arch, "plain_step_s": round(step_s, 3),
-        "baseline": BASELINE, "model_dir": str(MODEL_DIR),
+        "baseline": BASELINE, "model_dir": str(model_dir),
     }
     return {"bench": "quality_isbi", "figures": figures,
             "ratio": round(dice / BASELINE["membrane_dice"], 3),

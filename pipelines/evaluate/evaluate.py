@@ -281,5 +281,6 @@ def _predict_first(cfg: EvaluateConfig, log: Callable[[str], None]) -> str:
 
     out = cfg.predictions or storage.join_uri(cfg.out, "predictions")
     run_predict(PredictConfig(model=cfg.model, input=cfg.manifest, out=out, split=cfg.split,
-                              address=cfg.address, progress=cfg.progress), log=log)
+                              engine=cfg.engine, address=cfg.address, progress=cfg.progress),
+                log=log)
     return out

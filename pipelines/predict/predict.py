@@ -143,7 +143,7 @@ class Predictor:
     """Ray Data callable class: loads the artifact once per actor, predicts pyarrow batches."""
 
     def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int,
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 engine: str = "auto", storage_options: dict[str, Any] | None = None) -> None:
         import torch
 
         from seg_core.artifact import load_artifact
@@ -154,7 +154,7 @@ class Predictor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # Tiles per forward: 4 ran fastest per image on CPU (seg_core.inference.predict_batch);
         # a GPU wants bigger batches (not measured here: no GPU was lent).
-        self.segmenter = Segmenter(artifact, device=device, tta=tta,
+        self.segmenter = Segmenter(artifact, device=device, tta=tta, engine=engine,
                                    batch_size=16 if device == "cuda" else 4)
         self.model_name, self.model_version = artifact.name, artifact.version
         self.with_confidence = with_confidence
@@ -215,6 +215,7 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
 
     store.claim_output(cfg.out, {"uri": cfg.model, "name": meta["name"], "version": meta["version"],
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
+                                 "engine": cfg.engine,
                                  "confidence_maps": cfg.confidence_maps,
                                  "reported_metrics": meta.get("metrics") or {}})
     plan = plan_actors(cfg, resources)
@@ -239,7 +240,7 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
             f"{plan.threads} thread(s)")
         inputs.dataset.map_batches(
             Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta,
+            fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta, "engine": cfg.engine,
                                    "with_confidence": cfg.confidence_maps,
                                    "threads": plan.threads, "storage_options": options},
             # all actors start at once; min 1, so fewer input blocks than actors (a small

@@ -116,7 +116,8 @@ class SegmentService:
         self._artifact = load_artifact(self._model_dir)
         device = args.device if args.device != "auto" else \
             ("cuda" if torch.cuda.is_available() else "cpu")
-        self._segmenter = Segmenter(self._artifact, device=device, tta=args.tta)
+        self._segmenter = Segmenter(self._artifact, device=device, tta=args.tta,
+                                    engine=args.engine)
         self._max_pixels = args.max_pixels or self._artifact.preprocessing.max_pixels
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._coalescer = ForwardCoalescer(self._forward, self._forward_pool,
@@ -224,7 +225,8 @@ class SegmentService:
                     "batch_wait_timeout_s": self._batch.batch_wait_timeout_s,
                     "max_request_bytes": self._args.max_request_bytes,
                     "max_pixels": self._max_pixels, "device": str(self._segmenter.device),
-                    "tta": self._args.tta, "parquet_sink": self._args.out_uri is not None,
+                    "tta": self._args.tta, "engine": self._segmenter.engine,
+                    "parquet_sink": self._args.out_uri is not None,
                     "forwards": self._coalescer.forwards, "forwarded_requests": self._coalescer.jobs}
         return JSONResponse({**self._model_ref(), "artifact": self._artifact.meta,
                              "serving": settings, "replica": self._replica})

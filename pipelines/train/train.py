@@ -117,7 +117,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise RuntimeError(f"{run_uri}: training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = load_newest_good(directory, run_uri)
-    result = write_artifact(cfg, state, data.source_sha256, run_uri)
+    result = write_artifact(cfg, state, data.source_sha256, run_uri,
+                            calibration=calibration_images(data.train))
     total = max(data.labelled_pixels if cfg.mask.multilabel else sum(data.class_pixels), 1)
     return dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
                                class_weights=cfg.class_weights)
@@ -207,12 +208,23 @@ def default_cpus_per_worker(cluster_cpus: float, num_workers: int, trainers: int
 # ------------------------------------------------------------------------------------ outputs
 
 
+def calibration_images(train: Any) -> list[Any]:
+    """The first prepared training images of the Ray dataset ``train`` (at most
+    ``CALIBRATION_IMAGES``): what INT8 engines calibrate on (``seg_core.runtimes``).  Cheap:
+    the training set is usually cached, and otherwise one block is read again."""
+    from seg_core.runtimes import CALIBRATION_IMAGES
+
+    return [row["image"] for row in train.take(CALIBRATION_IMAGES)]
+
+
 def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
-                   run_uri: str) -> TrainResult:
-    """Checkpoint state -> ``<models_uri>/<name>/<version>/`` (artifact + metrics + plot + config)."""
+                   run_uri: str, calibration: list[Any] | None = None) -> TrainResult:
+    """Checkpoint state -> ``<models_uri>/<name>/<version>/`` (artifact + metrics + plot + config,
+    and ``calibration`` images for INT8 engines when given)."""
     from pipelines.evaluate.plots import learning_curve_png
     from seg_core.artifact import reproducibility_record, save_artifact
     from seg_core.model import UNet
+    from seg_core.runtimes import save_calibration
 
     best = state.get("best")
     broken = (state.get("stopped") or "").startswith(NON_FINITE)
@@ -250,6 +262,8 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
         (local / "config.yaml").write_text(dump_config(cfg))
         learning_curve_png(history, local / "learning_curve.png",
                            title=f"{cfg.name} {cfg.version}")
+        if calibration:
+            save_calibration(local, calibration)
         if not storage.is_local(uri):
             storage.copy_dir_from_local(local, uri)
     return TrainResult(artifact_uri=uri, metrics=val, history=history, run_name=cfg.run_name,
