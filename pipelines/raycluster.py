@@ -19,11 +19,12 @@ yourself only on a trusted single-user machine.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 _MB = 1024 * 1024
 # Ray refuses object stores below ~75 MB; above ~2 GB nothing in rayseg's tests or single-node
@@ -98,11 +99,47 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
             kwargs.setdefault("object_store_memory",
                               (object_store_mb or default_object_store_mb()) * _MB)
             kwargs.setdefault("include_dashboard", False)
-        ray.init(address=address, **kwargs)
+        with _serve_ingress_env(address is None):
+            ray.init(address=address, **kwargs)
     if quiet:
         _quiet_data()
         _absorb_actor_arg_notice()
     return dict(ray.cluster_resources())
+
+
+_HA_PROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # An ingress replica that stops drains for this long first (Ray's default: 30 s, so that
+    # HAProxy on other nodes stops routing to it).  On one machine HAProxy sees the change at
+    # once; with 30 s, an endpoint stopped within 30 s of replacing a replica shut Ray down
+    # under the draining one, and its rows waited in the write-ahead log for the next start.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
+@contextlib.contextmanager
+def _serve_ingress_env(local: bool) -> Iterator[None]:
+    """While a local Ray starts: Ray Serve's HAProxy ingress (:data:`_HA_PROXY_ENV`) when
+    ``haproxy`` is on PATH and ``RAY_SERVE_ENABLE_HA_PROXY`` is not set already.
+
+    Ray reads the variables in its own processes (controller, proxies, replicas), which inherit
+    them from the raylet started here; this process's environment is left as it was.  On this
+    2-core box HAProxy halved the endpoint's p50 at concurrency 1 (README, ``serve`` benchmark).
+    In that mode the replicas also listen on ports 30000-31000 of every interface (Ray's
+    design: HAProxy on other nodes must reach them); the API key still applies there.  A
+    cluster (KubeRay) sets the variable in its pod spec instead (``infra/rayservice.yaml``);
+    ``RAY_SERVE_ENABLE_HA_PROXY=0`` keeps Ray's proxy actor.
+    """
+    if not local or "RAY_SERVE_ENABLE_HA_PROXY" in os.environ or not shutil.which("haproxy"):
+        yield
+        return
+    added = {k: v for k, v in _HA_PROXY_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def verbose_requested() -> bool:

@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, str] = {
     "engines": "ISBI model through torch / OpenVINO / ONNX Runtime / INT8: images/s at 256², "
                "mask agreement with torch, membrane Dice",
     "train_overhead": "Ray Train step time / plain PyTorch loop step time",
+    "train_throughput": "rayseg train images/s (whole wall, defaults) / a plain loop on every "
+                        "core, mixed-size images with random crops",
     "batch_predict": "rayseg predict images/s vs a plain model(x) loop; peak RSS at 1k and 4k images",
     "serve": "Ray Serve latency/throughput sweep vs bare forward; replica scale-up/down",
     "quality_isbi": "ISBI 2012 membrane quality after a fixed wall-time budget through rayseg train",

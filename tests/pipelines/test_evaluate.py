@@ -241,7 +241,7 @@ def test_evaluate_with_model_matches_direct_segmenter_scores(ray_session, sample
     report = run_evaluate(EvaluateConfig(manifest=str(sample_dataset), model=str(artifact),
                                          out=str(tmp_path / "eval"), bootstrap=20, overlays=1,
                                          progress=False), log=lambda _: None)
-    segmenter = Segmenter(load_artifact(artifact))
+    segmenter = Segmenter(load_artifact(artifact), engine="auto")   # predict's default engine
     spec = segmenter.mask_spec
     total = {k: np.zeros(3, np.int64) for k in ("tp", "fp", "fn")}
     with open(sample_dataset, newline="") as handle:

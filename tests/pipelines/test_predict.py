@@ -116,8 +116,9 @@ def test_rows_carry_provenance(s3_run):
 
 
 def test_parity_with_segmenter(s3_run, artifact_dir):
-    """Each Parquet mask is exactly what seg_core predicts directly, and predict_one agrees."""
-    segmenter = Segmenter(load_artifact(artifact_dir), tta=True)
+    """Each Parquet mask is exactly what seg_core predicts directly with the same (default)
+    engine, and predict_one agrees."""
+    segmenter = Segmenter(load_artifact(artifact_dir), tta=True, engine="auto")
     for row in s3_run["predictions"].to_pylist():
         data = read_bytes(row["source_uri"])
         expected = segmenter.predict(decode_image(data)).mask

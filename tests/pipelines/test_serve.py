@@ -202,7 +202,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def segmenter(model_dir) -> Segmenter:
-    return Segmenter(load_artifact(model_dir))
+    return Segmenter(load_artifact(model_dir), engine="auto")   # the endpoint's default
 
 
 @pytest.fixture(scope="module")
@@ -309,6 +309,7 @@ def test_model_route_reports_artifact_and_batching(endpoint):
     user_config = endpoint["config"]["applications"][0]["deployments"][0]["user_config"]
     assert info["serving"]["max_batch_size"] == user_config["max_batch_size"]
     assert info["serving"]["max_pixels"] == MAX_PIXELS
+    assert info["serving"]["engine"] == "openvino"   # engine: auto on a CPU replica
     assert replica_counts() == {"RUNNING": 1}
 
 

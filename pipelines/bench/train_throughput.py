@@ -1,0 +1,150 @@
+"""``train_throughput``: end-to-end training images/s of ``rayseg train`` against a plain loop.
+
+The case (issue 19): a user trains on RGB images of mixed sizes with random 256 crops, base-16
+U-Net, batch 8, for a fixed wall-time budget, once with ``rayseg train`` and once with the
+PyTorch loop they would write themselves.  Generated data stands in for the real set: 72
+textured scenes (:func:`seg_core.sample_data.render_sample`, 3 classes), sides drawn from
+256..640 so no two sizes agree, PNG files on local disk, 64 train / 8 val.
+
+- **rayseg**: :func:`pipelines.train.train.train` with the shipped defaults (one worker, data
+  caching, validation, checkpoints, artifact); only data, model size, crop, batch and the
+  ``max_runtime_secs`` budget are set.  Images/s = optimizer steps x batch / wall of ``train()``
+  (start-up, validation, checkpoints and the artifact included).
+- **plain**: decode every image into memory, then random 256 crops with flips and rot90 per
+  sample, ``seg_core.engine.train_step`` in a ``for`` loop with torch using every core, one
+  validation pass over the val images at the end; same budget.  Images/s = steps x batch / wall,
+  decoding and the final validation included.
+
+``ratio`` = rayseg images/s over plain images/s; the goal is >= 0.9 on the 2-core box.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BATCH, CROP = 8, 256
+TRAIN, VAL = 64, 8
+SIDES = (256, 640)
+
+
+def make_dataset(root: Path, seed: int = 0) -> Path:
+    """PNG images + masks of mixed sizes and a manifest with a train/val split."""
+    from PIL import Image
+
+    from seg_core.sample_data import render_sample, write_manifest_csv
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for index in range(TRAIN + VAL):
+        size = (int(rng.integers(*SIDES)), int(rng.integers(*SIDES)))
+        image, mask = render_sample(index, size=size, shape_types=2, seed=seed)
+        Image.fromarray(image).save(root / "images" / f"{index:03d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{index:03d}.png")
+        rows.append({"image": f"images/{index:03d}.png", "mask": f"masks/{index:03d}.png",
+                     "split": "train" if index < TRAIN else "val"})
+    return write_manifest_csv(root / "manifest.csv", rows)
+
+
+def rayseg_run(manifest: Path, work: Path, budget_s: float) -> dict[str, Any]:
+    """``rayseg train`` with default settings on ``manifest`` for ``budget_s`` seconds."""
+    from pipelines.config import load_train_config
+    from pipelines.train.train import train
+
+    cfg = load_train_config("jobs/configs/train_sample.yaml", [
+        f"data.manifest={manifest}", f"storage.storage_path={work}/runs",
+        f"storage.models_uri={work}/models", "model.depth=4", "model.base_width=16",
+        f"augment.crop={CROP}", f"batch_size={BATCH}", "epochs=1000", "stopping_rounds=null",
+        f"max_runtime_secs={budget_s}", "log_every_steps=0"])
+    started = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - started
+    steps = result.history[-1]["step"]
+    return {"images_per_s": round(steps * BATCH / wall, 2), "wall_s": round(wall, 1),
+            "steps": steps, "epochs": len(result.history),
+            "val_miou": round(result.metrics["miou"], 4)}
+
+
+def plain_run(manifest: Path, budget_s: float) -> dict[str, Any]:
+    """The user's own loop: decode once, random crops, every core, validate at the end."""
+    import csv
+
+    from PIL import Image
+
+    from seg_core.config import ModelConfig
+    from seg_core.engine import build_optimizer, train_step
+    from seg_core.losses import build_loss
+    from seg_core.model import UNet
+
+    started = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    load = lambda name: np.asarray(Image.open(manifest.parent / name))  # noqa: E731
+    data = {split: [((load(r["image"]).astype(np.float32) / 255 - 0.5) / 0.25, load(r["mask"]))
+                    for r in rows if r["split"] == split] for split in ("train", "val")}
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=4, base_width=16))
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, lr=3e-3, weight_decay=1e-4)
+    loss_fn = build_loss("dice_ce", num_classes=3)
+    steps = 0
+    while time.perf_counter() - started < budget_s:
+        images, masks = [], []
+        for index in rng.integers(0, len(data["train"]), BATCH):
+            image, mask = data["train"][index]
+            top = rng.integers(0, image.shape[0] - CROP + 1)
+            left = rng.integers(0, image.shape[1] - CROP + 1)
+            image, mask = image[top:top + CROP, left:left + CROP], mask[top:top + CROP,
+                                                                         left:left + CROP]
+            if rng.random() < 0.5:
+                image, mask = image[:, ::-1], mask[:, ::-1]
+            if rng.random() < 0.5:
+                image, mask = image[::-1], mask[::-1]
+            turns = int(rng.integers(4))
+            images.append(np.rot90(image, turns).transpose(2, 0, 1))
+            masks.append(np.rot90(mask, turns))
+        batch = {"image": torch.from_numpy(np.stack(images)).contiguous(
+                     memory_format=torch.channels_last),
+                 "mask": torch.from_numpy(np.stack(masks).astype(np.int64))}
+        model.train()
+        train_step(model, batch, loss_fn, optimizer)
+        steps += 1
+    model.eval()
+    with torch.inference_mode():
+        for image, _ in data["val"]:
+            model(torch.from_numpy(image.transpose(2, 0, 1).copy())[None])
+    wall = time.perf_counter() - started
+    return {"images_per_s": round(steps * BATCH / wall, 2), "wall_s": round(wall, 1),
+            "steps": steps, "threads": torch.get_num_threads()}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from pipelines.raycluster import ensure_ray
+
+    budget = 45.0 if quick else 240.0
+    ensure_ray()
+    threads = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory(prefix="rayseg-throughput-") as tmp:
+            manifest = make_dataset(Path(tmp) / "data")
+            plain = plain_run(manifest, budget)
+            ours = rayseg_run(manifest, Path(tmp), budget)
+    finally:
+        torch.set_num_threads(threads)
+    figures = {"load_avg_1m": round(os.getloadavg()[0], 2), "budget_s": budget,
+               "images": f"{TRAIN} train + {VAL} val, sides {SIDES[0]}..{SIDES[1] - 1}, PNG",
+               "crop": CROP, "batch": BATCH, "model": "UNet depth 4, base 16, 3 classes",
+               **{f"rayseg_{k}": v for k, v in ours.items()},
+               **{f"plain_{k}": v for k, v in plain.items()}}
+    return {"bench": "train_throughput", "figures": figures,
+            "ratio": round(ours["images_per_s"] / plain["images_per_s"], 3),
+            "goal": ">=0.9 (rayseg train / plain loop images/s, whole wall)"}
