@@ -166,15 +166,18 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
-                 counts: dict[str, np.ndarray], lr: float, world: int) -> dict[str, Any]:
-    """One history entry; ``totals`` = summed (loss*images, images, seconds) over workers."""
+                 counts: dict[str, np.ndarray] | None, lr: float, world: int) -> dict[str, Any]:
+    """One history entry; ``totals`` = summed (loss*images, images, seconds) over workers.
+    ``counts`` is None for an epoch that was not validated (``val_fraction``): its ``val*``
+    entries are None."""
     loss_sum, images, seconds = (float(x) for x in totals)
-    val = val_metrics(counts, cfg)
+    val = None if counts is None else val_metrics(counts, cfg)
     return {
         "epoch": state.epoch + 1, "step": state.step, "lr": lr,
         "train_loss": loss_sum / max(images, 1.0),
         "images_per_s": images / max(seconds / world, 1e-9),  # seconds summed over workers
-        "val_miou": val["miou"], "val_pixel_accuracy": val["pixel_accuracy"], "val": val,
+        "val_miou": val and val["miou"], "val_pixel_accuracy": val and val["pixel_accuracy"],
+        "val": val,
     }
 
 

@@ -86,6 +86,7 @@ class TrainData:
     source_sha256: str
     class_pixels: tuple[int, ...] = ()  # labelled training pixels per class (at training size)
     labelled_pixels: int = 0  # training pixels not ignored (multi-label: per image, not class)
+    cached: bool = False  # decoded once into the object store: epochs only read it back
 
 
 def build_train_data(cfg: TrainConfig) -> TrainData:
@@ -131,7 +132,7 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
                       ignore_index=cfg.mask.ignore_index, seed=cfg.seed)
     val = val_shards(val, cfg.scaling.num_workers, materialize=cache)
-    return TrainData(train=train, val=val, augment=augment, num_train=counts[0],
+    return TrainData(train=train, val=val, augment=augment, num_train=counts[0], cached=cache,
                      num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
                      labelled_pixels=labelled)
 

@@ -8,13 +8,14 @@ failure or on resume.  The checkpoint format and generator state are in
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -69,9 +70,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world = context.get_world_rank(), context.get_world_size()
     say = RankZeroLog(loop_config.get("progress"), cfg.run_name, rank)
     seed_everything(cfg.seed * 1000 + rank)
-    if cfg.scaling.torch_threads:
-        torch.set_num_threads(cfg.scaling.torch_threads)
     parts = build_parts(cfg, plan)
+    threads = torch_threads(cfg, parts.device, loop_config.get("cached", False),
+                            context.get_local_world_size())
+    if threads:
+        torch.set_num_threads(threads)
+    say(f"{world} worker(s) on {parts.device.type}, {torch.get_num_threads()} torch thread(s) "
+        f"each")
     state = LoopState()
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:   # a torn newest one: the one before
@@ -83,25 +88,90 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")   # this worker's rows only
     started = time.monotonic()
+    clock = ValClock(cfg.val_fraction)
     while state.epoch < cfg.epochs and state.stopped is None:
         totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
                              rank, world, started, say)
+        clock.trained(float(totals[2]) / world)
         if (state.stopped or "").startswith(NON_FINITE):   # no validation of broken weights,
             say(state.stopped)                              # no retry: the same data would
             report(state, None, parts, rank, world)         # blow up again
             break
         state.train_size = agreed_train_size(state.train_size, parts.device, world)
-        counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
-                          train_size=state.train_size)
+        last = state.epoch + 1 >= cfg.epochs or state.stopped is not None
+        counts = None
+        if any_worker(clock.due(last), parts.device, world):   # every worker, or none
+            with clock.validating():
+                counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
+                                  train_size=state.train_size)
         record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world)
         state.epoch += 1
         state.history.append(record)
-        state.track_best(record, parts.unet, cfg.stopping_rounds, cfg.stopping_tolerance)
-        say(f"epoch {state.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} val mIoU "
-            f"{record['val_miou']:.4f} acc {record['val_pixel_accuracy']:.4f} "
+        if counts is not None:
+            state.track_best(record, parts.unet, cfg.stopping_rounds, cfg.stopping_tolerance)
+            val = (f"val mIoU {record['val_miou']:.4f} acc {record['val_pixel_accuracy']:.4f}")
+        else:
+            val = f"val skipped (val_fraction {cfg.val_fraction:g})"
+        say(f"epoch {state.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} {val} "
             f"{record['images_per_s']:.1f} images/s")
         report(state, record, parts, rank, world)
     return {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
+
+
+class ValClock:
+    """When to validate: ``fraction`` of the training time at most, the first and last epoch
+    always (``TrainConfig.val_fraction``; None: every epoch)."""
+
+    def __init__(self, fraction: float | None) -> None:
+        self.fraction = fraction
+        self.train_s = self.val_s = self.last_val_s = 0.0
+        self.validations = 0
+
+    def trained(self, seconds: float) -> None:
+        self.train_s += seconds
+
+    def due(self, last: bool) -> bool:
+        if self.fraction is None or last or self.validations == 0:
+            return True
+        return self.val_s + self.last_val_s <= self.fraction * self.train_s
+
+    @contextlib.contextmanager
+    def validating(self) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.last_val_s = time.perf_counter() - started
+        self.val_s += self.last_val_s
+        self.validations += 1
+
+
+def torch_threads(cfg: TrainConfig, device: torch.device, cached: bool,
+                  local_workers: int) -> int | None:
+    """Intra-op threads of this worker: ``scaling.torch_threads`` when set; on the CPU with the
+    data cached, every CPU of the node shared among its workers; otherwise None (Ray's setting:
+    one per reserved CPU).
+
+    Ray reserves fewer CPUs for the trainer than the node has, so that Ray Data's tasks get
+    cores (one stays free on a small box).  Once the decoded data sits in the object store, an
+    epoch only reads it back, and those cores idle: on the 2-core box the trainer ran on one
+    thread at 0.2x a plain loop's images/s (``rayseg bench train_throughput``).  Streaming
+    data keeps Ray's reservation, since decoding then competes for the cores.
+    """
+    if cfg.scaling.torch_threads:
+        return cfg.scaling.torch_threads
+    if device.type != "cpu" or not cached:
+        return None
+    return max(1, int(node_cpus() // max(1, local_workers)))
+
+
+def node_cpus() -> float:
+    """Logical CPUs Ray counts on this node (a pod's limit on KubeRay, the cores locally)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    for entry in ray.nodes():
+        if entry.get("NodeID") == node:
+            return float(entry.get("Resources", {}).get("CPU", 1))
+    return float(os.cpu_count() or 1)
 
 
 def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
@@ -110,7 +180,7 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
 
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
+    channels_last = True if cfg.channels_last is None else cfg.channels_last
     unet = UNet(cfg.model)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
@@ -197,9 +267,10 @@ def report(state: LoopState, record: dict[str, Any] | None, parts: Parts, rank: 
     rng = gather_objects(rng_state(), world)
     metrics: dict[str, Any] = {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
     if record is not None:
-        metrics = {k: v for k, v in record.items() if k != "val"}
-        metrics.update({f"val_iou_{name}": value for name, value in
-                        zip(record["val"]["class_names"], record["val"]["per_class"]["iou"])})
+        metrics = {k: v for k, v in record.items() if k != "val" and v is not None}
+        if record["val"] is not None:
+            metrics.update({f"val_iou_{name}": value for name, value in
+                            zip(record["val"]["class_names"], record["val"]["per_class"]["iou"])})
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:

@@ -93,6 +93,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,
+                           "cached": data.cached,
                            "progress": progress},
         datasets={"train": data.train, **data.val},
         dataset_config=DataConfig(datasets_to_split=["train"]),  # val_<rank>: one per worker
@@ -234,7 +235,9 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
     if (cfg.artifact_weights == "best" or broken) and best is not None:
         weights, val, epoch = best["model"], best["val"], best["epoch"]
     else:
-        weights, val, epoch = state["model"], state["history"][-1]["val"], state["epoch"]
+        # the last epoch is always validated (val_fraction); the newest validation otherwise
+        val = next(h["val"] for h in reversed(state["history"]) if h.get("val") is not None)
+        weights, epoch = state["model"], state["epoch"]
     unet = UNet(cfg.model)
     unet.load_state_dict(weights)
     uri = storage.join_uri(cfg.storage.models_uri, cfg.name, cfg.version)
@@ -248,7 +251,7 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
               "epochs_completed": state["epoch"], "steps": state["step"],
               "stopped": state["stopped"], "restarts": state["restarts"],
               "history": [{k: v for k, v in h.items() if k != "val"} | {"val_iou": h["val"]
-                          ["per_class"]["iou"]} for h in history],
+                          ["per_class"]["iou"] if h.get("val") else None} for h in history],
               "run": run_uri, "fold": cfg.fold}
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(storage.strip_scheme(uri)) if storage.is_local(uri) else Path(tmp)
