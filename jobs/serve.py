@@ -22,6 +22,11 @@ batch_wait_timeout_s), and append every answered request to Parquet under
 <out>/date=YYYY-MM-DD/, flushed by row count or age and again at shutdown.  All of this is set in
 the Serve config (--config, `serve build` format; default jobs/configs/serve.yaml), the same
 application that infra/rayservice.yaml deploys on Kubernetes; --set changes one of its keys.
+
+Speed: the forward runs on OpenVINO on CPUs (--engine; torch on GPUs).  When this command starts
+Ray itself and `haproxy` is on PATH, Ray Serve's HAProxy ingress sends requests straight to the
+replicas (about half the latency of the default proxy actor; RAY_SERVE_ENABLE_HA_PROXY=0 turns
+it off, and replicas then stop listening on ports 30000-31000).
 """
 
 EPILOG = """\

@@ -252,6 +252,11 @@ class TrainConfig:
         return self.storage.run_name or f"{self.name}-{self.version}"
 
     @property
+    def uses_channels_last(self) -> bool:
+        """``channels_last``, whose null means on (GPU and CPU)."""
+        return True if self.channels_last is None else self.channels_last
+
+    @property
     def run_uri(self) -> str:
         """Where this run's checkpoints live: ``<storage.storage_path>/<run_name>``."""
         return join_uri(self.storage.storage_path, self.run_name)

@@ -49,7 +49,7 @@ def plain_step_seconds(cfg: Any, *, size: int, threads: int, repeats: int) -> fl
         torch.manual_seed(0)
         model = UNet(cfg.model).to(device)
         # as build_parts: channels_last None means on GPU only
-        channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+        channels_last = cfg.uses_channels_last   # as the Ray Train loop
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

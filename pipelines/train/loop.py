@@ -175,12 +175,12 @@ def node_cpus() -> float:
 
 
 def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
-    """Model (channels_last on GPU, DDP via prepare_model), AdamW, schedule and loss."""
+    """Model (channels_last unless turned off, DDP via prepare_model), AdamW, schedule, loss."""
     import ray.train.torch
 
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    channels_last = True if cfg.channels_last is None else cfg.channels_last
+    channels_last = cfg.uses_channels_last
     unet = UNet(cfg.model)
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)

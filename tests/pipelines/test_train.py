@@ -102,6 +102,52 @@ def test_fractional_cpus_leave_one_cpu_for_ray_data():
     assert default_cpus_per_worker(64, 4) == 1.0
 
 
+def test_validation_keeps_to_its_share_of_the_training_time():
+    from pipelines.train.loop import ValClock
+
+    clock = ValClock(0.1)
+    clock.trained(10.0)
+    assert clock.due(last=False)            # the first epoch is always validated
+    clock.val_s = clock.last_val_s = 0.6    # it took 0.6 s
+    clock.validations = 1
+    clock.trained(1.0)                      # 11 s trained: 0.6 + 0.6 > 1.1
+    assert not clock.due(last=False)
+    assert clock.due(last=True)             # the last epoch always is
+    clock.trained(1.0)                      # 12 s trained: 0.6 + 0.6 <= 1.2
+    assert clock.due(last=False)
+    assert ValClock(None).due(last=False)   # null: every epoch
+
+
+def test_cached_cpu_training_uses_every_core_of_the_node(ray_session, tiny_dataset):
+    import ray
+
+    from pipelines.train.loop import torch_threads
+
+    cfg, cpu = _cfg(str(tiny_dataset), "/tmp/unused"), torch.device("cpu")
+    cores = int(ray.cluster_resources()["CPU"])   # the session cluster has one node
+    assert torch_threads(cfg, cpu, cached=True, local_workers=1) == cores
+    assert torch_threads(cfg, cpu, cached=True, local_workers=2) == max(1, cores // 2)
+    assert torch_threads(cfg, cpu, cached=False, local_workers=1) is None   # Ray's reservation
+    assert torch_threads(cfg, torch.device("cuda"), cached=True, local_workers=1) is None
+    pinned = _cfg(str(tiny_dataset), "/tmp/unused", "scaling.torch_threads=3")
+    assert torch_threads(pinned, cpu, cached=False, local_workers=1) == 3
+
+
+def test_epochs_between_validations_are_recorded_without_val(ray_session, tiny_dataset,
+                                                             tmp_path):
+    from pipelines.train.train import train
+
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "val_fraction=1e-6")
+    result = train(cfg)
+    validated = [h["val"] is not None for h in result.history]
+    assert validated == [True, False, True]   # first and last always, none between
+    assert result.history[1]["val_miou"] is None and result.history[2]["val_miou"] is not None
+    assert result.selected_epoch in (1, 3)   # best weights come from validated epochs only
+    assert result.metrics == result.history[result.selected_epoch - 1]["val"]
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        _cfg(str(tiny_dataset), str(tmp_path), "val_fraction=0")
+
+
 def test_placement_settings_reach_ray_train(ray_session, tiny_dataset):
     from pipelines.train.train import scaling_config
 
