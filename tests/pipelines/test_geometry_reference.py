@@ -32,6 +32,12 @@ from tests.serve_util import endpoint_config
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SEEDS = range(4)
 
+# predict and serve run the default engine (OpenVINO on CPUs), which computes in bf16 where the
+# CPU has it: probabilities move by a few 1e-3, so pixels whose top two classes are that close
+# may flip.  Geometry errors move whole regions with large margins (padding changed > 3% of the
+# pixels, tests/seg_core/test_geometry.py).
+ENGINE_MARGIN = 0.02
+
 
 def _mask(png: bytes) -> np.ndarray:
     """A grey mask PNG as H x W class ids."""
@@ -68,7 +74,8 @@ def test_rayseg_predict_masks_equal_the_reference(ray_session, case) -> None:
     rows = store.read_predictions(out, ["id", "mask_png"]).to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(case["references"])
     for row in rows:
-        assert_masks_match(_mask(row["mask_png"]), case["references"][row["id"]])
+        assert_masks_match(_mask(row["mask_png"]), case["references"][row["id"]],
+                           margin=ENGINE_MARGIN)
 
 
 def test_endpoint_masks_equal_the_reference(ray_session, s3_bucket, case) -> None:
@@ -83,7 +90,8 @@ def test_endpoint_masks_equal_the_reference(ray_session, s3_bucket, case) -> Non
                                              headers={"Accept": "image/png"})
             with urllib.request.urlopen(request, timeout=60) as response:
                 mask = _mask(response.read())
-            assert_masks_match(mask, case["references"][f"scene_{seed}.png"])
+            assert_masks_match(mask, case["references"][f"scene_{seed}.png"],
+                               margin=ENGINE_MARGIN)
     finally:
         stop_endpoint()
 
