@@ -38,9 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--manifest", help="ground truth: manifest or prefix")
     parser.add_argument("--model", help="predict with this artifact first, then score")
     parser.add_argument("--engine", choices=ENGINES,
-                        help="with --model: " "inference engine (default auto: OpenVINO on CPUs, torch on GPUs); "
-                             "torch, openvino, onnxruntime, or openvino-int8 / onnxruntime-int8 "
-                             "(INT8, calibrated on the training images the artifact stores)")
+                        help="with --model: " "inference engine (default auto: torch on GPUs; on CPUs OpenVINO, or "
+                             "ONNX Runtime for lite U-Nets); torch, openvino, onnxruntime, or "
+                             "openvino-int8 / onnxruntime-int8 (INT8, calibrated on the training "
+                             "images the artifact stores)")
     parser.add_argument("--split", help="split to score (default val); 'all' for every row")
     parser.add_argument("--out", help="report directory (default rayseg_work/eval)")
     parser.add_argument("--empty-policy", choices=("nan", "one", "zero"),

@@ -50,9 +50,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="flip test-time augmentation, averaged in probability space")
     parser.add_argument("--engine", choices=ENGINES,
-                        help="inference engine (default auto: OpenVINO on CPUs, torch on GPUs); "
-                             "torch, openvino, onnxruntime, or openvino-int8 / onnxruntime-int8 "
-                             "(INT8, calibrated on the training images the artifact stores)")
+                        help="inference engine (default auto: torch on GPUs; on CPUs OpenVINO, or "
+                             "ONNX Runtime for lite U-Nets); torch, openvino, onnxruntime, or "
+                             "openvino-int8 / onnxruntime-int8 (INT8, calibrated on the training "
+                             "images the artifact stores)")
     parser.add_argument("--confidence-maps", action=argparse.BooleanOptionalAction, default=None,
                         help="store an 8-bit confidence-map PNG per image")
     parser.add_argument("--batch-size", type=int, help="images per predictor call, i.e. per Ray task (default 16)")

@@ -23,10 +23,11 @@ batch_wait_timeout_s), and append every answered request to Parquet under
 the Serve config (--config, `serve build` format; default jobs/configs/serve.yaml), the same
 application that infra/rayservice.yaml deploys on Kubernetes; --set changes one of its keys.
 
-Speed: the forward runs on OpenVINO on CPUs (--engine; torch on GPUs).  When this command starts
-Ray itself and `haproxy` is on PATH, Ray Serve's HAProxy ingress sends requests straight to the
-replicas (about half the latency of the default proxy actor; RAY_SERVE_ENABLE_HA_PROXY=0 turns
-it off, and replicas then stop listening on ports 30000-31000).
+Speed: the forward runs on OpenVINO on CPUs (--engine; ONNX Runtime for lite U-Nets, torch on
+GPUs).  When this command starts Ray itself and `haproxy` is on PATH, Ray Serve's HAProxy
+ingress sends requests straight to the replicas (about half the latency of the default proxy
+actor; RAY_SERVE_ENABLE_HA_PROXY=0 turns it off, and replicas then stop listening on ports
+30000-31000).
 """
 
 EPILOG = """\
@@ -52,9 +53,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
     parser.add_argument("--engine", choices=ENGINES,
-                        help="inference engine (default auto: OpenVINO on CPUs, torch on GPUs); "
-                             "torch, openvino, onnxruntime, or openvino-int8 / onnxruntime-int8 "
-                             "(INT8, calibrated on the training images the artifact stores)")
+                        help="inference engine (default auto: torch on GPUs; on CPUs OpenVINO, or "
+                             "ONNX Runtime for lite U-Nets); torch, openvino, onnxruntime, or "
+                             "openvino-int8 / onnxruntime-int8 (INT8, calibrated on the training "
+                             "images the artifact stores)")
     parser.add_argument("--api-key-env", metavar="VAR",
                         help="require the key held in environment variable VAR (X-API-Key header)")
     return parser

@@ -305,7 +305,7 @@ class PredictConfig:
     out: str                        # output prefix (local path or s3://)
     split: str | None = None        # only rows of this split (manifests and shards); None: all
     tta: bool = False               # flip test-time augmentation, averaged in probability space
-    engine: EngineKind = "auto"     # auto: torch on GPUs, OpenVINO on CPUs (seg_core.runtimes)
+    engine: EngineKind = "auto"     # auto: torch on GPUs, OpenVINO (lite: ONNX Runtime) on CPUs
     confidence_maps: bool = False   # add an 8-bit confidence PNG per row
     batch_size: int = 16            # images per predictor call (one Ray task)
     actors: int | None = None       # predictor actors; None: one per GPU, else one per CPU
@@ -451,7 +451,7 @@ class ServeArgs(BaseModel):
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', ...")
     tta: bool = False
     engine: str = Field("auto", description="inference engine: auto (torch on GPUs, OpenVINO "
-                        "on CPUs), torch, openvino, onnxruntime, openvino-int8, "
+                        "on CPUs, ONNX Runtime for lite U-Nets), torch, openvino, onnxruntime, openvino-int8, "
                         "onnxruntime-int8 (seg_core.runtimes)")
 
     def model_post_init(self, context: Any, /) -> None:

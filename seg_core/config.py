@@ -23,7 +23,8 @@ LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
 MULTILABEL_LOSSES: tuple[str, ...] = ("bce", "bce_dice")   # the losses of multi-label masks
 ScheduleKind = Literal["cosine", "poly"]
 EmptyPolicy = Literal["nan", "one", "zero"]   # score of a class absent from truth and prediction
-# inference engines (seg_core.runtimes): auto is torch on GPUs and OpenVINO on CPUs
+# inference engines (seg_core.runtimes): auto is torch on GPUs and OpenVINO (ONNX Runtime for the
+# lite U-Net) on CPUs
 EngineKind = Literal["auto", "torch", "openvino", "onnxruntime", "openvino-int8",
                      "onnxruntime-int8"]
 ENGINES: tuple[str, ...] = typing.get_args(EngineKind)

@@ -134,7 +134,7 @@ class Segmenter:
                  engine: EngineKind = "torch") -> None:
         self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
                    batch_size, channels_last, fold_norms=True)
-        self.engine = resolve_engine(engine, self.device)
+        self.engine = resolve_engine(engine, self.device, artifact.model_config.arch)
         if self.engine != "torch":
             if artifact.path is None:
                 raise ValueError(f"Segmenter: engine {engine!r} caches its graph in the "

@@ -158,6 +158,7 @@ def test_calibration_images_are_cropped_and_round_trip(tmp_path) -> None:
 def test_engine_choice_follows_the_device() -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_engine("auto", cpu) == "openvino"
+    assert resolve_engine("auto", cpu, arch="lite") == "onnxruntime"   # bf16 parity (bench)
     assert resolve_engine("auto", gpu) == "torch"
     assert resolve_engine("onnxruntime-int8", cpu) == "onnxruntime-int8"
     with pytest.raises(ValueError, match="runs on the CPU"):
