@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from jobs.options import add_config_options, job_config
-from seg_core.config import ENGINES
+from jobs.options import add_config_options, add_engine_option, job_config
 
 DESCRIPTION = """\
 Score predictions from `rayseg predict` against the ground-truth masks of a manifest (or an
@@ -37,11 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--predictions", help="output URI of `rayseg predict`")
     parser.add_argument("--manifest", help="ground truth: manifest or prefix")
     parser.add_argument("--model", help="predict with this artifact first, then score")
-    parser.add_argument("--engine", choices=ENGINES,
-                        help="with --model: " "inference engine (default auto: torch on GPUs; on CPUs OpenVINO, or "
-                             "ONNX Runtime for lite U-Nets); torch, openvino, onnxruntime, or "
-                             "openvino-int8 / onnxruntime-int8 (INT8, calibrated on the training "
-                             "images the artifact stores)")
+    add_engine_option(parser, "with --model: ")
     parser.add_argument("--split", help="split to score (default val); 'all' for every row")
     parser.add_argument("--out", help="report directory (default rayseg_work/eval)")
     parser.add_argument("--empty-policy", choices=("nan", "one", "zero"),

@@ -20,6 +20,16 @@ T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # shipped as package data
 
 
+def add_engine_option(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """``--engine`` of predict, evaluate and serve (``seg_core.runtimes``)."""
+    from seg_core.config import ENGINES
+
+    parser.add_argument("--engine", choices=ENGINES, help=(
+        f"{when}inference engine (default auto: torch on GPUs; on CPUs OpenVINO, or ONNX "
+        f"Runtime for lite U-Nets); torch, openvino, onnxruntime, or openvino-int8 / "
+        f"onnxruntime-int8 (INT8, calibrated on the training images the artifact stores)"))
+
+
 def shipped_config(name: str) -> Path:
     """The installed copy of ``jobs/configs/<name>.yaml``."""
     return CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"

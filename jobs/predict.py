@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import add_config_options, job_config
-from seg_core.config import ENGINES
+from jobs.options import add_config_options, add_engine_option, job_config
 
 DESCRIPTION = """\
 Bulk offline inference.  Reads images through the ingest sources (a manifest CSV/Parquet, a
@@ -49,11 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--split", help="only rows of this split (manifests and shards)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="flip test-time augmentation, averaged in probability space")
-    parser.add_argument("--engine", choices=ENGINES,
-                        help="inference engine (default auto: torch on GPUs; on CPUs OpenVINO, or "
-                             "ONNX Runtime for lite U-Nets); torch, openvino, onnxruntime, or "
-                             "openvino-int8 / onnxruntime-int8 (INT8, calibrated on the training "
-                             "images the artifact stores)")
+    add_engine_option(parser)
     parser.add_argument("--confidence-maps", action=argparse.BooleanOptionalAction, default=None,
                         help="store an 8-bit confidence-map PNG per image")
     parser.add_argument("--batch-size", type=int, help="images per predictor call, i.e. per Ray task (default 16)")

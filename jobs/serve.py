@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import add_config_options, resolve_config_path
-from seg_core.config import ENGINES
+from jobs.options import add_config_options, add_engine_option, resolve_config_path
 
 DESCRIPTION = """\
 Online segmentation on Ray Serve.  Deploys the model artifact behind an HTTP endpoint, prints its
@@ -52,11 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", help="Parquet prefix for answered requests (local or s3://)")
     parser.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
-    parser.add_argument("--engine", choices=ENGINES,
-                        help="inference engine (default auto: torch on GPUs; on CPUs OpenVINO, or "
-                             "ONNX Runtime for lite U-Nets); torch, openvino, onnxruntime, or "
-                             "openvino-int8 / onnxruntime-int8 (INT8, calibrated on the training "
-                             "images the artifact stores)")
+    add_engine_option(parser)
     parser.add_argument("--api-key-env", metavar="VAR",
                         help="require the key held in environment variable VAR (X-API-Key header)")
     return parser

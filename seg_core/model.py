@@ -199,6 +199,11 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
+def input_channels(model: nn.Module) -> int:
+    """Channels the model takes: its first convolution's input channels."""
+    return next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
 def conv_macs(model: nn.Module, height: int, width: int) -> int:
     """Multiply-adds of every convolution in one forward of a ``1 x C x height x width`` input
     (GFLOPs = 2 * MACs / 1e9; pooling, norms, activations and interpolation not counted)."""
@@ -214,10 +219,9 @@ def conv_macs(model: nn.Module, height: int, width: int) -> int:
 
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    channels = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, height, width))
+            model.eval()(torch.zeros(1, input_channels(model), height, width))
     finally:
         for hook in hooks:
             hook.remove()

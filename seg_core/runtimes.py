@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from seg_core.config import ENGINES, EngineKind, check_engine
-from seg_core.model import _pad_to_multiple
+from seg_core.model import _pad_to_multiple, input_channels
 
 __all__ = ["ENGINES", "EngineKind", "check_engine", "engine_runner", "export_onnx",
            "load_calibration", "quantize_int8", "resolve_engine", "save_calibration"]
@@ -74,12 +74,11 @@ def resolve_engine(engine: str, device: torch.device, arch: str = "unet") -> str
 def export_onnx(model: nn.Module, path: str | Path) -> Path:
     """Write ``model`` (a :class:`~seg_core.model.UNet`, inference-ready) as an ONNX graph with
     dynamic batch, height and width; written whole (temp file + rename)."""
-    model = copy.deepcopy(model).cpu().float().eval()
-    for parameter in model.parameters():   # NCHW weights: the exporter's layout
-        parameter.data = parameter.data.contiguous()
+    # a CPU fp32 copy in NCHW (the exporter's layout), whatever the segmenter runs
+    model = copy.deepcopy(model).to("cpu", torch.float32,
+                                    memory_format=torch.contiguous_format).eval()
     side = 2 * int(getattr(model, "size_multiple", 16))
-    channels = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-    example = torch.zeros(1, channels, side, side)
+    example = torch.zeros(1, input_channels(model), side, side)
     axes = {0: "batch", 2: "height", 3: "width"}
     target = Path(path)
 
@@ -159,12 +158,11 @@ def quantize_int8(onnx_path: str | Path, out_path: str | Path,
     return _write_whole(Path(out_path), write)
 
 
-def engine_runner(model: nn.Module, engine: str, *, cache_dir: str | Path,
-                  key: str, calibration_dir: str | Path | None = None,
-                  threads: int | None = None) -> Runner:
+def engine_runner(model: nn.Module, engine: str, *, cache_dir: str | Path, key: str,
+                  calibration_dir: str | Path, threads: int | None = None) -> Runner:
     """A runner for the CPU graph ``engine`` (not ``torch`` or ``auto``): the graph of ``model``
-    exported (and quantized, for ``*-int8``) into ``cache_dir`` as ``<key>.onnx`` /
-    ``<key>.int8.onnx`` unless already there, then compiled with ``threads`` intra-op threads
+    exported (and quantized, for ``*-int8``, on the images in ``calibration_dir``) into
+    ``cache_dir`` as ``<key>.onnx`` / ``<key>.int8.onnx`` unless already there, then compiled with ``threads`` intra-op threads
     (torch's count by default)."""
     runtime, _, precision = engine.partition("-")
     if runtime not in ("openvino", "onnxruntime") or precision not in ("", "int8"):
@@ -178,7 +176,7 @@ def engine_runner(model: nn.Module, engine: str, *, cache_dir: str | Path,
     if precision == "int8":
         quantized = cache / f"{key}.int8.onnx"
         if not quantized.is_file():
-            images = load_calibration(calibration_dir if calibration_dir is not None else cache)
+            images = load_calibration(calibration_dir)
             quantize_int8(graph, quantized, images, multiple)
         graph = quantized
     run = _openvino(graph, threads) if runtime == "openvino" else _onnxruntime(graph, threads)
