@@ -1,4 +1,5 @@
-"""Evaluation report files: ``report.json`` (everything), ``report.md`` (for people), overlays.
+"""Evaluation report files: ``report.json`` (everything), ``report.md`` and ``report.html`` (for
+people; :mod:`.report_html` embeds its tables, charts and images), overlays.
 
 The JSON is strict (NaN written as ``null``); the Markdown shows the headline table with 95%
 bootstrap intervals, per-class scores, the confusion matrix (rows = truth, columns = prediction),
@@ -14,6 +15,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.evaluate.overlays import render_overlays
+from pipelines.evaluate.report_html import write_html
 from seg_core.metrics import SCORES
 
 if TYPE_CHECKING:
@@ -23,7 +25,8 @@ if TYPE_CHECKING:
 
 def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,
                  truth: pa.Table, predictions: str) -> None:
-    """Render overlays into ``<out>/overlays/``, then write ``report.json`` and ``report.md``."""
+    """Render overlays into ``<out>/overlays/``, then write ``report.json``, ``report.md`` and
+    ``report.html``."""
 
     report["overlays"] = {}
     for group in ("best", "worst"):
@@ -33,6 +36,7 @@ def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,
     text = json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
     storage.write_bytes(storage.join_uri(out, "report.json"), text.encode())
     storage.write_bytes(storage.join_uri(out, "report.md"), render_markdown(report).encode())
+    write_html(report, out)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
