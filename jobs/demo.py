@@ -11,7 +11,7 @@ Run the whole platform end to end on generated data, in a few minutes on 2 CPUs:
   1. data      generate a multi-class sample dataset (PNG, JPEG, BMP, GIF and TIFF images)
   2. validate  label QA as a Ray Data job (report, class frequencies, quarantine)
   3. train     Ray Train with 2 data-parallel workers -> model artifact + learning curve
-  4. evaluate  predict the val split and score it (report.md, overlays, bootstrap CIs)
+  4. evaluate  predict the val split and score it (report.md/.html, overlays, bootstrap CIs)
   5. predict   bulk inference over every image -> Parquet, exactly once
   6. serve     start the Ray Serve endpoint, send one request, stop it
 

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                          args={"engine": args.engine} if args.engine else None)
     key = f" -H \"X-API-Key: ${args.api_key_env}\"" if args.api_key_env else ""
     print(f"rayseg serve: listening on {url}  (Ctrl-C stops and flushes)\n"
+          f"  page: {url}/  (drop an image to see its mask; the API key is typed in there)\n"
           f"  curl -s{key} --data-binary @image.png -H 'Accept: image/png' "
           f"{url}/v1/segment -o mask.png\n"
           f"  curl -s{key} -F image=@image.jpg '{url}/v1/segment?confidence=true'", flush=True)

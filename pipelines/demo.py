@@ -148,6 +148,7 @@ def _stages(cfg: DemoConfig, root: str, local: Path, connect: Callable[[], dict[
                                              predictions=storage.join_uri(root, "eval_predictions"),
                                              split="val", progress=False), log=lambda _: None)
         out["evaluation report"] = str(Path(report_dir) / "report.md")
+        out["evaluation report (HTML)"] = str(Path(report_dir) / "report.html")
         out["overlays"] = str(Path(report_dir) / "overlays")
         macro = scores["metrics"]["macro"]
         result.facts["val_miou"] = macro["iou"]
@@ -164,7 +165,7 @@ def _stages(cfg: DemoConfig, root: str, local: Path, connect: Callable[[], dict[
                         f"{summary['images_per_s']} images/s")
     with progress.stage("serve", "start the endpoint, send one request, stop it") as note:
         served = storage.join_uri(root, "serve_predictions")
-        note["note"] = _serve_once(model, served, manifest, cfg.serve_config)
+        note["note"] = _serve_once(model, served, manifest, cfg.serve_config, log)
         out["endpoint rows (Parquet)"] = served
     return result
 
@@ -193,7 +194,8 @@ def _generate(cfg: DemoConfig, root: str, local: Path) -> str:
     return storage.join_uri(remote, "manifest.csv")
 
 
-def _serve_once(model: str, out_uri: str, manifest: str, config: str) -> str:
+def _serve_once(model: str, out_uri: str, manifest: str, config: str,
+                log: Callable[[str], None]) -> str:
     import json
     import logging
 
@@ -206,6 +208,7 @@ def _serve_once(model: str, out_uri: str, manifest: str, config: str) -> str:
     url = start_endpoint(model, out_uri, config=config, port=_free_port(),
                          args={"flush_rows": 1})
     logging.getLogger("ray.serve").setLevel(logging.WARNING)   # Serve resets it on start
+    log(f"      endpoint page: {url}/ (drop an image on it; up while this stage runs)")
     try:
         request = urllib.request.Request(f"{url}/v1/segment", data=body, method="POST",
                                          headers={"Content-Type": "application/octet-stream"})
