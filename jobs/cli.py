@@ -12,7 +12,8 @@ import sys
 from typing import Sequence
 
 VERBOSE_ENV = "RAYSEG_VERBOSE"   # read by pipelines.raycluster.ensure_ray
-SUBCOMMANDS = ("demo", "validate", "pack", "train", "predict", "evaluate", "serve", "bench")
+SUBCOMMANDS = ("demo", "validate", "pack", "train", "predict", "evaluate", "promote", "serve",
+               "monitor", "bench")
 
 DESCRIPTION = """\
 rayseg: U-Net image segmentation on Ray, from a laptop to a cluster.
@@ -36,7 +37,9 @@ typical flow:
   rayseg train --config jobs/configs/train_sample.yaml --set max_iterations=200
   rayseg predict --model runs/models/unet/v1 --input s3://bucket/shards/ --out s3://bucket/preds/
   rayseg evaluate --predictions s3://bucket/preds/ --manifest data/manifest.csv
-  rayseg serve --model runs/models/unet/v1
+  rayseg promote --model models:/unet/2 --gate "miou>=0.80" --manifest data/manifest.csv
+  rayseg serve --model models:/unet@champion
+  rayseg monitor --predictions s3://bucket/serve-log/ --model models:/unet@champion
   rayseg bench all
   rayseg --verbose demo                          # the same, with Ray's own logs in full
 """

@@ -205,6 +205,7 @@ class TrainConfig:
     fold: int | None = None  # held-out fold of this run (set by cross_validate)
     cv_parallelism: int = 1  # folds trained at once (each fold is its own trainer)
     artifact_weights: Literal["best", "last"] = "best"  # best val mIoU epoch, or the last one
+    register: bool = True  # log the run and register the artifact (pipelines.registry)
     amp: AmpMode = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     # None: on (GPU and CPU: a base-16 train step at 8 x 256^2 took 1.0 s channels_last and 1.3 s
     # NCHW on the 2-core AVX-512 box)
@@ -362,6 +363,55 @@ class EvaluateConfig:
         if self.bootstrap < 0 or self.overlays < 0:
             raise ValueError(f"evaluate: bootstrap and overlays must be >= 0, got "
                              f"{self.bootstrap} and {self.overlays}")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """Everything ``rayseg promote`` needs (:mod:`pipelines.promote`)."""
+
+    model: str                          # candidate: models:/name/3 or an artifact URI
+    gate: str                           # "miou>=0.80" (comma-separated conditions)
+    manifest: str                       # the fixed evaluation set (ground truth)
+    alias: str = "champion"
+    against: str | None = None          # alias whose holder is compared (default: alias)
+    split: str | None = "val"
+    tolerance: float = 0.0              # how much worse than the holder still counts as no worse
+    out: str = "rayseg_work/promote"    # comparison report and both evaluations (local)
+    serve_app: str | None = None        # point this running Serve app at the new holder
+    engine: EngineKind = "auto"
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        path_fields(self, "model", "manifest", "out")
+        check_engine(self.engine)
+        if self.tolerance < 0:
+            raise ValueError(f"promote: tolerance must be >= 0, got {self.tolerance}")
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """When ``rayseg monitor`` flags drift (:mod:`pipelines.monitor`)."""
+
+    alpha: float = 0.01                 # a class is shifted when its KS p-value is below ...
+    min_psi: float = 0.1                # ... and its PSI above this
+    max_empty_change: float = 0.15      # empty-mask rate, absolute change
+    max_low_confidence_change: float = 0.15   # share under the baseline's 10th percentile
+    min_rows: int = 20                  # fewer live rows: reported, never flagged
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Everything ``rayseg monitor`` needs."""
+
+    predictions: str                    # Parquet of rayseg serve (out_uri) or rayseg predict
+    model: str                          # the model whose baseline.json is the reference
+    out: str = "rayseg_work/monitor"    # report directory (local)
+    since: str | None = None            # ISO time: only rows created at or after it
+    same_weights: bool = False          # only rows whose weights_sha256 is the model's
+    thresholds: DriftThresholds = field(default_factory=DriftThresholds)
+
+    def __post_init__(self) -> None:
+        path_fields(self, "predictions", "model", "out")
 
 
 @dataclass(frozen=True)

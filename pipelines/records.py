@@ -72,6 +72,7 @@ PREDICTION_SCHEMA = pa.schema([
     pa.field("source_sha256", pa.string()),
     pa.field("model_name", pa.string()),
     pa.field("model_version", pa.string()),
+    pa.field("weights_sha256", pa.string()),       # the artifact's weights: the model's identity
     pa.field("height", pa.int32()),
     pa.field("width", pa.int32()),
     pa.field("mask_png", pa.binary()),             # class-id mask (multi-class) as PNG
@@ -128,7 +129,7 @@ def quarantine_row(row: dict[str, Any], error: "InputError", stage: str, *,
 
 def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
                    source_uri: str | None, source_sha256: str, model_name: str,
-                   model_version: str, with_confidence: bool,
+                   model_version: str, with_confidence: bool, weights_sha256: str | None = None,
                    created_at: dt.datetime | None = None) -> dict[str, Any]:
     """One :data:`PREDICTION_SCHEMA` row for ``prediction`` (serve-only fields null)."""
     from seg_core.inference import encode_prediction
@@ -137,7 +138,7 @@ def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
     height, width = prediction.mask.shape[-2:]
     return {"id": id, "source_uri": source_uri, "source_sha256": source_sha256,
             "model_name": model_name, "model_version": model_version,
-            "height": int(height), "width": int(width), **encoded,
+            "weights_sha256": weights_sha256, "height": int(height), "width": int(width), **encoded,
             "request_id": None, "latency_ms": None, "created_at": created_at or now_utc()}
 
 

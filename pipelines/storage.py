@@ -72,8 +72,11 @@ def path_fields(config: Any, *names: str) -> None:
 
 
 def scheme_of(uri: Uri) -> str:
-    """``"s3"``, ``"gs"``, ... or ``"file"`` for local paths."""
+    """``"s3"``, ``"gs"``, ... or ``"file"`` for local paths (``"models"`` for registry URIs,
+    ``models:/name@alias``, which have one slash)."""
     uri = as_uri(uri)
+    if uri.startswith("models:/"):
+        return "models"
     return uri.split("://", 1)[0].lower() if "://" in uri else "file"
 
 

@@ -3,8 +3,9 @@
 Layout::
 
     <dir>/artifact.json   format_version, name, version, model (ModelConfig), mask_spec,
-                          preprocessing, reproducibility {seed, packages, manifest_sha256, fold},
-                          metrics, created_at
+                          preprocessing, reproducibility {seed, packages, manifest_sha256,
+                          data_sha256, data_rows, fold}, metrics, created_at, weights_sha256
+    <dir>/baseline.json   optional: prediction statistics on the val split (drift monitoring)
     <dir>/weights.pt      the U-Net state_dict (plain CPU tensors, loaded with weights_only=True)
     <dir>/calibration.npz optional: training images for INT8 calibration (seg_core.runtimes)
     <dir>/engines/        optional, written on first use: exported ONNX graphs keyed by the
@@ -92,10 +93,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def reproducibility_record(*, seed: int | None, manifest_sha256: str | None = None,
-                           fold: int | None = None) -> dict[str, Any]:
-    """The ``reproducibility`` block: seed, package versions, manifest hash and fold."""
+                           fold: int | None = None, data_sha256: str | None = None,
+                           data_rows: int | None = None) -> dict[str, Any]:
+    """The ``reproducibility`` block: seed, package versions, the source listing's hash
+    (``manifest_sha256``: the manifest's bytes, or the shard file list), the content hash of the
+    training rows (``data_sha256``, None when it was not computed) and their count, and fold."""
     return {"seed": seed, "packages": package_versions(), "manifest_sha256": manifest_sha256,
-            "fold": fold}
+            "data_sha256": data_sha256, "data_rows": data_rows, "fold": fold}
 
 
 def save_artifact(path: str | Path, model: nn.Module, *, name: str, version: str,

@@ -4,6 +4,8 @@ All fixtures are lazy: seg_core tests that use none of them never import ray or 
 
 Fixtures (session-scoped unless noted):
 
+- ``RAYSEG_TRACKING_URI`` is set (at import) to a SQLite file in a fresh temp dir: every training
+  in the session registers there.
 - ``s3_endpoint`` -> ``"http://127.0.0.1:<port>"``.  moto's S3 server, bound to loopback only, on
   a free port.  Sets ``AWS_ENDPOINT_URL``, dummy ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
   ``AWS_DEFAULT_REGION=us-east-1`` and ``AWS_EC2_METADATA_DISABLED=true`` in ``os.environ`` for the
@@ -21,10 +23,17 @@ Fixtures (session-scoped unless noted):
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
+
+# One throwaway registry and tracking store per test session (pipelines.registry), never the
+# repository's rayseg_work/mlflow.db.
+os.environ.setdefault("RAYSEG_TRACKING_URI", "sqlite:///" + os.path.join(
+    tempfile.mkdtemp(prefix="rayseg-mlflow-"), "mlflow.db"))
 
 S3_BUCKET = "rayseg-test"
 RAY_TEST_CPUS = 2

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from pipelines.config import TrainConfig
 
 __all__ = ["init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
-           "load_model", "hyperparameter_names"]
+           "load_model", "get_model", "hyperparameter_names"]
 
 DEFAULT_WORK_DIR = "rayseg_work"
 _SESSION: dict[str, Any] = {"work_dir": None}
@@ -172,6 +172,7 @@ class UNetSegmentationEstimator:
         given["num_classes"] = num_classes
         self._params = {k: v for k, v in given.items() if v is not None}
         self.artifact_uri: str | None = None
+        self.registry_uri: str | None = None   # models:/<model_id>/<n> once trained
         self.train_result: Any = None
         self.cv_result: Any = None
         self._versions = 0
@@ -258,6 +259,7 @@ class UNetSegmentationEstimator:
         cfg = self.build_config(manifest, max_iterations=max_iterations, version=version, nfolds=0)
         self.train_result = run_train(cfg)
         self.artifact_uri = self.train_result.artifact_uri
+        self.registry_uri = self.train_result.registry_uri
         print(self.train_result.class_table(), flush=True)   # rare classes flagged
         return self
 
@@ -353,6 +355,14 @@ class UNetSegmentationEstimator:
                             json.dumps(state, indent=2, default=str).encode())
         return target
 
+    def download_model(self, path: str | os.PathLike = ".", *, force: bool = False) -> str:
+        """H2O's ``download_model``: the artifact copied onto this machine under
+        ``path/<model_id>`` (a local directory :func:`load_model` reads); returns that path."""
+        if not storage.is_local(storage.as_uri(path)):
+            raise ValueError(f"download_model: {path} is not a local path; use save_model for "
+                             f"object storage")
+        return self.save_model(storage.strip_scheme(storage.as_uri(path)), force=force)
+
     def export(self, format: Literal["torchscript", "onnx"] = "torchscript",
                path: str | os.PathLike | None = None) -> str:
         """Export the network for CPU serving outside rayseg; returns the local file path.
@@ -373,10 +383,13 @@ class UNetSegmentationEstimator:
 
 
 def load_model(path: str | os.PathLike) -> UNetSegmentationEstimator:
-    """An estimator over a saved model (``save_model``'s directory, or any rayseg artifact)."""
+    """An estimator over a saved model (``save_model``'s directory, any rayseg artifact, or a
+    registry URI: ``models:/name/3``, ``models:/name@champion``)."""
+    from pipelines import registry
     from seg_core.artifact import read_artifact_meta
 
-    path = storage.as_uri(path)
+    ref = registry.resolve(storage.as_uri(path))
+    path = ref.source
     if not storage.exists(storage.join_uri(path, "artifact.json")):
         raise FileNotFoundError(f"load_model: {path} holds no artifact.json (expected a directory "
                                 f"written by save_model or rayseg train)")
@@ -390,7 +403,25 @@ def load_model(path: str | os.PathLike) -> UNetSegmentationEstimator:
                                       model_id=state.get("model_id", meta["name"]),
                                       fold_column=state.get("fold_column"), **params)
     model.artifact_uri = path
+    model.registry_uri = ref.registry_uri
     return model
+
+
+def get_model(model_id: str) -> UNetSegmentationEstimator:
+    """H2O's ``h2o.get_model``: the newest registered version of ``model_id`` (an estimator's
+    ``model_id`` is its registered name), or a version: ``"name/3"``, ``"name@champion"``,
+    ``"models:/name@champion"``."""
+    from pipelines import registry
+
+    if registry.is_models_uri(model_id):
+        return load_model(model_id)
+    if "/" in model_id or "@" in model_id:
+        return load_model(registry.MODELS_PREFIX + model_id)
+    found = registry.versions(model_id)
+    if not found:
+        raise KeyError(f"get_model: no registered model {model_id!r} in "
+                       f"{registry.tracking_uri()}; train it first (train() registers it)")
+    return load_model(found[0].uri)
 
 
 # ----------------------------------------------------------------------------------- helpers

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 import typing
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -203,11 +205,29 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
                           record=record)
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_report(report, cfg.out, spec, truth=truth, predictions=predictions)
+    write_reproducibility(cfg, record, predictions)
     unscored = f", {len(report['unscored'])} not scored" if report["unscored"] else ""
     log(f"evaluate: {report['images_scored']} images scored{unscored} "
         f"(split={cfg.split}); macro IoU {report['metrics']['macro']['iou']:.4f}, "
         f"micro IoU {report['metrics']['micro']['iou']:.4f}; report in {cfg.out}")
     return report
+
+
+def write_reproducibility(cfg: EvaluateConfig, record: dict[str, Any], predictions: str) -> None:
+    """``<out>/reproducibility.json``: the scored model by weights hash, the truth manifest by
+    content hash, the predictions scored, package versions."""
+    from seg_core.artifact import package_versions
+
+    manifest_sha = hashlib.sha256(storage.read_bytes(cfg.manifest)).hexdigest()
+    body = {"model": {k: record.get(k) for k in ("uri", "source", "registry_uri", "name",
+                                                 "version", "weights_sha256", "tta", "engine")},
+            "manifest": {"uri": cfg.manifest, "sha256": manifest_sha, "split": cfg.split},
+            "predictions": predictions, "empty_policy": cfg.empty_policy,
+            "packages": package_versions(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    target = Path(storage.strip_scheme(cfg.out)) / "reproducibility.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(body, indent=2) + "\n")
 
 
 def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
@@ -231,7 +251,8 @@ def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
     reported = record.get("reported_metrics") or {}
     return {
         "predictions": predictions, "manifest": cfg.manifest, "split": cfg.split,
-        "model": {k_: record.get(k_) for k_ in ("uri", "name", "version", "tta")},
+        "model": {k_: record.get(k_) for k_ in ("uri", "name", "version", "weights_sha256",
+                                                "registry_uri", "tta")},
         "mask_spec": _spec_dict(spec), "class_names": list(spec.names),
         "empty_policy": cfg.empty_policy,
         "empty_policy_meaning": _POLICY_TEXT[cfg.empty_policy],

@@ -31,7 +31,9 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
     if format == "onnx" and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
         raise RuntimeError("ONNX export needs the onnx exporter packages, which are not "
                            "installed: pip install onnx onnxscript  (or use format='torchscript')")
-    local = fetch_artifact(artifact_uri)
+    from pipelines.registry import resolve_source
+
+    local = fetch_artifact(resolve_source(artifact_uri))
     artifact = load_artifact(local)
     model = artifact.model.eval()
     height, width = (_trace_side(side, model.size_multiple)

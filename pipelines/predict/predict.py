@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import storage
+from pipelines import registry, storage
 from pipelines.config import PredictConfig
 from pipelines.predict import store
 from pipelines.predict.inputs import InputPlan, plan_inputs
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from seg_core.inference import Segmenter
 
 STAGE = "predict"
+REPRODUCIBILITY_FILE = "_reproducibility.json"   # model (by weights hash), inputs, packages
 GROUP_PIXELS = 8 * 2**20  # decoded pixels predicted together (a 16 x 512^2 batch is 4 Mi)
 
 
@@ -56,7 +58,7 @@ class ActorPlan:
 
 def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name: str,
                 model_version: str, id: str = "", source_uri: str | None = None,
-                with_confidence: bool = False,
+                with_confidence: bool = False, weights_sha256: str | None = None,
                 created_at: dt.datetime | None = None) -> dict[str, Any]:
     """Decode, predict and encode one image -> its Parquet row.  Raises :class:`InputError`.
 
@@ -68,11 +70,12 @@ def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name
     return prediction_row(segmenter.predict(image), segmenter, id=id, source_uri=source_uri,
                           source_sha256=_sha256(image_bytes), model_name=model_name,
                           model_version=model_version, with_confidence=with_confidence,
-                          created_at=created_at)
+                          weights_sha256=weights_sha256, created_at=created_at)
 
 
 def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_name: str,
-                 model_version: str, with_confidence: bool) -> list[dict[str, Any]]:
+                 model_version: str, with_confidence: bool,
+                 weights_sha256: str | None = None) -> list[dict[str, Any]]:
     """Input rows (``id, image_uri, image_bytes, ...``) -> one result row each, in order.
 
     Result rows follow :data:`records.RESULT_SCHEMA`: a prediction, or (``reason`` set)
@@ -95,7 +98,8 @@ def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_na
             results[index] = prediction_row(
                 prediction, segmenter, id=row["id"], source_uri=row.get("image_uri"),
                 source_sha256=_sha256(row["image_bytes"]), model_name=model_name,
-                model_version=model_version, with_confidence=with_confidence, created_at=now)
+                model_version=model_version, with_confidence=with_confidence,
+                weights_sha256=weights_sha256, created_at=now)
         group.clear()
 
     pixels = 0
@@ -157,12 +161,14 @@ class Predictor:
         self.segmenter = Segmenter(artifact, device=device, tta=tta, engine=engine,
                                    batch_size=16 if device == "cuda" else 4)
         self.model_name, self.model_version = artifact.name, artifact.version
+        self.weights_sha256 = artifact.weights_key
         self.with_confidence = with_confidence
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = predict_rows(self.segmenter, batch.to_pylist(), model_name=self.model_name,
                             model_version=self.model_version,
-                            with_confidence=self.with_confidence)
+                            with_confidence=self.with_confidence,
+                            weights_sha256=self.weights_sha256)
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 
@@ -203,17 +209,20 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     started = time.perf_counter()
     resources = ray.cluster_resources()
     DataContext.get_current().enable_progress_bars = cfg.progress
-    meta = read_artifact_meta(storage.fetch_artifact(cfg.model))
+    ref = registry.resolve(cfg.model)   # models:/name@alias -> the artifact, on the driver
+    meta = read_artifact_meta(storage.fetch_artifact(ref.source))
     with store.lease(cfg.out):   # one writer per output: a second run here is refused
-        return _predict_under_lease(cfg, meta, resources, log, fail_after_files, started)
+        return _predict_under_lease(cfg, ref, meta, resources, log, fail_after_files, started)
 
 
-def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: dict[str, float],
-                         log: Callable[[str], None], fail_after_files: int | None,
-                         started: float) -> dict[str, Any]:
+def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[str, Any],
+                         resources: dict[str, float], log: Callable[[str], None],
+                         fail_after_files: int | None, started: float) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
-    store.claim_output(cfg.out, {"uri": cfg.model, "name": meta["name"], "version": meta["version"],
+    store.claim_output(cfg.out, {**ref.as_dict(), "name": meta["name"],
+                                 "version": meta["version"],
+                                 "weights_sha256": meta.get("weights_sha256"),
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
                                  "engine": cfg.engine,
                                  "confidence_maps": cfg.confidence_maps,
@@ -240,7 +249,7 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
             f"{plan.threads} thread(s)")
         inputs.dataset.map_batches(
             Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs={"model_uri": cfg.model, "tta": cfg.tta, "engine": cfg.engine,
+            fn_constructor_kwargs={"model_uri": ref.source, "tta": cfg.tta, "engine": cfg.engine,
                                    "with_confidence": cfg.confidence_maps,
                                    "threads": plan.threads, "storage_options": options},
             # all actors start at once; min 1, so fewer input blocks than actors (a small
@@ -253,6 +262,13 @@ def _predict_under_lease(cfg: PredictConfig, meta: dict[str, Any], resources: di
     summary = _summary(cfg, sink.written, inputs, seconds=time.perf_counter() - started,
                        model=meta)
     store.write_success(cfg.out, summary)
+    storage.write_bytes(storage.join_uri(cfg.out, REPRODUCIBILITY_FILE), json.dumps(
+        registry.provenance(ref, meta, inputs={"uri": cfg.input, "split": cfg.split,
+                                               "ids_sha256": store.file_key(
+                                                   inputs.ids.to_pylist())},
+                            settings={"tta": cfg.tta, "engine": cfg.engine,
+                                      "confidence_maps": cfg.confidence_maps},
+                            rows=summary["committed_rows"]), indent=2).encode() + b"\n")
     log(format_summary(summary))
     return summary
 

@@ -102,8 +102,9 @@ def read_quarantine(out: str) -> pa.Table:
 def claim_output(out: str, model: dict[str, Any]) -> None:
     """Record ``model`` in ``out/_model.json``, or check that the existing record matches.
 
-    Mixing two models (or TTA settings) in one output would make the rows incomparable, so a
-    mismatch is an error rather than a silent append.
+    Mixing two models (by the SHA-256 of their weights, not their names) or TTA settings in one
+    output would make the rows incomparable, so a mismatch is an error rather than a silent
+    append.
     """
     uri = join_uri(out, MODEL_FILE)
     try:
@@ -111,7 +112,10 @@ def claim_output(out: str, model: dict[str, Any]) -> None:
     except FileNotFoundError:
         write_bytes(uri, (json.dumps(model, indent=2, sort_keys=True) + "\n").encode())
         return
-    keys = ("name", "version", "tta", "confidence_maps")
+    # the weights' hash is the model's identity: a retrain under the same name and version is
+    # another model; records from before 0.2 have no hash and compare by name and version
+    identity = ("weights_sha256",) if existing.get("weights_sha256") else ("name", "version")
+    keys = (*identity, "tta", "confidence_maps")
     changed = {k: (existing.get(k), model.get(k)) for k in keys if existing.get(k) != model.get(k)}
     if changed:
         raise ValueError(f"{out} already holds predictions from a different setup "

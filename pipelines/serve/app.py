@@ -18,7 +18,11 @@ Decoding, pre/post-processing and PNG encoding are :mod:`seg_core.codecs` and
 bytes online and in bulk.  Requests are batched with ``@serve.batch``, whose batches a
 :class:`~pipelines.serve.batching.ForwardCoalescer` merges into one forward at a time (each forward
 takes every request waiting); ``max_batch_size`` and ``batch_wait_timeout_s`` come from
-``user_config`` and change at run time through ``reconfigure``.
+``user_config`` and change at run time through ``reconfigure``, and so does the served model
+(``user_config.model``: a promotion moves it, :func:`~pipelines.serve.control.follow_model`):
+the new artifact loads beside the old one and is swapped in between forwards, so no request
+fails, and each answer (``model`` in the JSON, ``X-Model-Ref``) and row (``weights_sha256``)
+names the model that made it.
 Every answered request's row is in the replica's write-ahead log on local disk before its 200
 goes out (:class:`~pipelines.serve.sink.PredictionSink`: fsynced, group-committed in a thread);
 the sink ships it as Parquet by count or age, and when Serve stops the replica (its
@@ -37,6 +41,7 @@ No ``from __future__ import annotations`` here: Serve inspects ``build_app``'s a
 time to turn the config's ``args`` into :class:`ServeArgs`, and a string annotation would skip it.
 """
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -61,14 +66,15 @@ from pipelines.serve.control import (  # noqa: F401
     BatchSettings,
     ServeArgs,
     reconfigure_endpoint,
+    follow_model,
     replica_counts,
+    split_user_config,
     start_endpoint,
     stop_endpoint,
 )
 from pipelines.serve.sink import PredictionSink, SinkUnavailable
 from pipelines.serve.wal import default_wal_dir
 from pipelines.storage import fetch_artifact
-from seg_core.config import from_dict
 from seg_core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -89,6 +95,43 @@ def _api_key(env_name: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class _Model:
+    """The served model: swapped whole by ``reconfigure`` (one attribute assignment), so a
+    batch that took it keeps it, and every row names the model that made it."""
+
+    uri: str               # the artifact (local path or s3://)
+    ref: str               # what to call it: models:/name/3, or the artifact URI
+    artifact: Any
+    segmenter: Any
+    max_pixels: int
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.artifact.name, "version": self.artifact.version,
+                "ref": self.ref, "weights_sha256": self.artifact.weights_key}
+
+
+# Ray metrics of every answered mask (exported by Ray as ray_<name>; README "Run it in
+# production"): the drift monitor's figures, live.
+_AREA_BOUNDS = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+_CONFIDENCE_BOUNDS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+
+
+def _mask_metrics() -> dict[str, Any]:
+    from ray.serve import metrics
+
+    return {
+        "area": metrics.Histogram("rayseg_class_area_fraction", boundaries=_AREA_BOUNDS,
+                                  description="share of an answered mask's pixels per class",
+                                  tag_keys=("class", "model")),
+        "confidence": metrics.Histogram("rayseg_mean_confidence", boundaries=_CONFIDENCE_BOUNDS,
+                                        description="mean confidence of an answered mask",
+                                        tag_keys=("model",)),
+        "empty": metrics.Counter("rayseg_empty_masks", tag_keys=("model",),
+                                 description="answered masks with no foreground"),
+    }
+
+
+@dataclass(frozen=True)
 class _Job:
     """One request on its way through the batch (decoded in the forward thread)."""
 
@@ -106,19 +149,13 @@ class SegmentService:
     def __init__(self, args: ServeArgs) -> None:
         import torch
 
-        from seg_core.artifact import load_artifact
-        from seg_core.inference import Segmenter
-
         torch.set_num_threads(args.torch_threads)
         self._args = args
         self._api_key = _api_key(args.api_key_env)
-        self._model_dir = fetch_artifact(args.model_uri)
-        self._artifact = load_artifact(self._model_dir)
-        device = args.device if args.device != "auto" else \
+        self._device = args.device if args.device != "auto" else \
             ("cuda" if torch.cuda.is_available() else "cpu")
-        self._segmenter = Segmenter(self._artifact, device=device, tta=args.tta,
-                                    engine=args.engine)
-        self._max_pixels = args.max_pixels or self._artifact.preprocessing.max_pixels
+        self._model = self._load({"uri": args.model_uri, "ref": args.model_uri})
+        self._metrics = _mask_metrics()
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._coalescer = ForwardCoalescer(self._forward, self._forward_pool,
                                            BatchSettings().max_batch_size)
@@ -132,9 +169,40 @@ class SegmentService:
         self._batch = BatchSettings()
         self._closed = False
 
-    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
-        """Apply ``BatchSettings`` from ``user_config`` (unknown keys are refused)."""
-        self._batch = from_dict(BatchSettings, dict(user_config))
+    @property
+    def _artifact(self) -> Any:
+        return self._model.artifact
+
+    @property
+    def _segmenter(self) -> Any:
+        return self._model.segmenter
+
+    def _load(self, pointer: Mapping[str, str]) -> _Model:
+        from seg_core.artifact import load_artifact
+        from seg_core.inference import Segmenter
+
+        artifact = load_artifact(fetch_artifact(pointer["uri"]))
+        segmenter = Segmenter(artifact, device=self._device, tta=self._args.tta,
+                              engine=self._args.engine)
+        return _Model(uri=pointer["uri"], ref=pointer.get("ref") or pointer["uri"],
+                      artifact=artifact, segmenter=segmenter,
+                      max_pixels=self._args.max_pixels or artifact.preprocessing.max_pixels)
+
+    async def reconfigure(self, user_config: Mapping[str, Any]) -> None:
+        """Apply ``BatchSettings`` and the ``model`` pointer from ``user_config``.
+
+        A new model is loaded in a thread while requests go on with the current one, then
+        swapped in whole (:func:`pipelines.serve.control.follow_model`).
+        """
+        self._batch, pointer = split_user_config(user_config)
+        if pointer is not None and pointer["uri"] != self._model.uri:
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self._load, pointer)
+            loaded.segmenter.batch_size = self._batch.max_batch_size
+            before, self._model = self._model.describe(), loaded
+            logger.info("replica %s: now serving %s (was %s)", self._replica,
+                        loaded.describe(), before)
+        elif pointer is not None and pointer.get("ref") != self._model.ref:
+            self._model = dataclasses.replace(self._model, ref=pointer.get("ref") or pointer["uri"])
         self._enqueue.set_max_batch_size(self._batch.max_batch_size)
         self._enqueue.set_batch_wait_timeout_s(self._batch.batch_wait_timeout_s)
         self._coalescer.set_max_batch_size(self._batch.max_batch_size)
@@ -151,24 +219,25 @@ class SegmentService:
         Decoding happens here rather than in its own thread hop per request: one hop per batch.
         """
         images, decoded, results = [], [], [None] * len(jobs)
+        model = self._model   # the whole batch, rows included, uses the model it took here
         started = time.perf_counter()
         for index, job in enumerate(jobs):
             try:
-                images.append(self._decode(job.data, job.name))
+                images.append(self._decode(model, job.data, job.name))
                 decoded.append(index)
             except Exception as error:  # noqa: BLE001 - handed back to its own request
                 results[index] = error
         decode_ms = (time.perf_counter() - started) * 1e3 / max(1, len(jobs))
         # One shared forward for the batch; an image that fails anyway gets its own exception,
         # handed back to its own request, and the others are answered.
-        predictions = self._segmenter.predict_each(images, catch=(Exception,))
+        predictions = model.segmenter.predict_each(images, catch=(Exception,))
         for index, prediction in zip(decoded, predictions):
             if isinstance(prediction, BaseException):
                 results[index] = prediction
                 continue
             started = time.perf_counter()
-            row = self._row(prediction, jobs[index])
-            results[index] = (row, decode_ms, (time.perf_counter() - started) * 1e3)
+            row = self._row(model, prediction, jobs[index])
+            results[index] = (row, decode_ms, (time.perf_counter() - started) * 1e3, model)
         return results
 
     @api.post("/v1/segment")
@@ -185,7 +254,7 @@ class SegmentService:
             result = await (await self._enqueue(_Job(data, name, request_id, confidence)))
             if isinstance(result, BaseException):
                 raise result
-            row, decode_ms, encode_ms = result
+            row, decode_ms, encode_ms, model = result
             done = time.perf_counter()
             timing = {"receive": (received - started) * 1e3, "decode": decode_ms,
                       # batch wait + thread hop + pre/post-processing + forward
@@ -203,14 +272,15 @@ class SegmentService:
                 unavailable.reason, unavailable.detail, unavailable.retry_after_s), request_id)
         # Serve's proxy puts the request id in x-request-id (taken from the client's header or
         # generated) and echoes it on every response, so it is not repeated here.
-        headers = {"X-Model-Version": self._artifact.version,
+        self._observe(model, row)
+        headers = {"X-Model-Version": model.artifact.version, "X-Model-Ref": model.ref,
                    "Server-Timing": http.server_timing(timing)}
         if http.wants_png(request):
             return http.png_response(row["mask_png"], headers)
         body = http.segment_body(
-            row, request_id=request_id, model=self._model_ref(), height=row["height"],
-            width=row["width"], class_names=self._artifact.mask_spec.names,
-            multilabel=self._artifact.mask_spec.multilabel, timing_ms=timing)
+            row, request_id=request_id, model=model.describe(), height=row["height"],
+            width=row["width"], class_names=model.artifact.mask_spec.names,
+            multilabel=model.artifact.mask_spec.multilabel, timing_ms=timing)
         payload = await run_in_threadpool(http.json_bytes, body)
         return Response(payload, media_type="application/json", headers=headers)
 
@@ -224,12 +294,20 @@ class SegmentService:
         settings = {"max_batch_size": self._batch.max_batch_size,
                     "batch_wait_timeout_s": self._batch.batch_wait_timeout_s,
                     "max_request_bytes": self._args.max_request_bytes,
-                    "max_pixels": self._max_pixels, "device": str(self._segmenter.device),
+                    "max_pixels": self._model.max_pixels, "device": str(self._segmenter.device),
                     "tta": self._args.tta, "engine": self._segmenter.engine,
                     "parquet_sink": self._args.out_uri is not None,
                     "forwards": self._coalescer.forwards, "forwarded_requests": self._coalescer.jobs}
         return JSONResponse({**self._model_ref(), "artifact": self._artifact.meta,
                              "serving": settings, "replica": self._replica})
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> Response:
+        """The page that segments a dropped image through ``POST /v1/segment`` (public: the
+        page holds nothing secret, and the requests it sends carry the key)."""
+        from pipelines.serve.page import page_response
+
+        return page_response(self._artifact.mask_spec.palette)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -264,21 +342,36 @@ class SegmentService:
         self._forward_pool.shutdown(wait=True)   # the fetched artifact is the node's: it stays
 
     # ------------------------------------------------------------------------------ helpers
-    def _decode(self, data: bytes, name: str) -> np.ndarray:
+    @staticmethod
+    def _decode(model: _Model, data: bytes, name: str) -> np.ndarray:
         from seg_core.codecs import decode_image
 
-        return decode_image(data, source=name, max_pixels=self._max_pixels,
-                            tiff_page=self._artifact.preprocessing.tiff_page)
+        return decode_image(data, source=name, max_pixels=model.max_pixels,
+                            tiff_page=model.artifact.preprocessing.tiff_page)
 
     def _model_ref(self) -> dict[str, str]:
-        return {"name": self._artifact.name, "version": self._artifact.version}
+        return self._model.describe()
 
-    def _row(self, prediction: Any, job: "_Job") -> dict[str, Any]:
+    def _observe(self, model: _Model, row: Mapping[str, Any]) -> None:
+        """The answered mask's class areas, confidence and emptiness, as Ray metrics."""
+        spec, tags = model.artifact.mask_spec, {"model": model.ref}
+        pixels = max(row["height"] * row["width"], 1)
+        counts = row["class_pixel_counts"]
+        for name, count in zip(spec.names, counts):
+            self._metrics["area"].observe(count / pixels, tags={**tags, "class": name})
+        self._metrics["confidence"].observe(row["mean_confidence"], tags=tags)
+        if not sum(counts if spec.multilabel else counts[1:]):
+            self._metrics["empty"].inc(tags=tags)
+
+    @staticmethod
+    def _row(model: _Model, prediction: Any, job: "_Job") -> dict[str, Any]:
         """The bulk-inference row (same encoder as ``rayseg predict``) plus the request id."""
-        row = prediction_row(prediction, self._segmenter, id=job.request_id,
+        row = prediction_row(prediction, model.segmenter, id=job.request_id,
                              source_uri=f"upload:{job.name}",
                              source_sha256=hashlib.sha256(job.data).hexdigest(),
-                             model_name=self._artifact.name, model_version=self._artifact.version,
+                             model_name=model.artifact.name,
+                             model_version=model.artifact.version,
+                             weights_sha256=model.artifact.weights_key,
                              with_confidence=job.with_confidence)
         row["request_id"] = job.request_id
         return row

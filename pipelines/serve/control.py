@@ -3,8 +3,10 @@
 - :class:`ServeArgs`: the ``args:`` block of the Serve config, handed to the app builder
   ``pipelines.serve:build_app``.
 - :class:`BatchSettings`: the deployment's ``user_config`` (``max_batch_size``,
-  ``batch_wait_timeout_s``), applied by ``reconfigure`` in running replicas.
-- :func:`start_endpoint` / :func:`reconfigure_endpoint` / :func:`stop_endpoint`: deploy the
+  ``batch_wait_timeout_s``), applied by ``reconfigure`` in running replicas, beside ``model``:
+  ``{uri, ref}``, the served artifact, which :func:`follow_model` moves after a promotion.
+- :func:`start_endpoint` / :func:`reconfigure_endpoint` / :func:`follow_model` /
+  :func:`stop_endpoint`: deploy the
   ``serve build``-style YAML (``jobs/configs/serve.yaml`` ships) on the connected Ray.
 
 The YAML is applied as a declarative config, the way ``serve run serve.yaml`` and a KubeRay
@@ -24,6 +26,7 @@ from seg_core.config import from_dict
 
 APP_NAME = "rayseg"
 DEPLOYMENT_NAME = "SegmentService"
+MODEL_KEY = "model"   # user_config entry naming the served model: {uri, ref}
 
 
 # The config last applied per application name, so that reconfigure_endpoint can re-apply it
@@ -62,11 +65,13 @@ def start_endpoint(model_uri: str, out_uri: str | None = None, *,
     Returns once ``GET /healthz`` answers 200.  The config is applied declaratively: it is the
     whole set of applications on this Serve instance, so one started from another config goes.
     """
+    from pipelines import registry
     from pipelines.raycluster import worker_env
 
     data = load_serve_config(config)
     app = data["applications"][0]
-    app["args"] = {**(app.get("args") or {}), **dict(args or {}), "model_uri": model_uri}
+    ref = registry.resolve(model_uri)   # replicas get the artifact, never the registry
+    app["args"] = {**(app.get("args") or {}), **dict(args or {}), "model_uri": ref.source}
     if out_uri is not None:
         app["args"]["out_uri"] = out_uri
     if api_key_env is not None:
@@ -81,8 +86,8 @@ def start_endpoint(model_uri: str, out_uri: str | None = None, *,
     runtime_env["env_vars"] = {**worker_env(key_env), **(runtime_env.get("env_vars") or {})}
     app["runtime_env"] = runtime_env
     deployment = _deployment_entry(app)
-    if user_config is not None:
-        deployment["user_config"] = {**(deployment.get("user_config") or {}), **user_config}
+    deployment["user_config"] = {**(deployment.get("user_config") or {}),
+                                 **dict(user_config or {}), MODEL_KEY: model_pointer(ref)}
     data["http_options"] = {**(data.get("http_options") or {}),
                             **({"host": host} if host else {}), **({"port": port} if port else {})}
     _apply(data, timeout_s)
@@ -101,6 +106,53 @@ def reconfigure_endpoint(app_name: str = APP_NAME, *, timeout_s: float = 60.0,
     deployment = _deployment_entry(data["applications"][0])
     deployment["user_config"] = {**(deployment.get("user_config") or {}), **user_config}
     _apply(data, timeout_s)
+
+
+def follow_model(model_uri: str, app_name: str = APP_NAME, *,
+                 timeout_s: float = 60.0) -> dict[str, Any]:
+    """Point a running endpoint at ``model_uri`` (``models:/name@champion`` after a promotion):
+    the replicas load it in ``reconfigure`` and swap it in between forwards, so no request fails
+    and each answer names the version that made it.  Works from any process connected to the
+    endpoint's Ray cluster (the config is read back from Serve when this process did not
+    start it).  Returns the new model pointer."""
+    from pipelines import registry
+
+    pointer = model_pointer(registry.resolve(model_uri))
+    if app_name not in _APPLIED:
+        _APPLIED[app_name] = _deployed_config(app_name)
+    reconfigure_endpoint(app_name, timeout_s=timeout_s, **{MODEL_KEY: pointer})
+    return pointer
+
+
+def model_pointer(ref: Any) -> dict[str, Any]:
+    """The ``user_config`` entry that names the served model (see :func:`split_user_config`)."""
+    return {"uri": ref.source, "ref": ref.registry_uri or ref.uri}
+
+
+def split_user_config(user_config: Mapping[str, Any]) -> tuple[BatchSettings, dict | None]:
+    """``user_config`` -> (batching, model pointer or None); unknown keys are refused."""
+    settings = dict(user_config)
+    pointer = settings.pop(MODEL_KEY, None)
+    if pointer is not None and not (isinstance(pointer, Mapping) and pointer.get("uri")):
+        raise ValueError(f"user_config.{MODEL_KEY}: expected {{uri: <artifact>, ref: <name>}}, "
+                         f"got {pointer!r}")
+    return from_dict(BatchSettings, settings), (dict(pointer) if pointer else None)
+
+
+def _deployed_config(app_name: str) -> dict[str, Any]:
+    """The declarative config Serve holds for ``app_name`` (from another process's deploy)."""
+    from ray.serve._private import api as serve_api
+
+    details = serve_api.serve_start().get_serve_details()
+    app = (details.get("applications") or {}).get(app_name) or {}
+    config = app.get("deployed_app_config")
+    if not config:
+        raise ValueError(f"no running Serve application {app_name!r} was deployed from a "
+                         f"config; running: {sorted(details.get('applications') or {})}")
+    return {"http_options": {k: v for k, v in (details.get("http_options") or {}).items()
+                             if k in ("host", "port")},
+            "proxy_location": details.get("proxy_location") or "EveryNode",
+            "applications": [config]}
 
 
 def stop_endpoint(app_name: str = APP_NAME, *, shutdown_serve: bool = True) -> None:
@@ -149,7 +201,7 @@ def _deployment_entry(app: dict[str, Any]) -> dict[str, Any]:
 
 def _check_batching(data: Mapping[str, Any]) -> None:
     deployment = _deployment_entry(data["applications"][0])
-    batch = from_dict(BatchSettings, dict(deployment.get("user_config") or {}))
+    batch, _ = split_user_config(deployment.get("user_config") or {})
     limit = deployment.get("max_ongoing_requests", 5)  # Serve's default since 2.32
     if batch.max_batch_size > limit:
         raise ValueError(f"user_config.max_batch_size={batch.max_batch_size} exceeds "

@@ -87,6 +87,9 @@ class TrainData:
     class_pixels: tuple[int, ...] = ()  # labelled training pixels per class (at training size)
     labelled_pixels: int = 0  # training pixels not ignored (multi-label: per image, not class)
     cached: bool = False  # decoded once into the object store: epochs only read it back
+    # content hash of the training rows (data_sha256): from the cached set's one pass; None
+    # when the set is streamed (hashing it would be a second full read)
+    data_sha256: str | None = None
 
 
 def build_train_data(cfg: TrainConfig) -> TrainData:
@@ -125,16 +128,16 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
                          f"folds and the quarantine)")
     # one cheap pass over the cached set (a second decode otherwise: only when auto needs it)
     class_pixels: tuple[int, ...] = ()
-    labelled = 0
+    labelled, data_sha256 = 0, None
     if cache or "auto" in (cfg.class_weights, cfg.pos_weight):
-        per_class, labelled = class_pixel_counts(train, cfg.mask)
+        per_class, labelled, data_sha256 = class_pixel_counts(train, cfg.mask)
         class_pixels = tuple(int(c) for c in per_class)
     augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
                       ignore_index=cfg.mask.ignore_index, seed=cfg.seed)
     val = val_shards(val, cfg.scaling.num_workers, materialize=cache)
     return TrainData(train=train, val=val, augment=augment, num_train=counts[0], cached=cache,
                      num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,
-                     labelled_pixels=labelled)
+                     labelled_pixels=labelled, data_sha256=data_sha256)
 
 
 def val_shards(val: "ray.data.Dataset", workers: int, *,
@@ -243,6 +246,8 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
     limit = max_pixels or (preprocessing.max_pixels if preprocessing else 64_000_000)
     ok, bad = decode_pairs(batch, mask_spec, limit, stage=stage,
                            tiff_page=preprocessing.tiff_page if preprocessing else None)
+    digests = {_scalar_id(id_): row_sha256(image, mask) for id_, image, mask in
+               zip(batch["id"], batch["image_bytes"], batch["mask_bytes"])}
     ids, images, masks = [], [], []
     for row in ok:
         image, mask = row["image"], row["mask"]
@@ -263,28 +268,44 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
     if bad and quarantine_uri:
         write_quarantine(bad, quarantine_uri, storage_options)
     return {"id": np.array(ids, dtype=object), "image": _column(images),
-            "mask": _column(masks)}
+            "mask": _column(masks),
+            "sha256": np.array([digests[i] for i in ids], dtype=object)}
+
+
+def _scalar_id(value: Any) -> str:
+    return str(value.item() if isinstance(value, np.generic) else value)
 
 
 def class_pixel_counts(dataset: "ray.data.Dataset", mask_spec: MaskSpec
-                       ) -> tuple[np.ndarray, int]:
-    """``(pixels per class, labelled pixels)`` over every mask of ``dataset``: K int64 and int.
+                       ) -> tuple[np.ndarray, int, str]:
+    """``(pixels per class, labelled pixels, content hash)`` over every row of ``dataset``.
 
     Ignored pixels count nowhere.  Multi-label masks count the pixels where each class is on;
     labelled pixels are those not ignored (per image, as the ignore mask spans every class).
-    One Ray Data pass; cheap on a materialised training set.
+    The content hash combines each row's ``sha256`` (of the bytes ingest read, see
+    :func:`row_sha256`) in id order: the same pairs give the same hash whatever the file
+    layout, and one changed byte changes it.  One Ray Data pass; cheap on a materialised set.
     """
     k = mask_spec.num_classes
     counted = dataset.map_batches(_count_classes, batch_format="numpy", num_cpus=0.25,
                                   fn_kwargs={"mask_spec": mask_spec})
     total = np.zeros(k + 1, np.int64)
+    rows: list[str] = []
     for batch in counted.iter_batches(batch_format="numpy", batch_size=None):
         total += np.asarray(np.stack(batch["class_pixels"]), np.int64).sum(axis=0)
-    return total[:k], int(total[k])
+        rows += [f"{id_}\t{sha}" for id_, sha in zip(batch["id"], batch["sha256"])]
+    return total[:k], int(total[k]), sha256_hex("\n".join(sorted(rows)).encode())
+
+
+def row_sha256(image_bytes: bytes | None, mask_bytes: bytes | None) -> str:
+    """One training row's content hash: SHA-256 over the image's and the mask's SHA-256."""
+    parts = [hashlib.sha256(b or b"").digest() for b in (image_bytes, mask_bytes)]
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def _count_classes(batch: dict[str, np.ndarray], mask_spec: MaskSpec) -> dict[str, np.ndarray]:
-    """Per row: K class pixel counts, then the number of labelled (not ignored) pixels."""
+    """Per row: K class pixel counts, then the number of labelled (not ignored) pixels; the
+    row's id and content hash pass through."""
     k, counts = mask_spec.num_classes, []
     for mask in batch["mask"]:
         mask = np.asarray(mask)
@@ -295,7 +316,7 @@ def _count_classes(batch: dict[str, np.ndarray], mask_spec: MaskSpec) -> dict[st
             labelled = mask[(mask >= 0) & (mask < k)].ravel().astype(np.int64)
             counts.append(np.append(np.bincount(labelled, minlength=k)[:k], labelled.size))
     return {"class_pixels": np.stack(counts).astype(np.int64) if counts
-            else np.zeros((0, k + 1), np.int64)}
+            else np.zeros((0, k + 1), np.int64), "id": batch["id"], "sha256": batch["sha256"]}
 
 
 def write_quarantine(rows: list[dict[str, Any]], quarantine_uri: str,

@@ -44,11 +44,14 @@ class TrainResult:
     stopped: str | None  # why training ended before `epochs`, if it did
     class_frequency: tuple[float, ...] = ()  # share of labelled training pixels per class
     class_weights: tuple[float, ...] | None = None  # the loss's weights (resolved from auto)
+    registry_uri: str | None = None  # models:/<name>/<n> when the run was registered
+    run_id: str | None = None  # its MLflow run
 
     def summary(self) -> str:
         """A few human lines: where the model is, how good it is, and a per-class table."""
         m = self.metrics
-        return (f"model     {self.artifact_uri}\n"
+        return (f"model     {self.artifact_uri}"
+                f"{'  (' + self.registry_uri + ')' if self.registry_uri else ''}\n"
                 f"run       {self.checkpoint_uri} ({len(self.history)} epochs, "
                 f"{len(self.restarts)} resumes{'; ' + self.stopped if self.stopped else ''})\n"
                 f"val       mIoU {m['miou']:.4f}  mDice {m['mdice']:.4f}  pixel acc "
@@ -119,10 +122,45 @@ def train(cfg: TrainConfig) -> TrainResult:
     with result.checkpoint.as_directory() as directory:
         state = load_newest_good(directory, run_uri)
     result = write_artifact(cfg, state, data.source_sha256, run_uri,
-                            calibration=calibration_images(data.train))
+                            calibration=calibration_images(data.train),
+                            data_sha256=data.data_sha256, data_rows=data.num_train)
     total = max(data.labelled_pixels if cfg.mask.multilabel else sum(data.class_pixels), 1)
-    return dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
-                               class_weights=cfg.class_weights)
+    result = dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
+                                 class_weights=cfg.class_weights)
+    if cfg.register and cfg.fold is None:
+        result = register_run(cfg, result, data.data_sha256)
+    return result
+
+
+def register_run(cfg: TrainConfig, result: TrainResult, data_sha256: str | None) -> TrainResult:
+    """Log the run to the tracking store and register its artifact as a new model version."""
+    from pipelines import registry
+    from seg_core.artifact import ARTIFACT_JSON
+
+    meta = json.loads(storage.read_bytes(storage.join_uri(result.artifact_uri, ARTIFACT_JSON)))
+    history = [{k: v for k, v in h.items() if k != "val"} | ({"val_mdice": h["val"]["mdice"]}
+               if h.get("val") else {}) for h in result.history]
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for name in ("learning_curve.png", "metrics.json"):
+            target = Path(tmp) / name
+            target.write_bytes(storage.read_bytes(storage.join_uri(result.artifact_uri, name)))
+            files.append(str(target))
+        run_id = registry.log_training_run(
+            run_name=cfg.run_name, params=registry.flatten("", config_to_dict(cfg)),
+            history=history, summary={k: result.metrics[k] for k in
+                                      ("miou", "mdice", "pixel_accuracy")},
+            files=files, tags={"artifact_uri": result.artifact_uri,
+                               "weights_sha256": meta["weights_sha256"],
+                               "data_sha256": data_sha256 or "", "rayseg.name": cfg.name,
+                               "rayseg.version": cfg.version})
+    ref = registry.register(result.artifact_uri, cfg.name, weights_sha256=meta["weights_sha256"],
+                            run_id=run_id, tags={"artifact_version": cfg.version,
+                                                 "val_miou": round(result.metrics["miou"], 5),
+                                                 registry.DATA_TAG: data_sha256 or ""})
+    print(f"[{cfg.run_name}] registered {ref.uri} (run {run_id[:8]} in {registry.tracking_uri()})",
+          flush=True)
+    return dataclasses.replace(result, registry_uri=ref.uri, run_id=run_id)
 
 
 def driver_node_actor() -> dict[str, Any]:
@@ -219,9 +257,11 @@ def calibration_images(train: Any) -> list[Any]:
 
 
 def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
-                   run_uri: str, calibration: list[Any] | None = None) -> TrainResult:
+                   run_uri: str, calibration: list[Any] | None = None, *,
+                   data_sha256: str | None = None, data_rows: int | None = None) -> TrainResult:
     """Checkpoint state -> ``<models_uri>/<name>/<version>/`` (artifact + metrics + plot + config,
-    and ``calibration`` images for INT8 engines when given)."""
+    ``calibration`` images for INT8 engines when given, and the drift baseline: the val split's
+    prediction statistics, :mod:`pipelines.monitor`)."""
     from pipelines.evaluate.plots import learning_curve_png
     from seg_core.artifact import reproducibility_record, save_artifact
     from seg_core.model import UNet
@@ -259,6 +299,8 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                       preprocessing=trained_preprocessing(cfg, state),
                       reproducibility=reproducibility_record(seed=cfg.seed,
                                                              manifest_sha256=source_sha256,
+                                                             data_sha256=data_sha256,
+                                                             data_rows=data_rows,
                                                              fold=cfg.fold),
                       metrics=summary)
         (local / "metrics.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
@@ -267,11 +309,24 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                            title=f"{cfg.name} {cfg.version}")
         if calibration:
             save_calibration(local, calibration)
+        if cfg.fold is None:
+            write_val_baseline(cfg, local)
         if not storage.is_local(uri):
             storage.copy_dir_from_local(local, uri)
     return TrainResult(artifact_uri=uri, metrics=val, history=history, run_name=cfg.run_name,
                        checkpoint_uri=run_uri, selected_epoch=epoch, restarts=state["restarts"],
                        stopped=state["stopped"])
+
+
+def write_val_baseline(cfg: TrainConfig, artifact_dir: Path) -> None:
+    """``baseline.json`` in the artifact: the val split as the new model predicts it."""
+    from pipelines import monitor
+
+    source = cfg.data.manifest or cfg.data.shards
+    images = monitor.val_images(source, kind="manifest" if cfg.data.manifest else "shards",
+                                split=cfg.data.val_split,
+                                max_pixels=cfg.preprocessing.max_pixels)
+    monitor.write_baseline(artifact_dir, images)
 
 
 def trained_preprocessing(cfg: TrainConfig, state: dict[str, Any]) -> Any:
