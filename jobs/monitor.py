@@ -1,4 +1,4 @@
-"""``rayseg monitor``: flags -> MonitorConfig -> pipelines.monitor.run_monitor -> exit 0 / 3."""
+"""``rayseg monitor``: flags -> MonitorConfig -> pipelines.operate.monitor.run_monitor -> exit 0 / 3."""
 from __future__ import annotations
 
 import argparse
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import MonitorConfig
-    from pipelines.monitor import DRIFT_EXIT, run_monitor
+    from pipelines.operate.monitor import DRIFT_EXIT, run_monitor
 
     flags = {"predictions": args.predictions, "model": args.model, "since": args.since,
              "same_weights": args.same_weights, "out": args.out,

@@ -1,4 +1,4 @@
-"""``rayseg promote``: flags -> PromoteConfig -> pipelines.promote.promote -> exit 0 / 3."""
+"""``rayseg promote``: flags -> PromoteConfig -> pipelines.operate.promote.promote -> exit 0 / 3."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.config import PromoteConfig
-    from pipelines.promote import REJECTED_EXIT, promote
+    from pipelines.operate.promote import REJECTED_EXIT, promote
     from pipelines.raycluster import ensure_ray
 
     flags = {name: getattr(args, name) for name in (

@@ -1,7 +1,8 @@
 """pipelines: the Ray layer of rayseg.
 
-Shared ground at the root (config, records, storage, ingest, pack, validate, raycluster, demo)
-and five wings: ``train/``, ``predict/``, ``serve/``, ``evaluate/``, ``api/`` (see
+Shared ground at the root (config, records, storage, registry, ingest, pack, validate,
+raycluster, demo) and six wings: ``train/``, ``predict/``, ``serve/``, ``evaluate/``,
+``operate/``, ``api/`` (see
 ARCHITECTURE.md at the repository root).
 
 The H2O-style API is importable from here too (``from pipelines import init, import_file,
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 _API = ("init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
-        "load_model")
+        "load_model", "get_model", "GridSearch")
 
 
 def __getattr__(name: str) -> Any:

@@ -206,6 +206,10 @@ class TrainConfig:
     cv_parallelism: int = 1  # folds trained at once (each fold is its own trainer)
     artifact_weights: Literal["best", "last"] = "best"  # best val mIoU epoch, or the last one
     register: bool = True  # log the run and register the artifact (pipelines.registry)
+    # warm start: a trained model (artifact URI, models:/name@alias or models:/name/N) whose
+    # weights start this run; another num_classes keeps all but the head.  A resumed run's own
+    # checkpoint wins over it.
+    init_from: str | None = None
     amp: AmpMode = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     # None: on (GPU and CPU: a base-16 train step at 8 x 256^2 took 1.0 s channels_last and 1.3 s
     # NCHW on the 2-core AVX-512 box)
@@ -216,6 +220,7 @@ class TrainConfig:
     pause_at_step: int | None = None  # TESTS ONLY: last worker stalls once here (node removal)
 
     def __post_init__(self) -> None:
+        path_fields(self, "init_from")
         if self.val_fraction is not None and not 0 < self.val_fraction <= 1:
             raise ValueError(f"val_fraction must be in (0, 1] or null (validate every epoch), "
                              f"got {self.val_fraction}")
@@ -367,7 +372,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    """Everything ``rayseg promote`` needs (:mod:`pipelines.promote`)."""
+    """Everything ``rayseg promote`` needs (:mod:`pipelines.operate.promote`)."""
 
     model: str                          # candidate: models:/name/3 or an artifact URI
     gate: str                           # "miou>=0.80" (comma-separated conditions)
@@ -390,7 +395,7 @@ class PromoteConfig:
 
 @dataclass(frozen=True)
 class DriftThresholds:
-    """When ``rayseg monitor`` flags drift (:mod:`pipelines.monitor`)."""
+    """When ``rayseg monitor`` flags drift (:mod:`pipelines.operate.monitor`)."""
 
     alpha: float = 0.01                 # a class is shifted when its KS p-value is below ...
     min_psi: float = 0.1                # ... and its PSI above this
@@ -405,7 +410,7 @@ class MonitorConfig:
 
     predictions: str                    # Parquet of rayseg serve (out_uri) or rayseg predict
     model: str                          # the model whose baseline.json is the reference
-    out: str = "rayseg_work/monitor"    # report directory (local)
+    out: str = "rayseg_work/monitor"    # report directory (local or s3://)
     since: str | None = None            # ISO time: only rows created at or after it
     same_weights: bool = False          # only rows whose weights_sha256 is the model's
     thresholds: DriftThresholds = field(default_factory=DriftThresholds)
@@ -484,7 +489,10 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
-    model_uri: str = Field(description="artifact directory: local path or s3://")
+    model_uri: str = Field(description="artifact directory (local path or s3://) or a registry "
+                           "URI, models:/name@alias or models:/name/N (resolved by build_app)")
+    model_ref: str | None = Field(None, description="what answers call the model (set by "
+                                  "build_app: models:/name/N); None: model_uri")
     out_uri: str | None = Field(None, description="Parquet sink root; None disables the sink")
     api_key_env: str | None = Field(None, description="env var holding the API key; None: open")
     max_request_bytes: int = Field(16 * 2**20, gt=0, description="larger bodies answer 413")

@@ -249,3 +249,35 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 module[index] = fuse_conv_bn_eval(conv, norm)
                 module[index + 1] = nn.Identity()
     return model
+
+
+HEAD_PREFIX = "head."   # the 1x1 convolution that maps features to class logits
+
+
+def warm_start(model: "UNet", state: dict[str, torch.Tensor]) -> str:
+    """Load a trained U-Net's weights into ``model`` (a fresh one) and say what was loaded.
+
+    Same architecture and classes: every weight.  Same architecture, another class count: every
+    weight but the head, which keeps its fresh initialisation.  Anything else (other width,
+    depth, arch, input channels) raises ``ValueError`` listing the first mismatches.
+    """
+    own = model.state_dict()
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
+    body_problems = missing + unexpected + [k for k in mismatched if not k.startswith(HEAD_PREFIX)]
+    if body_problems:
+        raise ValueError(
+            f"warm start: the trained model's layers do not fit this model ({len(body_problems)} "
+            f"differ, e.g. {body_problems[:3]}); warm starts keep model.arch, depth, base_width "
+            f"and in_channels (only num_classes may change)")
+    if mismatched:   # only the head: another class count
+        keep = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+        model.load_state_dict({**own, **keep})
+        before = state[f"{HEAD_PREFIX}weight"].shape[0]
+        after = own[f"{HEAD_PREFIX}weight"].shape[0]
+        return (f"warm start: every layer but the head loaded; the head was re-initialised for "
+                f"{after} classes (the trained model had {before})")
+    model.load_state_dict(state)
+    return "warm start: every layer loaded"

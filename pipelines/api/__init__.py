@@ -4,6 +4,7 @@
 
 - :mod:`.api`: ``init``, ``import_file``, ``UNetSegmentationEstimator``, ``load_model``,
   ``get_model`` (from the registry).
+- :mod:`.grid`: ``GridSearch`` (H2O's grid search, on Ray Tune).
 - :mod:`.frame`: ``Frame``, a table of image (and mask) URIs, and prediction frames.
 - :mod:`.performance`: ``ModelPerformance``, the scores of a model on a frame.
 """
@@ -17,6 +18,7 @@ from pipelines.api.api import (
                                init,
                                load_model,
 )
+from pipelines.api.grid import GridSearch
 
 __all__ = ["init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
-           "load_model", "get_model", "hyperparameter_names"]
+           "load_model", "get_model", "GridSearch", "hyperparameter_names"]

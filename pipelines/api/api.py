@@ -21,6 +21,7 @@ node can read them).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -145,6 +146,9 @@ class UNetSegmentationEstimator:
         num_classes / mask_values / multilabel: how mask files map to classes (see README
             "Mask conventions").  ``num_classes`` defaults to ``len(mask_values)`` or 2.
         model_id: the artifact name (default ``unet_<random>``).
+        checkpoint: continue from a trained model (H2O's ``checkpoint``): a registered
+            ``model_id`` (its newest version), ``"name@alias"``, a ``models:/`` URI or an
+            artifact URI.  Another ``num_classes`` keeps every layer but the head.
         **hyperparameters: any TrainConfig field by its flat name (``epochs``, ``batch_size``,
             ``lr``, ``base_width``, ``depth``, ``loss``, ``num_workers`` ...; see
             :func:`hyperparameter_names`) or by its dotted path (``"optim.lr"``).
@@ -156,8 +160,11 @@ class UNetSegmentationEstimator:
                  validation_frame: Frame | None = None, nfolds: int = 0, seed: int | None = None,
                  num_classes: int | None = None, mask_values: Sequence[int] | None = None,
                  multilabel: bool = False, fold_column: str | None = None,
-                 model_id: str | None = None, **hyperparameters: Any) -> None:
+                 model_id: str | None = None, checkpoint: str | None = None,
+                 **hyperparameters: Any) -> None:
         _check_params(hyperparameters)
+        if checkpoint is not None:
+            hyperparameters["init_from"] = _model_uri(checkpoint)
         self.x, self.y = x, y
         self.training_frame, self.validation_frame = training_frame, validation_frame
         self.fold_column = fold_column
@@ -246,10 +253,7 @@ class UNetSegmentationEstimator:
         manifest = self._training_manifest(version)   # checks x / y / fold_column first
         self.build_config(manifest, max_iterations=max_iterations)
         _connected()
-        if self._infer_classes:
-            self._params["num_classes"] = infer_num_classes(manifest, bool(self._params.get(
-                "multilabel")))
-            self._infer_classes = False
+        self.resolve_classes(manifest)
         nfolds = int(self._params.get("nfolds") or 0)
         if nfolds >= 2:
             from pipelines.train.cv import cross_validate
@@ -262,6 +266,23 @@ class UNetSegmentationEstimator:
         self.registry_uri = self.train_result.registry_uri
         print(self.train_result.class_table(), flush=True)   # rare classes flagged
         return self
+
+    def resolve_classes(self, manifest: str) -> None:
+        """Read ``num_classes`` from the masks when it was not given (once)."""
+        if self._infer_classes:
+            self._params["num_classes"] = infer_num_classes(manifest, bool(self._params.get(
+                "multilabel")))
+            self._infer_classes = False
+
+    def variant(self, model_id: str, params: dict[str, Any]) -> "UNetSegmentationEstimator":
+        """A copy of this estimator (frames, columns, parameters) with ``params`` set on top."""
+        other = copy.copy(self)
+        other.model_id = model_id
+        other._params = {**self._params, **params}
+        other.artifact_uri = other.registry_uri = None
+        other.train_result = other.cv_result = None
+        other.build_config(manifest="<frame>")   # a bad combination fails before any trial
+        return other
 
     def _training_manifest(self, version: str) -> str:
         if self.fold_column is not None:
@@ -407,21 +428,28 @@ def load_model(path: str | os.PathLike) -> UNetSegmentationEstimator:
     return model
 
 
+def _model_uri(model_id: str) -> str:
+    """A model reference as a URI: ``models:/`` and artifact URIs as they are, ``name@alias``
+    and ``name/3`` as registry URIs, a bare registered name as its newest version."""
+    from pipelines import registry
+
+    if registry.is_models_uri(model_id) or "://" in model_id or storage.exists(
+            storage.join_uri(model_id, "artifact.json")):
+        return model_id
+    if "@" in model_id or "/" in model_id:
+        return registry.MODELS_PREFIX + model_id
+    found = registry.versions(model_id)
+    if not found:
+        raise KeyError(f"no registered model {model_id!r} in {registry.tracking_uri()}; train "
+                       f"it first (train() registers it), or pass an artifact URI")
+    return found[0].uri
+
+
 def get_model(model_id: str) -> UNetSegmentationEstimator:
     """H2O's ``h2o.get_model``: the newest registered version of ``model_id`` (an estimator's
     ``model_id`` is its registered name), or a version: ``"name/3"``, ``"name@champion"``,
     ``"models:/name@champion"``."""
-    from pipelines import registry
-
-    if registry.is_models_uri(model_id):
-        return load_model(model_id)
-    if "/" in model_id or "@" in model_id:
-        return load_model(registry.MODELS_PREFIX + model_id)
-    found = registry.versions(model_id)
-    if not found:
-        raise KeyError(f"get_model: no registered model {model_id!r} in "
-                       f"{registry.tracking_uri()}; train it first (train() registers it)")
-    return load_model(found[0].uri)
+    return load_model(_model_uri(model_id))
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -475,3 +503,4 @@ def _copy_tree(source: str, target: str) -> None:
         relative = uri[len(source.rstrip("/")) + 1:] if not storage.is_local(source) else \
             os.path.relpath(uri, storage.strip_scheme(source))
         storage.write_bytes(storage.join_uri(target, relative), storage.read_bytes(uri))
+

@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, str] = {
     "batch_predict": "rayseg predict images/s vs a plain model(x) loop; peak RSS at 1k and 4k images",
     "serve": "Ray Serve latency/throughput sweep vs bare forward; replica scale-up/down",
     "quality_isbi": "ISBI 2012 membrane quality after a fixed wall-time budget through rayseg train",
+    "warm_start_isbi": "ISBI 2012, other half of the train slices: warm start from a half-A model "
+                       "vs from scratch, same wall budget (val membrane Dice ratio)",
     "quality_multiclass": "generated multi-class scenes: rayseg train + evaluate mIoU / a plain "
                           "PyTorch loop's mIoU, same data and wall budget",
     "quality_multilabel": "generated multi-label scenes: estimator train + model_performance "

@@ -154,7 +154,8 @@ class SegmentService:
         self._api_key = _api_key(args.api_key_env)
         self._device = args.device if args.device != "auto" else \
             ("cuda" if torch.cuda.is_available() else "cpu")
-        self._model = self._load({"uri": args.model_uri, "ref": args.model_uri})
+        self._model = self._load({"uri": args.model_uri,
+                                  "ref": args.model_ref or args.model_uri})
         self._metrics = _mask_metrics()
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._coalescer = ForwardCoalescer(self._forward, self._forward_pool,
@@ -382,8 +383,14 @@ def build_app(args: ServeArgs) -> Application:
 
     Deployment options (replicas, autoscaling, resources, ``user_config``) come from the config
     file that names this builder; only the batch defaults are set here, as ``user_config``.
+    A registry URI (``models:/name@champion``) is resolved here, where the application is built
+    (the cluster's ``RAYSEG_TRACKING_URI``), so replicas only ever see the artifact's URI.
     """
+    from pipelines import registry
     from seg_core.config import to_dict
 
+    if registry.is_models_uri(args.model_uri):
+        ref = registry.resolve(args.model_uri)
+        args = args.model_copy(update={"model_uri": ref.source, "model_ref": ref.registry_uri})
     return SegmentService.options(user_config=to_dict(BatchSettings())).bind(args)
 

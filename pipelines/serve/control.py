@@ -71,7 +71,8 @@ def start_endpoint(model_uri: str, out_uri: str | None = None, *,
     data = load_serve_config(config)
     app = data["applications"][0]
     ref = registry.resolve(model_uri)   # replicas get the artifact, never the registry
-    app["args"] = {**(app.get("args") or {}), **dict(args or {}), "model_uri": ref.source}
+    app["args"] = {**(app.get("args") or {}), **dict(args or {}), "model_uri": ref.source,
+                   "model_ref": ref.registry_uri}
     if out_uri is not None:
         app["args"]["out_uri"] = out_uri
     if api_key_env is not None:
@@ -126,7 +127,8 @@ def follow_model(model_uri: str, app_name: str = APP_NAME, *,
 
 def model_pointer(ref: Any) -> dict[str, Any]:
     """The ``user_config`` entry that names the served model (see :func:`split_user_config`)."""
-    return {"uri": ref.source, "ref": ref.registry_uri or ref.uri}
+    source = strip_scheme(ref.source) if is_local(ref.source) else ref.source
+    return {"uri": source, "ref": ref.registry_uri or source}
 
 
 def split_user_config(user_config: Mapping[str, Any]) -> tuple[BatchSettings, dict | None]:

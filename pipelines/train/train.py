@@ -80,11 +80,18 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None or value != value else f"{value:.4f}"
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) ``cfg.run_name`` on Ray Train and write the artifact."""
+def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResult:
+    """Train (or resume) ``cfg.run_name`` on Ray Train and write the artifact.
+
+    ``callbacks``: Ray Train ``UserCallback`` objects for the run (a Tune trial passes
+    ``TuneReportCallback``, :mod:`pipelines.train.tune`).
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
+
+    if cfg.init_from is not None:
+        cfg = resolve_init_from(cfg)
 
     data = build_train_data(cfg)
     cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
@@ -107,6 +114,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.num_to_keep),
+            callbacks=list(callbacks or []),
         ),
     )
     print(f"[{cfg.run_name}] {data.num_train} train / {data.num_val} val images, "
@@ -161,6 +169,21 @@ def register_run(cfg: TrainConfig, result: TrainResult, data_sha256: str | None)
     print(f"[{cfg.run_name}] registered {ref.uri} (run {run_id[:8]} in {registry.tracking_uri()})",
           flush=True)
     return dataclasses.replace(result, registry_uri=ref.uri, run_id=run_id)
+
+
+def resolve_init_from(cfg: TrainConfig) -> TrainConfig:
+    """``init_from`` as the artifact's own URI (registry URIs resolve here, on the driver), and
+    a check, before any worker starts, that its weights fit this model."""
+    from pipelines import registry
+    from seg_core.artifact import load_artifact
+    from seg_core.model import UNet, warm_start
+
+    source = registry.resolve_source(cfg.init_from)
+    trained = load_artifact(storage.fetch_artifact(source))
+    message = warm_start(UNet(cfg.model), trained.model.state_dict())   # ValueError if not
+    print(f"[{cfg.run_name}] {message} from {cfg.init_from}"
+          f"{'' if source == cfg.init_from else ' (' + source + ')'}", flush=True)
+    return dataclasses.replace(cfg, init_from=source)
 
 
 def driver_node_actor() -> dict[str, Any]:
@@ -261,7 +284,7 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                    data_sha256: str | None = None, data_rows: int | None = None) -> TrainResult:
     """Checkpoint state -> ``<models_uri>/<name>/<version>/`` (artifact + metrics + plot + config,
     ``calibration`` images for INT8 engines when given, and the drift baseline: the val split's
-    prediction statistics, :mod:`pipelines.monitor`)."""
+    prediction statistics, :mod:`pipelines.operate.monitor`)."""
     from pipelines.evaluate.plots import learning_curve_png
     from seg_core.artifact import reproducibility_record, save_artifact
     from seg_core.model import UNet
@@ -320,7 +343,7 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
 
 def write_val_baseline(cfg: TrainConfig, artifact_dir: Path) -> None:
     """``baseline.json`` in the artifact: the val split as the new model predicts it."""
-    from pipelines import monitor
+    from pipelines.operate import monitor
 
     source = cfg.data.manifest or cfg.data.shards
     images = monitor.val_images(source, kind="manifest" if cfg.data.manifest else "shards",

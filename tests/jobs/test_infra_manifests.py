@@ -55,6 +55,22 @@ def _entrypoints() -> list[tuple[str, str]]:
     return found
 
 
+def _commands(entrypoint: str) -> list[list[str]]:
+    """The ``rayseg`` commands of an entry point (chained with ``&&`` / ``;``), as argv lists."""
+    lexer = shlex.shlex(_SHELL_EXPANSION.sub("20260101", entrypoint), posix=True,
+                        punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        if token in ("&&", ";", "||", "|"):
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    commands.append(current)
+    return [c for c in commands if c and c[0] == "rayseg"]
+
+
 def _subcommand_parser(name: str) -> argparse.ArgumentParser:
     """The real parser of one subcommand, built without importing the other subcommands."""
     root = argparse.ArgumentParser(prog="rayseg")
@@ -105,27 +121,54 @@ def test_there_are_entrypoints_and_each_names_an_existing_rayseg_subcommand():
     entrypoints = _entrypoints()
     assert len(entrypoints) >= 3, "RayJob, RayCronJob and the CronJob's RayJob at least"
     for manifest, entrypoint in entrypoints:
-        argv = shlex.split(_SHELL_EXPANSION.sub("20260101", entrypoint))
-        assert argv[0] == "rayseg", f"{manifest}: entrypoint should run the rayseg CLI: {entrypoint}"
-        assert argv[1] in SUBCOMMANDS, f"{manifest}: unknown subcommand {argv[1]!r}"
-        assert (REPO / "jobs" / f"{argv[1]}.py").is_file()
-        args = _subcommand_parser(argv[1]).parse_args(argv[1:])  # SystemExit on a bad flag
-        config = getattr(args, "config", None)
-        if config is not None:
-            assert (REPO / config).is_file(), f"{manifest}: --config {config} does not exist"
+        assert entrypoint.lstrip().startswith("rayseg "), \
+            f"{manifest}: entrypoint should run the rayseg CLI: {entrypoint}"
+        for argv in _commands(entrypoint):
+            assert argv[1] in SUBCOMMANDS, f"{manifest}: unknown subcommand {argv[1]!r}"
+            assert (REPO / "jobs" / f"{argv[1]}.py").is_file()
+            args = _subcommand_parser(argv[1]).parse_args(argv[1:])  # SystemExit on a bad flag
+            config = getattr(args, "config", None)
+            if config is not None:
+                assert (REPO / config).is_file(), f"{manifest}: --config {config} does not exist"
+
+
+def _train_commands() -> list[tuple[str, list[str]]]:
+    return [(m, argv) for m, e in _entrypoints() for argv in _commands(e) if argv[1] == "train"]
 
 
 def test_train_entrypoints_resolve_to_a_train_config():
     from pipelines.config import load_train_config
 
-    train = [(m, e) for m, e in _entrypoints() if shlex.split(e)[1] == "train"]
+    train = _train_commands()
     assert train
-    for manifest, entrypoint in train:
-        argv = shlex.split(_SHELL_EXPANSION.sub("20260101", entrypoint))
+    for manifest, argv in train:
         args = _subcommand_parser("train").parse_args(argv[1:])
         cfg = load_train_config(REPO / args.config, args.overrides)  # ValueError on a bad key
         assert cfg.storage.storage_path.startswith("s3://"), f"{manifest}: checkpoints must be shared"
         assert cfg.storage.max_failures >= 1
+
+
+def test_production_reads_the_champion_that_the_nightly_retrain_promotes():
+    """Nightly: train -> promote in one entry point; the bulk job and the endpoint read
+    @champion of the model that retrain registers (its config's name)."""
+    from pipelines.config import load_train_config
+
+    nightly = [cmds for m, e in _entrypoints() if m == "cronjob-train.yaml"
+               for cmds in [_commands(e)]]
+    assert nightly and all([c[1] for c in cmds] == ["train", "promote"] for cmds in nightly)
+    for commands in nightly:
+        train_args = _subcommand_parser("train").parse_args(commands[0][1:])
+        cfg = load_train_config(REPO / train_args.config, train_args.overrides)
+        promote_args = _subcommand_parser("promote").parse_args(commands[1][1:])
+        assert promote_args.model == f"{cfg.storage.models_uri}/{cfg.name}/{cfg.version}"
+        assert promote_args.alias == "champion" and promote_args.gate
+    champion = f"models:/{cfg.name}@champion"
+    predict = [argv for m, e in _entrypoints() if m == "rayjob-predict.yaml"
+               for argv in _commands(e) if argv[1] == "predict"]
+    assert any(argv[argv.index("--model") + 1] == champion for argv in predict)
+    served = [v for doc in _docs(INFRA / "rayservice.yaml") for k, v, _ in _walk(doc)
+              if k == "model_uri"]
+    assert served == [champion]
 
 
 def test_serve_import_paths_exist():

@@ -20,8 +20,8 @@ def test_schemas_have_the_contract_columns():
         "id", "image_uri", "mask_uri", "stage", "reason", "message", "hint", "created_at"]
     p = records.PREDICTION_SCHEMA
     assert p.names == [
-        "id", "source_uri", "source_sha256", "model_name", "model_version", "height", "width",
-        "mask_png", "class_mask_pngs", "class_pixel_counts", "mean_confidence",
+        "id", "source_uri", "source_sha256", "model_name", "model_version", "weights_sha256",
+        "height", "width", "mask_png", "class_mask_pngs", "class_pixel_counts", "mean_confidence",
         "class_mean_confidence", "confidence_png", "request_id", "latency_ms", "created_at"]
     assert p.field("class_mean_confidence").type == pa.list_(pa.float32())
     assert p.field("class_mask_pngs").type == pa.list_(pa.binary())

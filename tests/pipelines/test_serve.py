@@ -29,7 +29,7 @@ from pipelines.serve.app import replica_counts, start_endpoint, stop_endpoint
 from pipelines.serve.control import BatchSettings, ServeArgs, load_serve_config
 from pipelines.serve.sink import PredictionSink
 from pipelines.storage import copy_dir_from_local, list_uri, read_table
-from seg_core.artifact import load_artifact, save_artifact
+from seg_core.artifact import load_artifact, save_artifact, sha256_file
 from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.inference import Segmenter, encode_prediction
@@ -230,7 +230,7 @@ def endpoint(ray_session, s3_bucket, model_dir):
 # -------------------------------------------------------------------------------------- tests
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_each_format_gets_the_local_mask(endpoint, segmenter, images, fmt):
+def test_each_format_gets_the_local_mask(endpoint, segmenter, images, model_dir, fmt):
     status, headers, body = post(endpoint["url"], images[fmt], answered=endpoint["answered"])
     assert status == 200, body
     answer = json.loads(body)
@@ -241,7 +241,8 @@ def test_each_format_gets_the_local_mask(endpoint, segmenter, images, fmt):
     assert sum(1 for n in answer["class_pixel_counts"] if n) >= 2  # a mask worth comparing
     assert answer["class_areas"]["a"]["pixels"] == expected["class_pixel_counts"][1]
     assert (answer["height"], answer["width"]) == (96, 80)
-    assert answer["model"] == {"name": "tiny", "version": "t1"}
+    assert answer["model"] == {"name": "tiny", "version": "t1", "ref": str(model_dir),
+                               "weights_sha256": sha256_file(model_dir / "weights.pt")}
     assert answer["mean_confidence"] == pytest.approx(expected["mean_confidence"], abs=1e-6)
     assert answer["timing_ms"]["total"] >= answer["timing_ms"]["infer"] > 0
     assert "confidence_png" not in answer

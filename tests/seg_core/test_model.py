@@ -157,3 +157,28 @@ def test_bad_input_and_config_raise_value_error() -> None:
         UNet(ModelConfig(dropout=1.5))
     with pytest.raises(ValueError, match="base_width"):
         UNet(ModelConfig(base_width=0))
+
+
+def test_warm_start_loads_everything_or_all_but_a_resized_head():
+    from seg_core.model import warm_start
+
+    torch.manual_seed(0)
+    trained = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=4))
+    same = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=4))
+    assert warm_start(same, trained.state_dict()) == "warm start: every layer loaded"
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(),
+                                                 trained.state_dict().values()))
+    fresh = UNet(ModelConfig(in_channels=3, num_classes=5, depth=2, base_width=4))
+    head_before = fresh.head.weight.detach().clone()
+    message = warm_start(fresh, trained.state_dict())
+    assert "re-initialised for 5 classes" in message and "had 3" in message
+    changed = {k for k, v in fresh.state_dict().items()
+               if v.shape != trained.state_dict()[k].shape}
+    assert changed == {"head.weight", "head.bias"}      # only the head changed shape
+    assert torch.equal(fresh.head.weight, head_before)  # and kept its fresh initialisation
+    for key, value in fresh.state_dict().items():
+        if key not in changed:
+            assert torch.equal(value, trained.state_dict()[key]), key
+    wider = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=8))
+    with pytest.raises(ValueError, match="base_width"):
+        warm_start(wider, trained.state_dict())

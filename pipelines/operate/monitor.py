@@ -265,7 +265,14 @@ def format_result(result: Mapping[str, Any], out: str) -> str:
 
 def write_report(result: Mapping[str, Any], baseline: Mapping[str, Any],
                  live: Mapping[str, Any], out: str) -> None:
-    """``report.json``, ``report.md`` and ``drift.png`` under the local directory ``out``."""
+    """``report.json``, ``report.md`` and ``drift.png`` under ``out`` (local or object storage)."""
+    if not storage.is_local(out):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_report(result, baseline, live, tmp)
+            storage.copy_dir_from_local(tmp, out)
+        return
     directory = Path(storage.strip_scheme(out))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
