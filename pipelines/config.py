@@ -381,7 +381,7 @@ class PromoteConfig:
     against: str | None = None          # alias whose holder is compared (default: alias)
     split: str | None = "val"
     tolerance: float = 0.0              # how much worse than the holder still counts as no worse
-    out: str = "rayseg_work/promote"    # comparison report and both evaluations (local)
+    out: str = "rayseg_work/promote"    # comparison report and both evaluations (local or s3://)
     serve_app: str | None = None        # point this running Serve app at the new holder
     engine: EngineKind = "auto"
     address: str | None = None

@@ -19,7 +19,6 @@ import hashlib
 import json
 import time
 import typing
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -225,9 +224,8 @@ def write_reproducibility(cfg: EvaluateConfig, record: dict[str, Any], predictio
             "predictions": predictions, "empty_policy": cfg.empty_policy,
             "packages": package_versions(),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    target = Path(storage.strip_scheme(cfg.out)) / "reproducibility.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(body, indent=2) + "\n")
+    storage.write_bytes(storage.join_uri(cfg.out, "reproducibility.json"),
+                        (json.dumps(body, indent=2) + "\n").encode())
 
 
 def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,

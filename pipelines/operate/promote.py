@@ -22,7 +22,6 @@ import json
 import operator
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipelines import registry, storage
@@ -183,8 +182,6 @@ def _fmt(value: float | None) -> str:
 
 
 def _write_comparison(decision: Decision, out: str, **context: Any) -> None:
-    directory = Path(storage.strip_scheme(out))
-    directory.mkdir(parents=True, exist_ok=True)
     body = {"promoted": decision.promoted, "alias": decision.alias,
             "candidate": {**decision.candidate.as_dict(),
                           "weights_sha256": decision.candidate.weights_sha256,
@@ -193,7 +190,8 @@ def _write_comparison(decision: Decision, out: str, **context: Any) -> None:
             {**decision.holder.as_dict(), "weights_sha256": decision.holder.weights_sha256,
              "metrics": decision.holder_metrics},
             "reasons": list(decision.reasons), **context}
-    (directory / "comparison.json").write_text(json.dumps(body, indent=2) + "\n")
+    storage.write_bytes(storage.join_uri(out, "comparison.json"),
+                        (json.dumps(body, indent=2) + "\n").encode())
     holder = decision.holder
     lines = [f"# Promotion to @{decision.alias}: "
              f"{'promoted' if decision.promoted else 'not promoted'}", "",
@@ -207,5 +205,5 @@ def _write_comparison(decision: Decision, out: str, **context: Any) -> None:
         lines.append(f"| {name} | {_fmt(value)} | {_fmt(held)} |")
     lines += ["", *[f"- {reason}" for reason in decision.reasons], "",
               "Per-model evaluation reports: the `candidate-v*` and `holder-v*` directories.", ""]
-    (directory / "comparison.md").write_text("\n".join(lines))
+    storage.write_bytes(storage.join_uri(out, "comparison.md"), "\n".join(lines).encode())
 
