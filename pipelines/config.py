@@ -420,6 +420,14 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True)
+class RunsConfig:
+    """Everything ``rayseg runs`` needs."""
+
+    limit: int = 20                     # runs listed
+    tracking_uri: str | None = None     # None: RAYSEG_TRACKING_URI / the work dir's mlflow.db
+
+
+@dataclass(frozen=True)
 class ValidateConfig:
     """Everything ``rayseg validate`` needs: the source, its mask spec and the pass mark."""
 

@@ -19,6 +19,7 @@ the server stops, so the printed paths stay readable.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import threading
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipelines import storage
+from pipelines import registry, storage
 from pipelines.config import DemoConfig
 
 S3_BUCKET = "rayseg-demo"
@@ -100,6 +101,9 @@ def run_demo(cfg: DemoConfig, connect: Callable[[], dict[str, float]],
     if local.exists():
         shutil.rmtree(local)   # the demo's own directory: each run starts fresh
     local.mkdir(parents=True)
+    # the demo's registry and runs live in its work dir (the default store for its default)
+    os.environ.setdefault(registry.TRACKING_ENV, "sqlite:///" + str(
+        (local.parent / "mlflow.db").resolve()))
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(_s3_server(log)) if cfg.s3 else str(local)
         result = _stages(cfg, root, local, connect, log)

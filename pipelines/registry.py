@@ -254,14 +254,17 @@ def provenance(ref: ModelRef, meta: Mapping[str, Any], **fields: Any) -> dict[st
 
 def log_training_run(*, run_name: str, params: Mapping[str, Any],
                      history: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
-                     files: Sequence[str], tags: Mapping[str, Any]) -> str:
-    """One MLflow run for a finished training: params, per-epoch metrics, final metrics, the
-    learning curve and metrics files; returns the run id."""
+                     files: Sequence[str], tags: Mapping[str, Any],
+                     started_at: float | None = None) -> str:
+    """One MLflow run for a finished training (started at ``started_at``, epoch seconds; it
+    ends now): params, per-epoch metrics, final metrics, the learning curve and metrics files;
+    returns the run id."""
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else \
         mlflow_client.create_experiment(EXPERIMENT, artifact_location=_artifact_location())
     run = mlflow_client.create_run(experiment_id, run_name=run_name,
+                                   start_time=int(started_at * 1000) if started_at else None,
                                    tags={k: str(v) for k, v in tags.items()})
     run_id = run.info.run_id
     from mlflow.entities import Metric, Param
@@ -291,6 +294,20 @@ def _artifact_location() -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+
+
+def training_runs(limit: int = 100) -> list[Any]:
+    """The newest ``limit`` training runs of the tracking store (MLflow ``Run`` objects)."""
+    experiment = client().get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    return list(client().search_runs([experiment.experiment_id], max_results=limit,
+                                     order_by=["attributes.start_time DESC"]))
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of one logged metric of a run, by step."""
+    return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

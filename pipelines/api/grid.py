@@ -14,6 +14,7 @@ like any trained model, and ``grid.models`` are estimators over them, best first
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -25,12 +26,6 @@ if TYPE_CHECKING:
 
     from pipelines.api.api import UNetSegmentationEstimator
     from pipelines.api.frame import Frame
-
-# get_grid(sort_by=...) names, H2O-style, -> the trial metric they read
-SORT_KEYS = {"miou": "final_miou", "mean_iou": "final_miou", "mdice": "final_mdice",
-             "pixel_accuracy": "final_pixel_accuracy", "val_miou": "val_miou",
-             "train_loss": "train_loss"}
-
 
 class GridSearch:
     """A grid of models that differ in ``hyper_params`` (estimator parameter names)."""
@@ -84,32 +79,16 @@ class GridSearch:
         target = storage.join_uri(work_directory(), "grids", f"{self.grid_id}.json")
         storage.write_bytes(target, json.dumps(
             {"grid_id": self.grid_id, "hyper_params": self.hyper_params,
-             "search_criteria": vars(self.criteria),
-             "trials": [vars(t) for t in self.trials]}, indent=2, default=str).encode())
+             "search_criteria": dataclasses.asdict(self.criteria),
+             "trials": [dataclasses.asdict(t) for t in self.trials]}, indent=2, default=str).encode())
         print(self.get_grid().to_string(index=False), flush=True)
         return self
 
     def get_grid(self, sort_by: str = "mIoU", decreasing: bool = True) -> "pandas.DataFrame":
-        """One row per model: its parameters, metrics, epochs, early stop and registry URI."""
-        import pandas
+        """One row per model: its parameters, metrics, epochs, early stop and registry URI;
+        ``sort_by``: mIoU, mDice, pixel_accuracy, val_miou or train_loss."""
+        from pipelines.train.tune import trials_table
 
-        key = SORT_KEYS.get(sort_by.lower())
-        if key is None:
-            raise ValueError(f"get_grid: sort_by must be one of {sorted(SORT_KEYS)}, got "
-                             f"{sort_by!r}")
-        rows = []
-        for trial in self.trials:
-            row = {"model_id": f"{self.grid_id}_model_{trial.index + 1}", **trial.params,
-                   "mIoU": trial.metrics.get("final_miou", trial.metrics.get("val_miou")),
-                   "mDice": trial.metrics.get("final_mdice"),
-                   "epochs": trial.epochs, "stopped_early": trial.stopped_early,
-                   "seconds": round(trial.seconds, 1), "model": trial.registry_uri,
-                   "_sort": trial.metrics.get(key)}
-            if trial.error:
-                row["error"] = trial.error
-            rows.append(row)
-        frame = pandas.DataFrame(rows)
-        if frame.empty:
-            return frame
-        frame = frame.sort_values("_sort", ascending=not decreasing, na_position="last")
-        return frame.drop(columns="_sort").reset_index(drop=True)
+        return trials_table(self.trials, [f"{self.grid_id}_model_{t.index + 1}"
+                                          for t in self.trials],
+                            sort_by=sort_by, decreasing=decreasing)

@@ -143,9 +143,14 @@ def split_user_config(user_config: Mapping[str, Any]) -> tuple[BatchSettings, di
 
 def _deployed_config(app_name: str) -> dict[str, Any]:
     """The declarative config Serve holds for ``app_name`` (from another process's deploy)."""
-    from ray.serve._private import api as serve_api
+    from ray.serve.context import _get_global_client
 
-    details = serve_api.serve_start().get_serve_details()
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        raise ValueError(f"no Serve instance runs on this Ray cluster, so there is no "
+                         f"application {app_name!r} to follow the promotion; connect to the "
+                         f"endpoint's cluster (--address), or drop --serve-app")
+    details = client.get_serve_details()
     app = (details.get("applications") or {}).get(app_name) or {}
     config = app.get("deployed_app_config")
     if not config:

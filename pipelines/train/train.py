@@ -15,6 +15,7 @@ import logging
 import math
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    started_at = time.time()
     if cfg.init_from is not None:
         cfg = resolve_init_from(cfg)
 
@@ -136,12 +138,14 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     result = dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
                                  class_weights=cfg.class_weights)
     if cfg.register and cfg.fold is None:
-        result = register_run(cfg, result, data.data_sha256)
+        result = register_run(cfg, result, data.data_sha256, started_at=started_at)
     return result
 
 
-def register_run(cfg: TrainConfig, result: TrainResult, data_sha256: str | None) -> TrainResult:
-    """Log the run to the tracking store and register its artifact as a new model version."""
+def register_run(cfg: TrainConfig, result: TrainResult, data_sha256: str | None, *,
+                 started_at: float | None = None) -> TrainResult:
+    """Log the run to the tracking store (its start: ``started_at``, epoch seconds) and register
+    its artifact as a new model version."""
     from pipelines import registry
     from seg_core.artifact import ARTIFACT_JSON
 
@@ -158,7 +162,7 @@ def register_run(cfg: TrainConfig, result: TrainResult, data_sha256: str | None)
             run_name=cfg.run_name, params=registry.flatten("", config_to_dict(cfg)),
             history=history, summary={k: result.metrics[k] for k in
                                       ("miou", "mdice", "pixel_accuracy")},
-            files=files, tags={"artifact_uri": result.artifact_uri,
+            files=files, started_at=started_at, tags={"artifact_uri": result.artifact_uri,
                                "weights_sha256": meta["weights_sha256"],
                                "data_sha256": data_sha256 or "", "rayseg.name": cfg.name,
                                "rayseg.version": cfg.version})

@@ -20,10 +20,13 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 from pipelines import storage
 from pipelines.config import TrainConfig
+
+if TYPE_CHECKING:
+    import pandas
 
 Strategy = Literal["Cartesian", "RandomDiscrete"]
 # A trial's driver only waits on its trainer; Tune refuses a trial that asks for nothing.
@@ -192,3 +195,72 @@ def _trial(config: dict[str, Any], configs: list[TrainConfig]) -> None:
                  "selected_epoch": result.selected_epoch, "artifact_uri": result.artifact_uri,
                  "registry_uri": result.registry_uri or "",
                  "train_seconds": time.perf_counter() - started})
+
+
+# get_grid(sort_by=...) / table names, H2O-style, -> the trial metric they sort on
+SORT_KEYS = {"miou": "final_miou", "mean_iou": "final_miou", "mdice": "final_mdice",
+             "pixel_accuracy": "final_pixel_accuracy", "val_miou": "val_miou",
+             "train_loss": "train_loss"}
+
+
+def trials_table(trials: Sequence[Trial], model_ids: Sequence[str], *, sort_by: str = "mIoU",
+                 decreasing: bool = True) -> "pandas.DataFrame":
+    """One row per trial: model id, parameters, mIoU / mDice (a stopped trial: its last val
+    mIoU), epochs, stopped early, seconds, registry URI; sorted on ``sort_by``, trials without
+    that figure last."""
+    import pandas
+
+    key = SORT_KEYS.get(sort_by.lower())
+    if key is None:
+        raise ValueError(f"sort_by must be one of {sorted(SORT_KEYS)}, got {sort_by!r}")
+    rows = []
+    for trial, model_id in zip(trials, model_ids):
+        row = {"model_id": model_id, **trial.params,
+               "mIoU": trial.metrics.get("final_miou", trial.metrics.get("val_miou")),
+               "mDice": trial.metrics.get("final_mdice"), "epochs": trial.epochs,
+               "stopped_early": trial.stopped_early, "seconds": round(trial.seconds, 1),
+               "model": trial.registry_uri, "_sort": trial.metrics.get(key)}
+        if trial.error:
+            row["error"] = trial.error
+        rows.append(row)
+    frame = pandas.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame = frame.sort_values("_sort", ascending=not decreasing, na_position="last")
+    return frame.drop(columns="_sort").reset_index(drop=True)
+
+
+def run_grid_yaml(config: Any, grid: Any, overrides: Sequence[str] = ()) -> str:
+    """``rayseg tune``: the base TrainConfig (YAML + ``--set``), one trial per combination of
+    the grid YAML's ``hyper_params`` (dotted keys); returns the printed table."""
+    import json
+    import uuid
+
+    import yaml
+
+    from pipelines.config import load_train_config
+
+    spec = yaml.safe_load(open(grid).read()) or {}
+    unknown = sorted(set(spec) - {"hyper_params", "search_criteria"})
+    if unknown or "hyper_params" not in spec:
+        raise ValueError(f"{grid}: expected hyper_params (and search_criteria), got keys "
+                         f"{sorted(spec)}")
+    criteria = SearchCriteria.from_mapping(spec.get("search_criteria"))
+    combos = combinations(spec["hyper_params"], criteria)
+    base = load_train_config(config, list(overrides))
+    grid_id = f"grid-{uuid.uuid4().hex[:8]}"
+    configs, model_ids = [], []
+    for index, combo in enumerate(combos):
+        model_id = f"{base.name}-{grid_id}-{index + 1}"
+        settings = [f"{k}={json.dumps(v)}" for k, v in combo.items()]
+        configs.append(load_train_config(config, [*overrides, *settings, f"name={model_id}"]))
+        model_ids.append(model_id)
+    trials = run_grid(configs, combos, criteria, name=grid_id,
+                      storage_path=base.storage.storage_path)
+    table = trials_table(trials, model_ids)
+    storage.write_bytes(storage.join_uri(base.storage.storage_path, grid_id, "grid.json"),
+                        json.dumps({"grid_id": grid_id, "hyper_params": spec["hyper_params"],
+                                    "search_criteria": dataclasses.asdict(criteria),
+                                    "trials": [dataclasses.asdict(t) for t in trials]},
+                                   indent=2, default=str).encode())
+    return table.to_string(index=False)

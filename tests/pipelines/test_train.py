@@ -148,6 +148,36 @@ def test_epochs_between_validations_are_recorded_without_val(ray_session, tiny_d
         _cfg(str(tiny_dataset), str(tmp_path), "val_fraction=0")
 
 
+def test_a_warm_start_with_another_class_count_keeps_all_but_the_head(
+        ray_session, tiny_dataset, tmp_path, capsys):
+    from pipelines.train.train import train
+    from seg_core.artifact import load_artifact, save_artifact
+    from seg_core.config import MaskSpec, ModelConfig, Preprocessing
+    from seg_core.model import UNet
+
+    torch.manual_seed(5)   # the "trained" 2-class model: same arch, other head
+    start = UNet(ModelConfig(in_channels=3, num_classes=2, depth=2, base_width=4))
+    save_artifact(tmp_path / "two_class", start, name="two", version="v1",
+                  mask_spec=MaskSpec(num_classes=2), preprocessing=Preprocessing())
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=1", "optim.lr=1e-4",
+               f"init_from={tmp_path / 'two_class'}")
+    result = train(cfg)
+    assert "head was re-initialised for 3 classes (the trained model had 2)" in \
+        capsys.readouterr().out
+    trained = load_artifact(result.artifact_uri).model.state_dict()
+    before = start.state_dict()
+    fresh = UNet(cfg.model).state_dict()
+    assert {k for k in trained if trained[k].shape != before[k].shape} == {"head.weight",
+                                                                           "head.bias"}
+    # the body started from the 2-class weights: one short epoch at a small lr stays near them,
+    # far nearer than a fresh initialisation is
+    convs = [k for k in trained if k.endswith("weight") and trained[k].dim() == 4
+             and not k.startswith("head.")]
+    moved = sum(float((trained[k] - before[k]).norm()) for k in convs)
+    apart = sum(float((fresh[k] - before[k]).norm()) for k in convs)
+    assert moved < 0.1 * apart, (moved, apart)
+
+
 def test_placement_settings_reach_ray_train(ray_session, tiny_dataset):
     from pipelines.train.train import scaling_config
 
