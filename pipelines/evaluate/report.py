@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.evaluate.overlays import render_overlays
-from pipelines.evaluate.report_html import write_html
+from pipelines.evaluate.report_html import _num, write_html
+from pipelines.evaluate.report_html import _with_ci as with_ci
 from seg_core.metrics import SCORES
 
 if TYPE_CHECKING:
@@ -96,15 +97,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _with_ci(value: float | None, interval: list[float | None] | None) -> str:
-    if not interval or interval[0] is None:
-        return _num(value)
-    return f"{_num(value)} [{_num(interval[0])}, {_num(interval[1])}]"
-
-
-def _num(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.4f}"
+    return with_ci(value, interval, "{value} [{low}, {high}]")
 
 
 def _strict(value: Any) -> Any:

@@ -228,10 +228,12 @@ def _svg_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii")
 
 
-def _with_ci(value: float | None, interval: Sequence[float | None] | None) -> str:
+def _with_ci(value: float | None, interval: Sequence[float | None] | None,
+             template: str = "{value} <small>[{low}, {high}]</small>") -> str:
+    """A score with its 95% interval; ``template`` places them (report.md has no ``<small>``)."""
     if not interval or interval[0] is None:
         return _num(value)
-    return f"{_num(value)} <small>[{_num(interval[0])}, {_num(interval[1])}]</small>"
+    return template.format(value=_num(value), low=_num(interval[0]), high=_num(interval[1]))
 
 
 def _num(value: Any) -> str:

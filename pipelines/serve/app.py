@@ -10,6 +10,8 @@ Routes (``route_prefix`` from the Serve config, ``/`` by default):
   log is too far behind storage, requests answer 503 with ``Retry-After`` (nothing is answered 200
   that is not in the log).
 - ``GET /v1/model``: the artifact's metadata and the serving settings.
+- ``GET /``: the page that segments a dropped image through ``POST /v1/segment``
+  (:mod:`pipelines.serve.page`; public, its requests carry the key).
 - ``GET /healthz``: 200 while the replica takes requests, 503 while the log refuses rows (never
   needs the key).
 
