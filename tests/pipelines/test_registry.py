@@ -115,10 +115,13 @@ def test_gate_promotes_then_keeps_a_worse_model_out(flow, tmp_path):
     assert kept.holder_metrics["miou"] > kept.candidate_metrics["miou"]
     report = (tmp_path / "p2" / "comparison.md").read_text()
     assert "not promoted" in report and "worse" in report
-    # and a gate it fails keeps it out on its own
-    failed = promote(flow["second"].registry_uri, alias="staging", gate="miou>=0.99",
-                     manifest=flow["manifest"], out=str(tmp_path / "p3"), log=lambda _: None)
-    assert not failed.promoted and any("fails" in r for r in failed.reasons)
+    # a gate it fails keeps it out on its own: of @champion, and of an alias nobody holds yet
+    for alias in ("champion", "staging"):
+        failed = promote(flow["second"].registry_uri, alias=alias, gate="miou>=0.99",
+                         manifest=flow["manifest"], out=str(tmp_path / f"p-{alias}"),
+                         log=lambda _: None)
+        assert not failed.promoted and any("fails" in r for r in failed.reasons)
+    assert registry.alias_holder(name, "champion").version == "1"
     assert registry.alias_holder(name, "staging") is None
 
 
