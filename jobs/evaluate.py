@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predictions", help="output URI of `rayseg predict`")
     parser.add_argument("--manifest", help="ground truth: manifest or prefix")
-    parser.add_argument("--model", help="predict with this artifact first, then score")
+    parser.add_argument("--model", help="predict with this model first, then score: an "
+                                            "artifact URI or models:/name@alias, models:/name/N")
     add_engine_option(parser, "with --model: ")
     parser.add_argument("--split", help="split to score (default val); 'all' for every row")
     parser.add_argument("--out", help="report directory (default rayseg_work/eval)")

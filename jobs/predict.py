@@ -42,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser, "PredictConfig keys, e.g. predict (jobs/configs/predict.yaml)")
-    parser.add_argument("--model", help="model artifact directory (local path or s3://)")
+    parser.add_argument("--model", help="model artifact directory (local path or s3://), or a "
+                                            "registry URI: models:/name@alias, models:/name/N")
     parser.add_argument("--input", help="manifest, images/ prefix, bare image prefix or shards")
     parser.add_argument("--out", help="output prefix for the Parquet files (local path or s3://)")
     parser.add_argument("--split", help="only rows of this split (manifests and shards)")

@@ -44,7 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "serve", help="real-time endpoint on Ray Serve (autoscaling, batching, Parquet log)",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model artifact directory (local or s3://)")
+    parser.add_argument("--model", required=True,
+                        help="model artifact directory (local or s3://), or a registry URI: "
+                             "models:/name@champion (promote --serve-app moves it), models:/name/N")
     add_config_options(parser, "a Serve config in `serve build` format (default: serve, i.e. "
                                "jobs/configs/serve.yaml); --set addresses its keys, e.g. "
                                "applications.0.args.flush_rows=64")
