@@ -246,9 +246,10 @@ def run_monitor(predictions: str, model: str, out: str, *, since: str | None = N
     spec = from_dict(MaskSpec, meta["mask_spec"])
     rows = read_predictions(predictions, since=since,
                             weights_sha256=meta.get("weights_sha256") if same_weights else None)
-    result = compare(baseline, row_features(rows, spec), thresholds)
+    live = row_features(rows, spec)
+    result = compare(baseline, live, thresholds)
     result.update(model=model, model_source=source, predictions=predictions, since=since)
-    write_report(result, baseline, row_features(rows, spec), out)
+    write_report(result, baseline, live, out)
     log(format_result(result, out))
     return result
 
