@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayseg-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean gpu-check gpu-check-data
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/rayseg bench all
+
+# The GPU path of seg_core (train step, Segmenter, checkpoints) on one device, with no Ray and no
+# network: it runs on a lent GPU machine that has torch alone.  GPU_CHECK_CPU=1 rehearses it on
+# the CPU with tiny sizes (make test does).  Writes gpu_check.json and gpu_check.md under $$OUT
+# (else rayseg_work/gpu_check/).  No install step: the machine may have no network.
+GPU_CHECK_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+
+gpu-check:
+	$(GPU_CHECK_PY) -m pipelines.bench.gpu_check
+
+# Copies the ISBI 2012 slices into .gpu_check_data/ (ignored by git) so that a device call can
+# carry them: ../shared does not travel.  The licence is non-commercial: never commit them.
+gpu-check-data:
+	mkdir -p .gpu_check_data
+	cp -r ../shared/data/isbi2012_em_membrane .gpu_check_data/
 
 clean:
 	rm -rf $(VENV) rayseg_work .pytest_cache

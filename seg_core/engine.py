@@ -9,9 +9,12 @@ Validation counts come from :func:`seg_core.metrics.mask_counts`.  A batch is a 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,9 +25,13 @@ Batch = Mapping[str, torch.Tensor]
 
 def build_optimizer(
     model: nn.Module, *, lr: float = 1e-3, weight_decay: float = 1e-4,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW; biases and norm parameters (all 1-D tensors) get no weight decay."""
+    """AdamW; biases and norm parameters (all 1-D tensors) get no weight decay.
+
+    ``fused=True`` runs the update as one fused kernel per parameter group (CUDA and CPU);
+    None leaves torch's default (the multi-tensor ``foreach`` path on CUDA).
+    """
     if lr <= 0 or weight_decay < 0:
         raise ValueError(
             f"build_optimizer: need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}"
@@ -36,7 +43,7 @@ def build_optimizer(
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)
 
 
 @dataclass(frozen=True)
@@ -162,3 +169,30 @@ def batch_to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, t
             f"{tuple(images.shape)} and {tuple(target.shape)}"
         )
     return images, target
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch and (when a GPU is present) CUDA generator states,
+    as plain data that ``torch.load(weights_only=True)`` reads back."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (the CUDA states only where a GPU is present).
+
+    Generator states are CPU byte tensors, so a state saved on a GPU machine loads on a CPU
+    one (``map_location="cpu"``) and back.
+    """
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.as_tensor(s).cpu() for s in state["cuda"]])

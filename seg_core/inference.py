@@ -42,6 +42,8 @@ from seg_core.model import UNet, channel_plan, fold_batchnorm
 from seg_core.runtimes import ENGINE_DIR, EngineKind, engine_runner, resolve_engine
 from seg_core.tiling import forward_pixels, padded_side, sliding_window_many, window_grid
 
+AmpSetting = torch.dtype | None | str   # a dtype, None (fp32), or "auto"
+
 # ITU-R BT.601 luma, the same weights PIL uses for RGB -> L.
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 # Flip dims of a C x H x W tensor used for test-time augmentation (each is its own inverse).
@@ -51,6 +53,10 @@ _ACTIVATION_WORDS = 16
 # What a prediction allocates beyond its counted buffers: allocator slack, kernel workspaces, the
 # window list.  Measured at 12-25 MiB on this CPU build (tests/seg_core/test_hostile_inputs.py).
 _OVERHEAD_BYTES = 32 * 2**20
+# Windows per forward on a CPU: 4 tiles of 256^2 ran 1.27x faster per image than 16 here.
+CPU_TILES_PER_FORWARD = 4
+# On a GPU, windows per forward are sized to this share of the free memory, at most the cap.
+_GPU_MEMORY_SHARE, _GPU_TILES_CAP = 0.5, 64
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,12 @@ def _to_unit_float(plane: np.ndarray, bit_depth: int | None = None) -> np.ndarra
 class Segmenter:
     """Loads nothing itself: wraps an :class:`Artifact` (or a live model) for prediction.
 
-    ``device`` is where the model runs; stitching and post-processing stay on the CPU.  The model
+    ``device`` is where the model runs, and where the windows are stitched and post-processed:
+    an image crosses to the device once, normalised, and its finished arrays come back.  The model
     is moved to ``device`` and put in eval mode (training loops call ``model.train()`` again).
+    ``amp_dtype`` runs the torch forward under autocast: ``"auto"`` (the default) is bfloat16 on
+    a CUDA device and float32 elsewhere; None is always float32.  ``batch_size`` is windows per
+    forward; None sizes it with :func:`tiles_per_forward` (4 on a CPU, from free memory on a GPU).
     Built from an artifact, it predicts with a copy whose BatchNorms are folded into the
     convolutions (:func:`seg_core.model.fold_batchnorm`); the artifact's model is left as it is.
     ``engine`` runs that copy with torch eager or a CPU graph engine (OpenVINO, ONNX Runtime,
@@ -130,10 +140,10 @@ class Segmenter:
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
-                 batch_size: int = 4, channels_last: bool = True,
-                 engine: EngineKind = "torch") -> None:
+                 batch_size: int | None = None, channels_last: bool = True,
+                 engine: EngineKind = "torch", amp_dtype: AmpSetting = "auto") -> None:
         self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
-                   batch_size, channels_last, fold_norms=True)
+                   batch_size, channels_last, fold_norms=True, amp_dtype=amp_dtype)
         self.engine = resolve_engine(engine, self.device, artifact.model_config.arch)
         if self.engine != "torch":
             if artifact.path is None:
@@ -146,8 +156,8 @@ class Segmenter:
     @classmethod
     def from_model(cls, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
                    device: str | torch.device = "cpu", tta: bool = False,
-                   batch_size: int = 4, channels_last: bool = False,
-                   fold_norms: bool = False) -> "Segmenter":
+                   batch_size: int | None = None, channels_last: bool = False,
+                   fold_norms: bool = False, amp_dtype: AmpSetting = "auto") -> "Segmenter":
         """A segmenter around a model in memory (validation during training uses this).
 
         ``channels_last`` defaults to off here: it re-lays the caller's parameters in place.
@@ -156,13 +166,13 @@ class Segmenter:
         """
         segmenter = cls.__new__(cls)
         segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size, channels_last,
-                        fold_norms=fold_norms)
+                        fold_norms=fold_norms, amp_dtype=amp_dtype)
         return segmenter
 
     def _init(self, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing,
-              device: str | torch.device, tta: bool, batch_size: int,
-              channels_last: bool, *, fold_norms: bool) -> None:
-        if batch_size < 1:
+              device: str | torch.device, tta: bool, batch_size: int | None,
+              channels_last: bool, *, fold_norms: bool, amp_dtype: AmpSetting) -> None:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
         if fold_norms:   # a copy with its BatchNorms folded into the convolutions
             model = fold_batchnorm(copy.deepcopy(model))
@@ -176,7 +186,9 @@ class Segmenter:
         self.preprocessing = preprocessing
         _warn_if_tile_exceeds_training(preprocessing)
         self.tta = tta
-        self.batch_size = batch_size
+        self.amp_dtype = resolve_amp(amp_dtype, self.device)
+        self.batch_size = batch_size or tiles_per_forward(
+            self.model, preprocessing.inference_window(), self.device, self.amp_dtype)
         self.engine = "torch"
         self._runner = self._torch_forward
 
@@ -236,11 +248,14 @@ class Segmenter:
 
     def memory_estimate(self, shape: Sequence[int]) -> int:
         """Bytes that predicting one image of ``shape`` (H x W or H x W x C) allocates at its
-        peak: see :func:`inference_bytes`."""
+        peak: see :func:`inference_bytes`.  On a GPU the forward's activations are device
+        memory, sized by :func:`tiles_per_forward`, so they are not counted against the budget
+        (an allocation that fails there is still a ``too_large`` :class:`InputError`)."""
+        on_cpu = self.device.type == "cpu"
         return inference_bytes(shape, self.preprocessing, num_classes=self.mask_spec.num_classes,
                                multilabel=self.mask_spec.multilabel, tta=self.tta,
                                batch_size=self.batch_size,
-                               activation_bytes=activation_bytes(self.model),
+                               activation_bytes=activation_bytes(self.model) if on_cpu else 0,
                                size_multiple=_size_multiple(self.model))
 
     def check_budget(self, shape: Sequence[int]) -> int:
@@ -274,7 +289,8 @@ class Segmenter:
     def _predict_group(self, arrays: list[np.ndarray]) -> list[Prediction]:
         """:meth:`predict_batch` on images already checked against the budget."""
         sizes = [array.shape[:2] for array in arrays]
-        inputs = [prepare_image(array, self.preprocessing) for array in arrays]  # C x h x w
+        inputs = [prepare_image(array, self.preprocessing).to(self.device, non_blocking=True)
+                  for array in arrays]  # C x h x w, on the device
         flips = _TTA_FLIPS if self.tta else ((),)
         summed: list[torch.Tensor | None] = []
         for dims in flips:  # average in probability space, each flip undone before adding
@@ -304,12 +320,12 @@ class Segmenter:
                                "such images are refused before they start")
 
     def _tiled_probs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Probabilities K x h x w per input, on the CPU; tiles run on ``self.device``."""
+        """Probabilities K x h x w per input; tiles run and are stitched on ``self.device``."""
         pre = self.preprocessing
         return sliding_window_many(self._predict_tiles, inputs, tile=pre.inference_window(),
                                    overlap=pre.tile_overlap, num_out=self.mask_spec.num_classes,
                                    batch_size=self.batch_size, blend="gaussian",
-                                   device=self.device)
+                                   device=self.device, stitch_device=self.device)
 
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """N x C x h x w windows on ``self.device`` -> N x K x h x w probabilities (same device)."""
@@ -320,7 +336,37 @@ class Segmenter:
         tiles = tiles.float()
         if self.channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
-        return self.model(tiles)
+        amp = self.amp_dtype
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = self.model(tiles)
+        return logits.float()   # probabilities, the stitch and post-processing are float32
+
+
+def resolve_amp(amp_dtype: AmpSetting, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp_dtype`` on ``device``: ``"auto"`` is bfloat16 on CUDA and
+    None (float32) elsewhere; a dtype or None is taken as given."""
+    if amp_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp_dtype is not None and not isinstance(amp_dtype, torch.dtype):
+        raise ValueError(f"Segmenter: amp_dtype must be 'auto', None or a torch dtype, got "
+                         f"{amp_dtype!r}")
+    return amp_dtype
+
+
+def tiles_per_forward(model: nn.Module, window: Sequence[int], device: str | torch.device,
+                      amp_dtype: torch.dtype | None = None) -> int:
+    """Windows per forward: :data:`CPU_TILES_PER_FORWARD` on a CPU; on a CUDA device as many
+    ``window``-sized windows as half of the free memory holds (at most 64), from the
+    :func:`activation_bytes` estimate (halved under 16-bit autocast), read when called."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_TILES_PER_FORWARD
+    free, _ = torch.cuda.mem_get_info(device)
+    multiple = _size_multiple(model)
+    pixels = padded_side(int(window[0]), multiple) * padded_side(int(window[1]), multiple)
+    per_window = pixels * activation_bytes(model) // (2 if amp_dtype in (torch.bfloat16,
+                                                                          torch.float16) else 1)
+    return int(max(1, min(_GPU_TILES_CAP, free * _GPU_MEMORY_SHARE // max(per_window, 1))))
 
 
 def _warn_if_tile_exceeds_training(pre: Preprocessing) -> None:
@@ -429,13 +475,14 @@ def _mib(size: int) -> str:
 
 
 def _finish(probs: torch.Tensor, multilabel: bool) -> Prediction:
-    """K x H x W probabilities -> Prediction with mask, confidence and normalised entropy.
+    """K x H x W probabilities (on any device) -> Prediction with mask, confidence and
+    normalised entropy, computed where ``probs`` is and returned as CPU arrays.
 
     Entropy and multi-label confidence go one class plane at a time, so the temporaries are
     a few H x W planes, never another K x H x W.  ``probs`` becomes the prediction's array.
     """
     num_classes = probs.shape[0]
-    entropy = torch.zeros(probs.shape[1:], dtype=torch.float32)
+    entropy = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
     if multilabel:
         mask = (probs >= 0.5).to(torch.uint8)
         confidence = torch.ones_like(entropy)
@@ -452,8 +499,9 @@ def _finish(probs: torch.Tensor, multilabel: bool) -> Prediction:
             for p in probs:
                 entropy -= torch.special.xlogy(p, p)
             entropy /= math.log(num_classes)
-    return Prediction(probs=probs.numpy(), mask=mask.numpy(), confidence=confidence.numpy(),
-                      entropy=entropy.clamp_(0.0, 1.0).numpy())
+    return Prediction(probs=probs.cpu().numpy(), mask=mask.cpu().numpy(),
+                      confidence=confidence.cpu().numpy(),
+                      entropy=entropy.clamp_(0.0, 1.0).cpu().numpy())
 
 
 def encode_prediction(pred: Prediction, spec: MaskSpec,

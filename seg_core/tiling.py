@@ -3,8 +3,9 @@
 The image is cut into ``tile_h x tile_w`` windows that overlap by ``overlap`` (a fraction of the
 window side), the last window on each axis is shifted back to end exactly at the border, and
 windows are run through ``predict_fn`` in batches on the *compute* device.  Results are stitched
-on the CPU, weighted by a Gaussian (centre-heavy, hides seams) or constant window, and divided by
-the summed weights.
+on the *stitch* device (the CPU unless told otherwise; a GPU caller stitches where the windows
+already are, so only the finished output crosses to the host), weighted by a Gaussian
+(centre-heavy, hides seams) or constant window, and divided by the summed weights.
 
 A window never extends past the image: on an axis where the image is shorter than the tile, the
 window shrinks to the image.  Nothing is padded here, so the network sees exactly the pixels it is
@@ -90,6 +91,7 @@ def sliding_window(
     *,
     device: torch.device | str | None = None,
     accum_dtype: torch.dtype = torch.float64,
+    stitch_device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Run ``predict_fn`` over overlapping tiles of ``image`` and blend the results.
 
@@ -104,15 +106,17 @@ def sliding_window(
         batch_size: windows per ``predict_fn`` call.
         blend: window weights, ``"gaussian"`` or ``"constant"``.
         device: compute device for ``predict_fn``; defaults to ``image.device``.
-        accum_dtype: CPU accumulation dtype of the stitch band.  float64 (the default)
+        accum_dtype: accumulation dtype of the stitch band.  float64 (the default)
             reproduces a float32 predictor bit-exactly; float32 halves the band's memory and
             is within a few float32 steps.
+        stitch_device: where the band and the output live (the CPU by default).
 
     Returns:
-        float32 ``num_out, H, W`` on the CPU.
+        float32 ``num_out, H, W`` on ``stitch_device``.
     """
     return sliding_window_many(predict_fn, [image], tile, overlap, num_out, batch_size, blend,
-                               device=device, accum_dtype=accum_dtype)[0]
+                               device=device, accum_dtype=accum_dtype,
+                               stitch_device=stitch_device)[0]
 
 
 def sliding_window_many(
@@ -126,6 +130,7 @@ def sliding_window_many(
     *,
     device: torch.device | str | None = None,
     accum_dtype: torch.dtype = torch.float64,
+    stitch_device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
     """:func:`sliding_window` over several images (any mix of sizes) in one stream of tiles.
 
@@ -139,13 +144,14 @@ def sliding_window_many(
     stitched (see :class:`_Stitch`), and ``batch_size`` windows.
 
     Returns:
-        one float32 ``num_out, H, W`` CPU tensor per image, in order.
+        one float32 ``num_out, H, W`` tensor per image on ``stitch_device``, in order.
     """
     prepared = [_validated_image(image, overlap, num_out, batch_size) for image in images]
     if not prepared:
         return []
     tile_h, tile_w = tile_shape(tile)
     device = prepared[0].device if device is None else torch.device(device)
+    stitch_device = torch.device(stitch_device)
     stitches: list[_Stitch] = []
     by_shape: dict[tuple[int, int], list[_Window]] = {}  # insertion order = first appearance
     for index, image in enumerate(prepared):
@@ -155,13 +161,13 @@ def sliding_window_many(
         cols = tile_starts(width, window[1], window_stride(window[1], overlap))
         along_x = window[1] * height < window[0] * width  # the smaller band (see _Stitch)
         stitches.append(_Stitch(num_out, height, width, window, len(rows) * len(cols),
-                                accum_dtype, along_x))
+                                accum_dtype, along_x, stitch_device))
         order = ((x, y) for x in cols for y in rows) if along_x else \
             ((x, y) for y in rows for x in cols)
         by_shape.setdefault(window, []).extend((index, y, x) for x, y in order)
     with torch.inference_mode():
         for (height, width), windows in by_shape.items():
-            weights = blend_weights((height, width), blend, dtype=accum_dtype)
+            weights = blend_weights((height, width), blend, dtype=accum_dtype).to(stitch_device)
             for chunk in _chunks(windows, batch_size):
                 batch = torch.stack([prepared[i][:, y:y + height, x:x + width]
                                      for i, y, x in chunk])
@@ -170,7 +176,7 @@ def sliding_window_many(
                 if tuple(pred.shape) != expected:
                     raise ValueError(f"sliding_window: predict_fn must return {expected}, got "
                                      f"{tuple(pred.shape)}")
-                pred = pred.to("cpu", accum_dtype)  # stitching happens on the CPU
+                pred = pred.to(stitch_device, accum_dtype)
                 for (i, y, x), window_pred in zip(chunk, pred):
                     stitches[i].add(window_pred, weights, y, x)
     return [stitch.out for stitch in stitches]
@@ -226,8 +232,9 @@ class _Stitch:
     """
 
     def __init__(self, num_out: int, height: int, width: int, window: tuple[int, int],
-                 windows: int, accum_dtype: torch.dtype, along_x: bool) -> None:
-        self.out = torch.empty(num_out, height, width, dtype=torch.float32)
+                 windows: int, accum_dtype: torch.dtype, along_x: bool,
+                 device: torch.device) -> None:
+        self.out = torch.empty(num_out, height, width, dtype=torch.float32, device=device)
         # The streamed axis is dim 1 of this view: rows, or columns of the transposed output.
         self._view = self.out.transpose(1, 2) if along_x else self.out
         self.depth = window[1] if along_x else window[0]  # band depth along the streamed axis
@@ -244,8 +251,10 @@ class _Stitch:
             pred, weights, y, x = pred.transpose(1, 2), weights.T, x, y
         if self.remaining == self.windows:
             num_out, _, across = self._view.shape
-            self.total = torch.zeros(num_out, self.depth, across, dtype=self.accum_dtype)
-            self.weight = torch.zeros(self.depth, across, dtype=self.accum_dtype)
+            self.total = torch.zeros(num_out, self.depth, across, dtype=self.accum_dtype,
+                                     device=self.out.device)
+            self.weight = torch.zeros(self.depth, across, dtype=self.accum_dtype,
+                                      device=self.out.device)
         if y > self.top:
             self._emit(y)
         depth, width = weights.shape

@@ -194,10 +194,28 @@ class Augment:
     rot90: bool = True
     ignore_index: int = 255
     seed: int = 0
+    elastic_px: float = 0.0   # > 0: :func:`elastic_deform` with this sigma, on the device
 
     def rng(self, epoch: int, rank: int = 0) -> np.random.Generator:
         """The generator for one epoch on one worker: new per epoch, fixed by the seed."""
         return np.random.default_rng([self.seed, epoch, rank])
+
+    def device_generator(self, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+        """The torch generator :meth:`on_device` draws from, on ``device``: like :meth:`rng`,
+        new per epoch and worker and fixed by the seed, so a resumed epoch deforms alike."""
+        seed = int(np.random.default_rng([self.seed, epoch, rank, 1]).integers(2**62))
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def on_device(self, images: torch.Tensor, masks: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of the preset that runs on the training device, after the batch is copied
+        there: the elastic deformation when ``elastic_px`` > 0 (else the batch unchanged)."""
+        if self.elastic_px <= 0:
+            return images, masks
+        images, moved = elastic_deform(images, masks, sigma_px=self.elastic_px,
+                                       generator=generator)
+        assert moved is not None
+        return images, moved
 
     def __call__(self, batch: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """Augment every row of a numpy batch; returns stacked ``image`` N,C,h,w and ``mask``."""
@@ -223,6 +241,92 @@ class Augment:
                              f"crop_size or preprocessing.resize so that a batch stacks")
         return {**batch, "image": np.stack(images), "mask": np.stack(masks)}
 
+
+
+# ------------------------------------------------------------------ batch transforms on tensors
+# These work on whole N-image batches on whatever device the tensors live on (the GPU in
+# training), so they cost no host time: the training loop applies them after the copy.
+
+
+def elastic_deform(images: torch.Tensor, masks: torch.Tensor | None, *, sigma_px: float = 10.0,
+                   grid: int = 3, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The U-Net paper's elastic deformation, one random field per image.
+
+    Random displacement vectors on a coarse ``grid x grid`` lattice spanning the image, drawn
+    from a Gaussian with ``sigma_px`` pixels standard deviation (the paper: 3 x 3, 10 px), are
+    interpolated bicubically to a per-pixel displacement field.  Output pixel ``(y, x)`` takes
+    the input at ``(y + dy, x + dx)``: images bilinearly, masks (``N, H, W`` class ids or
+    ``N, K, H, W`` labels, ``ignore_index`` included) by nearest neighbour, so mask values stay
+    values the mask had.  Positions outside the image are reflected back in.
+
+    ``images`` is ``N, C, H, W`` float; both keep their device and dtype.  ``generator`` must be
+    on the tensors' device; the same generator state gives the same deformation.
+    """
+    if images.ndim != 4 or (masks is not None and (masks.ndim not in (3, 4)
+                                                    or masks.shape[0] != images.shape[0]
+                                                    or masks.shape[-2:] != images.shape[-2:])):
+        raise ValueError(f"elastic_deform: expected images N,C,H,W and masks N,H,W or N,K,H,W "
+                         f"of the same N, H, W, got {tuple(images.shape)} and "
+                         f"{None if masks is None else tuple(masks.shape)}")
+    if grid < 2 or sigma_px < 0:
+        raise ValueError(f"elastic_deform: need grid >= 2 and sigma_px >= 0, got {grid}, "
+                         f"{sigma_px}")
+    n, _, height, width = images.shape
+    device = images.device
+    lattice = torch.randn((n, 2, grid, grid), generator=generator, device=device) * sigma_px
+    field = F.interpolate(lattice, size=(height, width), mode="bicubic", align_corners=True)
+    sample = torch.stack((  # where each output pixel reads from, as grid_sample's (x, y) in [-1, 1]
+        _unit_coords(width, device).view(1, 1, width) + field[:, 1] * _unit_step(width),
+        _unit_coords(height, device).view(1, height, 1) + field[:, 0] * _unit_step(height),
+    ), dim=-1)
+    warped = F.grid_sample(images.float(), sample, mode="bilinear", padding_mode="reflection",
+                           align_corners=True).to(images.dtype)
+    if masks is None:
+        return warped, None
+    planes = masks if masks.ndim == 4 else masks[:, None]
+    moved = F.grid_sample(planes.float(), sample, mode="nearest", padding_mode="reflection",
+                          align_corners=True).round_().to(masks.dtype)
+    return warped, moved if masks.ndim == 4 else moved[:, 0]
+
+
+def random_dihedral(images: torch.Tensor, masks: torch.Tensor | None, *,
+                    generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each image (and its mask) turned by a random multiple of 90 degrees and mirrored or not:
+    one of the 8 symmetries of the square, uniformly; non-square batches get flips only, so the
+    batch keeps its shape.  Same layouts and devices as :func:`elastic_deform`."""
+    n, square = images.shape[0], images.shape[-1] == images.shape[-2]
+    draws = torch.randint(0, 8 if square else 4, (n,), generator=generator,
+                          device=images.device).tolist()
+    out_images, out_masks = [], []
+    for i, draw in enumerate(draws):
+        image, mask = images[i], None if masks is None else masks[i]
+        if square:
+            turns, mirror = draw % 4, draw >= 4
+            image = torch.rot90(image, turns, dims=(-2, -1))
+            mask = None if mask is None else torch.rot90(mask, turns, dims=(-2, -1))
+            dims: tuple[int, ...] = (-1,) if mirror else ()
+        else:
+            dims = ((), (-1,), (-2,), (-2, -1))[draw]
+        if dims:
+            image = image.flip(dims)
+            mask = None if mask is None else mask.flip(dims)
+        out_images.append(image)
+        out_masks.append(mask)
+    stacked = None if masks is None else torch.stack(out_masks)
+    return torch.stack(out_images), stacked
+
+
+def _unit_coords(size: int, device: torch.device) -> torch.Tensor:
+    """Pixel centres ``0 .. size - 1`` as ``align_corners=True`` coordinates in ``[-1, 1]``."""
+    return torch.linspace(-1.0, 1.0, size, device=device) if size > 1 else \
+        torch.zeros(1, device=device)
+
+
+def _unit_step(size: int) -> float:
+    """One pixel in ``align_corners=True`` coordinates."""
+    return 2.0 / (size - 1) if size > 1 else 0.0
 
 
 def resize_mask_nearest(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:

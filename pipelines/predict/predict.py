@@ -156,10 +156,9 @@ class Predictor:
         torch.set_num_threads(threads)
         artifact = load_artifact(storage.fetch_artifact(model_uri, storage_options))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # Tiles per forward: 4 ran fastest per image on CPU (seg_core.inference.predict_batch);
-        # a GPU wants bigger batches (not measured here: no GPU was lent).
-        self.segmenter = Segmenter(artifact, device=device, tta=tta, engine=engine,
-                                   batch_size=16 if device == "cuda" else 4)
+        # Tiles per forward: 4 on a CPU (fastest per image measured), sized from free memory on a
+        # GPU, which also runs the forward in bf16 (seg_core.inference; `make gpu-check`).
+        self.segmenter = Segmenter(artifact, device=device, tta=tta, engine=engine)
         self.model_name, self.model_version = artifact.name, artifact.version
         self.weights_sha256 = artifact.weights_key
         self.with_confidence = with_confidence

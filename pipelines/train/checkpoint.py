@@ -36,6 +36,7 @@ from torch import nn
 
 from pipelines import storage
 from pipelines.config import TrainConfig
+from seg_core.engine import set_rng_state
 from seg_core.metrics import COUNT_NAMES, compute_metrics
 
 STATE_FILE = "state.pt"
@@ -222,23 +223,3 @@ def plain(value: Any) -> Any:
     return value
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's python, numpy, torch (and cuda) generator states."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

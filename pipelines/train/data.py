@@ -133,7 +133,7 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
         per_class, labelled, data_sha256 = class_pixel_counts(train, cfg.mask)
         class_pixels = tuple(int(c) for c in per_class)
     augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
-                      ignore_index=cfg.mask.ignore_index, seed=cfg.seed)
+                      ignore_index=cfg.mask.ignore_index, seed=cfg.seed, elastic_px=aug.elastic)
     val = val_shards(val, cfg.scaling.num_workers, materialize=cache)
     return TrainData(train=train, val=val, augment=augment, num_train=counts[0], cached=cache,
                      num_val=counts[1], source_sha256=digest, class_pixels=class_pixels,

@@ -22,13 +22,13 @@ import torch
 
 from pipelines.config import TrainConfig
 from pipelines.train.checkpoint import (NON_FINITE, STATE_FILE, LoopState, epoch_record,
-                                        load_newest_good, restore_state, rng_state, save_state,
+                                        load_newest_good, restore_state, save_state,
                                         seed_everything)
 from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_size,
                                          all_reduce_sum, any_worker, broadcast_buffers,
                                          gather_objects, maybe_fail, maybe_nan,
                                          maybe_pause)
-from seg_core.engine import build_optimizer, build_scheduler, train_step
+from seg_core.engine import build_optimizer, build_scheduler, rng_state, train_step
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
 from seg_core.losses import build_loss
@@ -212,6 +212,7 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
     totals = torch.zeros(3, dtype=torch.float64)
     steps, t0 = 0, time.perf_counter()
     rng = augment.rng(state.epoch, rank)  # per epoch and worker: reproducible on resume
+    device_rng = augment.device_generator(state.epoch, rank, parts.device)
     shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
                "local_shuffle_seed": (cfg.seed * 10_000 + state.epoch) * 1_000 + rank
                } if cfg.data.shuffle_buffer else {}
@@ -221,9 +222,10 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
         maybe_pause(cfg, state.step, rank, world)
         batch = augment(batch, rng)
         images = torch.from_numpy(batch["image"]).to(parts.device, non_blocking=True)
+        masks = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(parts.device)
+        images, masks = augment.on_device(images, masks, device_rng)   # elastic, if set
         if parts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        masks = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(parts.device)
         state.note_size(images.shape[-2:])
         loss = train_step(parts.model, {"image": images, "mask": masks}, parts.loss_fn,
                           parts.optimizer, scheduler=parts.scheduler, amp_dtype=parts.amp_dtype,

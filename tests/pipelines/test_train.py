@@ -270,8 +270,9 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(ray_session, tiny_dat
     from pipelines.train.train import train
 
     # 9 train rows / 2 workers -> 4 each -> 2 steps per epoch; rank 1 dies at step 3 (epoch 2).
+    # The elastic deformation runs in the loop on each worker's device (here the CPU).
     cfg = _cfg(str(tiny_dataset), str(tmp_path), "scaling.num_workers=2", "epochs=3",
-               "batch_size=2", "fail_at_step=3", "storage.max_failures=1")
+               "batch_size=2", "fail_at_step=3", "storage.max_failures=1", "augment.elastic=4")
     result = train(cfg)
     marker = tmp_path / "ray_results" / cfg.run_name / "fault_injected_at_step_3"
     assert marker.read_text().startswith("rank 1 killed at step 3")
@@ -334,7 +335,8 @@ def test_three_fold_cross_validation_returns_folds_and_a_summary(ray_session, ti
 def test_checkpoints_load_as_data_only(tmp_path):
     import os
 
-    from pipelines.train.checkpoint import load_state, plain, rng_state, set_rng_state
+    from pipelines.train.checkpoint import load_state, plain
+    from seg_core.engine import rng_state, set_rng_state
 
     class Payload:   # what a writer of the checkpoint prefix could plant
         def __reduce__(self):

@@ -140,6 +140,32 @@ def test_predict_batch_is_one_forward_and_matches_predict(tmp_path) -> None:
     assert segmenter.predict_batch([]) == []
 
 
+def test_bf16_autocast_is_opt_in_on_the_cpu_and_the_default_on_gpus(tmp_path) -> None:
+    from seg_core.inference import CPU_TILES_PER_FORWARD, resolve_amp, tiles_per_forward
+
+    assert resolve_amp("auto", torch.device("cpu")) is None
+    assert resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_amp(None, torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="amp_dtype"):
+        resolve_amp("fp16", torch.device("cpu"))
+    fp32 = small_unet_segmenter(tmp_path)
+    assert fp32.amp_dtype is None and fp32.batch_size == CPU_TILES_PER_FORWARD
+    assert tiles_per_forward(fp32.model, (256, 256), "cpu") == CPU_TILES_PER_FORWARD
+    bf16 = small_unet_segmenter(tmp_path, amp_dtype=torch.bfloat16)
+    seen: list[torch.dtype] = []
+    hook = bf16.model.stem[0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    image = RNG.integers(0, 256, (70, 45, 3), dtype=np.uint8)   # several windows, stitched
+    try:
+        low = bf16.predict(image)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}              # the convolutions ran in bf16
+    high = fp32.predict(image)
+    assert low.probs.dtype == np.float32                       # probabilities stay float32
+    np.testing.assert_allclose(low.probs, high.probs, atol=0.05)
+    assert np.mean(low.mask == high.mask) > 0.95
+
+
 def test_channels_last_matches_nchw(tmp_path) -> None:
     image = RNG.integers(0, 256, (45, 38, 3), dtype=np.uint8)
     nhwc = small_unet_segmenter(tmp_path, channels_last=True)

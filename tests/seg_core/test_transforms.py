@@ -169,3 +169,91 @@ def test_augment_is_seeded_per_epoch_and_crops_with_ignore_padding():
     padded = Augment(crop_size=8, hflip=False, vflip=False, rot90=False)(batch, aug.rng(0))
     assert padded["mask"].shape == (2, 8, 8) and (padded["mask"] == 255).sum() == 2 * (64 - 36)
     assert set(np.unique(padded["image"][padded["mask"][:, None].repeat(3, 1) == 255])) == {0.0}
+
+
+# ------------------------------------------------------------------ batch transforms on tensors
+
+
+def _ramps(n: int, height: int, width: int):
+    """Images whose two channels are each pixel's own y and x: a warped image reads back, at
+    every pixel, the source position it sampled (bilinear interpolation of a ramp is exact)."""
+    import torch
+
+    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float32),
+                            torch.arange(width, dtype=torch.float32), indexing="ij")
+    return torch.stack([yy, xx])[None].repeat(n, 1, 1, 1)
+
+
+def test_elastic_deform_moves_pixels_by_the_drawn_lattice_and_keeps_masks_aligned():
+    import torch
+
+    from seg_core.transforms import elastic_deform
+
+    n, height, width, sigma = 64, 61, 83, 4.0   # odd sides: the lattice centre is a pixel
+    seed = torch.Generator().manual_seed(7)
+    lattice = torch.randn((n, 2, 3, 3), generator=torch.Generator().manual_seed(7)) * sigma
+    warped, _ = elastic_deform(_ramps(n, height, width), None, sigma_px=sigma, generator=seed)
+    displacement = warped - _ramps(n, height, width)          # where each pixel read from
+    centre = displacement[:, :, height // 2, width // 2]      # the lattice's middle node
+    assert torch.allclose(centre, lattice[:, :, 1, 1], atol=1e-3)
+    assert 0.7 * sigma < float(centre.std()) < 1.3 * sigma
+    # smooth: neighbouring pixels move alike (a 3x3 lattice over ~70 px, not per-pixel noise)
+    assert float((displacement[..., 1:] - displacement[..., :-1]).abs().max()) < sigma
+
+    # image and mask move together: an image that is the mask x 100 still thresholds to it
+    masks = torch.zeros(n, height, width, dtype=torch.uint8)
+    masks[:, 10:40, 20:70] = 1
+    masks[:, 45:, :8] = 255                                   # ignore pixels survive as they are
+    images = (masks.float() * 100)[:, None]
+    again = torch.Generator().manual_seed(3)
+    moved_images, moved_masks = elastic_deform(images, masks, sigma_px=sigma, generator=again)
+    assert moved_masks.dtype == torch.uint8 and set(moved_masks.unique().tolist()) <= {0, 1, 255}
+    values = torch.tensor([0.0, 100.0, 25500.0])              # the image's three levels
+    nearest = values[(moved_images[:, 0, ..., None] - values).abs().argmin(-1)]
+    agree = (nearest == moved_masks.float() * 100).float().mean()
+    assert agree > 0.99                  # bilinear vs nearest differ on a few boundary pixels
+    assert not torch.equal(moved_masks, masks)
+
+
+def test_elastic_deform_is_seeded_handles_multilabel_and_is_identity_at_zero():
+    import torch
+
+    from seg_core.transforms import Augment, elastic_deform
+
+    images = torch.randn(3, 2, 40, 56)
+    labels = (torch.rand(3, 4, 40, 56) > 0.5).to(torch.uint8)   # multi-label N,K,H,W
+    same = [elastic_deform(images, labels, sigma_px=6.0,
+                           generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(same[0][0], same[1][0]) and torch.equal(same[0][1], same[1][1])
+    assert same[0][1].shape == labels.shape
+    still, kept = elastic_deform(images, labels, sigma_px=0.0)
+    assert torch.allclose(still, images, atol=1e-4) and torch.equal(kept, labels)
+    with pytest.raises(ValueError, match="same N, H, W"):
+        elastic_deform(images, labels[:, :, :20])
+
+    # the training preset: seeded per epoch and worker, off unless elastic_px > 0
+    augment = Augment(elastic_px=5.0, seed=3)
+    masks = labels[:, 0].long()
+    runs = [augment.on_device(images, masks, augment.device_generator(2, 1, images.device))
+            for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    other = augment.on_device(images, masks, augment.device_generator(3, 1, images.device))
+    assert not torch.equal(runs[0][0], other[0])
+    plain = Augment()
+    assert plain.on_device(images, masks, plain.device_generator(0, 0, images.device))[0] is images
+
+
+def test_random_dihedral_draws_all_eight_symmetries_with_masks_aligned():
+    import torch
+
+    from seg_core.transforms import random_dihedral
+
+    base = torch.arange(36, dtype=torch.float32).view(1, 1, 6, 6).repeat(64, 1, 1, 1)
+    images, masks = random_dihedral(base, base[:, 0].long(),
+                                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images[:, 0].long(), masks)
+    seen = {tuple(image.flatten().tolist()) for image in images[:, 0]}
+    assert len(seen) == 8
+    wide = torch.arange(24, dtype=torch.float32).view(1, 1, 4, 6).repeat(16, 1, 1, 1)
+    flipped, _ = random_dihedral(wide, None, generator=torch.Generator().manual_seed(0))
+    assert flipped.shape == wide.shape                       # not square: flips only
