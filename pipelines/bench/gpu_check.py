@@ -83,6 +83,7 @@ class Sizes:
     isbi_width: int = 32
     isbi_batch: int = 8
     isbi_budget_s: float = 240.0
+    isbi_min_steps: int = 0               # CPU: at least this many, however slow the box
     isbi_crop: tuple[int, int] | None = None   # CPU: train on crops of the slices
     infer_images: int = 48                # 512^2 images per timed predict_batch
     mosaic: int = 4                       # big image = mosaic x mosaic slices (2048^2)
@@ -92,7 +93,7 @@ class Sizes:
 
 CPU_SIZES = Sizes(side=64, widths=(8,), probe_batches=(2, 4), memory_share=1.0, warmup=1,
                   repeats=2, compile_backend="aot_eager", isbi_width=8, isbi_batch=4,
-                  isbi_budget_s=12.0, isbi_crop=(64, 96), infer_images=4, mosaic=2,
+                  isbi_budget_s=12.0, isbi_min_steps=80, isbi_crop=(64, 96), infer_images=4, mosaic=2,
                   big_images=1, timed_calls=1)
 
 
@@ -325,6 +326,8 @@ def train_isbi(data: dict[str, list], sizes: Sizes, device: torch.device,
         for start in range(0, n - batch + 1, batch):
             now = time.perf_counter()
             progress = 0.0 if started is None else (now - started) / sizes.isbi_budget_s
+            if sizes.isbi_min_steps:   # the budget and the step floor must both be spent
+                progress = min(progress, steps / sizes.isbi_min_steps)
             if progress >= 1.0:
                 break
             for group in optimizer.param_groups:

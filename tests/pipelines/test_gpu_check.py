@@ -29,8 +29,8 @@ def test_the_gpu_check_rehearses_on_the_cpu_and_reports_every_part(tmp_path):
     assert best["variant"] in variants and best["batch"] in (2, 4)
 
     isbi = result["isbi"]   # generated membranes: learnt well past the 'all cell' answer
-    assert isbi["steps"] > 20 and isbi["final_loss"] < 0.8
-    assert isbi["fp32"]["pixel_accuracy"] > 0.9 and isbi["fp32"]["membrane_dice"] > 0.6
+    assert isbi["steps"] >= 80 and isbi["final_loss"] < 0.8    # 80: the rehearsal's step floor
+    assert isbi["fp32"]["membrane_dice"] > 0.6                 # 'all cell' scores 0 here
 
     inference = result["inference"]
     assert inference["tiles_per_forward"] == 4 and inference["amp"] == "None"
