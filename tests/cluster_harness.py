@@ -63,6 +63,10 @@ class Harness:
         import ray
         from ray.cluster_utils import Cluster
 
+        from pipelines.raycluster import TRAIN_POLL_ENV
+
+        for name, value in TRAIN_POLL_ENV.items():   # as ensure_ray does for a local cluster
+            os.environ.setdefault(name, value)
         self.work, self.prefix, self.started = work, prefix, time.monotonic()
         self.evidence: dict[str, Any] = {"steps": {}}
         self.jobs: list[Job] = []
