@@ -19,12 +19,13 @@ MLflow is imported lazily (about 1.2 s) by the calls that need it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from pipelines import storage
 
@@ -89,7 +90,32 @@ def _client_for(uri: str) -> "MlflowClient":
         logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)          # both stores open (and create or
+        client.search_registered_models(max_results=1)    # upgrade their tables) right here
+    return client
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens a SQLite store: an exclusive lock on ``<db>.lock``.
+
+    Processes that open a new store together race MLflow's table creation; two Tune trials
+    registering at once failed with alembic's "Online migration expected to match one row"
+    and "table _alembic_tmp_tags already exists".  A server store needs no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    with open(uri[len("sqlite:///"):] + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def client() -> "MlflowClient":

@@ -270,3 +270,24 @@ def test_monitor_flags_the_shifted_classes_and_passes_an_unshifted_set(flow, tmp
     assert shifted["drift"]
     assert (tmp_path / "shifted" / "report.md").read_text().count("**yes**") >= 1
     assert (tmp_path / "shifted" / "drift.png").stat().st_size > 0
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_it(tmp_path):
+    """Two Tune trials registering at once on a fresh store raced MLflow's table creation
+    (alembic: "Online migration expected to match one row"); each process now creates or
+    upgrades the tables under a lock beside the database."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    code = ("import sys; from pipelines import registry; "
+            "c = registry._client_for(sys.argv[1]); "
+            "c.create_registered_model(sys.argv[2]); print('ok')")
+    runs = [subprocess.Popen([sys.executable, "-c", code, uri, f"model-{i}"],
+                             cwd=Path(__file__).resolve().parents[2], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
+    outcomes = [run.communicate(timeout=180) for run in runs]
+    for run, (out, err) in zip(runs, outcomes):
+        assert run.returncode == 0 and out.strip() == "ok", err[-2000:]
+    names = {m.name for m in registry._client_for(uri).search_registered_models()}
+    assert names == {f"model-{i}" for i in range(4)}
