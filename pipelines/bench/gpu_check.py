@@ -49,7 +49,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines.bench.common import synchronize
+from pipelines.bench.common import peak_rss_mb, synchronize, time_fn
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
@@ -196,14 +196,8 @@ def time_steps(step: Callable[[], Any], device: torch.device, sizes: Sizes) -> d
     step()
     synchronize(device)
     first = time.perf_counter() - start
-    for _ in range(sizes.warmup):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(sizes.repeats):
-        step()
-    synchronize(device)
-    return {"first_s": first, "step_s": (time.perf_counter() - start) / sizes.repeats}
+    return {"first_s": first,
+            "step_s": time_fn(step, device, warmup=sizes.warmup, repeats=sizes.repeats)}
 
 
 def probe_batch(width: int, sizes: Sizes, device: torch.device) -> tuple[int, list[dict]]:
@@ -391,13 +385,8 @@ def plain_masks(model: UNet, arrays: list[np.ndarray], batch: int, device: torch
 
 
 def per_second(fn: Callable[[], Any], count: int, device: torch.device, calls: int) -> float:
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    synchronize(device)
-    return count * calls / (time.perf_counter() - start)
+    """Images per second of ``fn`` (which handles ``count`` images), after one warm call."""
+    return count / time_fn(fn, device, warmup=1, repeats=calls)
 
 
 def inference(artifact_dir: Path, model: UNet, val: list, sizes: Sizes,
@@ -510,9 +499,7 @@ def reset_peak(device: torch.device) -> None:
 def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return int(peak_rss_mb() * 2**20)   # the CPU rehearsal: the process's peak RSS
 
 
 def release(device: torch.device) -> None:

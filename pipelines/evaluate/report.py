@@ -15,8 +15,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.evaluate.overlays import render_overlays
-from pipelines.evaluate.report_html import _num, write_html
-from pipelines.evaluate.report_html import _with_ci as with_ci
+from pipelines.evaluate.report_html import score_text, score_with_interval, write_html
 from seg_core.metrics import SCORES
 
 if TYPE_CHECKING:
@@ -64,11 +63,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     for reduction, metrics in report["metrics"].items():
         cells = [_with_ci(metrics[s], ci.get(reduction, {}).get(s)) for s in SCORES]
         lines.append(f"| {reduction} | " + " | ".join(cells)
-                     + f" | {_num(metrics['pixel_accuracy'])} |")
+                     + f" | {score_text(metrics['pixel_accuracy'])} |")
     reported = report.get("training_reported", {}).get("reported", {})
     if reported:
         lines += ["", "Training reported on its validation split: " + ", ".join(
-            f"{k} {_num(v)} (here {_num(v + report['training_reported']['difference'][k])}, "
+            f"{k} {score_text(v)} (here {score_text(v + report['training_reported']['difference'][k])}, "
             f"difference {report['training_reported']['difference'][k]:+.4f})"
             for k, v in reported.items())]
     per_class = report["metrics"]["macro"]["per_class"]
@@ -77,7 +76,7 @@ def render_markdown(report: dict[str, Any]) -> str:
               "|---|" + "---|" * (len(SCORES) + 1)]
     for k, name in enumerate(names):
         cells = [_with_ci(per_class[s][k], ci.get("per_class", {}).get(s, [None] * (k + 1))[k])
-                 if s in ("iou", "dice") else _num(per_class[s][k]) for s in SCORES]
+                 if s in ("iou", "dice") else score_text(per_class[s][k]) for s in SCORES]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_class['support'][k]} |")
     if report["confusion_matrix"] is not None:
         lines += ["", "## Confusion matrix (rows: truth, columns: prediction; pixels)", "",
@@ -88,7 +87,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for group in ("best", "worst"):
         lines += ["", f"## {group.capitalize()} images (per-image mean IoU)", ""]
         for image_id, path in zip(report[group], report["overlays"].get(group, [])):
-            lines.append(f"- `{image_id}`: {_num(report['per_image_iou'][image_id])} "
+            lines.append(f"- `{image_id}`: {score_text(report['per_image_iou'][image_id])} "
                          f"([overlay]({path}))")
     if report["unscored"]:
         lines += ["", "## Unscored", ""]
@@ -97,7 +96,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _with_ci(value: float | None, interval: list[float | None] | None) -> str:
-    return with_ci(value, interval, "{value} [{low}, {high}]")
+    return score_with_interval(value, interval, "{value} [{low}, {high}]")
 
 
 def _strict(value: Any) -> Any:

@@ -147,8 +147,8 @@ def _facts(report: Mapping[str, Any]) -> str:
 
 def _metrics_table(report: Mapping[str, Any]) -> str:
     ci = report["bootstrap_ci95"]
-    rows = [[reduction, *(_with_ci(metrics[s], ci.get(reduction, {}).get(s)) for s in SCORES),
-             _num(metrics["pixel_accuracy"])]
+    rows = [[reduction, *(score_with_interval(metrics[s], ci.get(reduction, {}).get(s)) for s in SCORES),
+             score_text(metrics["pixel_accuracy"])]
             for reduction, metrics in report["metrics"].items()]
     return _table("metrics", ["reduction", *SCORES, "pixel accuracy"], rows)
 
@@ -158,7 +158,7 @@ def _training_note(report: Mapping[str, Any]) -> str:
     reported = compared.get("reported") or {}
     if not reported:
         return ""
-    text = ", ".join(f"{k} {_num(v)} (here {_num(v + compared['difference'][k])}, difference "
+    text = ", ".join(f"{k} {score_text(v)} (here {score_text(v + compared['difference'][k])}, difference "
                      f"{compared['difference'][k]:+.4f})" for k, v in reported.items())
     return f"<p>Training reported on its validation split: {_e(text)}</p>"
 
@@ -168,8 +168,8 @@ def _per_class_table(report: Mapping[str, Any]) -> str:
     ci = report["bootstrap_ci95"].get("per_class", {})
     rows = []
     for k, name in enumerate(report["class_names"]):
-        cells = [_with_ci(per_class[s][k], (ci.get(s) or [None] * (k + 1))[k])
-                 if s in ("iou", "dice") else _num(per_class[s][k]) for s in SCORES]
+        cells = [score_with_interval(per_class[s][k], (ci.get(s) or [None] * (k + 1))[k])
+                 if s in ("iou", "dice") else score_text(per_class[s][k]) for s in SCORES]
         rows.append([_e(name), *cells, str(per_class["support"][k])])
     return _table("per-class", ["class", *SCORES, "support (pixels)"], rows)
 
@@ -200,7 +200,7 @@ def _overlays(report: Mapping[str, Any], group: str, pngs: Sequence[bytes]) -> s
         return '<p class="note">None (the evaluation was asked for no overlays).</p>'
     figures = []
     for image_id, png in zip(report[group], pngs):
-        score = _num(report["per_image_iou"].get(image_id))
+        score = score_text(report["per_image_iou"].get(image_id))
         figures.append(f'<figure class="overlay {group}">'
                        f'{_img(_png_uri(png), f"{group}: {image_id}")}<figcaption>'
                        f"<code>{_e(image_id)}</code>: mean IoU {score} (image | truth | "
@@ -228,15 +228,15 @@ def _svg_uri(svg: str) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii")
 
 
-def _with_ci(value: float | None, interval: Sequence[float | None] | None,
+def score_with_interval(value: float | None, interval: Sequence[float | None] | None,
              template: str = "{value} <small>[{low}, {high}]</small>") -> str:
     """A score with its 95% interval; ``template`` places them (report.md has no ``<small>``)."""
     if not interval or interval[0] is None:
-        return _num(value)
-    return template.format(value=_num(value), low=_num(interval[0]), high=_num(interval[1]))
+        return score_text(value)
+    return template.format(value=score_text(value), low=score_text(interval[0]), high=score_text(interval[1]))
 
 
-def _num(value: Any) -> str:
+def score_text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.4f}"
