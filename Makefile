@@ -36,7 +36,7 @@ bench: $(STAMP)
 GPU_CHECK_PY := $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
 
 gpu-check:
-	$(GPU_CHECK_PY) -m pipelines.bench.gpu_check
+	$(GPU_CHECK_PY) -m benchmarks.gpu_check
 
 # Copies the ISBI 2012 slices into .gpu_check_data/ (ignored by git) so that a device call can
 # carry them: ../shared does not travel.  The licence is non-commercial: never commit them.

@@ -472,7 +472,9 @@ class BenchConfig:
     """Everything ``rayseg bench`` needs."""
 
     names: tuple[str, ...] = ("all",)   # benchmark names, or all
-    quick: bool = False                 # smaller sizes, noisier figures
+    quick: bool = False                 # a smoke run on tiny sizes (the figures are noise)
+    isbi_dir: str | None = None         # ISBI 2012 folder; None: $RAYSEG_ISBI_DIR or ../shared
+    work_dir: str = "rayseg_work/bench"  # generated data and the models benchmarks keep
 
 
 @dataclass(frozen=True)

@@ -327,6 +327,12 @@ class Segmenter:
                                    batch_size=self.batch_size, blend="gaussian",
                                    device=self.device, stitch_device=self.device)
 
+    def logits(self, tiles: torch.Tensor) -> torch.Tensor:
+        """N x C x h x w prepared windows on ``self.device`` -> N x K x h x w float32 logits:
+        the forward exactly as this segmenter runs it (its engine, its folded network, its
+        layout and autocast), without tiling or post-processing."""
+        return self._runner(tiles)
+
     def _predict_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """N x C x h x w windows on ``self.device`` -> N x K x h x w probabilities (same device)."""
         logits = self._runner(tiles)

@@ -1,25 +1,119 @@
-"""`rayseg bench` prints one machine-readable JSON line per benchmark, then a table."""
+"""`rayseg bench` runs every benchmark of the checkout; each prints one JSON line whose ratio follows
+from its own figures, measured against a baseline in the same run.
+
+The whole set runs once with ``--quick`` (tiny sizes, a few seconds each) on data the test makes:
+a stand-in for the ISBI slices (generated membranes laid out like the real set).  That executes
+every benchmark's figure and ratio code, which the full runs only do on a quiet machine.
+"""
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from pipelines.bench import BENCHMARKS, format_table, run_one
+from benchmarks import BENCHMARKS, REQUIRED_KEYS, check_ratio, format_table, ratio_of, run_one
+
+REPO = Path(__file__).resolve().parents[2]
+
+# What each benchmark's ratio must be made of: (figure over or minus figure), as its goal says.
+RATIO_FROM = {
+    "cpu_ceiling": ["torch_gemm_gflops", "/", "numpy_gemm_gflops"],
+    "unet_step": ["channels_last_gflops", "/", "ceiling_gflops"],
+    "ingest": ["rayseg_shards_pairs_per_s", "/", "plain_shards_pairs_per_s"],
+    "lite_unet": ["lite_infer_images_per_s_64", "/", "unet_infer_images_per_s_64"],
+    "train_overhead": ["ray_step_ms", "/", "plain_step_ms"],
+    "train_throughput": ["rayseg_images_per_s", "/", "plain_images_per_s"],
+    "batch_predict": ["rayseg_images_per_s_64px_shards_24", "/",
+                      "plain_images_per_s_64px_shards_24"],
+    "quality_isbi": ["rayseg_membrane_dice", "/", "plain_membrane_dice"],
+    "warm_start_isbi": ["B_warm_membrane_dice", "/", "B_scratch_membrane_dice"],
+    "quality_multiclass": ["rayseg_miou", "/", "plain_miou"],
+    "quality_multilabel": ["rayseg_miou", "/", "plain_miou"],
+}
 
 
-def test_bench_prints_json_line_with_required_keys_then_table():
-    out = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "bench", "cpu_ceiling", "--quick"],
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout
-    first = json.loads(out.splitlines()[0])
-    assert first["bench"] == "cpu_ceiling"
-    assert {"figures", "ratio", "goal"} <= set(first)
-    assert first["figures"]["torch_gemm_gflops"] > 0
-    assert "bench" in out.splitlines()[1] and "ratio" in out.splitlines()[1], "table header follows"
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory) -> dict[str, dict]:
+    """``rayseg bench all --quick`` on a generated ISBI stand-in: {bench: its JSON line}."""
+    from benchmarks.gpu_check.data import write_membrane_dataset
+
+    tmp = tmp_path_factory.mktemp("bench")
+    isbi = write_membrane_dataset(tmp / "isbi", train=6, val=2, size=(64, 96))
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "bench", "all", "--quick", "--isbi-dir", str(isbi),
+         "--work-dir", str(tmp / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "RAYSEG_VERBOSE": "0"})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"bench"')]
+    assert "bench" in done.stdout and "ratio" in done.stdout   # the table follows the lines
+    return {line["bench"]: line for line in lines}
+
+
+@pytest.mark.slow
+def test_every_benchmark_runs_quick_and_its_ratio_follows_from_its_figures(quick_results):
+    assert list(quick_results) == list(BENCHMARKS)   # all of them, in the documented order
+    for name, line in quick_results.items():
+        assert set(REQUIRED_KEYS) <= set(line), name
+        assert line["quick"] is True and len(line["load_average_before_after"]) == 2, name
+        check_ratio(line)   # ratio == figures[a] op figures[b], to 3 decimals
+        a, op, b = line["ratio_from"]
+        assert a in line["figures"] and b in line["figures"], name
+        assert math.isfinite(line["figures"][b]) and line["figures"][b] != 0, name
+        if name in RATIO_FROM:
+            assert line["ratio_from"] == RATIO_FROM[name], name
+        assert not any("baseline" == k for k in line["figures"]), name   # no constant baseline
+
+
+@pytest.mark.slow
+def test_baselines_run_the_same_work_in_the_same_run(quick_results):
+    predict = quick_results["batch_predict"]["figures"]
+    for key in [k for k in predict if k.startswith("rayseg_images_per_s_")]:
+        run = key.removeprefix("rayseg_images_per_s_")
+        # both loops, timed before and after each run, and both ratios per run
+        assert predict[f"plain_images_per_s_{run}"] > 0 and predict[f"user_loop_images_per_s_{run}"] > 0
+        assert predict[f"ratio_{run}"] == pytest.approx(
+            predict[key] / predict[f"plain_images_per_s_{run}"], abs=2e-3)
+        assert predict[f"vs_user_loop_{run}"] == pytest.approx(
+            predict[key] / predict[f"user_loop_images_per_s_{run}"], abs=2e-3)
+    assert predict["engine_64px_loose_24_auto"] == "openvino"   # auto: OpenVINO on CPUs
+
+    serve = quick_results["serve"]
+    modes = serve["figures"]["ingress_modes"]
+    assert modes[0] == "proxy_actor"   # what a fresh clone without haproxy gets, always measured
+    for mode in modes:
+        figures = serve["figures"]
+        assert figures[f"{mode}_overhead_c1_p50_ms"] == pytest.approx(
+            figures[f"{mode}_c1_p50_ms"] - figures[f"{mode}_bare_forward_ms"], abs=0.02)
+    assert serve["ratio_from"] == [f"{modes[-1]}_c1_p50_ms", "-", f"{modes[-1]}_bare_forward_ms"]
+    assert serve["figures"]["goal_sink_rows_equal_answered"] is True   # both ingress paths
+    assert serve["figures"]["goal_zero_errors"] is True
+
+    ingest = quick_results["ingest"]["figures"]
+    assert ingest["loose_ratio"] == pytest.approx(
+        ingest["rayseg_loose_pairs_per_s"] / ingest["plain_loose_pairs_per_s"], abs=2e-3)
+
+    for name in ("quality_multiclass", "quality_multilabel"):
+        figures = quick_results[name]["figures"]
+        assert figures["epochs_planned"] >= 1 and figures["plain_steps_per_round"][0] > 0
+        assert figures["rayseg_steps_per_round"][0] > 0
+    isbi = quick_results["quality_isbi"]["figures"]
+    assert isbi["plain_steps"] > 0 and isbi["rayseg_steps"] > 0
+    assert 0 <= isbi["plain_pixel_accuracy"] <= 1 and 0 <= isbi["rayseg_pixel_accuracy"] <= 1
+    engines = quick_results["engines"]["figures"]
+    assert engines["unet_trained"] is True   # it found the model quality_isbi kept
+
+
+def test_check_ratio_refuses_a_ratio_that_does_not_follow_from_the_figures():
+    line = {"bench": "x", "figures": {"a": 3.0, "b": 2.0}, "ratio": 1.2, "ratio_from": ["a", "/", "b"]}
+    with pytest.raises(ValueError, match="is not a / b"):
+        check_ratio(line)
+    assert ratio_of(line["figures"], ["a", "-", "b"]) == 1.0
 
 
 def test_unknown_benchmark_lists_the_valid_names():
@@ -31,8 +125,35 @@ def test_every_registered_benchmark_has_a_module():
     import importlib
 
     for name in BENCHMARKS:
-        module = importlib.import_module(f"pipelines.bench.{name}")
+        module = importlib.import_module(f"benchmarks.{name}")
         assert callable(module.run), name
+
+
+def test_no_baseline_is_a_constant():
+    found = subprocess.run(["grep", "-rn", "BASELINE = {", "benchmarks", "pipelines"], cwd=REPO,
+                           capture_output=True, text=True)
+    assert found.stdout == ""
+
+
+def test_bench_says_what_to_do_outside_a_checkout():
+    probe = ("import sys; sys.modules['benchmarks'] = None; from jobs.cli import main; "
+             "sys.exit(main(['bench', 'cpu_ceiling']))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0
+    assert "checkout" in done.stderr and "make install" in done.stderr
+
+
+def test_the_benchmarks_are_not_part_of_the_wheel():
+    import tomllib
+
+    from setuptools import find_packages
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    packaged = find_packages(str(REPO), include=include)
+    assert "pipelines" in packaged and not any(p.startswith("benchmarks") for p in packaged)
+    assert not any(p.startswith("tests") for p in packaged)
 
 
 def test_table_shows_each_figure():

@@ -19,7 +19,7 @@ import tifffile
 from pipelines import storage
 from pipelines.predict import store
 from seg_core.codecs import encode_png
-from seg_core.sample_data import write_bad_files
+from tests.hostile_files import write_bad_files
 from tests.pipelines.test_serve import make_artifact, post
 from tests.pipelines.test_serve_durability import replica_pid
 from tests.serve_util import endpoint_config, free_port

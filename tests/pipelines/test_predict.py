@@ -21,7 +21,7 @@ from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.inference import Segmenter
 from seg_core.model import UNet
-from seg_core.sample_data import write_bad_files
+from tests.hostile_files import write_bad_files
 
 # Planted bad inputs and the quarantine reason each must get.
 BAD = {"corrupt": "corrupt", "truncated": "truncated", "empty": "empty_file",

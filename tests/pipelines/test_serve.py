@@ -34,7 +34,8 @@ from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.inference import Segmenter, encode_prediction
 from seg_core.model import UNet
-from seg_core.sample_data import png_bomb, render_sample
+from tests.hostile_files import png_bomb
+from seg_core.sample_data import render_sample
 from tests.serve_util import endpoint_config, free_port
 
 FORMATS = ("png", "jpeg", "bmp", "gif", "tiff")

@@ -15,7 +15,8 @@ from pipelines.records import QUARANTINE_SCHEMA
 from pipelines.validate import summarize_pairs, validate
 from seg_core.codecs import decode_mask, encode_png
 from seg_core.config import MaskSpec
-from seg_core.sample_data import generate_sample_dataset, render_sample, write_bad_files
+from tests.hostile_files import write_bad_files
+from seg_core.sample_data import generate_sample_dataset, render_sample
 
 SPEC3 = MaskSpec(num_classes=3)
 

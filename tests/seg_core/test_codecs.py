@@ -12,7 +12,7 @@ from seg_core.codecs import (IGNORE_PART, decode_image, decode_mask, encode_png,
                              sniff_format, unpack_mask_parts)
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
-from seg_core.sample_data import png_bomb
+from tests.hostile_files import png_bomb
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (17, 23, 3), dtype=np.uint8)

@@ -10,7 +10,8 @@ import pytest
 from seg_core.codecs import decode_image, decode_mask, sniff_format
 from seg_core.config import MaskSpec
 from seg_core.errors import InputError
-from seg_core.sample_data import generate_sample_dataset, write_bad_files
+from tests.hostile_files import write_bad_files
+from seg_core.sample_data import generate_sample_dataset
 
 
 def read_rows(manifest: Path) -> list[dict[str, str]]:

@@ -1,6 +1,6 @@
 """``engines``: the same ISBI model through every inference engine, same run.
 
-For the base U-Net that ``rayseg bench quality_isbi`` trained (``rayseg_work/isbi_model/``) and,
+For the base U-Net that ``rayseg bench quality_isbi`` trained (``<work dir>/isbi_model/``) and,
 when present, the lite one (``isbi_model_lite/``, from ``RAYSEG_ISBI_ARCH=lite``): each engine of
 ``seg_core.runtimes`` (torch eager, OpenVINO, ONNX Runtime and both INT8 graphs) runs through
 ``seg_core.inference.Segmenter``, the code predict, serve and evaluate run.
@@ -21,7 +21,6 @@ directory; the data never enters the repo.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.bench.common import time_interleaved
-from pipelines.bench.quality_isbi import DATA, MEMBRANE, model_dir_for
+from benchmarks import Context
+from benchmarks.common import result, time_interleaved
+from benchmarks.quality_isbi import MEMBRANE, model_dir_for
 
 ENGINES = ("torch", "openvino", "onnxruntime", "openvino-int8", "onnxruntime-int8")
 CROP = 256
@@ -39,16 +39,14 @@ PARITY = 0.999          # float engines: share of pixels that agree with torch
 INT8_DICE_LOSS = 0.005  # INT8 engines: membrane Dice they may lose
 
 
-def load_isbi() -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+def load_isbi(ctx: Context) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     """(train images, [(val image, val mask)]) from the fixed manifest split."""
     from PIL import Image
 
-    manifest = DATA / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: ISBI 2012 data not found; set RAYSEG_ISBI_DIR")
+    manifest = ctx.isbi_manifest()
     with open(manifest, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    read = lambda name: np.asarray(Image.open(DATA / name))  # noqa: E731
+    read = lambda name: np.asarray(Image.open(manifest.parent / name))  # noqa: E731
     train = [read(r["image"]) for r in rows if r["split"] == "train"]
     val = [(read(r["image"]), read(r["mask"])) for r in rows if r["split"] == "val"]
     return train, val
@@ -61,7 +59,8 @@ def membrane_dice(masks: list[np.ndarray], val: list[tuple[np.ndarray, np.ndarra
     return 2 * inter / max(total, 1)
 
 
-def model_copy(arch: str, work: Path, train: list[np.ndarray]) -> tuple[Path, bool]:
+def model_copy(ctx: Context, arch: str, work: Path, train: list[np.ndarray]
+               ) -> tuple[Path, bool]:
     """A private copy of the ISBI model of ``arch`` with calibration images; (dir, trained).
     Without a trained model, a freshly initialised one (timed only)."""
     from seg_core.artifact import load_artifact, save_artifact
@@ -70,7 +69,7 @@ def model_copy(arch: str, work: Path, train: list[np.ndarray]) -> tuple[Path, bo
     from seg_core.model import UNet
     from seg_core.runtimes import CALIBRATION_FILE, save_calibration
 
-    source, target = model_dir_for(arch), work / arch
+    source, target = model_dir_for(ctx, arch), work / arch
     if (source / "artifact.json").is_file():
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("engines"))
         trained = True
@@ -121,14 +120,13 @@ def shipped(engine: str, figures: dict[str, float], torch_figures: dict[str, flo
     return figures["agreement"] >= PARITY
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    repeats = 5 if quick else 20
-    train, val = load_isbi()
-    figures: dict[str, Any] = {"threads": torch.get_num_threads(),
-                               "load_avg_1m": round(os.getloadavg()[0], 2), "crop": CROP}
+def run(ctx: Context) -> dict[str, Any]:
+    repeats = 2 if ctx.quick else 20
+    train, val = load_isbi(ctx)
+    figures: dict[str, Any] = {"threads": torch.get_num_threads(), "crop": CROP}
     with tempfile.TemporaryDirectory(prefix="rayseg-engines-") as work:
         for arch in ("unet", "lite"):
-            directory, trained = model_copy(arch, Path(work), train)
+            directory, trained = model_copy(ctx, arch, Path(work), train)
             results = measure(directory, val, trained, repeats)
             figures[f"{arch}_trained"] = trained
             for engine, values in results.items():
@@ -137,11 +135,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                 if engine != "torch":
                     figures[f"{arch}_{engine}_shipped"] = shipped(engine, values,
                                                                  results["torch"])
-    torch_rate = figures["unet_torch_images_per_s"]
     fastest = max((e for e in ENGINES if e != "torch" and figures[f"unet_{e}_shipped"]),
                   key=lambda e: figures[f"unet_{e}_images_per_s"], default="torch")
     figures["fastest_shipped"] = fastest
-    ratio = figures[f"unet_{fastest}_images_per_s"] / torch_rate
-    return {"bench": "engines", "figures": figures, "ratio": round(ratio, 3),
-            "goal": ">=2.0 (fastest shipped engine / torch eager images/s, base U-Net, 256²; "
-                    "float masks agree >= 99.9%, INT8 loses <= 0.005 Dice)"}
+    return result("engines", figures, (f"unet_{fastest}_images_per_s", "/",
+                                       "unet_torch_images_per_s"),
+                  ">=2.0 (fastest shipped engine / torch eager images/s, same folded network, "
+                  "base U-Net, 256²; float masks agree >= 99.9%, INT8 loses <= 0.005 Dice)")

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipelines.bench.common import bench_device, time_interleaved
-from pipelines.bench.cpu_ceiling import measure_ceiling
+from benchmarks import Context
+from benchmarks.common import bench_device, result, time_interleaved
+from benchmarks.cpu_ceiling import measure_ceiling
 from seg_core.config import ModelConfig
 from seg_core.engine import build_optimizer, train_step
 from seg_core.losses import build_loss
@@ -69,13 +70,14 @@ def measure_layout(cfg: ModelConfig, *, batch_size: int, size: int, channels_las
     return {"seg_s": seconds["seg"], "plain_s": seconds["plain"], "flops": float(flops)}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
+    quick = ctx.quick
     device, amp = bench_device()
     cfg = ModelConfig(in_channels=3, num_classes=3, depth=4, base_width=16)
-    batch_size, size = (4, 128) if quick else (8, 256)
+    batch_size, size = (2, 64) if quick else (8, 256)
     if device.type == "cuda":
         batch_size, size = 16, 512
-    repeats = 3 if quick else 5
+    repeats = 2 if quick else 5
     ceiling = measure_ceiling(quick)["torch_gemm_gflops"]
     figures: dict[str, Any] = {"device": device.type, "batch": batch_size, "size": size,
                                "base_width": cfg.base_width, "ceiling_gflops": round(ceiling, 2)}
@@ -91,5 +93,6 @@ def run(quick: bool = False) -> dict[str, Any]:
         figures[f"{layout}_plain_images_per_s"] = round(batch_size / m["plain_s"], 2)
         figures[f"{layout}_seg_over_plain_time"] = round(m["seg_s"] / m["plain_s"], 3)
     figures["step_gflop"] = round(m["flops"] / 1e9, 2)
-    return {"bench": "unet_step", "figures": figures,
-            "ratio": round(fractions["channels_last"], 3), "goal": ">=0.8 (channels_last)"}
+    return result("unet_step", figures, ("channels_last_gflops", "/", "ceiling_gflops"),
+                  ">=0.8 (channels_last step GFLOP/s / the GEMM ceiling; seg_core step vs a "
+                  "plain PyTorch step beside it)")

@@ -22,18 +22,36 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-BATCH, CROP = 8, 256
-TRAIN, VAL = 64, 8
-SIDES = (256, 640)
+from benchmarks import REPO, Context
+from benchmarks.common import result
 
 
-def make_dataset(root: Path, seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class Case:
+    """The data and training sizes of one run."""
+
+    batch: int = 8
+    crop: int = 256
+    train: int = 64
+    val: int = 8
+    sides: tuple[int, int] = (256, 640)
+    budget_s: float = 240.0
+    base_width: int = 16
+    depth: int = 4
+
+
+QUICK = Case(batch=2, crop=32, train=6, val=2, sides=(40, 72), budget_s=6.0, base_width=8,
+             depth=2)
+
+
+def make_dataset(root: Path, case: Case, seed: int = 0) -> Path:
     """PNG images + masks of mixed sizes and a manifest with a train/val split."""
     from PIL import Image
 
@@ -43,36 +61,37 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     rows = []
-    for index in range(TRAIN + VAL):
-        size = (int(rng.integers(*SIDES)), int(rng.integers(*SIDES)))
+    for index in range(case.train + case.val):
+        size = (int(rng.integers(*case.sides)), int(rng.integers(*case.sides)))
         image, mask = render_sample(index, size=size, shape_types=2, seed=seed)
         Image.fromarray(image).save(root / "images" / f"{index:03d}.png")
         Image.fromarray(mask).save(root / "masks" / f"{index:03d}.png")
         rows.append({"image": f"images/{index:03d}.png", "mask": f"masks/{index:03d}.png",
-                     "split": "train" if index < TRAIN else "val"})
+                     "split": "train" if index < case.train else "val"})
     return write_manifest_csv(root / "manifest.csv", rows)
 
 
-def rayseg_run(manifest: Path, work: Path, budget_s: float) -> dict[str, Any]:
+def rayseg_run(manifest: Path, work: Path, case: Case) -> dict[str, Any]:
     """``rayseg train`` with default settings on ``manifest`` for ``budget_s`` seconds."""
     from pipelines.config import load_train_config
     from pipelines.train.train import train
 
-    cfg = load_train_config("jobs/configs/train_sample.yaml", [
+    cfg = load_train_config(REPO / "jobs/configs/train_sample.yaml", [
         f"data.manifest={manifest}", f"storage.storage_path={work}/runs",
-        f"storage.models_uri={work}/models", "model.depth=4", "model.base_width=16",
-        f"augment.crop={CROP}", f"batch_size={BATCH}", "epochs=1000", "stopping_rounds=null",
-        f"max_runtime_secs={budget_s}", "log_every_steps=0"])
+        f"storage.models_uri={work}/models", f"model.depth={case.depth}",
+        f"model.base_width={case.base_width}", f"augment.crop={case.crop}",
+        f"batch_size={case.batch}", "epochs=1000", "stopping_rounds=null",
+        f"max_runtime_secs={case.budget_s}", "log_every_steps=0"])
     started = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - started
     steps = result.history[-1]["step"]
-    return {"images_per_s": round(steps * BATCH / wall, 2), "wall_s": round(wall, 1),
+    return {"images_per_s": round(steps * case.batch / wall, 2), "wall_s": round(wall, 1),
             "steps": steps, "epochs": len(result.history),
             "val_miou": round(result.metrics["miou"], 4)}
 
 
-def plain_run(manifest: Path, budget_s: float) -> dict[str, Any]:
+def plain_run(manifest: Path, case: Case) -> dict[str, Any]:
     """The user's own loop: decode once, random crops, every core, validate at the end."""
     import csv
 
@@ -92,19 +111,21 @@ def plain_run(manifest: Path, budget_s: float) -> dict[str, Any]:
                     for r in rows if r["split"] == split] for split in ("train", "val")}
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=4, base_width=16))
+    model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=case.depth,
+                             base_width=case.base_width))
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, lr=3e-3, weight_decay=1e-4)
     loss_fn = build_loss("dice_ce", num_classes=3)
     steps = 0
-    while time.perf_counter() - started < budget_s:
+    crop = case.crop
+    while time.perf_counter() - started < case.budget_s:
         images, masks = [], []
-        for index in rng.integers(0, len(data["train"]), BATCH):
+        for index in rng.integers(0, len(data["train"]), case.batch):
             image, mask = data["train"][index]
-            top = rng.integers(0, image.shape[0] - CROP + 1)
-            left = rng.integers(0, image.shape[1] - CROP + 1)
-            image, mask = image[top:top + CROP, left:left + CROP], mask[top:top + CROP,
-                                                                         left:left + CROP]
+            top = rng.integers(0, image.shape[0] - crop + 1)
+            left = rng.integers(0, image.shape[1] - crop + 1)
+            image, mask = image[top:top + crop, left:left + crop], mask[top:top + crop,
+                                                                         left:left + crop]
             if rng.random() < 0.5:
                 image, mask = image[:, ::-1], mask[:, ::-1]
             if rng.random() < 0.5:
@@ -123,28 +144,29 @@ def plain_run(manifest: Path, budget_s: float) -> dict[str, Any]:
         for image, _ in data["val"]:
             model(torch.from_numpy(image.transpose(2, 0, 1).copy())[None])
     wall = time.perf_counter() - started
-    return {"images_per_s": round(steps * BATCH / wall, 2), "wall_s": round(wall, 1),
+    return {"images_per_s": round(steps * case.batch / wall, 2), "wall_s": round(wall, 1),
             "steps": steps, "threads": torch.get_num_threads()}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
 
-    budget = 45.0 if quick else 240.0
+    case = QUICK if ctx.quick else Case()
     ensure_ray()
     threads = torch.get_num_threads()
     try:
         with tempfile.TemporaryDirectory(prefix="rayseg-throughput-") as tmp:
-            manifest = make_dataset(Path(tmp) / "data")
-            plain = plain_run(manifest, budget)
-            ours = rayseg_run(manifest, Path(tmp), budget)
+            manifest = make_dataset(Path(tmp) / "data", case)
+            plain = plain_run(manifest, case)
+            ours = rayseg_run(manifest, Path(tmp), case)
     finally:
         torch.set_num_threads(threads)
-    figures = {"load_avg_1m": round(os.getloadavg()[0], 2), "budget_s": budget,
-               "images": f"{TRAIN} train + {VAL} val, sides {SIDES[0]}..{SIDES[1] - 1}, PNG",
-               "crop": CROP, "batch": BATCH, "model": "UNet depth 4, base 16, 3 classes",
+    figures = {"budget_s": case.budget_s,
+               "images": f"{case.train} train + {case.val} val, sides {case.sides[0]}.."
+                         f"{case.sides[1] - 1}, PNG",
+               "crop": case.crop, "batch": case.batch,
+               "model": f"UNet depth {case.depth}, base {case.base_width}, 3 classes",
                **{f"rayseg_{k}": v for k, v in ours.items()},
                **{f"plain_{k}": v for k, v in plain.items()}}
-    return {"bench": "train_throughput", "figures": figures,
-            "ratio": round(ours["images_per_s"] / plain["images_per_s"], 3),
-            "goal": ">=0.9 (rayseg train / plain loop images/s, whole wall)"}
+    return result("train_throughput", figures, ("rayseg_images_per_s", "/", "plain_images_per_s"),
+                  ">=0.9 (rayseg train / plain loop images/s, whole wall)")

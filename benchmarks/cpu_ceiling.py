@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.bench.common import bench_device, time_fn
+from benchmarks import Context
+from benchmarks.common import bench_device, result, time_fn
 
 
 def gemm_gflops(n: int, *, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
@@ -32,25 +33,21 @@ def measure_ceiling(quick: bool = False) -> dict[str, float]:
     """Best GEMM GFLOP/s over a few sizes (fp32 on CPU, bf16 on GPU)."""
     device, amp = bench_device()
     dtype = amp or torch.float32
-    sizes = (512, 1024) if quick else (1024, 2048)
+    sizes = (128, 256) if quick else (1024, 2048)
     best = max(gemm_gflops(n, device=device, dtype=dtype) for n in sizes)
     return {"torch_gemm_gflops": best, "n": float(sizes[-1])}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     device, amp = bench_device()
-    ceiling = measure_ceiling(quick)
-    n = 1024 if quick else 2048
+    ceiling = measure_ceiling(ctx.quick)
+    n = 256 if ctx.quick else 2048
     figures: dict[str, Any] = {
         "device": device.type,
         "dtype": str(amp or torch.float32).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "torch_gemm_gflops": round(ceiling["torch_gemm_gflops"], 2),
+        "numpy_gemm_gflops": round(numpy_gflops(n), 2),   # fp32 on the host CPU
     }
-    if device.type == "cpu":
-        figures["numpy_gemm_gflops"] = round(numpy_gflops(n), 2)
-        ratio = figures["torch_gemm_gflops"] / figures["numpy_gemm_gflops"]
-    else:
-        ratio = 1.0
-    return {"bench": "cpu_ceiling", "figures": figures, "ratio": round(ratio, 3),
-            "goal": "info (torch/numpy GEMM)"}
+    return result("cpu_ceiling", figures, ("torch_gemm_gflops", "/", "numpy_gemm_gflops"),
+                  "info (torch / numpy fp32 GEMM on the CPU; bf16 torch GEMM on a GPU)")

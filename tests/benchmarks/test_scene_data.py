@@ -9,7 +9,7 @@ import pytest
 
 from seg_core.codecs import decode_image, decode_mask
 from seg_core.config import MaskSpec
-from seg_core.scene_data import (CLASS_NAMES, IGNORE_INDEX, RARE_CLASSES, ROAD, SKY, WALL, WATER,
+from benchmarks.scene_data import (CLASS_NAMES, IGNORE_INDEX, RARE_CLASSES, ROAD, SKY, WALL, WATER,
                                  generate_scene_dataset, render_scene)
 
 SIZE = (120, 184)

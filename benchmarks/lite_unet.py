@@ -13,13 +13,13 @@ fewer FLOPs.  ISBI membrane Dice in a fixed budget comes from ``quality_isbi`` w
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines.bench.common import time_interleaved
+from benchmarks import Context
+from benchmarks.common import result, time_interleaved
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.engine import build_optimizer, train_step
 from seg_core.inference import Segmenter
@@ -60,11 +60,11 @@ def training_seconds(batch_size: int, size: int, repeats: int) -> dict[str, floa
     return time_interleaved(steps, torch.device("cpu"), warmup=2, repeats=repeats)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    repeats = 3 if quick else 10
-    sizes = (256,) if quick else (256, 512)
-    figures: dict[str, Any] = {"threads": torch.get_num_threads(),
-                               "load_avg_1m": round(os.getloadavg()[0], 2)}
+def run(ctx: Context) -> dict[str, Any]:
+    quick = ctx.quick
+    repeats = 2 if quick else 10
+    sizes = (64,) if quick else (256, 512)
+    figures: dict[str, Any] = {"threads": torch.get_num_threads()}
     for arch in ARCHS:
         model = UNet(_config(arch))
         figures[f"{arch}_params"] = sum(p.numel() for p in model.parameters())
@@ -74,11 +74,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         seconds = inference_seconds(size, repeats)
         for arch in ARCHS:
             figures[f"{arch}_infer_images_per_s_{size}"] = round(1 / seconds[arch], 2)
-    seconds = training_seconds(8, 128 if quick else 256, max(3, repeats // 2))
+    batch = 2 if quick else 8
+    seconds = training_seconds(batch, 64 if quick else 256, max(2, repeats // 2))
     for arch in ARCHS:
-        figures[f"{arch}_train_images_per_s"] = round(8 / seconds[arch], 2)
+        figures[f"{arch}_train_images_per_s"] = round(batch / seconds[arch], 2)
     figures["flops_ratio_256"] = round(figures["unet_gflops_256"] / figures["lite_gflops_256"], 2)
     size = sizes[-1]
-    ratio = figures[f"lite_infer_images_per_s_{size}"] / figures[f"unet_infer_images_per_s_{size}"]
-    return {"bench": "lite_unet", "figures": figures, "ratio": round(ratio, 3),
-            "goal": f">=2.0 (lite / base inference images/s at {size}², >=3x fewer FLOPs)"}
+    return result("lite_unet", figures, (f"lite_infer_images_per_s_{size}", "/",
+                                         f"unet_infer_images_per_s_{size}"),
+                  f">=2.0 (lite / base inference images/s at {size}², >=3x fewer FLOPs)")
