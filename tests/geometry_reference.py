@@ -79,38 +79,50 @@ def train_position_model(*, steps: int = 160, seed: int = 0) -> UNet:
     return model.eval()
 
 
+def _activate(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    return logits.sigmoid() if multilabel else logits.softmax(dim=1)
+
+
 @torch.no_grad()
 def reference_resized(model: UNet, image: np.ndarray,
-                      train_size: tuple[int, int] = TRAIN_SIZE) -> torch.Tensor:
-    """K x H x W: one forward at the training size, probabilities upsampled to the input size."""
-    probs = model(to_input(image, train_size)).softmax(dim=1)
+                      train_size: tuple[int, int] = TRAIN_SIZE, *,
+                      multilabel: bool = False) -> torch.Tensor:
+    """K x H x W: one forward at the training size, probabilities (softmax, or sigmoids for a
+    multi-label model) upsampled to the input size."""
+    probs = _activate(model(to_input(image, train_size)), multilabel)
     return F.interpolate(probs, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
 
 
 @torch.no_grad()
-def reference_windows(model: UNet, image: np.ndarray, window: int,
-                      overlap: float = 0.25) -> torch.Tensor:
-    """K x H x W: Gaussian-blended (sigma = window / 8) sliding windows of ``window`` pixels."""
+def reference_windows(model: UNet, image: np.ndarray, window: int | tuple[int, int],
+                      overlap: float = 0.25, *, multilabel: bool = False) -> torch.Tensor:
+    """K x H x W: Gaussian-blended sliding windows of ``window`` pixels (a side, or (h, w)),
+    each at most the image's side; sigma = an eighth of the window's side on each axis; the
+    last window along an axis ends at the image's edge."""
     x = to_input(image, None)[0]
     _, height, width = x.shape
-    stride = max(1, int(window * (1 - overlap)))
+    wants = (window, window) if isinstance(window, int) else tuple(window)
+    win_h, win_w = min(wants[0], height), min(wants[1], width)
 
-    def starts(length: int) -> list[int]:
-        found = list(range(0, max(length - window, 0) + 1, stride))
-        return found if found[-1] + window >= length else found + [length - window]
+    def starts(length: int, side: int) -> list[int]:
+        stride = max(1, int(side * (1 - overlap)))
+        found = list(range(0, length - side + 1, stride))
+        return found if found[-1] + side >= length else found + [length - side]
 
-    centre, sigma = (window - 1) / 2, window / 8
-    axis = torch.tensor([math.exp(-0.5 * ((i - centre) / sigma) ** 2) for i in range(window)],
-                        dtype=torch.float64)
-    weight = torch.outer(axis, axis)
+    def gaussian(side: int) -> torch.Tensor:
+        centre, sigma = (side - 1) / 2, side / 8
+        return torch.tensor([math.exp(-0.5 * ((i - centre) / sigma) ** 2) for i in range(side)],
+                            dtype=torch.float64)
+
+    weight = torch.outer(gaussian(win_h), gaussian(win_w))
     total = torch.zeros(NUM_CLASSES, height, width, dtype=torch.float64)
     weight_sum = torch.zeros(height, width, dtype=torch.float64)
-    for y in starts(height):
-        for x0 in starts(width):
-            crop = x[None, :, y:y + window, x0:x0 + window]
-            probs = model(crop).softmax(dim=1)[0].double()
-            total[:, y:y + window, x0:x0 + window] += probs * weight
-            weight_sum[y:y + window, x0:x0 + window] += weight
+    for y in starts(height, win_h):
+        for x0 in starts(width, win_w):
+            crop = x[None, :, y:y + win_h, x0:x0 + win_w]
+            probs = _activate(model(crop), multilabel)[0].double()
+            total[:, y:y + win_h, x0:x0 + win_w] += probs * weight
+            weight_sum[y:y + win_h, x0:x0 + win_w] += weight
     return (total / weight_sum).float()
 
 

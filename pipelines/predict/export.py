@@ -4,11 +4,12 @@ The exported graph is the bare network: ``N x C x H x W`` float input, already n
 way the artifact's ``preprocessing`` says, logits out.  Tiling, resizing and softmax stay with
 the caller (or with :class:`seg_core.inference.Segmenter`).  The trace is taken at the artifact's
 inference window (its training geometry) rounded up to a multiple of ``2**depth``, so the graph
-holds no padding branch and accepts any H, W that are multiples of ``2**depth``.
+holds no padding branch and accepts any H, W that are multiples of ``2**depth``.  ONNX graphs
+come from :func:`seg_core.runtimes.export_onnx`, the exporter the inference engines use (dynamic
+batch, height and width; ``onnx`` is a dependency).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Literal
@@ -28,9 +29,6 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
 
     if format not in ("torchscript", "onnx"):
         raise ValueError(f"export: format must be 'torchscript' or 'onnx', got {format!r}")
-    if format == "onnx" and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript")):
-        raise RuntimeError("ONNX export needs the onnx exporter packages, which are not "
-                           "installed: pip install onnx onnxscript  (or use format='torchscript')")
     from pipelines.registry import resolve_source
 
     local = fetch_artifact(resolve_source(artifact_uri))
@@ -50,9 +48,9 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
         meta = json.dumps(read_artifact_meta(local))
         torch.jit.save(traced, str(target), _extra_files={"artifact.json": meta})
     else:
-        torch.onnx.export(model, (example,), str(target), input_names=["image"],
-                          output_names=["logits"], dynamo=True,
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        from seg_core.runtimes import export_onnx
+
+        export_onnx(model, target)
     return str(target)
 
 

@@ -270,8 +270,12 @@ def test_save_load_round_trip_and_torchscript_export(trained, predictions, tmp_p
     extra = {"artifact.json": ""}
     torch.jit.load(path, _extra_files=extra)
     assert json.loads(extra["artifact.json"])["name"] == "api_test"
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match="pip install onnx onnxscript"):
-            loaded.export("onnx")
+    import onnxruntime
+
+    graph = onnxruntime.InferenceSession(loaded.export("onnx", path=str(tmp_path / "unet.onnx")),
+                                         providers=["CPUExecutionProvider"])
+    for side in (48, 32):                       # dynamic height and width, batch of two
+        x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+        with torch.no_grad():
+            np.testing.assert_allclose(graph.run(None, {"image": x.numpy()})[0], net(x).numpy(),
+                                       atol=1e-4)

@@ -21,8 +21,8 @@ from seg_core.inference import Segmenter
 from seg_core.runtimes import (CALIBRATION_FILE, ENGINE_DIR, load_calibration, resolve_engine,
                                save_calibration, writable_cache)
 from tests.geometry_reference import (CLASS_NAMES, MEAN, NUM_CLASSES, STD, STORED_SIZE,
-                                      TRAIN_SIZE, reference_resized, render, to_input,
-                                      train_position_model)
+                                      TRAIN_SIZE, reference_resized, reference_windows, render,
+                                      to_input, train_position_model)
 
 SPEC = MaskSpec(num_classes=NUM_CLASSES, class_names=CLASS_NAMES)
 RESIZED = Preprocessing(mean=(MEAN,) * 3, std=(STD,) * 3, resize=TRAIN_SIZE, train_size=TRAIN_SIZE)
@@ -66,7 +66,8 @@ def test_engine_masks_match_torch_and_the_reference(artifact_dir, position_model
 
 
 @pytest.mark.parametrize("engine", FLOAT_ENGINES)
-def test_engine_windows_of_odd_sizes_match_torch(artifact_dir, engine) -> None:
+def test_engine_windows_of_odd_sizes_match_torch_and_the_reference(artifact_dir, position_model,
+                                                                   engine) -> None:
     """Sliding windows of 48x80 over images whose sides are no multiple of the U-Net's 4:
     every window is padded by the runner as the module pads itself."""
     artifact = load_artifact(artifact_dir)
@@ -74,26 +75,37 @@ def test_engine_windows_of_odd_sizes_match_torch(artifact_dir, engine) -> None:
     torch_seg, graph_seg = Segmenter(artifact), Segmenter(artifact, engine=engine)
     images = [render(seed, size)[0] for seed, size in
               enumerate([(71, 119), (45, 203), STORED_SIZE, (130, 61)])]
-    pixels = agree = 0
-    for ours, theirs in zip(graph_seg.predict_batch(images), torch_seg.predict_batch(images)):
-        assert ours.mask.shape == theirs.mask.shape
+    pixels = agree = agree_reference = 0
+    for image, ours, theirs in zip(images, graph_seg.predict_batch(images),
+                                   torch_seg.predict_batch(images)):
+        assert ours.mask.shape == theirs.mask.shape == image.shape[:2]
+        reference = reference_windows(position_model, image, TRAIN_SIZE).argmax(dim=0).numpy()
         agree += int((ours.mask == theirs.mask).sum())
+        agree_reference += int((ours.mask == reference).sum())   # without seg_core.inference
         pixels += ours.mask.size
-    assert agree / pixels >= 0.999
+    assert agree / pixels >= 0.999 and agree_reference / pixels >= 0.999
 
 
-def test_multilabel_masks_match_torch(position_model, tmp_path) -> None:
+@pytest.mark.parametrize("preprocessing", [RESIZED, WINDOWS], ids=["resized", "windows"])
+def test_multilabel_masks_match_torch_and_the_reference(position_model, tmp_path,
+                                                        preprocessing) -> None:
     spec = MaskSpec(num_classes=NUM_CLASSES, class_names=CLASS_NAMES, multilabel=True)
     directory = save_artifact(tmp_path / "ml", position_model, name="ml", version="1",
-                              mask_spec=spec, preprocessing=RESIZED)
+                              mask_spec=spec, preprocessing=preprocessing)
     artifact = load_artifact(directory)
-    images = [render(seed)[0] for seed in SEEDS]
+    sizes = [STORED_SIZE] * 4 if preprocessing is RESIZED else [(71, 119), (45, 203)]
+    images = [render(seed, size)[0] for seed, size in enumerate(sizes)]
+    references = [(reference_resized(position_model, image, multilabel=True)
+                   if preprocessing is RESIZED else
+                   reference_windows(position_model, image, TRAIN_SIZE, multilabel=True)
+                   ) >= 0.5 for image in images]   # computed without seg_core.inference
     for engine in FLOAT_ENGINES:
         ours = Segmenter(artifact, engine=engine).predict_batch(images)
         theirs = Segmenter(artifact).predict_batch(images)
-        for a, b in zip(ours, theirs):
-            assert a.mask.shape == (NUM_CLASSES, *STORED_SIZE)
+        for image, a, b, reference in zip(images, ours, theirs, references):
+            assert a.mask.shape == (NUM_CLASSES, *image.shape[:2])
             assert agreement(a.mask, b.mask) >= 0.999
+            assert agreement(a.mask, reference.numpy().astype(np.uint8)) >= 0.999
 
 
 def test_int8_keeps_accuracy_against_the_truth(artifact_dir) -> None:
