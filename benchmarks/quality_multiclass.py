@@ -139,7 +139,7 @@ def rayseg_side(manifest: Path, work: Path, *, epochs: int, budget_s: float, thr
     trained = train(cfg)
     train_s = time.perf_counter() - started
     # bootstrap and overlays only add intervals and pictures; the scores are the same
-    report = run_evaluate(EvaluateConfig(manifest=str(manifest), out=str(work / "eval"),
+    report = run_evaluate(EvaluateConfig(manifest=str(manifest), out=str(work / f"eval-{seed}"),
                                          model=trained.artifact_uri, split="val", bootstrap=0,
                                          overlays=0, progress=False))
     macro = report["metrics"]["macro"]

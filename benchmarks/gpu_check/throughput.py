@@ -128,7 +128,7 @@ def train_throughput(sizes: Sizes, device: torch.device, deadline: float,
     return {"rows": rows, "best": best, "best_tflops": top["tflops"],
             "best_mfu_datasheet": top["mfu_datasheet"], "best_mfu_gemm": top["mfu_gemm"],
             "goal_mfu": GOALS["mfu"], "datasheet_bf16_tflops": peaks["datasheet"],
-            "gemm_ceiling_bf16_tflops": round(peaks["gemm"], 2)}
+            "gemm_ceiling_bf16_tflops": float(f"{peaks['gemm']:.4g}")}
 
 
 def measure(width: int, batch: int, sizes: Sizes, device: torch.device, flops: float,
@@ -144,7 +144,7 @@ def measure(width: int, batch: int, sizes: Sizes, device: torch.device, flops: f
     tflops = flops / step_s / 1e12
     datasheet = peaks["datasheet"]
     row = {"width": width, "batch": batch, "variant": name,
-           "images_per_s": round(batch / step_s, 1), "tflops": round(tflops, 3),
+           "images_per_s": round(batch / step_s, 1), "tflops": float(f"{tflops:.4g}"),
            "mfu_datasheet": round(tflops / datasheet, 4) if datasheet else None,
            "mfu_gemm": round(tflops / peaks["gemm"], 4),
            "peak_gib": round(peak_bytes(device) / 2**30, 2), "first_step_s": round(first, 1)}
