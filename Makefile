@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.rayseg-installed
 
-.PHONY: demo test bench install clean gpu-check gpu-check-data
+.PHONY: demo test test-fast bench install clean gpu-check gpu-check-data
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rayseg demo
 
-# pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.
+# pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.  The
+# 15 slowest durations close the run, so that the time each test costs stays in view.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests; rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=15 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The inner loop: everything that needs no Ray, no multi-node cluster, no browser and is not
+# slow (seg_core, configs, records, storage, CLI parsing, ...), in about a minute.  A test of
+# this tier that starts Ray anyway fails the run (tests/conftest.py).
+FAST := not ray and not cluster and not browser and not slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=5 -m "$(FAST)" tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/rayseg bench all

@@ -221,9 +221,6 @@ class TrainConfig:
     # NCHW on the 2-core AVX-512 box)
     channels_last: bool | None = None
     log_every_steps: int = 10
-    fail_at_step: int | None = None  # TESTS ONLY: last worker dies once at this global step
-    nan_at_step: int | None = None  # TESTS ONLY: the loss reads NaN at this global step
-    pause_at_step: int | None = None  # TESTS ONLY: last worker stalls once here (node removal)
 
     def __post_init__(self) -> None:
         path_fields(self, "init_from")

@@ -17,7 +17,8 @@ Steps, each checking rows in = rows out + quarantined where rows flow:
 
 1. ``rayseg validate`` of the S3 manifest (one truncated image among the pairs).
 2. ``rayseg train`` with 2 workers (``train_node: 1`` each: two different nodes).  The last
-   worker stalls once at a step after the first checkpoint (``pause_at_step``); its node is
+   worker stalls once at a step after the first checkpoint (``pause_at_step`` through the tests'
+   fault channel, ``pipelines.faults``); its node is
    removed, a fresh node joins, and Ray Train resumes from the S3 checkpoint on the new node.
 3. ``rayseg predict`` with 2 actors (``predict_node: 1`` each); once files are committed, the
    node of one actor is removed (and replaced).  If the job fails, it is run again; the union
@@ -130,12 +131,14 @@ class Harness:
         raise TimeoutError(f"cluster harness: waited {timeout:.0f} s for {what}")
 
     # ------------------------------------------------------------------------------ jobs
-    def start(self, *argv: str) -> "Job":
-        """``python -m jobs.cli *argv`` against the cluster, output to a log file."""
+    def start(self, *argv: str, env: dict[str, str] | None = None) -> "Job":
+        """``python -m jobs.cli *argv`` against the cluster (``env`` added to its environment),
+        output to a log file."""
         path = self.work / f"{len(self.jobs)}-{argv[0]}.log"
         with open(path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=REPO,
-                                    env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                                    env={**self.env, **(env or {})}, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True)
         self.jobs.append(Job(argv[0], proc, path))
         return self.jobs[-1]
 
@@ -224,6 +227,7 @@ def run_validate(h: Harness, data: dict[str, Any]) -> None:
 def run_train(h: Harness, data: dict[str, Any]) -> str:
     """2 workers on 2 nodes; the node of one is removed mid-epoch 2 and a fresh one joins."""
     from pipelines import storage
+    from pipelines.faults import ENV as FAULTS_ENV
 
     t0 = time.monotonic()
     results, models = f"{h.prefix}/ray_results", f"{h.prefix}/models"
@@ -233,7 +237,7 @@ def run_train(h: Harness, data: dict[str, Any]) -> str:
     job = h.start("train", "--config", "train_sample", "--set", f"data.manifest={data['manifest']}",
                   "--set", f"storage.storage_path={results}", "--set",
                   f"storage.models_uri={models}", *TRAIN_PLACEMENT, "--set", "epochs=3",
-                  "--set", "stopping_rounds=0", "--set", "pause_at_step=4")
+                  "--set", "stopping_rounds=0", env={FAULTS_ENV: '{"pause_at_step": 4}'})
     h.wait_for("the pause at step 4", lambda: storage.exists(f"{run}/paused_at_step_4"), job)
     before = h.actors_on("RayTrainWorker")
     checkpoints = sorted({u.rsplit("/", 2)[-2] for u in storage.list_uri(run)

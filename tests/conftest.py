@@ -22,6 +22,8 @@ Fixtures (session-scoped unless noted):
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -50,6 +52,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def position_model():
+    """The position-dependent task's U-Net of ``tests.geometry_reference``, trained once for the
+    session on one torch thread (a few seconds): the geometry and the engine tests share it."""
+    import torch
+
+    from tests.geometry_reference import train_position_model
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_position_model()
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +141,97 @@ def s3_sample_dataset(sample_dataset, s3_bucket) -> str:
 
     root = copy_dir_from_local(sample_dataset.parent, f"s3://{s3_bucket}/sample")
     return f"{root}/{sample_dataset.name}"
+
+
+# ------------------------------------------------------------------------- fault injection
+
+
+@pytest.fixture(scope="session")
+def fault_env():
+    """``with fault_env(fail_at_step=3): train(cfg)``: the tests' private fault channel
+    (:mod:`pipelines.faults`, an environment variable the driver reads), armed for the
+    block; for module-scoped fixtures, where ``monkeypatch`` is not available."""
+    from pipelines.faults import ENV
+
+    @contextlib.contextmanager
+    def arm(**faults: int):
+        before = os.environ.get(ENV)
+        os.environ[ENV] = json.dumps(faults)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = before
+
+    return arm
+
+
+@pytest.fixture
+def inject_faults(monkeypatch):
+    """``inject_faults(nan_at_step=5)``: arm the fault channel for the rest of one test."""
+    from pipelines.faults import ENV
+
+    def arm(**faults: int) -> None:
+        monkeypatch.setenv(ENV, json.dumps(faults))
+
+    return arm
+
+
+# ------------------------------------------------------------------------------------- tiers
+#
+# Markers (pyproject.toml): ``ray`` starts or joins Ray, ``cluster`` runs a multi-node cluster on
+# 127.0.0.1, ``browser`` drives Chromium, ``slow`` takes long without them.  ``make test-fast``
+# runs what needs none of them.  A test that asks for ``ray_session`` (directly or through a
+# fixture) is marked ``ray`` here; modules that start Ray otherwise say so with ``pytestmark``.
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fast tier must not start Ray: fail it if something did anyway (a missing marker)."""
+    import sys
+
+    expression = session.config.getoption("markexpr", "") or ""
+    if "not ray" in expression and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            session.exitstatus = 1
+            print(f"\nA test selected by -m {expression!r} started Ray; mark it ray "
+                  f"(tests/conftest.py)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------- torch's globals
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """Whatever a test sets of torch's process-wide settings (threads, default dtype,
+    deterministic algorithms, cuDNN flags), the next test starts from what it found.  Module
+    fixtures that set threads for their module (``one_torch_thread``) are in place before this
+    runs, so their setting is what is restored between their tests."""
+    import sys
+
+    if "torch" not in sys.modules:   # seg_core-free tests never import it
+        yield
+        return
+    import torch
+
+    saved = (torch.get_num_threads(), torch.get_default_dtype(),
+             torch.are_deterministic_algorithms_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    threads, dtype, deterministic, cudnn_deterministic, cudnn_benchmark = saved
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = cudnn_deterministic
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+

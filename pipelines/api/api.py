@@ -96,7 +96,7 @@ def import_file(path: str | os.PathLike, *,
 _SECTIONS = ("data", "model", "mask", "preprocessing", "augment", "optim", "scaling", "storage")
 # Set by the estimator itself (from its frames, x, y, model_id), never by the user.
 _MANAGED = {"manifest", "shards", "train_split", "val_split", "fold_column", "fold", "name",
-            "version", "in_channels", "fail_at_step"}
+            "version", "in_channels"}
 
 
 def hyperparameter_names() -> dict[str, tuple[str, ...]]:

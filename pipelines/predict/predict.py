@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipelines import registry, storage
 from pipelines.config import PredictConfig
+from pipelines.faults import Faults
 from pipelines.predict import store
 from pipelines.predict.inputs import InputPlan, plan_inputs
 from pipelines.records import RESULT_SCHEMA, prediction_row, quarantine_row, refusal
@@ -194,12 +195,8 @@ def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
 # ------------------------------------------------------------------------------------ the run
 
 
-def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
-                fail_after_files: int | None = None) -> dict[str, Any]:
-    """Predict every input not yet in ``cfg.out``; return (and print) the run summary.
-
-    ``fail_after_files`` is for tests: the job fails once that many files are committed.
-    """
+def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Predict every input not yet in ``cfg.out``; return (and print) the run summary."""
     import ray
     from ray.data import DataContext
 
@@ -211,12 +208,12 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print,
     ref = registry.resolve(cfg.model)   # models:/name@alias -> the artifact, on the driver
     meta = read_artifact_meta(storage.fetch_artifact(ref.source))
     with store.lease(cfg.out):   # one writer per output: a second run here is refused
-        return _predict_under_lease(cfg, ref, meta, resources, log, fail_after_files, started)
+        return _predict_under_lease(cfg, ref, meta, resources, log, started)
 
 
 def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[str, Any],
                          resources: dict[str, float], log: Callable[[str], None],
-                         fail_after_files: int | None, started: float) -> dict[str, Any]:
+                         started: float) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
     store.claim_output(cfg.out, {**ref.as_dict(), "name": meta["name"],
@@ -239,7 +236,8 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
             f"under {cfg.out}")
     options = storage.resolve_options()  # the driver's S3 endpoint/keys, shipped to the workers
     sink = store.CommitSink(cfg.out, rows_per_file=cfg.rows_per_file,
-                            fail_after_files=fail_after_files, storage_options=options)
+                            fail_after_files=Faults.from_env().fail_after_files,
+                            storage_options=options)
     if inputs.todo:
         extra = "".join(f" + {amount:g} {name}" for name, amount in
                         (cfg.resources_per_actor or {}).items())

@@ -228,8 +228,8 @@ class CommitSink(Datasink):
 
     Each chunk becomes one prediction file and (if it has bad inputs) one quarantine file.
 
-    ``fail_after_files`` exists for tests only: once that many prediction files are committed,
-    the next write task raises, as if the job had died midway.
+    ``fail_after_files`` is the tests' fault (:mod:`pipelines.faults`): once that many
+    prediction files are committed, the next write task raises, as if the job had died midway.
     """
 
     def __init__(self, out: str, *, rows_per_file: int, fail_after_files: int | None = None,

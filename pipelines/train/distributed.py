@@ -1,6 +1,5 @@
 """Every collective the training loop uses, in one place (``torch.distributed``, no Ray),
-plus the per-worker plumbing around them: rank-0 console lines and a test hook that loses a
-worker.
+plus the per-worker plumbing around them: rank-0 console lines.
 
 Each collective takes the ``world`` size and is a no-op on a single worker, so the loop calls
 them unconditionally.  Tensors travel on the worker's ``device`` (NCCL needs CUDA tensors) and
@@ -8,7 +7,6 @@ come back on the CPU.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -97,48 +95,6 @@ class RankZeroLog:
             except Exception:  # noqa: BLE001 - the queue went with its node: a log line
                 pass           # must never stop training; it goes to the worker's log instead
         print(line, flush=True)
-
-
-def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
-    """TESTS ONLY: the last worker's process dies once at ``fail_at_step`` (a lost node)."""
-    marker = _first_time(cfg, "fault_injected", cfg.fail_at_step, step, rank, world)
-    if marker is not None:
-        _write_marker(marker, f"rank {rank} killed at step {step}")
-        os._exit(1)  # no cleanup, no exception: the actor process is gone
-
-
-def maybe_pause(cfg: TrainConfig, step: int, rank: int, world: int,
-                timeout_s: float = 120.0) -> None:
-    """TESTS ONLY: the last worker stalls once at ``pause_at_step`` (marker
-    ``paused_at_step_<N>`` beside the checkpoints), so that a test can take its node away while
-    the run is known to be mid-epoch; after ``timeout_s`` it carries on."""
-    marker = _first_time(cfg, "paused", cfg.pause_at_step, step, rank, world)
-    if marker is not None:
-        _write_marker(marker, f"rank {rank} paused at step {step}")
-        time.sleep(timeout_s)
-
-
-def _first_time(cfg: TrainConfig, what: str, at: int | None, step: int, rank: int,
-                world: int) -> str | None:
-    """The marker ``<run>/<what>_at_step_<at>`` when the last rank reaches ``at`` for the first
-    time in this run (no marker yet), else None."""
-    if at is None or step != at or rank != world - 1:
-        return None
-    from pipelines import storage
-
-    marker = storage.join_uri(cfg.storage.storage_path, cfg.run_name, f"{what}_at_step_{at}")
-    return None if storage.exists(marker) else marker
-
-
-def _write_marker(uri: str, line: str) -> None:
-    from pipelines import storage
-
-    storage.write_bytes(uri, f"{line}\n".encode())
-
-
-def maybe_nan(cfg: "TrainConfig", step: int, loss: float) -> float:
-    """TESTS ONLY: the loss reads NaN at global step ``nan_at_step`` (a run that blew up)."""
-    return float("nan") if cfg.nan_at_step == step else loss
 
 
 def _all_reduce(tensor: torch.Tensor, device: torch.device, world: int,

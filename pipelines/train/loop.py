@@ -26,8 +26,8 @@ from pipelines.train.checkpoint import (NON_FINITE, STATE_FILE, LoopState, epoch
                                         seed_everything)
 from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_size,
                                          all_reduce_sum, any_worker, broadcast_buffers,
-                                         gather_objects, maybe_fail, maybe_nan,
-                                         maybe_pause)
+                                         gather_objects)
+from pipelines.faults import Faults, maybe_fail, maybe_nan, maybe_pause
 from seg_core.engine import build_optimizer, build_scheduler, rng_state, train_step
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
@@ -61,7 +61,8 @@ class Parts:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point.  ``loop_config``: ``cfg`` (TrainConfig), ``plan`` (StepPlan),
     ``augment`` (per-batch augmentation), ``progress`` (optional ``ray.util.queue.Queue`` for
-    console lines on the driver)."""
+    console lines on the driver), ``faults`` (:class:`pipelines.faults.Faults`, the
+    tests' fault injection; none otherwise)."""
     import ray.train
 
     cfg: TrainConfig = loop_config["cfg"]
@@ -91,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     clock = ValClock(cfg.val_fraction)
     while state.epoch < cfg.epochs and state.stopped is None:
         totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
-                             rank, world, started, say)
+                             rank, world, started, say, loop_config.get("faults") or Faults())
         clock.trained(float(totals[2]) / world)
         if (state.stopped or "").startswith(NON_FINITE):   # no validation of broken weights,
             say(state.stopped)                              # no retry: the same data would
@@ -207,7 +208,7 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
 
 def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: StepPlan,
                 state: LoopState, rank: int, world: int, started: float,
-                say: RankZeroLog) -> torch.Tensor:
+                say: RankZeroLog, faults: Faults = Faults()) -> torch.Tensor:
     """At most ``plan.steps_per_epoch`` steps; returns summed (loss*images, images, seconds)."""
     totals = torch.zeros(3, dtype=torch.float64)
     steps, t0 = 0, time.perf_counter()
@@ -218,8 +219,8 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
                } if cfg.data.shuffle_buffer else {}
     for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                     prefetch_batches=2, **shuffle):
-        maybe_fail(cfg, state.step, rank, world)
-        maybe_pause(cfg, state.step, rank, world)
+        maybe_fail(faults, cfg.run_uri, state.step, rank, world)
+        maybe_pause(faults, cfg.run_uri, state.step, rank, world)
         batch = augment(batch, rng)
         images = torch.from_numpy(batch["image"]).to(parts.device, non_blocking=True)
         masks = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(parts.device)
@@ -231,7 +232,7 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
                           parts.optimizer, scheduler=parts.scheduler, amp_dtype=parts.amp_dtype,
                           clip_grad=cfg.optim.clip_grad)["loss"]
         state.step, steps = state.step + 1, steps + 1
-        loss = maybe_nan(cfg, state.step, loss)   # TESTS ONLY: a loss that blew up
+        loss = maybe_nan(faults, state.step, loss)
         if any_worker(not math.isfinite(loss), parts.device, world):
             state.stop_non_finite()
             break

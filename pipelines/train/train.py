@@ -24,8 +24,9 @@ import yaml
 
 from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
-from pipelines.train.data import build_train_data
 from pipelines.train.checkpoint import NON_FINITE, load_newest_good
+from pipelines.train.data import build_train_data
+from pipelines.faults import Faults
 from pipelines.train.loop import StepPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,
-                           "cached": data.cached,
-                           "progress": progress},
+                           "cached": data.cached, "progress": progress,
+                           "faults": Faults.from_env()},
         datasets={"train": data.train, **data.val},
         dataset_config=DataConfig(datasets_to_split=["train"]),  # val_<rank>: one per worker
         scaling_config=scaling_config(cfg),

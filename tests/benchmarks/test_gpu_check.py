@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_the_gpu_check_rehearses_on_the_cpu_and_reports_every_part(tmp_path):
     env = {**os.environ, "GPU_CHECK_CPU": "1", "OUT": str(tmp_path)}
     done = subprocess.run(["make", "--no-print-directory", "gpu-check"], cwd=REPO, env=env,
@@ -60,6 +61,7 @@ def test_the_gpu_check_rehearses_on_the_cpu_and_reports_every_part(tmp_path):
     assert [json.loads(line) for line in printed] == [result]    # one JSON line, as saved
 
 
+@pytest.mark.slow
 def test_the_gpu_check_imports_no_ray_and_explains_itself():
     probe = ("import sys, benchmarks.gpu_check.__main__; "
              "print(sorted({m.split('.')[0] for m in sys.modules} & "

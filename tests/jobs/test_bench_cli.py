@@ -47,7 +47,7 @@ def quick_results(tmp_path_factory) -> dict[str, dict]:
     done = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "bench", "all", "--quick", "--isbi-dir", str(isbi),
          "--work-dir", str(tmp / "work")],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        cwd=REPO, capture_output=True, text=True, timeout=540,
         env={**os.environ, "RAYSEG_VERBOSE": "0"})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"bench"')]
@@ -55,7 +55,9 @@ def quick_results(tmp_path_factory) -> dict[str, dict]:
     return {line["bench"]: line for line in lines}
 
 
+@pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_every_benchmark_runs_quick_and_its_ratio_follows_from_its_figures(quick_results):
     assert list(quick_results) == list(BENCHMARKS)   # all of them, in the documented order
     for name, line in quick_results.items():
@@ -70,6 +72,7 @@ def test_every_benchmark_runs_quick_and_its_ratio_follows_from_its_figures(quick
         assert not any("baseline" == k for k in line["figures"]), name   # no constant baseline
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_baselines_run_the_same_work_in_the_same_run(quick_results):
     predict = quick_results["batch_predict"]["figures"]

@@ -159,7 +159,8 @@ def test_import_shards_reads_metadata_only(ray_session, tiny_manifest, tmp_path)
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tiny_manifest, tmp_path_factory):
-    """One estimator: 2-fold CV on a fold column, then the main model (3 short fits)."""
+    """One estimator: 2-fold CV on a fold column, both folds at once, then the main model (3
+    short fits).  The suite's only cross-validation run."""
     from pipelines.api import api
 
     work = tmp_path_factory.mktemp("api_work")
@@ -169,7 +170,8 @@ def trained(ray_session, tiny_manifest, tmp_path_factory):
     train["fold"] = train.kfold_column(n_folds=2, seed=2)
     model = UNetSegmentationEstimator(x="image", y="mask", training_frame=train,
                                       validation_frame=valid, nfolds=2, fold_column="fold",
-                                      num_classes=3, seed=11, model_id="api_test", **TINY)
+                                      cv_parallelism=2, num_classes=3, seed=11,
+                                      model_id="api_test", **TINY)
     model.train(max_iterations=4)
     yield model, train, valid, work
     api._SESSION["work_dir"] = None
@@ -238,7 +240,19 @@ def test_cross_validation_metrics_summary(trained):
     row = summary.loc["miou"]
     assert row["mean"] == pytest.approx((row["cv_1_valid"] + row["cv_2_valid"]) / 2)
     assert row["sd"] == pytest.approx(abs(row["cv_1_valid"] - row["cv_2_valid"]) / np.sqrt(2))
-    assert model.cv_result.assignment == "column"
+    result = model.cv_result
+    assert result.assignment == "column" and len(result.folds) == 2
+    # the estimator trains its folds as version "<version>-cv" beside the final model
+    assert [r.artifact_uri.rsplit("/", 1)[1] for r in result.folds] == ["v1-cv-fold0", "v1-cv-fold1"]
+    mious = [r.metrics["miou"] for r in result.folds]
+    assert result.summary_metrics["miou"]["mean"] == pytest.approx(np.mean(mious))
+    assert result.summary_metrics["miou"]["std"] == pytest.approx(np.std(mious, ddof=1))
+    assert sorted(result.fold_sizes) == sorted(np.bincount(
+        model.training_frame.head(99)["fold"]).tolist())   # every training row validated once
+    for fold, size in zip(result.folds, result.fold_sizes):   # each on its own 48x48 images
+        assert sum(np.add(fold.metrics["counts"]["tp"], fold.metrics["counts"]["fn"])) == \
+            size * 48 * 48
+    assert "mean" in result.summary() and Path(result.summary_uri).is_file()
 
 
 @pytest.mark.slow

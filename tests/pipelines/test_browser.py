@@ -30,6 +30,7 @@ from pipelines.serve.page import page_html
 from tests.browser_util import canvas_rgba, start_chromium, wait_for
 from tests.serve_util import endpoint_config
 
+pytestmark = pytest.mark.browser
 KEY_ENV = "RAYSEG_TEST_PAGE_KEY"
 KEY = "page-test-key"
 PALETTE = ((20, 20, 20), (230, 60, 40), (40, 120, 230))

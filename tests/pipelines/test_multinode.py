@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# The harness (one module fixture) runs train, predict and serve on a 3-node cluster; it stops
+# itself at 540 s, so the first test's timeout is a stack, not CI's limit.
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def evidence(s3_bucket, tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAYSEG_SHARED"))}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "cluster_harness.py"), str(work),
                            f"s3://{s3_bucket}/multinode"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=540)
     line = next((l for l in done.stdout.splitlines() if l.startswith("EVIDENCE ")), None)
     assert line, f"harness exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     found = json.loads(line[len("EVIDENCE "):])

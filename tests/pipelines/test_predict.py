@@ -157,7 +157,7 @@ def test_a_second_run_on_the_same_output_is_refused(s3_run):
 
 
 def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, artifact_dir,
-                                                  tmp_path, capsys):
+                                                  tmp_path, capsys, fault_env):
     """An injected failure after 2 committed files, then the same command again."""
     out = str(tmp_path / "out")
     # Half a CPU per actor: after a failure Ray Data drops its actors by reference count, and in
@@ -166,8 +166,8 @@ def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, a
     cfg = PredictConfig(model=str(artifact_dir), input=str(sample_dataset), out=out,
                         batch_size=2, rows_per_file=4, actors=1, cpus_per_actor=0.5,
                         progress=False)
-    with pytest.raises(Exception, match="injected failure"):
-        run_predict(cfg, fail_after_files=2)
+    with fault_env(fail_after_files=2), pytest.raises(Exception, match="injected failure"):
+        run_predict(cfg)
     before = store.done_ids(out)
     assert 0 < len(before) < 24, "the failure must leave a partial output"
     assert not (Path(out) / store.SUCCESS_FILE).exists()

@@ -1,8 +1,9 @@
 """Operating models on moto S3 and a real local Ray: the MLflow registry, gated promotion, an
 endpoint that follows the alias under load, provenance by hash, and drift monitoring.
 
-One module-scoped pair of trainings (v1, then a worse v2) feeds every test; the endpoint test
-and the monitor test reuse them, so the module trains twice.
+One module-scoped training (v1) and a worse v2 (the same network, untrained, registered as an
+artifact training did not register) feed every test; the endpoint test and the monitor test
+reuse them, so the module trains once.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _upload_dataset(tmp: Path, prefix: str, **kwargs) -> str:
 
 @pytest.fixture(scope="module")
 def flow(ray_session, s3_bucket, tmp_path_factory) -> dict:
-    """v1 (6 epochs) registered and promoted to @champion; v2 (1 epoch, lr far too small)."""
+    """v1 (6 epochs) registered and promoted to @champion; v2 untrained."""
     from pipelines.operate.promote import promote
 
     root = f"s3://{s3_bucket}/registry-{uuid.uuid4().hex[:8]}"
@@ -57,9 +58,28 @@ def flow(ray_session, s3_bucket, tmp_path_factory) -> dict:
     first_promotion = promote(first.registry_uri, alias="champion", gate="miou>=0.3",
                               manifest=manifest, out=str(tmp_path_factory.mktemp("promote1")),
                               log=lambda _: None)
-    second = _train(manifest, root, name, "v2", "epochs=1", "optim.lr=1e-5")
+    second = _untrained_version(first, root, name, tmp_path_factory.mktemp("v2"))
     return {"root": root, "name": name, "manifest": manifest, "first": first,
             "second": second, "first_promotion": first_promotion}
+
+
+def _untrained_version(first, root: str, name: str, tmp: Path):
+    """v2: the same network with its initial weights (a worse model by far), written next to v1
+    and registered as the next version of ``name``, as an artifact training did not register."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from seg_core.artifact import load_artifact, save_artifact
+    from seg_core.model import UNet
+
+    trained = load_artifact(storage.copy_dir_to_local(first.artifact_uri, tmp / "v1"))
+    torch.manual_seed(1)
+    local = save_artifact(tmp / "v2", UNet(trained.model_config), name=name, version="v2",
+                          mask_spec=trained.mask_spec, preprocessing=trained.preprocessing)
+    uri = storage.copy_dir_from_local(local, f"{root}/models/{name}/v2")
+    ref = registry.register_artifact(uri, name)
+    return SimpleNamespace(registry_uri=ref.uri, artifact_uri=uri)
 
 
 def test_training_registers_versions_with_hashes_and_tracks_the_run(flow):
@@ -272,6 +292,7 @@ def test_monitor_flags_the_shifted_classes_and_passes_an_unshifted_set(flow, tmp
     assert (tmp_path / "shifted" / "drift.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_sqlite_store_at_once_all_get_it(tmp_path):
     """Two Tune trials registering at once on a fresh store raced MLflow's table creation
     (alembic: "Online migration expected to match one row"); each process now creates or

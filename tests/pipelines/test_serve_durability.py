@@ -112,6 +112,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_a_live_writers_segments_are_locked_and_a_killed_ones_are_shipped(tmp_path):
     out, wal = tmp_path / "out", tmp_path / "wal"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(wal), "7"], cwd=REPO,

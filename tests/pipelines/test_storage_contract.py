@@ -72,6 +72,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cluster
+@pytest.mark.ray
 @pytest.mark.slow
 def test_every_job_refuses_local_paths_on_a_two_node_cluster(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items()

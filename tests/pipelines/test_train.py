@@ -1,5 +1,6 @@
 """Training on real local Ray (session cluster) and moto S3: data-parallel run, fault recovery,
-resume with the scheduled learning rate, k-fold CV; plus Ray-free checks of config and plans.
+resume with the scheduled learning rate; plus Ray-free checks of config and plans.  k-fold CV
+runs once in the suite, through the estimator (tests/pipelines/test_api.py).
 
 Tiny data (32x32 or the 96x96 sample set) and a depth-2, width-4 U-Net keep each fit short; the
 cost is Ray's worker start-up, so every Ray test runs exactly the fits it needs.
@@ -77,6 +78,10 @@ def test_yaml_round_trip_and_dotted_overrides():
     ("preprocessing.tile_size=512", "larger than the 256x256 inputs training shows the network "
                                     "(preprocessing.resize)"),
     ("augment.crop=[1, 2, 3]", "augment.crop: expected an int or [H, W]"),
+    # fault injection is the tests' private channel (pipelines.faults), never a key
+    ("fail_at_step=3", "unknown key(s) ['fail_at_step']"),
+    ("nan_at_step=3", "unknown key(s) ['nan_at_step']"),
+    ("pause_at_step=3", "unknown key(s) ['pause_at_step']"),
 ])
 def test_bad_settings_say_what_was_expected(override, message):
     with pytest.raises(ValueError) as error:
@@ -133,23 +138,10 @@ def test_cached_cpu_training_uses_every_core_of_the_node(ray_session, tiny_datas
     assert torch_threads(pinned, cpu, cached=False, local_workers=1) == 3
 
 
-def test_epochs_between_validations_are_recorded_without_val(ray_session, tiny_dataset,
-                                                             tmp_path):
-    from pipelines.train.train import train
-
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "val_fraction=1e-6")
-    result = train(cfg)
-    validated = [h["val"] is not None for h in result.history]
-    assert validated == [True, False, True]   # first and last always, none between
-    assert result.history[1]["val_miou"] is None and result.history[2]["val_miou"] is not None
-    assert result.selected_epoch in (1, 3)   # best weights come from validated epochs only
-    assert result.metrics == result.history[result.selected_epoch - 1]["val"]
-    with pytest.raises(ValueError, match="val_fraction must be in"):
-        _cfg(str(tiny_dataset), str(tmp_path), "val_fraction=0")
-
-
-def test_a_warm_start_with_another_class_count_keeps_all_but_the_head(
+def test_a_warm_start_with_another_class_count_and_epochs_between_validations(
         ray_session, tiny_dataset, tmp_path, capsys):
+    """One fit proves two things: a warm start from a 2-class model keeps all but the head, and
+    the epochs between validations are recorded without val."""
     from pipelines.train.train import train
     from seg_core.artifact import load_artifact, save_artifact
     from seg_core.config import MaskSpec, ModelConfig, Preprocessing
@@ -159,8 +151,8 @@ def test_a_warm_start_with_another_class_count_keeps_all_but_the_head(
     start = UNet(ModelConfig(in_channels=3, num_classes=2, depth=2, base_width=4))
     save_artifact(tmp_path / "two_class", start, name="two", version="v1",
                   mask_spec=MaskSpec(num_classes=2), preprocessing=Preprocessing())
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=1", "optim.lr=1e-4",
-               f"init_from={tmp_path / 'two_class'}")
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "val_fraction=1e-6",
+               "optim.lr=1e-4", f"init_from={tmp_path / 'two_class'}")
     result = train(cfg)
     assert "head was re-initialised for 3 classes (the trained model had 2)" in \
         capsys.readouterr().out
@@ -169,13 +161,21 @@ def test_a_warm_start_with_another_class_count_keeps_all_but_the_head(
     fresh = UNet(cfg.model).state_dict()
     assert {k for k in trained if trained[k].shape != before[k].shape} == {"head.weight",
                                                                            "head.bias"}
-    # the body started from the 2-class weights: one short epoch at a small lr stays near them,
-    # far nearer than a fresh initialisation is
+    # the body started from the 2-class weights: a few short epochs at a small lr stay near
+    # them, far nearer than a fresh initialisation is
     convs = [k for k in trained if k.endswith("weight") and trained[k].dim() == 4
              and not k.startswith("head.")]
     moved = sum(float((trained[k] - before[k]).norm()) for k in convs)
     apart = sum(float((fresh[k] - before[k]).norm()) for k in convs)
     assert moved < 0.1 * apart, (moved, apart)
+
+    validated = [h["val"] is not None for h in result.history]
+    assert validated == [True, False, True]   # first and last always, none between
+    assert result.history[1]["val_miou"] is None and result.history[2]["val_miou"] is not None
+    assert result.selected_epoch in (1, 3)   # best weights come from validated epochs only
+    assert result.metrics == result.history[result.selected_epoch - 1]["val"]
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        _cfg(str(tiny_dataset), str(tmp_path), "val_fraction=0")
 
 
 def test_placement_settings_reach_ray_train(ray_session, tiny_dataset):
@@ -210,24 +210,33 @@ def test_seeded_fold_assignment_is_balanced_and_stable(tiny_dataset):
 
 
 @pytest.mark.slow
-def test_two_workers_on_s3_checkpoint_to_s3_and_the_artifact_predicts(
-        ray_session, s3_sample_dataset, s3_prefix, tmp_path):
+def test_two_workers_on_s3_lose_one_resume_from_s3_and_the_artifact_predicts(
+        ray_session, s3_sample_dataset, s3_prefix, tmp_path, inject_faults):
     from pipelines.train.train import train
     from seg_core.artifact import load_artifact
     from seg_core.codecs import decode_image, decode_mask
     from seg_core.inference import Segmenter
     from seg_core.metrics import compute_metrics, confusion_counts
 
+    # 18 train rows / 2 workers / batch 4 -> 3 steps per epoch; rank 1 dies before step 5
+    # (mid epoch 2) and the run resumes from the epoch-1 checkpoint on S3.  The elastic
+    # deformation runs in the loop on each worker's device (here the CPU).
+    inject_faults(fail_at_step=4)
     cfg = _cfg(s3_sample_dataset, s3_prefix, "scaling.num_workers=2", "epochs=2",
-               "batch_size=4")
+               "batch_size=4", "storage.max_failures=1", "augment.elastic=4")
     result = train(cfg)
 
     run = f"{s3_prefix}/ray_results/{cfg.run_name}"
     files = storage.list_uri(run)
     assert f"{run}/checkpoint_epoch_0002/state.pt" in files, files
     assert f"{run}/config.yaml" in files
+    assert storage.read_bytes(f"{run}/fault_injected_at_step_4").startswith(
+        b"rank 1 killed at step 4")
     assert result.artifact_uri == f"{s3_prefix}/models/unet-sample/v1"
-    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert [h["epoch"] for h in result.history] == [1, 2]   # configured epochs, none repeated
+    assert [h["step"] for h in result.history] == [3, 6]
+    assert len(result.restarts) == 1
+    assert (result.restarts[0]["epoch"], result.restarts[0]["step"]) == (1, 3)  # last checkpoint
 
     local = storage.copy_dir_to_local(result.artifact_uri, tmp_path / "artifact")
     assert {"artifact.json", "weights.pt", "metrics.json", "learning_curve.png",
@@ -265,68 +274,50 @@ def test_two_workers_on_s3_checkpoint_to_s3_and_the_artifact_predicts(
     assert abs(int(totals["tp"].sum()) - sum(recorded["tp"])) <= 0.001 * pixels
 
 
-@pytest.mark.slow
-def test_a_killed_worker_is_replaced_and_the_run_completes(ray_session, tiny_dataset, tmp_path):
-    from pipelines.train.train import train
-
-    # 9 train rows / 2 workers -> 4 each -> 2 steps per epoch; rank 1 dies at step 3 (epoch 2).
-    # The elastic deformation runs in the loop on each worker's device (here the CPU).
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "scaling.num_workers=2", "epochs=3",
-               "batch_size=2", "fail_at_step=3", "storage.max_failures=1", "augment.elastic=4")
-    result = train(cfg)
-    marker = tmp_path / "ray_results" / cfg.run_name / "fault_injected_at_step_3"
-    assert marker.read_text().startswith("rank 1 killed at step 3")
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]  # configured epochs, none repeated
-    assert [h["step"] for h in result.history] == [2, 4, 6]
-    assert len(result.restarts) == 1
-    assert (result.restarts[0]["epoch"], result.restarts[0]["step"]) == (1, 2)  # last checkpoint
-
-
-@pytest.mark.slow
-def test_second_invocation_resumes_at_the_scheduled_learning_rate(
-        ray_session, tiny_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def failed_run(ray_session, tiny_dataset, tmp_path_factory, fault_env):
+    """One run that died in epoch 3 with no automatic restarts, like a job whose cluster went
+    away: 9 train rows, 1 worker, batch 3 -> 3 steps an epoch; it dies before step 8, after
+    the checkpoints of epochs 1 and 2.  Tests resume copies of it."""
     from ray.train import TrainingFailedError
 
     from pipelines.train.train import train
 
-    # 9 train rows, 1 worker, batch 3 -> 3 steps per epoch, 9 in all; dies at step 5 (epoch 2)
-    # with no automatic restarts, like a job whose cluster went away.
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "fail_at_step=5",
-               "storage.max_failures=0")
-    with pytest.raises(TrainingFailedError):
+    root = tmp_path_factory.mktemp("failed")
+    cfg = _cfg(str(tiny_dataset), str(root), "epochs=3", "storage.max_failures=0")
+    with fault_env(fail_at_step=7), pytest.raises(TrainingFailedError):
         train(cfg)
-    run = tmp_path / "ray_results" / cfg.run_name
-    first = torch.load(run / "checkpoint_epoch_0001" / "state.pt", weights_only=False)
-    assert (first["epoch"], first["step"]) == (1, 3)
+    return cfg, root / "ray_results" / cfg.run_name
 
-    result = train(cfg)  # same run name: resumes
-    resumed = result.restarts[0]
-    assert (resumed["epoch"], resumed["step"]) == (1, 3)
-    expected = _scheduled_lr(cfg, 3, total_steps=9)
-    assert resumed["lr"] == pytest.approx(expected, rel=1e-9)
-    assert resumed["lr"] != pytest.approx(_scheduled_lr(cfg, 0, total_steps=9))  # not reset
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
-    assert result.history[0] == first["history"][0]  # epoch 1 kept from the first invocation
-    assert result.history[-1]["lr"] == pytest.approx(_scheduled_lr(cfg, 9, total_steps=9))
+
+def _copy_of(failed_run, tiny_dataset, tmp_path):
+    """The failed run's config, pointed at a copy of its checkpoints under ``tmp_path``."""
+    import shutil
+
+    cfg, run = failed_run
+    shutil.copytree(run, tmp_path / "ray_results" / cfg.run_name)
+    return _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "storage.max_failures=0")
 
 
 @pytest.mark.slow
-def test_three_fold_cross_validation_returns_folds_and_a_summary(ray_session, tiny_dataset,
-                                                                 tmp_path):
-    from pipelines.train.cv import cross_validate
+def test_second_invocation_resumes_at_the_scheduled_learning_rate(failed_run, tiny_dataset,
+                                                                  tmp_path):
+    from pipelines.train.train import train
 
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "nfolds=3", "epochs=1", "batch_size=2",
-               "fold_assignment=random")
-    result = cross_validate(cfg, parallelism=3)
-    assert len(result.folds) == 3 and result.fold_sizes == [3, 3, 3]
-    assert [r.artifact_uri.rsplit("/", 1)[1] for r in result.folds] == ["v1-fold0", "v1-fold1",
-                                                                         "v1-fold2"]
-    mious = [r.metrics["miou"] for r in result.folds]
-    assert result.summary_metrics["miou"]["mean"] == pytest.approx(np.mean(mious))
-    assert result.summary_metrics["miou"]["std"] == pytest.approx(np.std(mious, ddof=1))
-    for fold in result.folds:  # each fold validated on its own 3 images of 32x32
-        assert sum(np.add(fold.metrics["counts"]["tp"], fold.metrics["counts"]["fn"])) == 3 * 32 * 32
-    assert "mean" in result.summary() and Path(result.summary_uri).is_file()
+    cfg = _copy_of(failed_run, tiny_dataset, tmp_path)
+    run = tmp_path / "ray_results" / cfg.run_name
+    first = torch.load(run / "checkpoint_epoch_0002" / "state.pt", weights_only=False)
+    assert (first["epoch"], first["step"]) == (2, 6)
+
+    result = train(cfg)  # same run name: resumes
+    resumed = result.restarts[0]
+    assert (resumed["epoch"], resumed["step"]) == (2, 6)
+    expected = _scheduled_lr(cfg, 6, total_steps=9)
+    assert resumed["lr"] == pytest.approx(expected, rel=1e-9)
+    assert resumed["lr"] != pytest.approx(_scheduled_lr(cfg, 0, total_steps=9))  # not reset
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[:2] == first["history"]  # epochs 1-2 kept from the first invocation
+    assert result.history[-1]["lr"] == pytest.approx(_scheduled_lr(cfg, 9, total_steps=9))
 
 
 # ------------------------------------------------------------------------ safe restarts
@@ -359,17 +350,11 @@ def test_checkpoints_load_as_data_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(ray_session, tiny_dataset,
+def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(failed_run, tiny_dataset,
                                                                tmp_path):
-    from ray.train import TrainingFailedError
-
     from pipelines.train.train import train
 
-    # 9 train rows, batch 3 -> 3 steps per epoch; dies at step 7 (epoch 3), no restarts
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "fail_at_step=7",
-               "storage.max_failures=0")
-    with pytest.raises(TrainingFailedError):
-        train(cfg)
+    cfg = _copy_of(failed_run, tiny_dataset, tmp_path)
     run = tmp_path / "ray_results" / cfg.run_name
     newest = run / "checkpoint_epoch_0002" / "state.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])   # torn upload
@@ -380,11 +365,12 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(ray_session, tiny
 
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_without_retry_and_exports_the_best_epoch(
-        ray_session, tiny_dataset, tmp_path):
+        ray_session, tiny_dataset, tmp_path, inject_faults):
     from pipelines.train.train import train
 
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "nan_at_step=5",
-               "storage.max_failures=2", "artifact_weights=last")
+    inject_faults(nan_at_step=5)
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "storage.max_failures=2",
+               "artifact_weights=last")
     result = train(cfg)
     assert result.stopped.startswith("non-finite loss at step 5 (epoch 2)")
     assert result.restarts == [] and [h["epoch"] for h in result.history] == [1]
@@ -394,9 +380,19 @@ def test_a_non_finite_loss_stops_without_retry_and_exports_the_best_epoch(
     assert all(torch.isfinite(v).all() for v in torch.load(
         Path(result.artifact_uri) / "weights.pt", weights_only=True).values()
         if v.is_floating_point())
-    early = _cfg(str(tiny_dataset), str(tmp_path / "early"), "epochs=2", "nan_at_step=1")
+
+
+def test_a_loss_that_blows_up_in_the_first_epoch_leaves_nothing_to_export(tiny_dataset,
+                                                                         tmp_path):
+    from pipelines.train.checkpoint import NON_FINITE
+    from pipelines.train.train import write_artifact
+
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=2")
+    state = {"best": None, "stopped": f"{NON_FINITE} at step 1 (epoch 1)", "history": [],
+             "epoch": 0, "step": 1, "restarts": [], "model": {}}
     with pytest.raises(RuntimeError, match="before the first epoch ended"):
-        train(early)
+        write_artifact(cfg, state, "sha", str(tmp_path / "run"))
+    assert not (tmp_path / "models").exists()
 
 
 def test_cache_decoded_auto_weighs_the_decoded_size_against_the_object_store(
@@ -416,3 +412,19 @@ def test_cache_decoded_auto_weighs_the_decoded_size_against_the_object_store(
     assert not cache and "streaming them" in why
     forced = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_decoded=True))
     assert data.cache_decision(forced, str(tiny_dataset), "manifest", train_sel, val_sel)[0]
+
+
+def test_faults_are_armed_only_through_their_environment_variable(monkeypatch):
+    from pipelines.api import hyperparameter_names
+    from pipelines.faults import ENV, Faults
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert Faults.from_env() == Faults()
+    monkeypatch.setenv(ENV, '{"nan_at_step": 5}')
+    assert Faults.from_env() == Faults(nan_at_step=5)
+    monkeypatch.setenv(ENV, '{"explode_at_step": 5}')
+    with pytest.raises(ValueError, match="expected a JSON object with keys"):
+        Faults.from_env()
+    assert not {"fail_at_step", "nan_at_step", "pause_at_step"} & set(hyperparameter_names())
+    assert not [k for k in config_to_dict(load_train_config()) if k.endswith("_at_step")]
+

@@ -20,18 +20,15 @@ from seg_core.inference import Segmenter
 from seg_core.model import UNet
 from tests.geometry_reference import (CLASS_NAMES, MEAN, NUM_CLASSES, STD, STORED_SIZE,
                                       TRAIN_SIZE, assert_masks_match, reference_resized,
-                                      reference_windows, render, to_input,
-                                      train_position_model)
+                                      reference_windows, render, to_input)
 
+# one torch thread, as the session's position model was trained with
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SPEC = MaskSpec(num_classes=NUM_CLASSES, class_names=CLASS_NAMES)
 RESIZED = Preprocessing(mean=(MEAN,) * 3, std=(STD,) * 3, resize=TRAIN_SIZE, train_size=TRAIN_SIZE)
 TEST_SEEDS = range(6)
 
 
-@pytest.fixture(scope="module")
-def position_model() -> UNet:
-    torch.set_num_threads(1)
-    return train_position_model()
 
 
 def test_the_model_learned_a_task_that_padding_breaks(position_model) -> None:

@@ -24,6 +24,8 @@ from tests.geometry_reference import (CLASS_NAMES, MEAN, NUM_CLASSES, STD, STORE
                                       TRAIN_SIZE, reference_resized, reference_windows, render,
                                       to_input, train_position_model)
 
+# one torch thread, as the session's position model was trained with
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SPEC = MaskSpec(num_classes=NUM_CLASSES, class_names=CLASS_NAMES)
 RESIZED = Preprocessing(mean=(MEAN,) * 3, std=(STD,) * 3, resize=TRAIN_SIZE, train_size=TRAIN_SIZE)
 WINDOWS = Preprocessing(mean=(MEAN,) * 3, std=(STD,) * 3, train_size=TRAIN_SIZE)
@@ -31,10 +33,6 @@ FLOAT_ENGINES = ("openvino", "onnxruntime")
 SEEDS = range(8)
 
 
-@pytest.fixture(scope="module")
-def position_model() -> torch.nn.Module:
-    torch.set_num_threads(1)
-    return train_position_model()
 
 
 @pytest.fixture(scope="module")
