@@ -311,6 +311,37 @@ class StorageContractError(ValueError):
     """A local path given to a job on a multi-node cluster, where other nodes cannot see it."""
 
 
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creator actor is dead; return how many.
+
+    A placement group made by a (non-detached) actor lives until its *job* ends, even after that
+    actor is killed: Ray removes it only once both its creator job and its creator actor are
+    dead.  When Tune stops a trial, it kills the trial's actor, and with it (their owner) the
+    task running ``train()`` and the Ray Train controller that task created; the controller's
+    worker placement group stays, holding its CPUs for the rest of the driver's life, and enough
+    of them leave the next trials waiting for CPUs forever (issue 28's grid search hang).
+    Nothing can use such a group any more: the workers placed in it were owned by the dead
+    controller.  Removing it only gives the resources back.
+    """
+    import ray
+    from ray._private import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table = gcs_pb2.PlacementGroupTableData
+    live = (table.PENDING, table.PREPARED, table.CREATED, table.RESCHEDULING)
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    # Ray's public placement_group_table() leaves out who created a group: read the GCS record
+    for raw in state.state._connect_and_get_accessor().get_placement_group_table():
+        group = table.FromString(raw)
+        if (group.state in live and not group.is_detached and group.creator_actor_dead
+                and group.creator_actor_id.strip(b"\xff") and group.creator_job_id.hex() == job):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            removed += 1
+    return removed
+
+
 def alive_nodes() -> int:
     """Nodes of the connected Ray cluster that are alive."""
     import ray

@@ -11,6 +11,10 @@ hyperparameters, each trial one :func:`pipelines.train.train.train` run (a Ray T
   cluster's CPUs less one (left to Ray Data: the 2-core hang in the Ray notes), as CV folds do.
 - Trials that finish write an artifact and register it like any ``rayseg train``; a trial ASHA
   stopped keeps its last metrics in the table and has no artifact.
+- A stopped trial's workers must give their CPUs back: Tune kills the trial, and the placement
+  group its Ray Train controller made would outlive it (Ray frees such a group only when the
+  driver exits), so later trials would wait for CPUs forever.  :func:`_release_stopped_trials`
+  removes those groups as Tune runs (:func:`pipelines.raycluster.release_orphaned_placement_groups`).
 """
 from __future__ import annotations
 
@@ -117,6 +121,7 @@ def run_grid(configs: Sequence[TrainConfig], params: Sequence[Mapping[str, Any]]
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs + 1,
                               grace_period=grace, reduction_factor=criteria.reduction_factor)
     fs, path = storage.filesystem_for(storage_path)
+    released = _release_stopped_trials()
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, configs=list(configs)),
                             {"cpu": TRIAL_DRIVER_CPU}),
@@ -125,13 +130,15 @@ def run_grid(configs: Sequence[TrainConfig], params: Sequence[Mapping[str, Any]]
                                     max_concurrent_trials=at_once,
                                     time_budget_s=criteria.max_runtime_secs),
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                  verbose=0),
+                                  verbose=0, callbacks=[released]),
     )
     workers = configs[0].scaling
     log(f"[{name}] {len(configs)} trials, {at_once} at once, ASHA on val mIoU (grace {grace} "
         f"epochs, reduction {criteria.reduction_factor}); {workers.num_workers} worker(s) per "
         f"trial at {workers.cpus_per_worker or 'GPU'} CPU of the cluster's {cpus:g}")
     grid = tuner.fit()
+    if released.groups:
+        log(f"[{name}] gave back the workers' CPUs of {released.groups} stopped trial(s)")
     trials: dict[int, Trial] = {}
     for result in grid:
         index = int(result.config["index"])
@@ -156,6 +163,39 @@ def run_grid(configs: Sequence[TrainConfig], params: Sequence[Mapping[str, Any]]
 
 _KEPT = ("val_miou", "val_pixel_accuracy", "train_loss", "epoch", "step", "lr", "final_miou",
          "final_mdice", "final_pixel_accuracy", "selected_epoch")
+
+
+def _release_stopped_trials(period_s: float = 1.0) -> Any:
+    """A Tune callback that, after Tune's steps (at most every ``period_s``) and when a trial
+    ends, removes the placement groups of Ray Train controllers that died with their stopped
+    trial (see the module docstring); ``.groups`` counts them.  Built here so that importing
+    this module does not import Ray Tune."""
+    from ray import tune
+
+    from pipelines.raycluster import release_orphaned_placement_groups
+
+    class ReleaseStoppedTrials(tune.Callback):
+        def __init__(self) -> None:
+            self.groups = 0
+            self._last = 0.0
+
+        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            if time.monotonic() - self._last >= period_s:
+                self.sweep()
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                              **info: Any) -> None:
+            self.sweep()
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                           **info: Any) -> None:
+            self.sweep()
+
+        def sweep(self) -> None:
+            self._last = time.monotonic()
+            self.groups += release_orphaned_placement_groups()
+
+    return ReleaseStoppedTrials()
 
 
 def _trial_config(cfg: TrainConfig, cpus: float, at_once: int) -> TrainConfig:

@@ -8,6 +8,21 @@ from pipelines.train.tune import SearchCriteria, combinations
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def wait_for_free_cpus(cpus: float, timeout_s: float) -> bool:
+    """Whether Ray's free CPUs reach ``cpus`` within ``timeout_s``."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if ray.available_resources().get("CPU", 0.0) >= cpus - 1e-6:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
 def test_strategies_cut_and_order_the_combinations():
     params = {"lr": [1e-3, 3e-3], "loss": ["ce", "dice_ce"], "base_width": [8, 16]}
     cartesian = combinations(params, SearchCriteria())
@@ -52,3 +67,39 @@ def test_a_random_grid_sorts_stops_a_trial_early_and_its_best_model_predicts(
     assert best.model_id == table["model_id"][0] and best.registry_uri
     predictions = best.predict(valid)
     assert predictions.nrow == valid.nrow
+    # every trial, the stopped ones too, gave its workers' CPUs back (no placement group left)
+    import ray
+
+    assert wait_for_free_cpus(ray.cluster_resources()["CPU"], timeout_s=30)
+
+
+def test_placement_groups_of_a_killed_creator_are_released_and_no_others(ray_session):
+    """The leak behind the grid search hang: a placement group made by an actor (a Ray Train
+    controller) outlives the actor once Tune kills it, holding its CPU until the driver exits.
+    The release removes exactly those groups: not a live actor's, not the driver's own."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pipelines.raycluster import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self):
+            group = placement_group([{"CPU": 0.5}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    total = ray.cluster_resources()["CPU"]
+    doomed, living = Creator.remote(), Creator.remote()
+    ray.get([doomed.make.remote(), living.make.remote()])
+    own = placement_group([{"CPU": 0.25}])
+    ray.get(own.ready())
+    ray.kill(doomed)
+    assert not wait_for_free_cpus(total - 0.75, timeout_s=3)   # the dead actor's 0.5 CPU stays held
+    assert release_orphaned_placement_groups() == 1
+    assert wait_for_free_cpus(total - 0.75, timeout_s=10)      # back; the other two hold theirs
+    assert release_orphaned_placement_groups() == 0
+    ray.kill(living)
+    remove_placement_group(own)
+    assert release_orphaned_placement_groups() == 1
+    assert wait_for_free_cpus(total, timeout_s=10)
