@@ -201,18 +201,13 @@ def _memory_kb(pid: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------- S3 in a process
 
 
-_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
-           "AWS_SESSION_TOKEN")
-
-
 @contextlib.contextmanager
 def moto_process(credentials: str = "bench") -> Iterator[str]:
     """moto's S3 server in a process of its own on 127.0.0.1:<free port>; yields its endpoint.
 
     Its own process, so that neither side of a comparison shares an interpreter (and its GIL)
     with the server, as neither would with a real object store.  While it runs, the AWS
-    variables point at it (as :func:`pipelines.storage.local_s3_server` does); they are
+    variables point at it (as :func:`pipelines.demo.s3server.local_s3_server` does); they are
     restored after.
     """
     with socket.socket() as sock:
@@ -222,7 +217,9 @@ def moto_process(credentials: str = "bench") -> Iterator[str]:
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    saved = {name: os.environ.get(name) for name in _S3_ENV}
+    from pipelines.storage import S3_ENV
+
+    saved = {name: os.environ.get(name) for name in S3_ENV}
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -204,25 +204,22 @@ class _Bare:
     """The replica's network in this process, for the baseline timings (see the docstring)."""
 
     def __init__(self, model_dir: Path, png: bytes) -> None:
+        from pipelines.model import open_artifact, open_model
         from pipelines.serve.control import load_serve_config
-        from seg_core.artifact import load_artifact
-        from seg_core.codecs import decode_image
-        from seg_core.inference import Segmenter, prepare_image
+        from seg_core.inference import prepare_image
 
         engine = load_serve_config(SERVE_YAML)["applications"][0]["args"].get("engine", "auto")
-        artifact = load_artifact(model_dir)
-        self.segmenter = Segmenter(artifact, engine=engine)     # as the replica builds it
-        self.unfolded = load_artifact(model_dir).model.eval()
+        self.model = open_model(str(model_dir), engine=engine)     # as the replica opens it
+        self.segmenter = self.model.segmenter
+        self.unfolded = open_artifact(str(model_dir)).model.eval()
         self.png = png
-        self.image = decode_image(png)
-        self.x = prepare_image(self.image, artifact.preprocessing)[None]  # 1 x C x H x W
+        self.image = self.model.decode(png, "bench.png")
+        self.x = prepare_image(self.image, self.model.artifact.preprocessing)[None]  # 1xCxHxW
 
     def medians(self) -> dict[str, float]:
         """Median ms of the replica's forward, the unfolded model, Segmenter.predict, and
         decode + predict + row."""
         import torch
-
-        from pipelines.predict.predict import predict_one
 
         def forward(fn: Callable[[Any], Any]) -> Callable[[], None]:
             def call() -> None:
@@ -230,8 +227,7 @@ class _Bare:
                     fn(self.x)
             return call
 
-        whole = (lambda: predict_one(self.segmenter, self.png, model_name="bench",
-                                     model_version="b1"))
+        whole = (lambda: self.model.predict_one(self.png, id="bench"))
         return {"bare_forward_ms": round(_median_ms(forward(self.segmenter.logits), 50), 2),
                 "unfolded_torch_forward_ms": round(_median_ms(forward(self.unfolded), 50), 2),
                 "segmenter_predict_ms": round(_median_ms(

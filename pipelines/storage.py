@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 StorageOptions = Mapping[str, Any]
 Uri = str | os.PathLike  # every function here takes a pathlib.Path wherever it takes a URI
 
-_S3_ENV = (
+S3_ENV = (
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
 )
@@ -401,7 +401,7 @@ def copy_dir_from_local(local_dir: str | os.PathLike, uri: Uri,
 
 def s3_env() -> dict[str, str]:
     """The AWS variables set on this process, for a Ray ``runtime_env={"env_vars": ...}``."""
-    return {name: os.environ[name] for name in _S3_ENV if os.environ.get(name)}
+    return {name: os.environ[name] for name in S3_ENV if os.environ.get(name)}
 
 
 def write_table(table: pa.Table, uri: str, storage_options: StorageOptions | None = None) -> str:
@@ -425,40 +425,3 @@ def read_table(uri: Uri, storage_options: StorageOptions | None = None) -> pa.Ta
 
     fs, path = filesystem_for(uri, storage_options)
     return pq.read_table(path, filesystem=fs)
-
-
-# ---------------------------------------------------------------------------- local S3 server
-
-
-@contextlib.contextmanager
-def local_s3_server(credentials: str = "local") -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1:<free port>; yields its endpoint URL.
-
-    While it runs, the AWS variables point at it (endpoint, dummy ``credentials``, a region,
-    no instance metadata), so :func:`resolve_options` and every Ray worker started afterwards
-    use it; they are restored when it stops.  For ``rayseg demo --s3`` and the benchmarks: moto
-    is a test dependency, so this is not for production paths.
-    """
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {name: os.environ.get(name) for name in _S3_ENV}
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over AWS_ENDPOINT_URL
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=credentials,
-                      AWS_SECRET_ACCESS_KEY=credentials, AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

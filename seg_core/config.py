@@ -303,27 +303,57 @@ class Preprocessing:
         """``tile_size`` as ``(H, W)``, or None when not set."""
         return None if self.tile_size is None else as_hw(self.tile_size, "Preprocessing.tile_size")
 
-    def training_geometry(self) -> tuple[int, int] | None:
-        """The largest H x W one training forward saw: ``train_size``, else ``resize``.
-
-        ``resize`` stands in for artifacts written before ``train_size`` was recorded: training
-        then fed whole resized images (or crops of them, which are smaller).
-        """
-        return self.train_size or (tuple(self.resize) if self.resize else None)  # type: ignore
-
     def inference_window(self) -> tuple[int, int]:
         """(H, W) of the largest window inference feeds the network.
 
-        ``tile_size`` when set, clipped per axis to the training geometry; else the training
-        geometry; else :data:`DEFAULT_TILE` (artifacts that record neither).  Windows are also
-        clipped to each image, never padded past it (``seg_core.tiling``).
+        ``tile_size`` when set, clipped per axis to the :func:`training_geometry` (a larger tile
+        is refused at config time, :func:`oversized_tile`; only artifacts trained before that
+        rule can hold one); else the training geometry; else :data:`DEFAULT_TILE` (artifacts
+        that record neither).  Windows are also clipped to each image, never padded past it
+        (``seg_core.tiling``).
         """
-        geometry, tile = self.training_geometry(), self.tile_hw
+        geometry, tile = training_geometry(self), self.tile_hw
         if tile is None:
             return geometry or (DEFAULT_TILE, DEFAULT_TILE)
         if geometry is None:
             return tile
         return min(tile[0], geometry[0]), min(tile[1], geometry[1])
+
+
+def training_geometry(pre: Preprocessing,
+                      crop: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The largest H x W one training forward sees (a config) or saw (an artifact).
+
+    The one definition, for config time and inference time: the recorded ``train_size`` (an
+    artifact: the crop, the resize or the largest native image), else the random ``crop`` (a
+    config's ``augment.crop``), else ``resize`` (and artifacts written before ``train_size`` was
+    recorded, which fed whole resized images or smaller crops of them).  None when nothing fixes
+    it: native-size training, whose largest input the loop records.
+    """
+    if pre.train_size:
+        return as_hw(pre.train_size, "Preprocessing.train_size")
+    if crop:
+        return as_hw(crop, "augment.crop")
+    return as_hw(pre.resize, "Preprocessing.resize") if pre.resize else None
+
+
+def oversized_tile(pre: Preprocessing, crop: tuple[int, int] | None = None) -> str | None:
+    """Why ``pre.tile_size`` is larger than the :func:`training_geometry`, or None when it fits.
+
+    The one rule for an oversized tile: a window the network never saw in training moves the
+    image borders and changes the masks.  A config with one is refused; an artifact trained
+    before the rule existed is warned about, and its windows are clipped to the geometry.
+    """
+    geometry, tile = training_geometry(pre, crop), pre.tile_hw
+    if geometry is None or tile is None or (tile[0] <= geometry[0] and tile[1] <= geometry[1]):
+        return None
+    source = ("preprocessing.train_size" if pre.train_size else
+              "augment.crop" if crop else "preprocessing.resize")
+    return (f"preprocessing.tile_size={list(tile)} is larger than the {geometry[0]}x"
+            f"{geometry[1]} inputs training shows the network ({source}); inference windows "
+            f"that large move the image borders and change the masks. Leave tile_size out "
+            f"(inference then follows the training geometry) or set it to at most "
+            f"{list(geometry)}")
 
 
 def as_hw(size: int | tuple[int, ...] | list[int], name: str = "size") -> tuple[int, int]:

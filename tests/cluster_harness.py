@@ -263,6 +263,7 @@ def run_predict(h: Harness, data: dict[str, Any], artifact: str) -> str:
     one joins).  A run that fails is run again, as a RayJob retry would; then once more on the
     finished output.  The union must hold every input exactly once."""
     from pipelines.predict import store
+    from pipelines import predictions
 
     t0, out = time.monotonic(), f"{h.prefix}/predictions"
     argv = ("predict", "--model", artifact, "--input", data["manifest"], "--out", out,
@@ -270,21 +271,21 @@ def run_predict(h: Harness, data: dict[str, Any], artifact: str) -> str:
             "--rows-per-file", "2", "--tta", "--no-progress")
     job = h.start(*argv)
     actors = h.wait_for("2 predictor actors and a committed file",
-                        lambda: store.prediction_files(out) and h.placed("Predictor", 2), job)
-    committed, victim, mid_run = len(store.prediction_files(out)), actors[0], job.running()
+                        lambda: predictions.prediction_files(out) and h.placed("Predictor", 2), job)
+    committed, victim, mid_run = len(predictions.prediction_files(out)), actors[0], job.running()
     h.remove_node(victim)
     h.add_node("d")
     runs = [job] if job.wait() == 0 else [job, h.run(*argv)]
-    files = store.prediction_files(out) + store.quarantine_files(out)
+    files = predictions.prediction_files(out) + predictions.quarantine_files(out)
     rerun = h.run(*argv)
     ids = store.done_ids(out).to_pylist()
     h.step("predict", t0, exit=[r.proc.returncode for r in runs], actors_on=actors,
            committed_at_removal=committed, removed=victim, removed_mid_run=mid_run,
-           rows_in=data["rows"], predicted=store.read_predictions(out, ["id"]).num_rows,
-           quarantined=store.read_quarantine(out).num_rows, committed_ids=len(ids),
+           rows_in=data["rows"], predicted=predictions.scan(out, ["id"]).num_rows,
+           quarantined=predictions.read_quarantine(out).num_rows, committed_ids=len(ids),
            unique_ids=len(set(ids)), rerun_exit=rerun.proc.returncode,
            rerun_summary=rerun.line("predict: "), files_before_rerun=len(files),
-           files_after_rerun=len(store.prediction_files(out) + store.quarantine_files(out)),
+           files_after_rerun=len(predictions.prediction_files(out) + predictions.quarantine_files(out)),
            tail=[r.tail() for r in runs])
     return out
 

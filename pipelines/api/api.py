@@ -22,7 +22,6 @@ node can read them).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import uuid
@@ -30,7 +29,20 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from pipelines import storage
 from pipelines.api.frame import Frame, read_frame, write_manifest
+from pipelines.api.params import (
+    _check_params,
+    cv_summary_frame,
+    hyperparameter_names,
+    infer_num_classes,
+)
 from pipelines.api.performance import ModelPerformance
+from pipelines.api.session import (
+    DEFAULT_WORK_DIR,
+    _connected,
+    import_file,
+    init,
+    work_directory,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -40,91 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
            "load_model", "get_model", "hyperparameter_names"]
 
-DEFAULT_WORK_DIR = "rayseg_work"
-_SESSION: dict[str, Any] = {"work_dir": None}
 ESTIMATOR_FILE = "estimator.json"
-
-
-# ------------------------------------------------------------------------------------ session
-
-
-def init(address: str | None = None, *, num_cpus: int | None = None,
-         work_dir: str | os.PathLike | None = None, quiet: bool = True) -> dict[str, float]:
-    """Connect to a Ray cluster (``address``, or ``RAY_ADDRESS``), else start a local one.
-
-    A local cluster gets every core (``num_cpus`` to change that) and an object store sized to
-    leave room for PyTorch.  ``work_dir`` is where frames, checkpoints, models and predictions go
-    (default ``./rayseg_work``; use an ``s3://`` prefix when the cluster has several nodes).
-    Returns the cluster's resources.
-    """
-    from pipelines.raycluster import ensure_ray
-
-    resources = ensure_ray(address=address, num_cpus=num_cpus, quiet=quiet)
-    if work_dir is not None:
-        _SESSION["work_dir"] = storage.as_uri(work_dir)
-    print(f"rayseg: Ray ready ({resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU); "
-          f"work dir {work_directory()}", flush=True)
-    return resources
-
-
-def _connected() -> None:
-    """Every call that runs Ray work: :func:`init` with its defaults when it was not called."""
-    import ray
-
-    if not ray.is_initialized():
-        init()
-
-
-def work_directory() -> str:
-    """The session's work directory (``init(work_dir=...)``, ``RAYSEG_WORK_DIR`` or rayseg_work)."""
-    chosen = _SESSION["work_dir"] or os.environ.get("RAYSEG_WORK_DIR") or DEFAULT_WORK_DIR
-    return storage.strip_scheme(chosen) if storage.is_local(chosen) else chosen
-
-
-def import_file(path: str | os.PathLike, *,
-                storage_options: dict[str, Any] | None = None) -> Frame:
-    """A :class:`Frame` over a manifest (``.csv``/``.parquet``), a dataset directory holding
-    ``manifest.csv``, a prefix with ``images/`` and ``masks/``, ``rayseg pack`` shards, or bulk
-    predictions; any URI (local, ``file://``, ``s3://``) or ``pathlib.Path``.  Only metadata is
-    read."""
-    return read_frame(path, storage_options)
-
-
-# ------------------------------------------------------------------------------- parameters
-
-# TrainConfig sections whose fields become flat estimator parameters (``lr`` -> ``optim.lr``).
-_SECTIONS = ("data", "model", "mask", "preprocessing", "augment", "optim", "scaling", "storage")
-# Set by the estimator itself (from its frames, x, y, model_id), never by the user.
-_MANAGED = {"manifest", "shards", "train_split", "val_split", "fold_column", "fold", "name",
-            "version", "in_channels"}
-
-
-def hyperparameter_names() -> dict[str, tuple[str, ...]]:
-    """Flat estimator parameter -> the TrainConfig paths it sets (``num_classes`` sets two)."""
-    from pipelines.config import TrainConfig
-
-    paths: dict[str, tuple[str, ...]] = {}
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in _MANAGED:
-            continue
-        if field.name in _SECTIONS:
-            section = type(getattr(TrainConfig(), field.name))
-            for sub in dataclasses.fields(section):
-                if sub.name not in _MANAGED:
-                    paths[sub.name] = paths.get(sub.name, ()) + (f"{field.name}.{sub.name}",)
-        else:
-            paths[field.name] = (field.name,)
-    paths["channels"] += ("model.in_channels",)   # the model's input is the preprocessed image
-    return paths
-
-
-def _check_params(params: dict[str, Any]) -> None:
-    known = hyperparameter_names()
-    dotted = {p for paths in known.values() for p in paths}
-    unknown = sorted(k for k in params if k not in known and k not in dotted)
-    if unknown:
-        raise ValueError(f"UNetSegmentationEstimator: unknown parameter(s) {unknown}; expected "
-                         f"some of {sorted(known)} (or a dotted TrainConfig key like 'optim.lr')")
 
 
 # ------------------------------------------------------------------------------- estimator
@@ -407,14 +335,14 @@ def load_model(path: str | os.PathLike) -> UNetSegmentationEstimator:
     """An estimator over a saved model (``save_model``'s directory, any rayseg artifact, or a
     registry URI: ``models:/name/3``, ``models:/name@champion``)."""
     from pipelines import registry
-    from seg_core.artifact import read_artifact_meta
+    from pipelines.model import artifact_meta
 
     ref = registry.resolve(storage.as_uri(path))
     path = ref.source
     if not storage.exists(storage.join_uri(path, "artifact.json")):
         raise FileNotFoundError(f"load_model: {path} holds no artifact.json (expected a directory "
                                 f"written by save_model or rayseg train)")
-    meta = read_artifact_meta(storage.fetch_artifact(path))
+    meta = artifact_meta(path)
     state_uri = storage.join_uri(path, ESTIMATOR_FILE)
     state = json.loads(storage.read_bytes(state_uri)) if storage.exists(state_uri) else {}
     spec = meta["mask_spec"]
@@ -453,49 +381,6 @@ def get_model(model_id: str) -> UNetSegmentationEstimator:
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def infer_num_classes(manifest: str, multilabel: bool = False) -> int:
-    """The class count of the masks in ``manifest``, read by a Ray Data pass (``rayseg
-    validate``'s): highest mask value + 1, or the number of files per multi-label mask."""
-    from pipelines.ingest import IGNORE_PREFIX, MASK_SEPARATOR, read_manifest
-    from pipelines.validate import validate
-    from seg_core.config import MaskSpec
-
-    if multilabel:
-        masks = [m for m in read_manifest(manifest)["mask_uri"].to_pylist() if m]
-        counts = {sum(not p.strip().startswith(IGNORE_PREFIX) for p in m.split(MASK_SEPARATOR)
-                      if p.strip()) for m in masks}
-        if len(counts) != 1:
-            raise ValueError(f"multi-label masks list {sorted(counts)} files per row; they must "
-                             f"all list one file per class (pass num_classes=)")
-        return counts.pop()
-    report = validate(manifest, MaskSpec(num_classes=255, ignore_index=255))
-    present = [k for k, n in enumerate(report.class_pixels) if n > 0]
-    if report.ok == 0 or not present:
-        raise ValueError(f"could not read class ids from the masks ({report.reasons}); pass "
-                         f"num_classes= (and mask_values= or palette= for non-index masks)")
-    if report.ignore_pixels and len(present) == 1:
-        raise ValueError(f"the masks hold only value {present[0]} and 255; if 255 is a class "
-                         f"(e.g. ISBI membranes 0/255) pass mask_values=[{present[0]}, 255], "
-                         f"else pass num_classes=")
-    print(f"rayseg: num_classes={present[-1] + 1} inferred from the mask values "
-          f"{present[:6]}{' ...' if len(present) > 6 else ''} (pass num_classes= to skip this "
-          f"pass over the masks)", flush=True)
-    return present[-1] + 1
-
-
-def cv_summary_frame(cv: Any) -> "pandas.DataFrame":
-    """H2O-style CV summary: one row per metric, columns mean, sd, cv_1_valid .. cv_k_valid."""
-    import pandas
-
-    from pipelines.train.cv import fold_metric
-
-    rows = {name: {"mean": stats["mean"], "sd": stats["std"],
-                   **{f"cv_{k + 1}_valid": fold_metric(fold, name)
-                      for k, fold in enumerate(cv.folds)}}
-            for name, stats in cv.summary_metrics.items()}
-    return pandas.DataFrame.from_dict(rows, orient="index")
 
 
 def _copy_tree(source: str, target: str) -> None:

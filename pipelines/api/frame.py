@@ -205,31 +205,27 @@ class Frame:
         """
         if self.kind != "predictions":
             raise ValueError(f"mask() reads predicted masks; this is a {self.kind} frame")
-        ident = self._table["id"][row].as_py() if isinstance(row, int) else row
-        import pyarrow.dataset as pads
         from PIL import Image
 
-        fs, path = storage.filesystem_for(self.source, self.storage_options)
-        data = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-        found = data.to_table(columns=["mask_png", "class_mask_pngs"],
-                              filter=pads.field("id") == ident)
-        if found.num_rows == 0:
+        from pipelines.predictions import scan
+
+        ident = self._table["id"][row].as_py() if isinstance(row, int) else row
+        found = scan(self.source, ["mask_png", "class_mask_pngs"], ids=[ident],
+                     storage_options=self.storage_options).to_pylist()
+        if not found:
             raise ValueError(f"no prediction with id {ident!r} under {self.source}")
         if self._multilabel():
             planes = [np.asarray(Image.open(io.BytesIO(png)))
-                      for png in found["class_mask_pngs"][0].as_py()]
+                      for png in found[0]["class_mask_pngs"]]
             return (np.stack(planes) > 0).astype(np.uint8)
-        return np.asarray(Image.open(io.BytesIO(found["mask_png"][0].as_py())))
+        return np.asarray(Image.open(io.BytesIO(found[0]["mask_png"])))
 
     def _multilabel(self) -> bool:
         """Whether the model behind these predictions is multi-label (from ``_model.json``)."""
-        from pipelines.predict import store as prediction_store
+        from pipelines.predictions import model_records
 
-        try:
-            record = prediction_store.read_model_record(self.source)
-        except FileNotFoundError:
-            return False  # endpoint logs keep no model record; their mask_png is what was sent
-        return bool(record.get("mask_spec", {}).get("multilabel"))
+        records = model_records(self.source, self.storage_options)
+        return any(r.get("mask_spec", {}).get("multilabel") for r in records)
 
     def _derive(self, table: pa.Table) -> "Frame":
         return Frame(table, kind=self.kind, source=self.source, base=self.base,
@@ -293,31 +289,30 @@ def _parquet_kind(path: str, storage_options: dict[str, Any] | None) -> str | No
 def _read_parquet_frame(path: str, kind: str, storage_options: dict[str, Any] | None) -> Frame:
     import pyarrow.dataset as pads
 
+    if kind == "predictions":   # either layout, one row per request (metadata columns only)
+        from pipelines.predictions import scan
+        from pipelines.records import PREDICTION_SCHEMA
+
+        keep = [f.name for f in PREDICTION_SCHEMA if not _is_binary(f.type)]
+        table = scan(path, keep, storage_options=storage_options)
+        unused = [n for n in _SERVE_ONLY if n in table.column_names
+                  and table[n].null_count == table.num_rows]   # batch rows carry no request data
+        return Frame(table.drop_columns(unused), kind="predictions", source=path,
+                     storage_options=storage_options)
     fs, fs_path = storage.filesystem_for(path, storage_options)
     data = pads.dataset(fs_path, filesystem=fs, format="parquet", partitioning="hive",
                         exclude_invalid_files=True)
     keep = [f.name for f in data.schema if not _is_binary(f.type)]
     table = data.to_table(columns=keep)        # metadata columns only; bytes stay in storage
-    if kind == "shards":
-        table = table.rename_columns([_SHARD_RENAMES.get(n, n) for n in table.column_names])
-        return Frame(table, kind="shards", source=path, storage_options=storage_options)
-    unused = [n for n in _SERVE_ONLY if n in table.column_names
-              and table[n].null_count == table.num_rows]   # batch rows carry no request data
-    return Frame(table.drop_columns(unused), kind="predictions", source=path,
-                 storage_options=storage_options)
+    table = table.rename_columns([_SHARD_RENAMES.get(n, n) for n in table.column_names])
+    return Frame(table, kind="shards", source=path, storage_options=storage_options)
 
 
 def _read_manifest_frame(path: str, storage_options: dict[str, Any] | None) -> Frame:
     """Every manifest column as written, plus ``id`` (derived as ingest derives it) when absent."""
     from pipelines import ingest
 
-    if path.lower().endswith(".parquet"):
-        raw = storage.read_table(path, storage_options)
-    else:
-        import pyarrow.csv as pcsv
-
-        raw = pcsv.read_csv(io.BytesIO(storage.read_bytes(path, storage_options)),
-                            convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+    raw = ingest.read_manifest_table(path, storage_options)
     if "fold" in raw.column_names:
         raw = raw.set_column(raw.column_names.index("fold"), "fold", raw["fold"].cast(pa.int32()))
     if "id" not in raw.column_names:

@@ -50,7 +50,7 @@ class GridSearch:
               training_frame: "Frame | None" = None, validation_frame: "Frame | None" = None,
               max_iterations: int | None = None, **overrides: Any) -> "GridSearch":
         """Train every combination (Ray Tune, ASHA early stopping); returns ``self``."""
-        from pipelines.api.api import _connected, work_directory
+        from pipelines.api.session import _connected, work_directory
         from pipelines.train.tune import run_grid
 
         base = self.model

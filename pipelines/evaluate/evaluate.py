@@ -1,14 +1,19 @@
-"""Score batch predictions against ground truth: per-class metrics, confusion matrix, bootstrap CIs.
+"""Score predictions against ground truth: per-class metrics, confusion matrix, bootstrap CIs.
 
 ``rayseg evaluate --predictions OUT --manifest MANIFEST [--model URI] [--split val] --out DIR``::
 
-    predictions (Parquet under OUT)  --map_batches(score_batch)-->  per-image counts (tp, fp, fn, tn)
-    manifest masks (same MaskSpec)  ---^                             -> summed on the driver
-                                                                     -> report.json, report.md, overlays
+    predictions (predictions.scan) --map_batches(score_batch)--> per-image counts (tp, fp, fn, tn)
+    manifest masks (same MaskSpec) ---^                          -> summed on the driver
+                                                                 -> report.json, report.md, overlays
+
+``OUT`` is a ``rayseg predict`` output or an endpoint's log (``out_uri`` of ``rayseg serve``).
+A batch row is matched to its truth row by id; a logged request has no manifest id, so it is
+matched by content: the truth image whose bytes have the row's ``source_sha256``.
 
 Predicted masks are stored at the input's full resolution, and truth masks are decoded from the
-original files with the artifact's own :class:`MaskSpec` (recorded in ``OUT/_model.json``), so
-scores are computed pixel for pixel at full resolution.  Counts are integers per image; every
+original files with the artifact's own :class:`MaskSpec` (recorded beside the predictions:
+:func:`pipelines.predictions.model_records`), so scores are computed pixel for pixel at full
+resolution.  Counts are integers per image; every
 reduction (micro, macro, per-image; :func:`seg_core.metrics.compute_metrics`) and every bootstrap
 resample is computed from those counts, never by averaging batch scores.
 """
@@ -23,10 +28,12 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines import storage
 from pipelines.config import EvaluateConfig
-from pipelines.predict import store
+from pipelines.model import InputLimits
+from pipelines.predictions import model_records, read_quarantine, scan
 from pipelines.records import COUNT_SCHEMA, decode_prediction
 from seg_core.config import EmptyPolicy, MaskSpec, from_dict
 from seg_core.errors import InputError
@@ -111,7 +118,7 @@ def _unscored(id_: str, reason: str, message: str) -> dict[str, Any]:
 def _quarantined(predictions: str, truth: Mapping[str, Any]) -> pa.Table:
     """Truth rows that ``rayseg predict`` quarantined: unscored, with predict's reason, rather
     than reported as missing predictions."""
-    rows = store.read_quarantine(predictions).to_pylist()
+    rows = read_quarantine(predictions).to_pylist()
     return pa.Table.from_pylist([_unscored(r["id"], r["reason"], f"quarantined by predict: "
                                            f"{r['message']}") for r in rows if r["id"] in truth],
                                 schema=COUNT_SCHEMA)
@@ -181,35 +188,88 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     started = time.perf_counter()
     DataContext.get_current().enable_progress_bars = cfg.progress
     predictions = _predict_first(cfg, log) if cfg.model else cfg.predictions
-    record = store.read_model_record(predictions)
+    record = _model_record(predictions)
     spec = from_dict(MaskSpec, record["mask_spec"])
     if cfg.mask_values is not None:
         spec = dataclasses.replace(spec, mask_values=tuple(cfg.mask_values))
     truth = select_rows(pair_table(cfg.manifest), split=cfg.split)
     truth_masks = {id_: (image, mask) for id_, image, mask in zip(
         truth["id"].to_pylist(), truth["image_uri"].to_pylist(), truth["mask_uri"].to_pylist())}
-    files = store.prediction_files(predictions)
-    if not files:
-        raise ValueError(f"{predictions}: no prediction files; run `rayseg predict` first")
-    fs, _ = storage.filesystem_for(files[0])
-    ds = ray.data.read_parquet([storage.strip_scheme(f) for f in files], filesystem=fs,
-                               columns=["id", "source_uri", "source_sha256", "mask_png",
-                                        "class_mask_pngs"])
-    scored = ds.map_batches(score_batch, batch_format="pyarrow", fn_kwargs={
-        "truth": truth_masks, "spec": _spec_dict(spec),
-        "storage_options": storage.resolve_options()}).to_arrow_refs()
+    rows = scan(predictions, [*_SCORED, "request_id"], weights=record.get("weights_sha256"))
+    if not rows.num_rows:
+        raise ValueError(f"{predictions}: no prediction rows; run `rayseg predict` first (or "
+                         f"send the endpoint requests)")
+    if pc.any(pc.is_valid(rows["request_id"])).as_py():
+        rows = match_by_content(rows, truth_masks)
+    rows = rows.select(_SCORED)
+    blocks = [rows.slice(start, _ROWS_PER_TASK) for start in range(0, rows.num_rows,
+                                                                   _ROWS_PER_TASK)]
+    kwargs = {"truth": truth_masks, "spec": _spec_dict(spec),
+              "storage_options": storage.resolve_options()}
+    scored = ray.data.from_arrow(blocks).map_batches(score_batch, batch_format="pyarrow",
+                                                     fn_kwargs=kwargs).to_arrow_refs()
     table = pa.concat_tables([*ray.get(scored), _quarantined(predictions, truth_masks)]
                              ).sort_by("id")
     report = build_report(table, spec, cfg, truth_ids=truth_masks, predictions=predictions,
                           record=record)
     report["seconds"] = round(time.perf_counter() - started, 2)
-    write_report(report, cfg.out, spec, truth=truth, predictions=predictions)
+    write_report(report, cfg.out, spec, truth=truth, predictions=rows,
+                 limits=InputLimits.of_record(record))
     write_reproducibility(cfg, record, predictions)
     unscored = f", {len(report['unscored'])} not scored" if report["unscored"] else ""
     log(f"evaluate: {report['images_scored']} images scored{unscored} "
         f"(split={cfg.split}); macro IoU {report['metrics']['macro']['iou']:.4f}, "
         f"micro IoU {report['metrics']['micro']['iou']:.4f}; report in {cfg.out}")
     return report
+
+
+_SCORED = ["id", "source_uri", "source_sha256", "mask_png", "class_mask_pngs"]
+_ROWS_PER_TASK = 64   # scoring reads each row's truth mask: blocks of this many run in parallel
+
+
+def _model_record(predictions: str) -> dict[str, Any]:
+    """The model that made ``predictions``: a batch output's one, or the one model of a log."""
+    records = model_records(predictions)
+    if not records:
+        raise ValueError(f"{predictions}: no model record (_model.json, or _models/ of a serve "
+                         f"log): not written by `rayseg predict` or `rayseg serve`")
+    if len(records) > 1:
+        models = ", ".join(f"{r.get('name')}:{r.get('version')} ({r['weights_sha256'][:12]})"
+                           for r in records)
+        raise ValueError(f"{predictions}: the log holds rows of {len(records)} models ({models}); "
+                         f"scores of different models do not mix: point the endpoint at a "
+                         f"fresh out_uri for each model you want to score")
+    return records[0]
+
+
+def match_by_content(rows: pa.Table, truth: Mapping[str, tuple[str | None, str | None]],
+                     storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Logged requests -> the truth rows they were made from, by the SHA-256 of the image bytes.
+
+    A request's id is its request id, and its source an upload name; the image it carried is
+    known by ``source_sha256``.  Each row becomes the truth row's id and image URI (the first
+    request per truth image counts; requests of images outside the truth are left out)."""
+    from pipelines.ingest import read_limited
+
+    by_digest: dict[str, tuple[str, str | None]] = {}
+    for id_, (image_uri, _) in truth.items():
+        data = read_limited(image_uri, storage_options) if image_uri else None
+        if data is not None:
+            by_digest.setdefault(hashlib.sha256(data).hexdigest(), (id_, image_uri))
+    keep, ids, sources, seen = [], [], [], set()
+    for index, digest in enumerate(rows["source_sha256"].to_pylist()):
+        match = by_digest.get(digest)
+        if match is None or match[0] in seen:
+            continue
+        seen.add(match[0])
+        keep.append(index)
+        ids.append(match[0])
+        sources.append(match[1])
+    matched = rows.take(keep)
+    matched = matched.set_column(matched.schema.get_field_index("id"), "id",
+                                 pa.array(ids, pa.string()))
+    return matched.set_column(matched.schema.get_field_index("source_uri"), "source_uri",
+                              pa.array(sources, pa.string()))
 
 
 def write_reproducibility(cfg: EvaluateConfig, record: dict[str, Any], predictions: str) -> None:

@@ -2,7 +2,9 @@
 
 Masks are coloured with the spec's palette (or a fixed default) and blended over the image;
 the error panel marks wrong pixels in red and ignored pixels in grey.  Large images are shrunk
-so each panel is at most ``max_side`` pixels, nearest-neighbour for masks.  PIL only, no
+so each panel is at most ``max_side`` pixels, nearest-neighbour for masks.  Images are decoded
+under the predicting model's limits (:class:`pipelines.model.InputLimits`: ``max_pixels``,
+``tiff_page``); an image refused there gets no overlay, and its reason is reported instead.  PIL only, no
 matplotlib: these are written for every evaluation and must stay cheap.
 """
 from __future__ import annotations
@@ -15,8 +17,9 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from pipelines import storage
-from pipelines.predict import store
-from pipelines.records import decode_prediction
+from pipelines.model import InputLimits
+from pipelines.records import decode_prediction, refusal
+from seg_core.errors import InputError
 
 if TYPE_CHECKING:
     from seg_core.config import MaskSpec
@@ -27,22 +30,36 @@ _ALPHA = 0.5
 _CAPTION = 16  # pixels above the panels for the caption
 
 
-def render_overlays(ids: list[str], group: str, *, truth: pa.Table, predictions: str,
+def render_overlays(ids: list[str], group: str, *, truth: pa.Table, predictions: pa.Table,
                     spec: "MaskSpec", scores: dict[str, float], out_dir: str,
-                    max_side: int = 384) -> list[str]:
-    """Write one ``<group>_<rank>_<id>.png`` per id under ``out_dir``; return relative paths."""
-    from pipelines.ingest import read_mask
-    from seg_core.codecs import decode_image
+                    limits: InputLimits, max_side: int = 384
+                    ) -> tuple[list[str | None], list[dict[str, str]]]:
+    """Write one ``<group>_<rank>_<id>.png`` per id under ``out_dir``.
+
+    ``predictions``: rows with ``id``, ``mask_png`` and ``class_mask_pngs`` (truth ids).
+    Returns the relative paths in ``ids`` order (``None`` where the image was refused) and the
+    refusals (``id``, ``reason``, ``message``).
+    """
+    from pipelines.ingest import read_limited, read_mask
 
     if not ids:
-        return []
-    rows = store.read_predictions(predictions, ["id", "mask_png", "class_mask_pngs"])
-    rows = rows.filter(pc.is_in(rows["id"], value_set=pa.array(ids, pa.string())))
+        return [], []
+    rows = predictions.filter(pc.is_in(predictions["id"], value_set=pa.array(ids, pa.string())))
     by_id = {r["id"]: r for r in rows.to_pylist()}
-    uris = {r["id"]: r for r in truth.select(["id", "image_uri", "mask_uri"]).to_pylist()}
-    paths = []
+    columns = [c for c in ("id", "image_uri", "mask_uri", "refused") if c in truth.column_names]
+    uris = {r["id"]: r for r in truth.select(columns).to_pylist()}
+    paths: list[str | None] = []
+    refused: list[dict[str, str]] = []
     for rank, image_id in enumerate(ids):
-        image = decode_image(storage.read_bytes(uris[image_id]["image_uri"]))
+        image_uri = uris[image_id]["image_uri"]
+        try:
+            if (policy := refusal(uris[image_id].get("refused"))) is not None:
+                raise policy   # a path ingest's policy refuses
+            image = limits.decode(read_limited(image_uri), image_uri)
+        except InputError as error:
+            paths.append(None)
+            refused.append({"id": image_id, "reason": error.reason, "message": str(error)})
+            continue
         mask_uri = uris[image_id]["mask_uri"]
         truth_mask = read_mask(mask_uri, spec)  # multi-label: one file per class (+ ignore=)
         panel = side_by_side(image, truth_mask, decode_prediction(by_id[image_id], spec), spec,
@@ -52,7 +69,7 @@ def render_overlays(ids: list[str], group: str, *, truth: pa.Table, predictions:
         name = f"{group}_{rank + 1}_{_safe(image_id)}.png"
         storage.write_bytes(storage.join_uri(out_dir, name), _png(panel))
         paths.append(f"overlays/{name}")
-    return paths
+    return paths, refused
 
 
 def side_by_side(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, spec: "MaskSpec", *,

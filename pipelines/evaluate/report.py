@@ -19,20 +19,24 @@ from pipelines.evaluate.report_html import score_text, score_with_interval, writ
 from seg_core.metrics import SCORES
 
 if TYPE_CHECKING:
+    from pipelines.model import InputLimits
     from seg_core.config import MaskSpec
 
 
 
 def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,
-                 truth: pa.Table, predictions: str) -> None:
+                 truth: pa.Table, predictions: pa.Table, limits: "InputLimits") -> None:
     """Render overlays into ``<out>/overlays/``, then write ``report.json``, ``report.md`` and
-    ``report.html``."""
-
-    report["overlays"] = {}
+    ``report.html``.  ``predictions``: the scored rows' ids and masks; ``limits``: how the
+    predicting model decodes an image (an image it refuses gets no overlay, and
+    ``report["overlays_refused"]`` says why)."""
+    report["overlays"], report["overlays_refused"] = {}, []
     for group in ("best", "worst"):
-        report["overlays"][group] = render_overlays(
+        report["overlays"][group], refused = render_overlays(
             report[group], group, truth=truth, predictions=predictions, spec=spec,
-            scores=report["per_image_iou"], out_dir=storage.join_uri(out, "overlays"))
+            scores=report["per_image_iou"], out_dir=storage.join_uri(out, "overlays"),
+            limits=limits)
+        report["overlays_refused"] += refused
     text = json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
     storage.write_bytes(storage.join_uri(out, "report.json"), text.encode())
     storage.write_bytes(storage.join_uri(out, "report.md"), render_markdown(report).encode())
@@ -86,9 +90,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     for group in ("best", "worst"):
         lines += ["", f"## {group.capitalize()} images (per-image mean IoU)", ""]
+        refused = {r["id"]: r["reason"] for r in report.get("overlays_refused", [])}
         for image_id, path in zip(report[group], report["overlays"].get(group, [])):
+            link = f"[overlay]({path})" if path else f"no overlay: {refused.get(image_id)}"
             lines.append(f"- `{image_id}`: {score_text(report['per_image_iou'][image_id])} "
-                         f"([overlay]({path}))")
+                         f"({link})")
     if report["unscored"]:
         lines += ["", "## Unscored", ""]
         lines += [f"- `{u['id']}`: {u['reason']}: {u['message']}" for u in report["unscored"]]

@@ -40,7 +40,8 @@ figcaption, .note { color: #555; font-size: 0.9rem; }
 def write_html(report: Mapping[str, Any], out: str) -> str:
     """Read the overlays (``report["overlays"]``, under ``out``) and the learning curve, and
     write ``<out>/report.html``; returns its URI."""
-    overlays = {group: [storage.read_bytes(storage.join_uri(out, path)) for path in paths]
+    overlays = {group: [storage.read_bytes(storage.join_uri(out, path)) if path else None
+                        for path in paths]
                 for group, paths in report.get("overlays", {}).items()}
     curve, note = learning_curve(report)
     uri = storage.join_uri(out, "report.html")
@@ -62,7 +63,7 @@ def learning_curve(report: Mapping[str, Any]) -> tuple[bytes | None, str]:
                       f"saves one with every artifact it writes")
 
 
-def render_html(report: Mapping[str, Any], overlays: Mapping[str, Sequence[bytes]],
+def render_html(report: Mapping[str, Any], overlays: Mapping[str, Sequence[bytes | None]],
                 curve_png: bytes | None, curve_note: str = "") -> str:
     """The whole page; ``overlays`` maps ``best``/``worst`` to PNG bytes in ``report`` order."""
     model = report["model"]
@@ -195,12 +196,17 @@ def _confusion(report: Mapping[str, Any]) -> str:
             f"</thead><tbody>{''.join(body)}</tbody></table>")
 
 
-def _overlays(report: Mapping[str, Any], group: str, pngs: Sequence[bytes]) -> str:
+def _overlays(report: Mapping[str, Any], group: str, pngs: Sequence[bytes | None]) -> str:
     if not pngs:
         return '<p class="note">None (the evaluation was asked for no overlays).</p>'
     figures = []
+    refused = {r["id"]: r["message"] for r in report.get("overlays_refused", [])}
     for image_id, png in zip(report[group], pngs):
         score = score_text(report["per_image_iou"].get(image_id))
+        if png is None:
+            figures.append(f'<p class="note"><code>{_e(image_id)}</code>: mean IoU {score}; no '
+                           f"overlay: {_e(refused.get(image_id, ''))}</p>")
+            continue
         figures.append(f'<figure class="overlay {group}">'
                        f'{_img(_png_uri(png), f"{group}: {image_id}")}<figcaption>'
                        f"<code>{_e(image_id)}</code>: mean IoU {score} (image | truth | "

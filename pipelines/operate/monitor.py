@@ -65,20 +65,20 @@ def row_features(rows: Iterable[Mapping[str, Any]], spec: "MaskSpec") -> dict[st
     return {"area": area, "empty": empty, "confidence": confidence}
 
 
-def write_baseline(artifact_dir: Path, images: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Predict ``images`` (decoded val images) with the artifact in ``artifact_dir`` and write
-    ``baseline.json`` there; returns the baseline."""
-    from seg_core.artifact import load_artifact
-    from seg_core.inference import Segmenter, encode_prediction
+def write_baseline(artifact_dir: Path, blobs: Sequence[bytes | None]) -> dict[str, Any]:
+    """Predict ``blobs`` (val image bytes) with the artifact in ``artifact_dir`` and write
+    ``baseline.json`` there; returns the baseline.  The images are decoded and predicted as
+    ``rayseg predict`` would (:meth:`pipelines.model.LoadedModel.predict_rows`: the artifact's
+    ``max_pixels`` and ``tiff_page``); images it refuses are left out of the baseline."""
+    from pipelines.model import open_model
 
-    artifact = load_artifact(artifact_dir)
-    segmenter = Segmenter(artifact)   # torch: the baseline is about masks, not engine speed
-    rows = []
-    for image, prediction in zip(images, segmenter.predict_each(list(images), catch=(Exception,))):
-        if isinstance(prediction, BaseException):
-            continue
-        encoded = encode_prediction(prediction, artifact.mask_spec, with_confidence=False)
-        rows.append({**encoded, "height": image.shape[0], "width": image.shape[1]})
+    # torch: the baseline is about masks, not engine speed
+    model = open_model(str(artifact_dir), engine="torch", device="cpu")
+    inputs = [{"id": str(index), "image_uri": None, "image_bytes": blob}
+              for index, blob in enumerate(blobs)]
+    rows = [row for row in model.predict_rows(inputs, with_confidence=False)
+            if row.get("reason") is None]
+    artifact = model.artifact
     features = row_features(rows, artifact.mask_spec)
     baseline = {"images": len(rows), "class_names": list(artifact.mask_spec.names),
                 "multilabel": artifact.mask_spec.multilabel, "split": "val",
@@ -87,29 +87,18 @@ def write_baseline(artifact_dir: Path, images: Sequence[np.ndarray]) -> dict[str
     return baseline
 
 
-def val_images(source: str, *, kind: str, split: str, limit: int = BASELINE_IMAGES,
-               max_pixels: int | None = None) -> list[np.ndarray]:
-    """Up to ``limit`` decoded images of ``split``, read on this process (no Ray job)."""
+def val_images(source: str, *, kind: str, split: str,
+               limit: int = BASELINE_IMAGES) -> list[bytes | None]:
+    """The bytes of up to ``limit`` images of ``split``, read on this process (no Ray job):
+    shards through :func:`pipelines.ingest.read_shards`' reader, files through ingest's fetch."""
     from pipelines import ingest
-    from seg_core.codecs import decode_image
-    from seg_core.errors import InputError
 
     if kind == "shards":
-        import pyarrow.compute as pc
-
-        table = storage.read_table(source)
-        table = table.filter(pc.equal(table["split"], split)).slice(0, limit)
-        blobs = table["image_bytes"].to_pylist()
+        table = ingest.read_split_images(source, split, limit)
     else:
         pairs = ingest.select_rows(ingest.pair_table(source, kind), split=split).slice(0, limit)
-        blobs = ingest.fetch_bytes(pairs, storage.resolve_options())["image_bytes"].to_pylist()
-    images = []
-    for blob in blobs:
-        try:
-            images.append(decode_image(blob, source="<val image>", max_pixels=max_pixels))
-        except (InputError, TypeError):
-            continue   # quarantined by ingest already; the baseline skips it
-    return images
+        table = ingest.fetch_bytes(pairs, storage.resolve_options())
+    return table["image_bytes"].to_pylist()
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -197,34 +186,15 @@ def _share(flags: Sequence[bool]) -> float:
 
 def read_predictions(uri: str, *, since: str | None = None,
                      weights_sha256: str | None = None) -> list[dict[str, Any]]:
-    """Prediction rows under ``uri`` (every ``*.parquet`` below it, quarantine excluded),
+    """The rows' figures under ``uri`` (:func:`pipelines.predictions.scan`: either layout),
     created at or after ``since`` (ISO time) and, when given, from those weights only."""
-    import datetime as dt
+    from pipelines.predictions import prediction_files, scan
 
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    files = storage.list_uri(uri, suffixes=(".parquet",))
-    columns = ["class_pixel_counts", "height", "width", "mean_confidence", "created_at",
-               "weights_sha256"]
-    tables = []
-    for file in files:
-        table = storage.read_table(file)
-        if "class_pixel_counts" not in table.column_names:
-            continue   # quarantine rows
-        tables.append(table.select([c for c in columns if c in table.column_names]))
-    if not tables:
+    if not prediction_files(uri):
         raise ValueError(f"{uri}: no prediction Parquet found (expected the --out of rayseg "
                          f"predict or the out_uri of rayseg serve)")
-    table = pa.concat_tables(tables, promote_options="default")
-    if since:
-        moment = dt.datetime.fromisoformat(since)
-        moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-        table = table.filter(pc.greater_equal(table["created_at"],
-                                              pa.scalar(moment, table["created_at"].type)))
-    if weights_sha256 and "weights_sha256" in table.column_names:
-        table = table.filter(pc.equal(table["weights_sha256"], weights_sha256))
-    return table.to_pylist()
+    return scan(uri, ["class_pixel_counts", "height", "width", "mean_confidence"], since=since,
+                weights=weights_sha256).to_pylist()
 
 
 def run_monitor(predictions: str, model: str, out: str, *, since: str | None = None,

@@ -24,15 +24,13 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
 
     import torch
 
-    from pipelines.storage import fetch_artifact
-    from seg_core.artifact import load_artifact, read_artifact_meta
+    from pipelines.model import open_artifact
 
     if format not in ("torchscript", "onnx"):
         raise ValueError(f"export: format must be 'torchscript' or 'onnx', got {format!r}")
     from pipelines.registry import resolve_source
 
-    local = fetch_artifact(resolve_source(artifact_uri))
-    artifact = load_artifact(local)
+    artifact = open_artifact(resolve_source(artifact_uri))
     model = artifact.model.eval()
     height, width = (_trace_side(side, model.size_multiple)
                      for side in artifact.preprocessing.inference_window())
@@ -45,7 +43,7 @@ def export_artifact(artifact_uri: str, out_dir: str, format: ExportFormat = "tor
             # The input check and the padding branch are constant at the trace size: intended.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example)
-        meta = json.dumps(read_artifact_meta(local))
+        meta = json.dumps(artifact.meta)
         torch.jit.save(traced, str(target), _extra_files={"artifact.json": meta})
     else:
         from seg_core.runtimes import export_onnx

@@ -6,11 +6,12 @@ Pipeline (Ray Data, streaming)::
       -> map_batches(Predictor, compute=ActorPoolStrategy(1..n, all n up)) [artifact once per actor]
       -> write_datasink(CommitSink)                                         [atomic Parquet files]
 
-Every image goes through :func:`predict_rows`, the code the Serve endpoint can call too
-(:func:`predict_one`, :func:`records.prediction_row`): decode with :mod:`seg_core.codecs`, tiled
+Every image goes through :meth:`pipelines.model.LoadedModel.predict_rows`, the loaded model the
+Serve endpoint uses too: decode under the artifact's limits, the tiled
 :class:`seg_core.inference.Segmenter` (so a 4000 x 4000 image only ever holds its tiles on the
-device), :func:`seg_core.inference.encode_prediction`.  Bad bytes become quarantine rows with their
-reason; they never stop the job, so ``input rows = predicted + quarantined``.
+device), one row format.  Bad bytes become quarantine rows with their reason; they never stop
+the job, so ``input rows = predicted + quarantined``.  The provenance names the engine and device
+as resolved (never ``auto``).
 
 Exactly once: see :mod:`pipelines.predict.store`.  A rerun reads the ids already committed
 under ``--out``, leaves them out *before* any bytes are fetched, and reports how many it skipped.
@@ -18,7 +19,6 @@ under ``--out``, leaves them out *before* any bytes are fetched, and reports how
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -30,18 +30,16 @@ import pyarrow.compute as pc
 from pipelines import registry, storage
 from pipelines.config import PredictConfig
 from pipelines.faults import Faults
+from pipelines.model import artifact_meta, open_model
 from pipelines.predict import store
 from pipelines.predict.inputs import InputPlan, plan_inputs
-from pipelines.records import RESULT_SCHEMA, prediction_row, quarantine_row, refusal
-from seg_core.codecs import decode_image
-from seg_core.errors import InputError
+from pipelines.predictions import file_key
+from pipelines.records import RESULT_SCHEMA
 
 if TYPE_CHECKING:
-    from seg_core.inference import Segmenter
+    from pipelines.model import LoadedModel
 
-STAGE = "predict"
 REPRODUCIBILITY_FILE = "_reproducibility.json"   # model (by weights hash), inputs, packages
-GROUP_PIXELS = 8 * 2**20  # decoded pixels predicted together (a 16 x 512^2 batch is 4 Mi)
 
 
 @dataclass(frozen=True)
@@ -54,124 +52,26 @@ class ActorPlan:
     threads: int
 
 
-# ---------------------------------------------------------------------------- per-image rows
-
-
-def predict_one(segmenter: "Segmenter", image_bytes: bytes | None, *, model_name: str,
-                model_version: str, id: str = "", source_uri: str | None = None,
-                with_confidence: bool = False, weights_sha256: str | None = None,
-                created_at: dt.datetime | None = None) -> dict[str, Any]:
-    """Decode, predict and encode one image -> its Parquet row.  Raises :class:`InputError`.
-
-    The single-image form of :func:`predict_rows` (same decode, :class:`Segmenter`, and
-    :func:`records.prediction_row`), for callers holding one image's bytes; the Serve replica builds its
-    rows with :func:`records.prediction_row` too, so all three write the same row for the same bytes.
-    """
-    image = _decode(image_bytes, source_uri or id or "<bytes>", segmenter.preprocessing)
-    return prediction_row(segmenter.predict(image), segmenter, id=id, source_uri=source_uri,
-                          source_sha256=_sha256(image_bytes), model_name=model_name,
-                          model_version=model_version, with_confidence=with_confidence,
-                          weights_sha256=weights_sha256, created_at=created_at)
-
-
-def predict_rows(segmenter: "Segmenter", rows: list[dict[str, Any]], *, model_name: str,
-                 model_version: str, with_confidence: bool,
-                 weights_sha256: str | None = None) -> list[dict[str, Any]]:
-    """Input rows (``id, image_uri, image_bytes, ...``) -> one result row each, in order.
-
-    Result rows follow :data:`records.RESULT_SCHEMA`: a prediction, or (``reason`` set)
-    a quarantine row.  Never raises on bad bytes.  Decoded images are predicted in groups of at
-    most :data:`GROUP_PIXELS` pixels through :meth:`Segmenter.predict_each` (shared forwards),
-    so a batch of small images costs a few batched forwards while a batch of huge images still
-    holds about one decoded image at a time.
-    """
-    now = dt.datetime.now(dt.timezone.utc)
-    results: list[dict[str, Any] | None] = [None] * len(rows)
-    group: list[tuple[int, Any]] = []  # (row index, decoded image)
-
-    def flush() -> None:
-        predictions = segmenter.predict_each([image for _, image in group])
-        for (index, _), prediction in zip(group, predictions):
-            row = rows[index]
-            if isinstance(prediction, InputError):
-                results[index] = _quarantine_row(row, prediction, now)
-                continue
-            results[index] = prediction_row(
-                prediction, segmenter, id=row["id"], source_uri=row.get("image_uri"),
-                source_sha256=_sha256(row["image_bytes"]), model_name=model_name,
-                model_version=model_version, with_confidence=with_confidence,
-                weights_sha256=weights_sha256, created_at=now)
-        group.clear()
-
-    pixels = 0
-    for index, row in enumerate(rows):
-        try:
-            if (refused := refusal(row.get("refused"))) is not None:
-                raise refused   # a path the policy refuses, or not a regular file / too big
-            image = _decode(row.get("image_bytes"), row.get("image_uri") or row["id"],
-                            segmenter.preprocessing)
-        except InputError as error:
-            results[index] = _quarantine_row(row, error, now)
-            continue
-        size = image.shape[0] * image.shape[1]
-        if group and pixels + size > GROUP_PIXELS:
-            flush()
-            pixels = 0
-        group.append((index, image))
-        pixels += size
-    if group:
-        flush()
-    return results  # type: ignore[return-value]  # every slot is filled above
-
-
-def _decode(data: bytes | None, source: str, pre: Any) -> Any:
-    """Image bytes -> array under the artifact's limits (``pre``: its Preprocessing)."""
-    if data is None:
-        raise InputError("missing_image", "the image file does not exist", source=source,
-                         hint="check the path in the manifest, or remove the row")
-    return decode_image(data, source=source, max_pixels=pre.max_pixels, tiff_page=pre.tiff_page)
-
-
-def _quarantine_row(row: dict[str, Any], error: InputError, now: dt.datetime) -> dict[str, Any]:
-    """A result row for a rejected image: the quarantine fields plus the source it came from."""
-    return {**quarantine_row(row, error, STAGE, created_at=now), "source_uri": row.get("image_uri")}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 # ------------------------------------------------------------------------------ the actor
 
 
 class Predictor:
-    """Ray Data callable class: loads the artifact once per actor, predicts pyarrow batches."""
+    """Ray Data callable class: opens the model once per actor, predicts pyarrow batches."""
 
     def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int,
                  engine: str = "auto", storage_options: dict[str, Any] | None = None) -> None:
         import torch
 
-        from seg_core.artifact import load_artifact
-        from seg_core.inference import Segmenter
-
         torch.set_num_threads(threads)
-        artifact = load_artifact(storage.fetch_artifact(model_uri, storage_options))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         # Tiles per forward: 4 on a CPU (fastest per image measured), sized from free memory on a
         # GPU, which also runs the forward in bf16 (seg_core.inference; `make gpu-check`).
-        self.segmenter = Segmenter(artifact, device=device, tta=tta, engine=engine)
-        self.model_name, self.model_version = artifact.name, artifact.version
-        self.weights_sha256 = artifact.weights_key
+        self.model: "LoadedModel" = open_model(model_uri, tta=tta, engine=engine,
+                                               storage_options=storage_options)
         self.with_confidence = with_confidence
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = predict_rows(self.segmenter, batch.to_pylist(), model_name=self.model_name,
-                            model_version=self.model_version,
-                            with_confidence=self.with_confidence,
-                            weights_sha256=self.weights_sha256)
+        rows = self.model.predict_rows(batch.to_pylist(), with_confidence=self.with_confidence)
         return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-
-
 
 
 def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
@@ -200,13 +100,11 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print) -> di
     import ray
     from ray.data import DataContext
 
-    from seg_core.artifact import read_artifact_meta
-
     started = time.perf_counter()
     resources = ray.cluster_resources()
     DataContext.get_current().enable_progress_bars = cfg.progress
     ref = registry.resolve(cfg.model)   # models:/name@alias -> the artifact, on the driver
-    meta = read_artifact_meta(storage.fetch_artifact(ref.source))
+    meta = artifact_meta(ref.source)
     with store.lease(cfg.out):   # one writer per output: a second run here is refused
         return _predict_under_lease(cfg, ref, meta, resources, log, started)
 
@@ -216,14 +114,19 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
                          started: float) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
+    plan = plan_actors(cfg, resources)
+    engine = resolved_engine(cfg.engine, meta, gpu=bool(plan.num_gpus))
+    pre = meta.get("preprocessing") or {}
     store.claim_output(cfg.out, {**ref.as_dict(), "name": meta["name"],
                                  "version": meta["version"],
                                  "weights_sha256": meta.get("weights_sha256"),
                                  "mask_spec": meta["mask_spec"], "tta": cfg.tta,
-                                 "engine": cfg.engine,
+                                 "engine": engine, "engine_setting": cfg.engine,
+                                 "device": "cuda" if plan.num_gpus else "cpu",
+                                 "max_pixels": pre.get("max_pixels"),
+                                 "tiff_page": pre.get("tiff_page"),
                                  "confidence_maps": cfg.confidence_maps,
                                  "reported_metrics": meta.get("metrics") or {}})
-    plan = plan_actors(cfg, resources)
     sources = store.done_sources(cfg.out)   # one read of the committed files: ids and sources
     inputs = plan_inputs(cfg.input, pa.array(list(sources), pa.string()), split=cfg.split,
                          done_sources=sources, verify_done=cfg.verify_done, actors=plan.size)
@@ -261,13 +164,25 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
     store.write_success(cfg.out, summary)
     storage.write_bytes(storage.join_uri(cfg.out, REPRODUCIBILITY_FILE), json.dumps(
         registry.provenance(ref, meta, inputs={"uri": cfg.input, "split": cfg.split,
-                                               "ids_sha256": store.file_key(
+                                               "ids_sha256": file_key(
                                                    inputs.ids.to_pylist())},
-                            settings={"tta": cfg.tta, "engine": cfg.engine,
+                            settings={"tta": cfg.tta, "engine": engine,
+                                      "engine_setting": cfg.engine,
                                       "confidence_maps": cfg.confidence_maps},
                             rows=summary["committed_rows"]), indent=2).encode() + b"\n")
     log(format_summary(summary))
     return summary
+
+
+def resolved_engine(setting: str, meta: dict[str, Any], *, gpu: bool) -> str:
+    """The engine the actors will run for ``setting`` (``auto`` resolved as they resolve it:
+    :func:`seg_core.runtimes.resolve_engine` on the actors' device and the model's arch)."""
+    import torch
+
+    from seg_core.runtimes import resolve_engine
+
+    arch = (meta.get("model") or {}).get("arch", "unet")
+    return resolve_engine(setting, torch.device("cuda" if gpu else "cpu"), arch)  # type: ignore
 
 
 def _summary(cfg: PredictConfig, written: list[dict[str, Any]], inputs: InputPlan, *,

@@ -1,6 +1,7 @@
-"""Where batch predictions live, and how each file is committed exactly once.
+"""How each file of a batch output is committed exactly once.
 
-Layout of an output URI ``<out>``::
+The layout (names, compression, readers) is :mod:`pipelines.predictions`'; this module adds what
+a ``rayseg predict`` run needs on top of it::
 
     <out>/part-<key>.parquet              predictions (records.PREDICTION_SCHEMA)
     <out>/_quarantine/part-<key>.parquet  unreadable inputs (records.QUARANTINE_SCHEMA)
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import socket
@@ -30,73 +30,40 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA, RESULT_SCHEMA
-from pipelines.storage import (
-    create_exclusive,
-    delete,
-    filesystem_for,
-    join_uri,
-    list_uri,
-    parquet_bytes,
-    read_bytes,
-    write_bytes,
+from pipelines.predictions import (
+    MODEL_FILE,
+    SUCCESS_FILE,
+    batch_file,
+    prediction_files,
+    quarantine_dir,
+    read_quarantine,
+    scan,
+    write_table,
 )
-
-QUARANTINE_DIR = "_quarantine"
-MODEL_FILE = "_model.json"
-SUCCESS_FILE = "_SUCCESS"
-_PREFIX, _SUFFIX = "part-", ".parquet"
-_PNG_COLUMNS = ("mask_png", "class_mask_pngs", "confidence_png")
-
-
-def prediction_files(out: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """URIs of the committed prediction files directly under ``out``."""
-    return _parts(out, storage_options)
-
-
-def quarantine_files(out: str) -> list[str]:
-    """URIs of the committed quarantine files under ``out/_quarantine``."""
-    return _parts(join_uri(out, QUARANTINE_DIR))
+from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA, RESULT_SCHEMA
+from pipelines.storage import create_exclusive, delete, join_uri, read_bytes, write_bytes
 
 
 def done_ids(out: str) -> pa.Array:
     """Every id already committed under ``out`` (predictions and quarantine), as a string array."""
-    columns = [_read(files, ["id"]).column("id")
-               for files in (prediction_files(out), quarantine_files(out)) if files]
-    chunks = [chunk for column in columns for chunk in column.chunks]
+    chunks = [chunk for column in (scan(out, ["id"], dedupe=False)["id"],
+                                   read_quarantine(out)["id"]) for chunk in column.chunks]
     return pa.chunked_array(chunks, pa.string()).combine_chunks()
 
 
 def done_sources(out: str) -> dict[str, tuple[str | None, str | None]]:
     """id -> (source URI, SHA-256 of its bytes) it was committed from; quarantined ids have no
     digest."""
-    sources: dict[str, tuple[str | None, str | None]] = {}
-    if files := prediction_files(out):
-        table = _read(files, ["id", "source_uri", "source_sha256"])
-        sources.update((i, (u, d)) for i, u, d in zip(*(table[c].to_pylist()
-                                                        for c in table.column_names)))
-    if files := quarantine_files(out):
-        table = _read(files, ["id", "image_uri"])
-        sources.update((i, (u, None)) for i, u in zip(table["id"].to_pylist(),
-                                                       table["image_uri"].to_pylist()))
+    table = scan(out, ["id", "source_uri", "source_sha256"], dedupe=False)
+    sources: dict[str, tuple[str | None, str | None]] = {
+        i: (u, d) for i, u, d in zip(*(table[c].to_pylist() for c in table.column_names))}
+    quarantined = read_quarantine(out)
+    sources.update((i, (u, None)) for i, u in zip(quarantined["id"].to_pylist(),
+                                                   quarantined["image_uri"].to_pylist()))
     return sources
-
-
-def read_predictions(out: str, columns: list[str] | None = None) -> pa.Table:
-    """All committed predictions under ``out`` (empty table with the schema when none)."""
-    files = prediction_files(out)
-    return _read(files, columns) if files else PREDICTION_SCHEMA.empty_table().select(
-        columns or PREDICTION_SCHEMA.names)
-
-
-def read_quarantine(out: str) -> pa.Table:
-    """All committed quarantine rows under ``out``."""
-    files = quarantine_files(out)
-    return _read(files, None) if files else QUARANTINE_SCHEMA.empty_table()
 
 
 def claim_output(out: str, model: dict[str, Any]) -> None:
@@ -218,11 +185,6 @@ def write_success(out: str, summary: dict[str, Any]) -> None:
     write_bytes(join_uri(out, SUCCESS_FILE), (json.dumps(summary, indent=2) + "\n").encode())
 
 
-def file_key(ids: Iterable[str]) -> str:
-    """Stable name for a file holding exactly ``ids`` (order does not matter)."""
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-
-
 class CommitSink(Datasink):
     """Ray Data sink: commits its rows as files of at most ``rows_per_file`` rows each.
 
@@ -261,17 +223,15 @@ class CommitSink(Datasink):
 
     def _commit(self, table: pa.Table) -> dict[str, int]:
         """Commit one chunk: its quarantine rows, then its predictions, one file each."""
-        key = file_key(table.column("id").to_pylist())
+        ids = table.column("id").to_pylist()
         bad = pc.is_valid(table.column("reason"))
         quarantined = table.filter(bad).select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
         predicted = table.filter(pc.invert(bad)).select(PREDICTION_SCHEMA.names).cast(
             PREDICTION_SCHEMA)
         files = 0
-        for part, directory in ((quarantined, join_uri(self.out, QUARANTINE_DIR)),
-                                (predicted, self.out)):
+        for part, directory in ((quarantined, quarantine_dir(self.out)), (predicted, self.out)):
             if part.num_rows:
-                commit_table(part, join_uri(directory, f"{_PREFIX}{key}{_SUFFIX}"),
-                             self.storage_options)
+                write_table(part, batch_file(directory, ids), self.storage_options)
                 files += 1
         return {"rows": predicted.num_rows, "quarantined": quarantined.num_rows, "files": files}
 
@@ -283,22 +243,3 @@ class CommitSink(Datasink):
     def on_write_complete(self, write_result: Any) -> None:
         # Runs on the driver, on this very object: keep the per-task results for the summary.
         self.written = [r for r in write_result.write_returns if r]
-
-
-def commit_table(table: pa.Table, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``table`` as one Parquet file that appears at ``uri`` all at once."""
-    # PNG bytes are compressed already: zstd would only spend CPU on them.
-    compression = {name: "none" if name in _PNG_COLUMNS else "zstd" for name in table.column_names}
-    write_bytes(uri, parquet_bytes(table, compression), storage_options)
-
-
-def _parts(directory: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    return [uri for uri in list_uri(directory, recursive=False, suffixes=(_SUFFIX,),
-                                    storage_options=storage_options)
-            if uri.rsplit("/", 1)[-1].startswith(_PREFIX)]
-
-
-def _read(files: list[str], columns: list[str] | None) -> pa.Table:
-    fs, _ = filesystem_for(files[0])
-    paths = [filesystem_for(uri)[1] for uri in files]
-    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)

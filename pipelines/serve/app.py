@@ -15,9 +15,10 @@ Routes (``route_prefix`` from the Serve config, ``/`` by default):
 - ``GET /healthz``: 200 while the replica takes requests, 503 while the log refuses rows (never
   needs the key).
 
-Decoding, pre/post-processing and PNG encoding are :mod:`seg_core.codecs` and
-:mod:`seg_core.inference`, the code that ``rayseg predict`` runs, so one image gives the same mask
-bytes online and in bulk.  Requests are batched with ``@serve.batch``, whose batches a
+Opening the model, decoding under its limits, predicting and building the row are
+:class:`pipelines.model.LoadedModel`, what ``rayseg predict`` runs, so one image gives the same
+mask bytes online and in bulk; each model the replica loads is noted in the log
+(:func:`pipelines.predictions.record_served_model`) so the log can be scored later.  Requests are batched with ``@serve.batch``, whose batches a
 :class:`~pipelines.serve.batching.ForwardCoalescer` merges into one forward at a time (each forward
 takes every request waiting); ``max_batch_size`` and ``batch_wait_timeout_s`` come from
 ``user_config`` and change at run time through ``reconfigure``, and so does the served model
@@ -44,7 +45,6 @@ time to turn the config's ``args`` into :class:`ServeArgs`, and a string annotat
 """
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -53,14 +53,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve import Application
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
-from pipelines.records import prediction_row
+from pipelines.model import LoadedModel, open_model
+from pipelines.predictions import record_served_model
 from pipelines.serve import http
 from pipelines.serve.batching import ForwardCoalescer
 from pipelines.serve.control import (  # noqa: F401
@@ -76,7 +76,6 @@ from pipelines.serve.control import (  # noqa: F401
 )
 from pipelines.serve.sink import PredictionSink, SinkUnavailable
 from pipelines.serve.wal import default_wal_dir
-from pipelines.storage import fetch_artifact
 from seg_core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -94,22 +93,6 @@ def _api_key(env_name: str | None) -> str | None:
         raise ValueError(f"api_key_env={env_name!r} is set but the replica has no such variable "
                          f"(or it is empty); set it on the workers, or drop api_key_env")
     return key
-
-
-@dataclass(frozen=True)
-class _Model:
-    """The served model: swapped whole by ``reconfigure`` (one attribute assignment), so a
-    batch that took it keeps it, and every row names the model that made it."""
-
-    uri: str               # the artifact (local path or s3://)
-    ref: str               # what to call it: models:/name/3, or the artifact URI
-    artifact: Any
-    segmenter: Any
-    max_pixels: int
-
-    def describe(self) -> dict[str, str]:
-        return {"name": self.artifact.name, "version": self.artifact.version,
-                "ref": self.ref, "weights_sha256": self.artifact.weights_key}
 
 
 # Ray metrics of every answered mask (exported by Ray as ray_<name>; README "Run it in
@@ -154,8 +137,6 @@ class SegmentService:
         torch.set_num_threads(args.torch_threads)
         self._args = args
         self._api_key = _api_key(args.api_key_env)
-        self._device = args.device if args.device != "auto" else \
-            ("cuda" if torch.cuda.is_available() else "cpu")
         self._model = self._load({"uri": args.model_uri,
                                   "ref": args.model_ref or args.model_uri})
         self._metrics = _mask_metrics()
@@ -180,16 +161,21 @@ class SegmentService:
     def _segmenter(self) -> Any:
         return self._model.segmenter
 
-    def _load(self, pointer: Mapping[str, str]) -> _Model:
-        from seg_core.artifact import load_artifact
-        from seg_core.inference import Segmenter
-
-        artifact = load_artifact(fetch_artifact(pointer["uri"]))
-        segmenter = Segmenter(artifact, device=self._device, tta=self._args.tta,
-                              engine=self._args.engine)
-        return _Model(uri=pointer["uri"], ref=pointer.get("ref") or pointer["uri"],
-                      artifact=artifact, segmenter=segmenter,
-                      max_pixels=self._args.max_pixels or artifact.preprocessing.max_pixels)
+    def _load(self, pointer: Mapping[str, str]) -> LoadedModel:
+        model = open_model(pointer["uri"], ref=pointer.get("ref"), device=self._args.device,
+                           engine=self._args.engine, tta=self._args.tta,
+                           max_pixels=self._args.max_pixels)
+        if self._args.out_uri is not None:   # the log says which model wrote its rows
+            try:
+                record_served_model(self._args.out_uri, {
+                    **model.provenance(), "mask_spec": model.artifact.meta["mask_spec"],
+                    "reported_metrics": model.artifact.meta.get("metrics") or {}})
+            except Exception as error:  # noqa: BLE001 - storage down: serve, log it, go on
+                logger.warning("replica: could not record the served model in %s (%s: %s); "
+                               "its rows are logged all the same, but `rayseg evaluate` needs "
+                               "the record to score them", self._args.out_uri,
+                               type(error).__name__, error)
+        return model
 
     async def reconfigure(self, user_config: Mapping[str, Any]) -> None:
         """Apply ``BatchSettings`` and the ``model`` pointer from ``user_config``.
@@ -226,7 +212,7 @@ class SegmentService:
         started = time.perf_counter()
         for index, job in enumerate(jobs):
             try:
-                images.append(self._decode(model, job.data, job.name))
+                images.append(model.decode(job.data, job.name))
                 decoded.append(index)
             except Exception as error:  # noqa: BLE001 - handed back to its own request
                 results[index] = error
@@ -239,7 +225,10 @@ class SegmentService:
                 results[index] = prediction
                 continue
             started = time.perf_counter()
-            row = self._row(model, prediction, jobs[index])
+            job = jobs[index]
+            row = model.row(prediction, id=job.request_id, source_uri=f"upload:{job.name}",
+                            data=job.data, with_confidence=job.with_confidence)
+            row["request_id"] = job.request_id
             results[index] = (row, decode_ms, (time.perf_counter() - started) * 1e3, model)
         return results
 
@@ -297,8 +286,8 @@ class SegmentService:
         settings = {"max_batch_size": self._batch.max_batch_size,
                     "batch_wait_timeout_s": self._batch.batch_wait_timeout_s,
                     "max_request_bytes": self._args.max_request_bytes,
-                    "max_pixels": self._model.max_pixels, "device": str(self._segmenter.device),
-                    "tta": self._args.tta, "engine": self._segmenter.engine,
+                    "max_pixels": self._model.max_pixels, "device": self._model.device,
+                    "tta": self._args.tta, "engine": self._model.engine,
                     "parquet_sink": self._args.out_uri is not None,
                     "forwards": self._coalescer.forwards, "forwarded_requests": self._coalescer.jobs}
         return JSONResponse({**self._model_ref(), "artifact": self._artifact.meta,
@@ -345,17 +334,10 @@ class SegmentService:
         self._forward_pool.shutdown(wait=True)   # the fetched artifact is the node's: it stays
 
     # ------------------------------------------------------------------------------ helpers
-    @staticmethod
-    def _decode(model: _Model, data: bytes, name: str) -> np.ndarray:
-        from seg_core.codecs import decode_image
-
-        return decode_image(data, source=name, max_pixels=model.max_pixels,
-                            tiff_page=model.artifact.preprocessing.tiff_page)
-
     def _model_ref(self) -> dict[str, str]:
         return self._model.describe()
 
-    def _observe(self, model: _Model, row: Mapping[str, Any]) -> None:
+    def _observe(self, model: LoadedModel, row: Mapping[str, Any]) -> None:
         """The answered mask's class areas, confidence and emptiness, as Ray metrics."""
         spec, tags = model.artifact.mask_spec, {"model": model.ref}
         pixels = max(row["height"] * row["width"], 1)
@@ -365,19 +347,6 @@ class SegmentService:
         self._metrics["confidence"].observe(row["mean_confidence"], tags=tags)
         if not sum(counts if spec.multilabel else counts[1:]):
             self._metrics["empty"].inc(tags=tags)
-
-    @staticmethod
-    def _row(model: _Model, prediction: Any, job: "_Job") -> dict[str, Any]:
-        """The bulk-inference row (same encoder as ``rayseg predict``) plus the request id."""
-        row = prediction_row(prediction, model.segmenter, id=job.request_id,
-                             source_uri=f"upload:{job.name}",
-                             source_sha256=hashlib.sha256(job.data).hexdigest(),
-                             model_name=model.artifact.name,
-                             model_version=model.artifact.version,
-                             weights_sha256=model.artifact.weights_key,
-                             with_confidence=job.with_confidence)
-        row["request_id"] = job.request_id
-        return row
 
 
 def build_app(args: ServeArgs) -> Application:

@@ -42,11 +42,10 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.records import PREDICTION_SCHEMA
+from pipelines.predictions import scan, serve_file, write_table
 from pipelines.serve.wal import (WalSegment, adopt_orphans, default_wal_dir, encode_row,
                                  read_segment, wal_directory)
-from pipelines.storage import (StorageOptions, filesystem_for, join_uri, list_uri, strip_scheme,
-                               write_table)
+from pipelines.storage import StorageOptions
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class PredictionSink:
         """Queue ``row`` for the next group commit; the future resolves once it is fsynced.
 
         Raises :class:`SinkUnavailable` while the backlog is over a bound, ``ValueError`` (or
-        ``pyarrow.ArrowInvalid``) when the row does not fit :data:`PREDICTION_SCHEMA`.
+        ``pyarrow.ArrowInvalid``) when the row does not fit :data:`pipelines.records.PREDICTION_SCHEMA`.
         """
         record = encode_row(row)
         future: Future = Future()
@@ -380,8 +379,7 @@ class PredictionSink:
         fallback = time.strftime("%Y-%m-%d", time.gmtime(segment.oldest))  # no created_at
         dates = pc.fill_null(pc.strftime(table.column("created_at"), format="%Y-%m-%d"), fallback)
         for date in sorted(set(dates.to_pylist())):
-            uri = join_uri(segment.out_uri, f"date={date}",
-                           f"serve-{segment.writer_id}-{segment.seq:06d}.parquet")
+            uri = serve_file(segment.out_uri, date, segment.writer_id, segment.seq)
             write_table(table.filter(pc.equal(dates, date)), uri, self._storage_options or None)
             if uri not in self.files_written:
                 self.files_written.append(uri)
@@ -391,25 +389,11 @@ class PredictionSink:
 
 # ---------------------------------------------------------------------------------- reading
 def read_serve_log(out_uri: str, storage_options: StorageOptions | None = None) -> pa.Table:
-    """Every Parquet row under the endpoint's ``out_uri``, one per ``request_id``.
+    """Every row of the endpoint's log under ``out_uri``, one per ``request_id``
+    (:func:`pipelines.predictions.scan`).
 
     The log is written at least once (a segment replayed after a crash, or a client retrying
-    with the same ``X-Request-Id``, can log a request twice); this keeps the first row of each
-    request id, in file order, and every row without one.  Empty when nothing was logged yet.
+    with the same ``X-Request-Id``, can log a request twice); the first row of each request id
+    is kept, in file order, and every row without one.  Empty when nothing was logged yet.
     """
-    import pyarrow.dataset as pads
-
-    uris = list_uri(out_uri, suffixes=(".parquet",), storage_options=storage_options)
-    if not uris:
-        return PREDICTION_SCHEMA.empty_table()
-    fs, _ = filesystem_for(out_uri, storage_options)
-    table = pads.dataset([strip_scheme(u) for u in uris], schema=PREDICTION_SCHEMA,
-                         format="parquet", filesystem=fs).to_table()
-    seen: set[str] = set()
-    keep = []
-    for index, request_id in enumerate(table.column("request_id").to_pylist()):
-        if request_id is None or request_id not in seen:
-            keep.append(index)
-            if request_id is not None:
-                seen.add(request_id)
-    return table.take(keep) if len(keep) < table.num_rows else table
+    return scan(out_uri, storage_options=storage_options)

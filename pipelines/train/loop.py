@@ -185,11 +185,10 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
     channels_last = cfg.uses_channels_last
     unet = UNet(cfg.model)
     if cfg.init_from is not None:   # a resumed run's checkpoint replaces these afterwards
-        from pipelines.storage import fetch_artifact
-        from seg_core.artifact import load_artifact
+        from pipelines.model import open_artifact
         from seg_core.model import warm_start
 
-        warm_start(unet, load_artifact(fetch_artifact(cfg.init_from)).model.state_dict())
+        warm_start(unet, open_artifact(cfg.init_from).model.state_dict())
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(unet)  # DDP when world > 1, moved to `device`

@@ -180,11 +180,11 @@ def resolve_init_from(cfg: TrainConfig) -> TrainConfig:
     """``init_from`` as the artifact's own URI (registry URIs resolve here, on the driver), and
     a check, before any worker starts, that its weights fit this model."""
     from pipelines import registry
-    from seg_core.artifact import load_artifact
+    from pipelines.model import open_artifact
     from seg_core.model import UNet, warm_start
 
     source = registry.resolve_source(cfg.init_from)
-    trained = load_artifact(storage.fetch_artifact(source))
+    trained = open_artifact(source)
     message = warm_start(UNet(cfg.model), trained.model.state_dict())   # ValueError if not
     print(f"[{cfg.run_name}] {message} from {cfg.init_from}"
           f"{'' if source == cfg.init_from else ' (' + source + ')'}", flush=True)
@@ -351,10 +351,9 @@ def write_val_baseline(cfg: TrainConfig, artifact_dir: Path) -> None:
     from pipelines.operate import monitor
 
     source = cfg.data.manifest or cfg.data.shards
-    images = monitor.val_images(source, kind="manifest" if cfg.data.manifest else "shards",
-                                split=cfg.data.val_split,
-                                max_pixels=cfg.preprocessing.max_pixels)
-    monitor.write_baseline(artifact_dir, images)
+    blobs = monitor.val_images(source, kind="manifest" if cfg.data.manifest else "shards",
+                               split=cfg.data.val_split)
+    monitor.write_baseline(artifact_dir, blobs)
 
 
 def trained_preprocessing(cfg: TrainConfig, state: dict[str, Any]) -> Any:
@@ -363,9 +362,10 @@ def trained_preprocessing(cfg: TrainConfig, state: dict[str, Any]) -> Any:
     The loop records it (the crop, the resize or the largest native image); checkpoints from
     before it did fall back to the config's crop or resize.
     """
-    from pipelines.config import training_geometry
+    from seg_core.config import training_geometry
 
-    seen = state.get("train_size") or training_geometry(cfg.preprocessing, cfg.augment)
+    seen = state.get("train_size") or training_geometry(cfg.preprocessing,
+                                                        cfg.augment.crop_hw)
     return dataclasses.replace(cfg.preprocessing,
                                train_size=tuple(int(v) for v in seen) if seen else None)
 

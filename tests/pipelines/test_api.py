@@ -161,10 +161,10 @@ def test_import_shards_reads_metadata_only(ray_session, tiny_manifest, tmp_path)
 def trained(ray_session, tiny_manifest, tmp_path_factory):
     """One estimator: 2-fold CV on a fold column, both folds at once, then the main model (3
     short fits).  The suite's only cross-validation run."""
-    from pipelines.api import api
+    from pipelines.api import session
 
     work = tmp_path_factory.mktemp("api_work")
-    api._SESSION["work_dir"] = str(work)
+    session._SESSION["work_dir"] = str(work)
     data = import_file(str(tiny_manifest))
     train, valid = data.split_frame(ratios=[0.75], seed=2)
     train["fold"] = train.kfold_column(n_folds=2, seed=2)
@@ -174,7 +174,7 @@ def trained(ray_session, tiny_manifest, tmp_path_factory):
                                       model_id="api_test", **TINY)
     model.train(max_iterations=4)
     yield model, train, valid, work
-    api._SESSION["work_dir"] = None
+    session._SESSION["work_dir"] = None
 
 
 @pytest.mark.slow

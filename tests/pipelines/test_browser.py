@@ -244,6 +244,7 @@ def test_multilabel_pixels_take_the_mean_colour_of_their_classes(browser, tmp_pa
 def write_predictions(out: Path, masks: dict[str, np.ndarray], model_uri: str) -> str:
     """A prediction output made by hand (one committed file and the model record)."""
     from pipelines.predict import store
+    from pipelines import predictions
     from pipelines.records import PREDICTION_SCHEMA
     from seg_core.codecs import encode_png
     from seg_core.config import MaskSpec, to_dict
@@ -256,7 +257,7 @@ def write_predictions(out: Path, masks: dict[str, np.ndarray], model_uri: str) -
         "class_pixel_counts": [int((mask == k).sum()) for k in range(3)],
         "mean_confidence": 1.0, "confidence_png": None, "request_id": None, "latency_ms": None,
         "created_at": now} for image_id, mask in masks.items()], schema=PREDICTION_SCHEMA)
-    store.commit_table(table, str(out / "part-hand.parquet"))
+    predictions.write_table(table, str(out / "part-hand.parquet"))
     store.claim_output(str(out), {"uri": model_uri, "name": "hand", "version": "h1",
                                   "mask_spec": to_dict(MaskSpec(num_classes=3)), "tta": False,
                                   "confidence_maps": False})

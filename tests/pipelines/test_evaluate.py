@@ -18,6 +18,7 @@ from pipelines.evaluate.evaluate import (
     summarize,
 )
 from pipelines.predict import store
+from pipelines import predictions
 from pipelines.records import PREDICTION_SCHEMA
 from seg_core.codecs import decode_mask, encode_png
 from seg_core.config import MaskSpec, to_dict
@@ -137,7 +138,7 @@ def write_predictions(out: Path, rows: list[tuple[str, np.ndarray]], spec: MaskS
         "class_pixel_counts": [int((mask == k).sum()) for k in range(spec.num_classes)],
         "mean_confidence": 1.0, "confidence_png": None, "request_id": None, "latency_ms": None,
         "created_at": now} for image_id, mask in rows], schema=PREDICTION_SCHEMA)
-    store.commit_table(table, str(out / "part-hand.parquet"))
+    predictions.write_table(table, str(out / "part-hand.parquet"))
     store.claim_output(str(out), {"name": "hand", "version": "0", "mask_spec": to_dict(spec),
                                   "tta": False, "confidence_maps": False})
     return str(out)
@@ -150,8 +151,10 @@ def write_case(root: Path, cases: dict[str, np.ndarray]) -> Path:
     with open(root / "manifest.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "image", "mask", "split"])
-        for image_id, truth in cases.items():
-            image = (np.arange(truth.size).reshape(truth.shape) * 40 % 256).astype(np.uint8)
+        for index, (image_id, truth) in enumerate(cases.items()):
+            # a different image per row: a serve log is matched to its truth by the bytes
+            image = ((np.arange(truth.size).reshape(truth.shape) * 40 + 7 * index) % 256
+                     ).astype(np.uint8)
             (root / "images" / f"{image_id}.png").write_bytes(encode_png(image))
             (root / "masks" / f"{image_id}.png").write_bytes(encode_png(truth.astype(np.uint8)))
             writer.writerow([image_id, f"images/{image_id}.png", f"masks/{image_id}.png", "val"])
@@ -260,3 +263,63 @@ def test_evaluate_with_model_matches_direct_segmenter_scores(ray_session, sample
     assert compared["reported"] == {"miou": 0.25, "mdice": 0.5}
     assert compared["difference"]["miou"] == pytest.approx(expected["iou"] - 0.25)
     assert "Training reported" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def write_serve_log(out: Path, wal: Path, requests: list[tuple[str, np.ndarray, str]],
+                    spec: MaskSpec, *, max_pixels: int) -> str:
+    """An endpoint's log written as a replica writes it: rows through the write-ahead-log sink
+    (``date=*/serve-*.parquet``) and the served model's record.  ``requests``: (request id, mask,
+    SHA-256 of the uploaded bytes)."""
+    from pipelines.serve.sink import PredictionSink
+
+    now = dt.datetime.now(dt.timezone.utc)
+    sink = PredictionSink(str(out), flush_rows=2, writer_id="replica1", wal_dir=str(wal))
+    for request_id, mask, digest in requests:
+        sink.add({"id": request_id, "source_uri": "upload:image.png", "source_sha256": digest,
+                  "model_name": "hand", "model_version": "0", "weights_sha256": "f" * 64,
+                  "height": mask.shape[0], "width": mask.shape[1],
+                  "mask_png": encode_png(mask.astype(np.uint8)),
+                  "class_mask_pngs": [encode_png((mask == k).astype(np.uint8) * 255)
+                                      for k in range(spec.num_classes)],
+                  "class_pixel_counts": [int((mask == k).sum()) for k in range(spec.num_classes)],
+                  "mean_confidence": 1.0, "confidence_png": None, "request_id": request_id,
+                  "latency_ms": 5.0, "created_at": now})
+    sink.close()
+    predictions.record_served_model(str(out), {
+        "name": "hand", "version": "0", "weights_sha256": "f" * 64, "engine": "torch",
+        "mask_spec": to_dict(spec), "max_pixels": max_pixels, "tiff_page": None})
+    return str(out)
+
+
+def test_evaluate_scores_a_serve_log_matched_by_content(ray_session, tmp_path):
+    """The endpoint's log scores as a batch output of the same masks does (the hand-computed
+    figures of the test above): requests are matched to truth rows by the bytes they carried,
+    a retried request counts once, and a request for an image outside the truth is left out.
+    Overlays follow the served model's limits: over its max_pixels, an image gets no overlay
+    and the report says why."""
+    import hashlib
+
+    data = tmp_path / "data"
+    manifest = write_case(data, {"a": TRUTH_A, "b": TRUTH_B})
+    digest = {k: hashlib.sha256((data / "images" / f"{k}.png").read_bytes()).hexdigest()
+              for k in "ab"}
+    log = write_serve_log(tmp_path / "log", tmp_path / "wal", [
+        ("req-1", PRED_A, digest["a"]), ("req-2", PRED_B, digest["b"]),
+        ("req-2", PRED_B, digest["b"]),                   # a retry with the same request id
+        ("req-3", TRUTH_A, "0" * 64)], SPEC2, max_pixels=3)   # an image the truth does not have
+    assert {p.split("/")[-2][:5] for p in predictions.prediction_files(log)} == {"date="}
+    assert predictions.scan(log, ["id"]).num_rows == 3         # one row per request id
+    report = run_evaluate(EvaluateConfig(manifest=str(manifest), predictions=log,
+                                         out=str(tmp_path / "eval"), bootstrap=20, overlays=1,
+                                         progress=False), log=lambda _: None)
+    assert report["images_scored"] == 2 and not report["missing_predictions"]
+    assert report["metrics"]["micro"]["iou"] == pytest.approx(0.6)
+    assert report["metrics"]["macro"]["iou"] == pytest.approx((4 / 6 + 2 / 4) / 2)
+    assert report["confusion_matrix"] == [[4, 1], [1, 2]]
+    # the 2x2 images are over the served model's max_pixels of 3: refused, with the reason
+    assert report["overlays"] == {"best": [None], "worst": [None]}
+    assert {(r["id"], r["reason"]) for r in report["overlays_refused"]} == \
+        {("a", "too_many_pixels"), ("b", "too_many_pixels")}
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "no overlay: too_many_pixels" in markdown
+    assert "too_many_pixels" in (tmp_path / "eval" / "report.html").read_text()

@@ -17,7 +17,7 @@ import pytest
 import tifffile
 
 from pipelines import storage
-from pipelines.predict import store
+from pipelines import predictions
 from seg_core.codecs import encode_png
 from tests.hostile_files import write_bad_files
 from tests.pipelines.test_serve import make_artifact, post
@@ -114,8 +114,8 @@ def predicted(ray_session, hostile) -> tuple[dict, str]:
 
 def test_predict_quarantines_hostile_rows_and_predicts_the_rest_once(hostile, predicted):
     summary, out = predicted
-    bad = {r["id"]: r["reason"] for r in store.read_quarantine(out).to_pylist()}
-    done = store.read_predictions(out, ["id"])["id"].to_pylist()
+    bad = {r["id"]: r["reason"] for r in predictions.read_quarantine(out).to_pylist()}
+    done = predictions.scan(out, ["id"])["id"].to_pylist()
     assert summary["inputs"] == hostile["rows"] == len(done) + len(bad)   # in = out + quarantined
     assert (summary["duplicates"], summary["missing"]) == (0, 0)
     assert {k: v for k, v in bad.items() if k in CASES} == {k: v for k, (_, _, v) in
@@ -135,7 +135,7 @@ def test_evaluate_reports_what_predict_quarantined_as_unscored_not_missing(hosti
                          split=None, bootstrap=0, overlays=0, progress=False)
     report = run_evaluate(cfg, log=lambda _: None)
     unscored = {u["id"]: u["reason"] for u in report["unscored"]}
-    quarantined = {r["id"]: r["reason"] for r in store.read_quarantine(out).to_pylist()}
+    quarantined = {r["id"]: r["reason"] for r in predictions.read_quarantine(out).to_pylist()}
     assert unscored == quarantined and len(unscored) >= len(CASES)
     assert report["missing_predictions"] == []
     assert report["images_in_split"] == hostile["rows"] == report["images_scored"] + len(unscored)

@@ -12,7 +12,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pipelines.predict import store
+from pipelines import predictions
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image, encode_png
 from seg_core.config import MaskSpec, Preprocessing
@@ -71,7 +71,7 @@ def test_rayseg_predict_masks_equal_the_reference(ray_session, case) -> None:
     run_predict(PredictConfig(model=str(case["model"]), input=str(case["root"] / "images"),
                               out=out, batch_size=2, actors=1, cpus_per_actor=0.5,
                               progress=False), log=lambda _: None)
-    rows = store.read_predictions(out, ["id", "mask_png"]).to_pylist()
+    rows = predictions.scan(out, ["id", "mask_png"]).to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(case["references"])
     for row in rows:
         assert_masks_match(_mask(row["mask_png"]), case["references"][row["id"]],

@@ -111,3 +111,58 @@ def test_pipelines_never_imports_jobs():
     offenders = sorted(f"{module} -> {name}" for module in MODULES for name in _imports(module)
                        if name == "jobs" or name.startswith("jobs."))
     assert offenders == []
+
+
+# The wings (ARCHITECTURE.md): one package per job.  Everything else in pipelines/ is shared
+# ground, modules at the root and the packages split along their seams (config, ingest).
+WINGS = ("api", "demo", "evaluate", "operate", "predict", "serve", "train")
+SHARED_PACKAGES = ("config", "ingest")
+SHARED = sorted(m for m in MODULES if m.count(".") >= 1 and m.split(".")[1] not in WINGS)
+REPO = ROOT.parent
+ENGINE_LIBRARIES = ("openvino", "onnxruntime", "onnx", "onnxscript")
+
+
+def _source_imports(path: pathlib.Path) -> set[str]:
+    """Every module an import statement in ``path`` names (absolute imports; any depth)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_the_layers_are_what_architecture_md_names():
+    packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(WINGS + SHARED_PACKAGES)   # a new package: name its layer here
+    assert {"pipelines.storage", "pipelines.model", "pipelines.predictions",
+            "pipelines.ingest.sources", "pipelines.config.train"} <= set(SHARED)
+    assert "pipelines" not in SHARED and "pipelines.demo" not in SHARED
+
+
+def test_shared_ground_never_imports_a_wing():
+    offenders = sorted(f"{module} -> {_node(name)}" for module in SHARED
+                       for name in _imports(module) if name.startswith("pipelines.")
+                       and (_node(name) or "").split(".")[1:2] and
+                       (_node(name) or "").split(".")[1] in WINGS)
+    assert offenders == []
+
+
+def test_seg_core_never_imports_pipelines_or_jobs():
+    offenders = sorted(f"{path.relative_to(REPO)} -> {name}"
+                       for path in sorted((REPO / "seg_core").rglob("*.py"))
+                       for name in _source_imports(path)
+                       if name.split(".")[0] in ("pipelines", "jobs", "benchmarks"))
+    assert offenders == []
+
+
+def test_engine_libraries_are_imported_only_in_seg_core_runtimes():
+    allowed = {path for path in (REPO / "seg_core").glob("runtimes*.py")}
+    assert allowed, "seg_core/runtimes*.py moved: update this rule and ARCHITECTURE.md"
+    offenders = sorted(
+        f"{path.relative_to(REPO)} -> {name}"
+        for folder in ("seg_core", "pipelines", "jobs")
+        for path in sorted((REPO / folder).rglob("*.py")) if path not in allowed
+        for name in _source_imports(path) if name.split(".")[0] in ENGINE_LIBRARIES)
+    assert offenders == []

@@ -86,13 +86,13 @@ def test_the_readme_multilabel_flow_runs_as_written_and_matches_hand_counts_on_s
     """The README's multi-label example, executed as written (its one training), then its model
     on an S3 copy of the val rows with an ignore mask: predict, model_performance against the
     counts computed here, and the endpoint's planes against the bulk masks."""
-    from pipelines.api import ModelPerformance, api
+    from pipelines.api import ModelPerformance, api, session
     from pipelines.serve.app import start_endpoint, stop_endpoint
     from tests.serve_util import endpoint_config
     from tests.test_readme_snippet import MULTILABEL_MARKER, README, readme_snippet
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(api._SESSION, "work_dir", None)
+    monkeypatch.setitem(session._SESSION, "work_dir", None)
     namespace: dict = {"__name__": "readme_snippet_multilabel"}
     exec(compile(readme_snippet(MULTILABEL_MARKER), str(README), "exec"), namespace)
     model, masks, perf = namespace["model"], namespace["masks"], namespace["perf"]

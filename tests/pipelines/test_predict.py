@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import pytest
 from PIL import Image
 
 from pipelines.predict import store
-from pipelines.predict.predict import PredictConfig, predict_one, run_predict
+from pipelines import predictions
+from pipelines.model import open_model
+from pipelines.predict.predict import PredictConfig, run_predict
 from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA
 from pipelines.storage import copy_dir_from_local, read_bytes, write_bytes
 from seg_core.artifact import load_artifact, save_artifact
@@ -79,7 +82,7 @@ def s3_run(ray_session, s3_case) -> dict:
                         confidence_maps=True, batch_size=4, rows_per_file=8, progress=False)
     summary = run_predict(cfg, log=lambda _: None)
     return {"summary": summary, "out": out, "cfg": cfg,
-            "predictions": store.read_predictions(out), "quarantine": store.read_quarantine(out)}
+            "predictions": predictions.scan(out), "quarantine": predictions.read_quarantine(out)}
 
 
 def test_counts_schema_and_quarantine_reasons(s3_run, s3_case):
@@ -113,12 +116,19 @@ def test_rows_carry_provenance(s3_run):
         assert row["created_at"] is not None and row["request_id"] is None
     model = store.read_model_record(s3_run["out"])
     assert (model["name"], model["version"], model["tta"]) == ("tiny", "t1", True)
+    # the engine that ran, resolved on the actors as on the driver: never the setting 'auto'
+    assert model["engine_setting"] == "auto" and model["engine"] == "openvino"
+    assert model["device"] == "cpu" and model["max_pixels"] > 0
+    reproducibility = json.loads(read_bytes(s3_run["out"] + "/_reproducibility.json"))
+    assert reproducibility["settings"]["engine"] == "openvino"
 
 
 def test_parity_with_segmenter(s3_run, artifact_dir):
     """Each Parquet mask is exactly what seg_core predicts directly with the same (default)
-    engine, and predict_one agrees."""
+    engine, and the loaded model's predict_one agrees."""
     segmenter = Segmenter(load_artifact(artifact_dir), tta=True, engine="auto")
+    loaded = open_model(str(artifact_dir), tta=True, engine="auto")
+    assert loaded.engine == segmenter.engine == "openvino"
     for row in s3_run["predictions"].to_pylist():
         data = read_bytes(row["source_uri"])
         expected = segmenter.predict(decode_image(data)).mask
@@ -127,8 +137,8 @@ def test_parity_with_segmenter(s3_run, artifact_dir):
         for k, png in enumerate(row["class_mask_pngs"]):
             plane = np.asarray(Image.open(io.BytesIO(png)))
             np.testing.assert_array_equal(plane == 255, expected == k)
-        again = predict_one(segmenter, data, model_name="tiny", model_version="t1",
-                            id=row["id"], source_uri=row["source_uri"], with_confidence=True)
+        again = loaded.predict_one(data, id=row["id"], source_uri=row["source_uri"],
+                                   with_confidence=True)
         assert again["mask_png"] == row["mask_png"]
         assert again["confidence_png"] == row["confidence_png"]
         assert again["class_pixel_counts"] == row["class_pixel_counts"]

@@ -147,7 +147,7 @@ def test_gate_promotes_then_keeps_a_worse_model_out(flow, tmp_path):
 
 def test_predict_from_the_alias_writes_the_weight_hash_and_a_record(flow, tmp_path):
     from pipelines.config import PredictConfig
-    from pipelines.predict import store
+    from pipelines import predictions
     from pipelines.predict.predict import run_predict
 
     out = f"{flow['root']}/preds-champion"
@@ -155,7 +155,7 @@ def test_predict_from_the_alias_writes_the_weight_hash_and_a_record(flow, tmp_pa
                               out=out, split="val", progress=False), log=lambda _: None)
     sha = json.loads(storage.read_bytes(
         f"{flow['first'].artifact_uri}/artifact.json"))["weights_sha256"]
-    table = store.read_predictions(out, columns=["weights_sha256"])
+    table = predictions.scan(out, ["weights_sha256"])
     assert table.num_rows == 24
     assert set(table["weights_sha256"].to_pylist()) == {sha}
     record = json.loads(storage.read_bytes(f"{out}/_reproducibility.json"))

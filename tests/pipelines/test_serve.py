@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from jobs.options import shipped_config
-from pipelines.predict import store
+from pipelines import predictions
 from pipelines.serve.app import replica_counts, start_endpoint, stop_endpoint
 from pipelines.serve.control import BatchSettings, ServeArgs, load_serve_config
 from pipelines.serve.sink import PredictionSink
@@ -354,7 +354,7 @@ def test_parity_with_rayseg_predict(endpoint, images, model_dir, tmp_path):
     run_predict(PredictConfig(model=str(model_dir), input=str(folder), out=out, batch_size=2,
                               actors=1, cpus_per_actor=0.5, progress=False), log=lambda _: None)
     batch = {row["id"]: row["mask_png"]
-             for row in store.read_predictions(out, ["id", "mask_png"]).to_pylist()}
+             for row in predictions.scan(out, ["id", "mask_png"]).to_pylist()}
     assert sorted(batch) == sorted(name[fmt] for fmt in FORMATS)   # ids: paths under the prefix
     for fmt, data in images.items():
         status, _, body = post(endpoint["url"], data, headers={"Accept": "image/png"},

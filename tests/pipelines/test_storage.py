@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines import storage
+from pipelines.demo.s3server import local_s3_server
 from pipelines.records import QUARANTINE_SCHEMA
 
 
@@ -111,7 +112,7 @@ def test_local_s3_server_points_the_env_at_itself_and_restores_it(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # would win; must be cleared
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "outer")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with storage.local_s3_server(credentials="inner") as endpoint:
+    with local_s3_server(credentials="inner") as endpoint:
         assert endpoint.startswith("http://127.0.0.1:")
         assert storage.resolve_options()["endpoint_override"] == endpoint
         pafs.S3FileSystem(**storage.resolve_options(),

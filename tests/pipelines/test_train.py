@@ -82,6 +82,8 @@ def test_yaml_round_trip_and_dotted_overrides():
     ("fail_at_step=3", "unknown key(s) ['fail_at_step']"),
     ("nan_at_step=3", "unknown key(s) ['nan_at_step']"),
     ("pause_at_step=3", "unknown key(s) ['pause_at_step']"),
+    # an artifact fact, recorded by training: never a setting
+    ("preprocessing.train_size=[256, 256]", "training records it in the artifact"),
 ])
 def test_bad_settings_say_what_was_expected(override, message):
     with pytest.raises(ValueError) as error:

@@ -42,9 +42,9 @@ def test_strategies_cut_and_order_the_combinations():
 
 def test_a_random_grid_sorts_stops_a_trial_early_and_its_best_model_predicts(
         ray_session, sample_dataset, tmp_path, monkeypatch):
-    from pipelines.api import GridSearch, UNetSegmentationEstimator, api, import_file, init
+    from pipelines.api import GridSearch, UNetSegmentationEstimator, import_file, init, session
 
-    monkeypatch.setitem(api._SESSION, "work_dir", None)   # init() below sets it for the session
+    monkeypatch.setitem(session._SESSION, "work_dir", None)   # init() below sets it for the session
     init(work_dir=tmp_path / "work")
     frame = import_file(sample_dataset)
     train, valid = frame.filter(split="train"), frame.filter(split="val")

@@ -1,26 +1,5 @@
-"""The one pre/post-processing path, shared by validation, batch prediction and Serve.
-
-``image (H x W x C array) -> prepare_image -> tiled model -> probabilities -> Prediction``.
-
-Keeping all three callers on this module is what guarantees parity: the numbers reported at
-validation are the numbers a client gets from the endpoint for the same bytes.
-
-- Multi-class: softmax over K; ``mask`` = argmax (uint8 H x W), ``confidence`` = max probability,
-  ``entropy`` = Shannon entropy / log K, in [0, 1].
-- Multi-label: independent sigmoids; ``mask`` = ``p >= 0.5`` (uint8 K x H x W),
-  ``confidence`` = the least certain class decision ``min_k max(p_k, 1 - p_k)``,
-  ``entropy`` = mean binary entropy / log 2, in [0, 1].
-
-Tiles are blended in probability space (a convex combination keeps them valid probabilities),
-and so are the flip test-time augmentations.
-
-Before any forward, :meth:`Segmenter.memory_estimate` adds up what a prediction allocates (the
-normalised input, the float32 stitched probabilities, the stitch band, the forward's windows,
-post-processing) and an image over ``preprocessing.max_inference_bytes`` is refused with reason
-``too_large``, as is an image whose padded windows would cost the network more work than a
-``max_pixels`` square (a 1 x N strip is padded to 16 x N at depth 4).  An allocation that fails
-anyway (another process took the memory) is the same :class:`InputError`, never a crash.
-"""
+"""The :class:`Segmenter`: an artifact's network, tiled and checked against its memory budget,
+image arrays in and :class:`Prediction` out; and the encoded row fields of a prediction."""
 from __future__ import annotations
 
 import copy
@@ -36,27 +15,27 @@ from torch import nn
 
 from seg_core.artifact import Artifact
 from seg_core.codecs import encode_png
-from seg_core.config import MaskSpec, Preprocessing
+from seg_core.config import MaskSpec, Preprocessing, oversized_tile
 from seg_core.errors import InputError
-from seg_core.model import UNet, channel_plan, fold_batchnorm
-from seg_core.runtimes import ENGINE_DIR, EngineKind, engine_runner, resolve_engine
-from seg_core.tiling import forward_pixels, padded_side, sliding_window_many, window_grid
+from seg_core.inference.budget import (
+    _allocation_failed,
+    _groups,
+    _mib,
+    _size_multiple,
+    activation_bytes,
+    inference_bytes,
+    tiles_per_forward,
+)
+from seg_core.inference.preprocessing import _pixels, prepare_image
+from seg_core.model import fold_batchnorm
+from seg_core.runtimes import ENGINE_DIR, engine_runner, EngineKind, resolve_engine
+from seg_core.tiling import forward_pixels, sliding_window_many
 
 AmpSetting = torch.dtype | None | str   # a dtype, None (fp32), or "auto"
 
-# ITU-R BT.601 luma, the same weights PIL uses for RGB -> L.
-_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+
 # Flip dims of a C x H x W tensor used for test-time augmentation (each is its own inverse).
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,))
-# float32 words the forward holds per channel of base width, per window pixel (activation_bytes)
-_ACTIVATION_WORDS = 16
-# What a prediction allocates beyond its counted buffers: allocator slack, kernel workspaces, the
-# window list.  Measured at 12-25 MiB on this CPU build (tests/seg_core/test_hostile_inputs.py).
-_OVERHEAD_BYTES = 32 * 2**20
-# Windows per forward on a CPU: 4 tiles of 256^2 ran 1.27x faster per image than 16 here.
-CPU_TILES_PER_FORWARD = 4
-# On a GPU, windows per forward are sized to this share of the free memory, at most the cap.
-_GPU_MEMORY_SHARE, _GPU_TILES_CAP = 0.5, 64
 
 
 @dataclass(frozen=True)
@@ -67,61 +46,6 @@ class Prediction:
     mask: np.ndarray        # H x W uint8 class ids, or K x H x W uint8 {0, 1} (multi-label)
     confidence: np.ndarray  # H x W float32 in [0, 1]
     entropy: np.ndarray     # H x W float32 in [0, 1]
-
-
-def prepare_image(image: np.ndarray, pre: Preprocessing) -> torch.Tensor:
-    """H x W x C (or H x W) uint8/uint16/bool/float array -> normalised float32 C x H' x W'.
-
-    Steps: scale to [0, 1] by the dtype's range (uint16 by ``2**pre.bit_depth - 1`` when set,
-    clipped; floats are taken as already in [0, 1]); drop alpha; grey <-> RGB to
-    ``pre.channels``; bilinear resize (antialiased when shrinking, as ``transforms.Resize``) to
-    ``pre.resize`` if set; ``(x - mean) / std``.  Colour planes are converted one at a time and
-    normalised in place, so the peak is the result plus one float plane.
-    """
-    arr = _pixels(image)
-    colour = 1 if arr.shape[2] <= 2 else 3  # alpha (channel 2 of 2, 4 of 4) is dropped
-    x = torch.empty(colour, *arr.shape[:2], dtype=torch.float32)  # C x H x W
-    for c in range(colour):
-        x[c] = torch.from_numpy(_to_unit_float(arr[..., c], pre.bit_depth))
-    if pre.channels == 1 and colour == 3:
-        x = (x * _LUMA).sum(dim=0, keepdim=True)
-    elif pre.channels == 3 and colour == 1:
-        x = x.expand(3, -1, -1)
-    if pre.resize is not None and tuple(x.shape[-2:]) != tuple(pre.resize):
-        shrinking = pre.resize[0] < x.shape[1] or pre.resize[1] < x.shape[2]  # as transforms.Resize
-        x = F.interpolate(x[None], size=tuple(pre.resize), mode="bilinear", align_corners=False,
-                          antialias=shrinking)[0]
-    x = x.contiguous()  # an expanded grey plane becomes three
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
-def _pixels(image: np.ndarray) -> np.ndarray:
-    """``image`` as an H x W x C array with C in 1..4 (a view), or InputError."""
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
-        raise InputError("bad_channels", f"expected an H x W x C image with C in 1..4, got "
-                         f"shape {arr.shape}", hint="pass grey, grey+alpha, RGB or RGBA pixels")
-    return arr
-
-
-def _to_unit_float(plane: np.ndarray, bit_depth: int | None = None) -> np.ndarray:
-    """One H x W plane scaled to [0, 1] float32 by its dtype's range (uint16: by ``bit_depth``)."""
-    if plane.dtype == np.uint8:
-        unit = plane.astype(np.float32)
-        unit /= np.float32(255.0)
-        return unit
-    if plane.dtype == np.uint16:
-        unit = plane.astype(np.float32)
-        unit /= np.float32(65535.0 if bit_depth is None else 2**bit_depth - 1)
-        return unit if bit_depth is None else np.minimum(unit, np.float32(1.0), out=unit)
-    if plane.dtype == np.bool_ or plane.dtype.kind == "f":
-        return plane.astype(np.float32)
-    raise InputError("unsupported_format", f"pixel type {plane.dtype} is not supported",
-                     hint="pass uint8, uint16 or float images in [0, 1]")
 
 
 class Segmenter:
@@ -359,125 +283,16 @@ def resolve_amp(amp_dtype: AmpSetting, device: torch.device) -> torch.dtype | No
     return amp_dtype
 
 
-def tiles_per_forward(model: nn.Module, window: Sequence[int], device: str | torch.device,
-                      amp_dtype: torch.dtype | None = None) -> int:
-    """Windows per forward: :data:`CPU_TILES_PER_FORWARD` on a CPU; on a CUDA device as many
-    ``window``-sized windows as half of the free memory holds (at most 64), from the
-    :func:`activation_bytes` estimate (halved under 16-bit autocast), read when called."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return CPU_TILES_PER_FORWARD
-    free, _ = torch.cuda.mem_get_info(device)
-    multiple = _size_multiple(model)
-    pixels = padded_side(int(window[0]), multiple) * padded_side(int(window[1]), multiple)
-    per_window = pixels * activation_bytes(model) // (2 if amp_dtype in (torch.bfloat16,
-                                                                          torch.float16) else 1)
-    return int(max(1, min(_GPU_TILES_CAP, free * _GPU_MEMORY_SHARE // max(per_window, 1))))
-
-
 def _warn_if_tile_exceeds_training(pre: Preprocessing) -> None:
-    """Say why a ``tile_size`` larger than what training saw is clipped (it is never used)."""
-    geometry, tile = pre.training_geometry(), pre.tile_hw
-    if geometry and tile and (tile[0] > geometry[0] or tile[1] > geometry[1]):
+    """An artifact whose tile breaks the oversized-tile rule
+    (:func:`seg_core.config.oversized_tile`, which refuses such a config): trained before the
+    rule, or on native images all smaller than the tile.  Say so, and that its windows are
+    clipped to the training geometry."""
+    if (oversized := oversized_tile(pre)) is not None:
         window = pre.inference_window()
-        warnings.warn(f"tile_size {tile[0]}x{tile[1]} is larger than the {geometry[0]}x"
-                      f"{geometry[1]} inputs the network saw in training; inference uses "
-                      f"{window[0]}x{window[1]} windows instead, because a larger window moves "
-                      f"the image borders and changes the masks", stacklevel=3)
-
-
-def inference_bytes(shape: Sequence[int], pre: Preprocessing, *, num_classes: int,
-                    multilabel: bool = False, tta: bool = False, batch_size: int = 4,
-                    activation_bytes: int = 4 * 16 * 64, size_multiple: int = 1) -> int:
-    """Peak bytes :meth:`Segmenter.predict` allocates for one image of ``shape`` (H x W [x C]).
-
-    The largest of three phases, counted from the code's own buffers (float32 = 4 bytes; ``P``
-    = H x W, ``p`` = the working h x w, i.e. ``pre.resize`` or H x W, ``K`` = classes, ``c`` =
-    ``pre.channels``), plus a fixed 32 MiB for allocator slack and kernel workspaces:
-
-    - preprocessing: up to 7 float planes of ``P`` (the colour planes, a temporary, the result)
-      plus the ``c x p`` resized input;
-    - tiling, per flip pass: the ``c x p`` input (x2 with TTA), the float32 ``K x p`` output
-      (x3 with TTA: sum, output, its flip), the float64 stitch band ``(K + 1)`` x one window
-      deep, and the forward: up to ``batch_size`` windows, padded to ``size_multiple``, x
-      ``activation_bytes`` a pixel, plus the windows' input, logits and probabilities;
-    - post-processing: the ``K x p`` probabilities, ``K x P`` when resized back, and about
-      21 bytes a pixel (multi-class: confidence, int64 argmax, mask, entropy and a temporary)
-      or ``2K + 20`` (multi-label).
-
-    The caller's decoded image is not counted (it exists before the call).  Measured peaks stay
-    below this (``tests/seg_core/test_hostile_inputs.py``; 0.5-1.0x of it on large images).
-    """
-    height, width = int(shape[0]), int(shape[1])
-    colour = 3 if len(shape) == 3 and shape[2] >= 3 else 1
-    full = height * width
-    work_h, work_w = pre.resize or (height, width)
-    work, channels, k = work_h * work_w, pre.channels, num_classes
-    resized = (work_h, work_w) != (height, width)
-    planes = 7 if channels < colour else (4 if channels > colour else colour + 1)
-    prepare = 4 * full * planes + (4 * channels * work if resized else 0)
-    rows, cols, window_h, window_w = window_grid(work_h, work_w, pre.inference_window(),
-                                                 pre.tile_overlap)
-    band = 8 * (k + 1) * min(window_h * work_w, window_w * work_h) if rows * cols > 1 else 0
-    padded = padded_side(window_h, size_multiple) * padded_side(window_w, size_multiple)
-    # per window: the activations, and the stacked input, logits, probabilities, their float64
-    # copy and the weighted window of the stitch
-    forward = min(batch_size, rows * cols) * (padded * activation_bytes +
-                                              4 * (channels + 5 * k) * window_h * window_w)
-    copies = 3 if tta else 1
-    tiling = 4 * channels * work * (2 if tta else 1) + 4 * k * work * copies + band + forward
-    per_pixel = 2 * k + 20 if multilabel else 21
-    finish = 4 * k * work + (4 * k * full if resized else 0) + per_pixel * full
-    return max(prepare, tiling, finish) + _OVERHEAD_BYTES
-
-
-def activation_bytes(model: nn.Module) -> int:
-    """Bytes the forward holds per padded window pixel, at its peak (inference mode).
-
-    For a :class:`UNet`, ``4 * (16 * base_width + 2 * (in_channels + num_classes))``: measured
-    at 42-50 bytes per channel of base width on one AVX-512 CPU (depth 2-4, widths 4-64) and
-    up to about 57 on others (oneDNN picks other kernels and workspaces per instruction set),
-    the full-resolution stem, decoder and their convolution workspaces dominating.  Any other
-    module is sized the same way from its widest convolution (64 if it has none).
-    """
-    if isinstance(model, UNet):
-        config = model.config
-        return 4 * (_ACTIVATION_WORDS * channel_plan(config)[0] +
-                    2 * (config.in_channels + config.num_classes))
-    widths = [m.out_channels for m in model.modules()
-              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    return 4 * _ACTIVATION_WORDS * max(widths, default=64)
-
-
-def _size_multiple(model: nn.Module) -> int:
-    """What the model pads each side up to (:attr:`UNet.size_multiple`; 1 for other modules)."""
-    return int(getattr(model, "size_multiple", 1))
-
-
-def _groups(needs: list[int], limit: int) -> list[list[int]]:
-    """Consecutive indices whose ``needs`` sum to at most ``limit`` (one each at least)."""
-    groups: list[list[int]] = []
-    total = 0
-    for index, need in enumerate(needs):
-        if groups and total + need <= limit:
-            groups[-1].append(index)
-            total += need
-        else:
-            groups.append([index])
-            total = need
-    return groups
-
-
-def _allocation_failed(error: BaseException) -> bool:
-    """A NumPy ``MemoryError``, or torch's allocator giving up (CPU or CUDA)."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(error)
-    return "can't allocate memory" in text or "not enough memory" in text
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:,.0f} MiB"
+        warnings.warn(f"{oversized}. This artifact holds one (trained before the rule, or on "
+                      f"images smaller than the tile): inference uses {window[0]}x{window[1]} "
+                      f"windows", stacklevel=3)
 
 
 def _finish(probs: torch.Tensor, multilabel: bool) -> Prediction:

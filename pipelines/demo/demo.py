@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 from pipelines import registry, storage
 from pipelines.config import DemoConfig
+from pipelines.demo.s3server import local_s3_server
 
 S3_BUCKET = "rayseg-demo"
 STAGES = ("data", "validate", "train", "evaluate", "predict", "serve")
@@ -241,7 +242,7 @@ def _s3_server(log: Callable[[str], None]) -> Iterator[str]:
     """
     import pyarrow.fs as pafs
 
-    with storage.local_s3_server(credentials="demo") as endpoint:
+    with local_s3_server(credentials="demo") as endpoint:
         fs = pafs.S3FileSystem(**storage.resolve_options(), allow_bucket_creation=True)
         fs.create_dir(S3_BUCKET)
         log(f"local S3 server (moto) at {endpoint}, bucket s3://{S3_BUCKET}")

@@ -1,0 +1,139 @@
+"""What a prediction costs before it runs: the bytes it allocates (:func:`inference_bytes`), the
+forward's activations, and how many windows one forward takes on a CPU or a GPU."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from seg_core.config import Preprocessing
+from seg_core.model import channel_plan, UNet
+from seg_core.tiling import padded_side, window_grid
+
+
+# float32 words the forward holds per channel of base width, per window pixel (activation_bytes)
+_ACTIVATION_WORDS = 16
+
+
+# What a prediction allocates beyond its counted buffers: allocator slack, kernel workspaces, the
+# window list.  Measured at 12-25 MiB on this CPU build (tests/seg_core/test_hostile_inputs.py).
+_OVERHEAD_BYTES = 32 * 2**20
+
+
+# Windows per forward on a CPU: 4 tiles of 256^2 ran 1.27x faster per image than 16 here.
+CPU_TILES_PER_FORWARD = 4
+
+
+# On a GPU, windows per forward are sized to this share of the free memory, at most the cap.
+_GPU_MEMORY_SHARE, _GPU_TILES_CAP = 0.5, 64
+
+
+def tiles_per_forward(model: nn.Module, window: Sequence[int], device: str | torch.device,
+                      amp_dtype: torch.dtype | None = None) -> int:
+    """Windows per forward: :data:`CPU_TILES_PER_FORWARD` on a CPU; on a CUDA device as many
+    ``window``-sized windows as half of the free memory holds (at most 64), from the
+    :func:`activation_bytes` estimate (halved under 16-bit autocast), read when called."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_TILES_PER_FORWARD
+    free, _ = torch.cuda.mem_get_info(device)
+    multiple = _size_multiple(model)
+    pixels = padded_side(int(window[0]), multiple) * padded_side(int(window[1]), multiple)
+    per_window = pixels * activation_bytes(model) // (2 if amp_dtype in (torch.bfloat16,
+                                                                          torch.float16) else 1)
+    return int(max(1, min(_GPU_TILES_CAP, free * _GPU_MEMORY_SHARE // max(per_window, 1))))
+
+
+def inference_bytes(shape: Sequence[int], pre: Preprocessing, *, num_classes: int,
+                    multilabel: bool = False, tta: bool = False, batch_size: int = 4,
+                    activation_bytes: int = 4 * 16 * 64, size_multiple: int = 1) -> int:
+    """Peak bytes :meth:`Segmenter.predict` allocates for one image of ``shape`` (H x W [x C]).
+
+    The largest of three phases, counted from the code's own buffers (float32 = 4 bytes; ``P``
+    = H x W, ``p`` = the working h x w, i.e. ``pre.resize`` or H x W, ``K`` = classes, ``c`` =
+    ``pre.channels``), plus a fixed 32 MiB for allocator slack and kernel workspaces:
+
+    - preprocessing: up to 7 float planes of ``P`` (the colour planes, a temporary, the result)
+      plus the ``c x p`` resized input;
+    - tiling, per flip pass: the ``c x p`` input (x2 with TTA), the float32 ``K x p`` output
+      (x3 with TTA: sum, output, its flip), the float64 stitch band ``(K + 1)`` x one window
+      deep, and the forward: up to ``batch_size`` windows, padded to ``size_multiple``, x
+      ``activation_bytes`` a pixel, plus the windows' input, logits and probabilities;
+    - post-processing: the ``K x p`` probabilities, ``K x P`` when resized back, and about
+      21 bytes a pixel (multi-class: confidence, int64 argmax, mask, entropy and a temporary)
+      or ``2K + 20`` (multi-label).
+
+    The caller's decoded image is not counted (it exists before the call).  Measured peaks stay
+    below this (``tests/seg_core/test_hostile_inputs.py``; 0.5-1.0x of it on large images).
+    """
+    height, width = int(shape[0]), int(shape[1])
+    colour = 3 if len(shape) == 3 and shape[2] >= 3 else 1
+    full = height * width
+    work_h, work_w = pre.resize or (height, width)
+    work, channels, k = work_h * work_w, pre.channels, num_classes
+    resized = (work_h, work_w) != (height, width)
+    planes = 7 if channels < colour else (4 if channels > colour else colour + 1)
+    prepare = 4 * full * planes + (4 * channels * work if resized else 0)
+    rows, cols, window_h, window_w = window_grid(work_h, work_w, pre.inference_window(),
+                                                 pre.tile_overlap)
+    band = 8 * (k + 1) * min(window_h * work_w, window_w * work_h) if rows * cols > 1 else 0
+    padded = padded_side(window_h, size_multiple) * padded_side(window_w, size_multiple)
+    # per window: the activations, and the stacked input, logits, probabilities, their float64
+    # copy and the weighted window of the stitch
+    forward = min(batch_size, rows * cols) * (padded * activation_bytes +
+                                              4 * (channels + 5 * k) * window_h * window_w)
+    copies = 3 if tta else 1
+    tiling = 4 * channels * work * (2 if tta else 1) + 4 * k * work * copies + band + forward
+    per_pixel = 2 * k + 20 if multilabel else 21
+    finish = 4 * k * work + (4 * k * full if resized else 0) + per_pixel * full
+    return max(prepare, tiling, finish) + _OVERHEAD_BYTES
+
+
+def activation_bytes(model: nn.Module) -> int:
+    """Bytes the forward holds per padded window pixel, at its peak (inference mode).
+
+    For a :class:`UNet`, ``4 * (16 * base_width + 2 * (in_channels + num_classes))``: measured
+    at 42-50 bytes per channel of base width on one AVX-512 CPU (depth 2-4, widths 4-64) and
+    up to about 57 on others (oneDNN picks other kernels and workspaces per instruction set),
+    the full-resolution stem, decoder and their convolution workspaces dominating.  Any other
+    module is sized the same way from its widest convolution (64 if it has none).
+    """
+    if isinstance(model, UNet):
+        config = model.config
+        return 4 * (_ACTIVATION_WORDS * channel_plan(config)[0] +
+                    2 * (config.in_channels + config.num_classes))
+    widths = [m.out_channels for m in model.modules()
+              if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    return 4 * _ACTIVATION_WORDS * max(widths, default=64)
+
+
+def _size_multiple(model: nn.Module) -> int:
+    """What the model pads each side up to (:attr:`UNet.size_multiple`; 1 for other modules)."""
+    return int(getattr(model, "size_multiple", 1))
+
+
+def _groups(needs: list[int], limit: int) -> list[list[int]]:
+    """Consecutive indices whose ``needs`` sum to at most ``limit`` (one each at least)."""
+    groups: list[list[int]] = []
+    total = 0
+    for index, need in enumerate(needs):
+        if groups and total + need <= limit:
+            groups[-1].append(index)
+            total += need
+        else:
+            groups.append([index])
+            total = need
+    return groups
+
+
+def _allocation_failed(error: BaseException) -> bool:
+    """A NumPy ``MemoryError``, or torch's allocator giving up (CPU or CUDA)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "not enough memory" in text
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
