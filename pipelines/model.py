@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from seg_core.artifact import Artifact
-    from seg_core.config import Preprocessing
+    from seg_core.config import EngineKind, Preprocessing
     from seg_core.inference import Prediction, Segmenter
 
 GROUP_PIXELS = 8 * 2**20  # decoded pixels predicted together (a 16 x 512^2 batch is 4 Mi)
@@ -211,8 +211,8 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def open_model(uri: str, *, device: str = "auto", engine: str = "auto", tta: bool = False,
-               max_pixels: int | None = None, ref: str | None = None,
+def open_model(uri: str, *, device: str = "auto", engine: EngineKind = "auto",
+               tta: bool = False, max_pixels: int | None = None, ref: str | None = None,
                storage_options: dict[str, Any] | None = None,
                artifact: "Artifact | None" = None) -> LoadedModel:
     """Open the artifact at ``uri`` for inference (see the module docstring).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,8 @@ from torch import nn
 from seg_core.config import ScheduleKind
 
 Batch = Mapping[str, torch.Tensor]
+# (images, masks) -> (images, masks), on the training device
+DeviceAugment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def build_optimizer(
@@ -146,6 +148,38 @@ def train_step(
     if scheduler is not None:
         scheduler.step()
     return {"loss": float(loss.item()), "grad_norm": float(grad_norm), "lr": lr}
+
+
+def fit_batch(
+    model: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    masks: torch.Tensor | np.ndarray,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    augment: DeviceAugment | None = None,
+    channels_last: bool = True,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    clip_grad: float | None = None,
+) -> dict[str, Any]:
+    """The training loop's body for one batch, shared by ``rayseg train``'s epoch
+    (:func:`pipelines.train.loop.train_epoch`) and the GPU check: copy the batch to ``device``,
+    run the on-device ``augment`` (e.g. :meth:`seg_core.transforms.Augment.on_device`), lay the
+    images out channels_last, and take one :func:`train_step`.  Returns its dict plus ``size``,
+    the (H, W) the network saw."""
+    images = torch.as_tensor(images).to(device, non_blocking=True)
+    masks = torch.as_tensor(masks).to(device, non_blocking=True)
+    if augment is not None:
+        images, masks = augment(images, masks)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    result: dict[str, Any] = train_step(
+        model, {"image": images, "mask": masks}, loss_fn, optimizer, scheduler=scheduler,
+        amp_dtype=amp_dtype, clip_grad=clip_grad)
+    result["size"] = (int(images.shape[-2]), int(images.shape[-1]))
+    return result
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -67,9 +67,11 @@ def run(cpu: bool, data_dir: str | None, isbi_seconds: float | None) -> dict[str
         save_artifact(directory, model, name="gpu-check-isbi", version="1", mask_spec=MASK,
                       preprocessing=pre)
         artifact = load_artifact(directory)
-        fp32, fp32_masks = score(Segmenter(artifact, device=device, amp_dtype=None), data["val"])
-        bf16, bf16_masks = score(Segmenter(artifact, device=device, amp_dtype=torch.bfloat16),
-                                 data["val"])
+        fp32, fp32_masks = score(
+            Segmenter(artifact, device=device, engine="torch", amp_dtype=None), data["val"])
+        bf16, bf16_masks = score(
+            Segmenter(artifact, device=device, engine="torch", amp_dtype=torch.bfloat16),
+            data["val"])
         agreement = float(np.mean([np.mean(a == b) for a, b in zip(fp32_masks, bf16_masks)]))
         isbi.update({"fp32": fp32, "bf16": bf16, "goal_pixel_accuracy": GOALS["pixel_accuracy"]})
         say(f"ISBI val: fp32 {fp32}, bf16 {bf16}, bf16/fp32 mask agreement {agreement:.5f}")

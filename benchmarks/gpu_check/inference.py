@@ -44,7 +44,7 @@ def per_second(fn: Callable[[], Any], count: int, device: torch.device, calls: i
 
 def inference(artifact_dir: Path, model: UNet, val: list, sizes: Sizes,
               device: torch.device) -> dict[str, Any]:
-    segmenter = Segmenter(load_artifact(artifact_dir), device=device)   # bf16 on CUDA, auto batch
+    segmenter = Segmenter(load_artifact(artifact_dir), device=device, engine="torch")   # bf16 on CUDA, auto batch
     plain = fold_batchnorm(copy.deepcopy(model).eval()).to(device,
                                                            memory_format=torch.channels_last)
     side = segmenter.preprocessing.inference_window()

@@ -12,7 +12,7 @@ from benchmarks.gpu_check.data import MASK, MEMBRANE, Pairs
 from benchmarks.gpu_check.sizes import PRE, Sizes, say
 from benchmarks.gpu_check.throughput import unet
 from seg_core.config import Preprocessing
-from seg_core.engine import WarmupDecay, build_optimizer, train_step
+from seg_core.engine import WarmupDecay, build_optimizer, fit_batch
 from seg_core.inference import Segmenter, prepare_image
 from seg_core.losses import build_loss
 from seg_core.metrics import compute_metrics, mask_counts
@@ -31,11 +31,21 @@ def to_device_set(pairs: Pairs, pre: Preprocessing, device: torch.device,
     return images, masks
 
 
+def deform(images: torch.Tensor, masks: torch.Tensor,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The check's on-device augmentation: one of the 8 square symmetries, then elastic."""
+    images, masks = random_dihedral(images, masks, generator=generator)
+    images, moved = elastic_deform(images, masks, sigma_px=10.0, generator=generator)
+    assert moved is not None
+    return images, moved
+
+
 def train_isbi(data: dict[str, Pairs], sizes: Sizes, device: torch.device,
                choice: dict[str, Any]) -> tuple[UNet, dict[str, Any]]:
     """Train from scratch for ``sizes.isbi_budget_s`` of wall time: AdamW (fused if that won),
     bf16, channels_last, LR warmup then cosine over the wall budget, each batch turned /
-    mirrored and elastically deformed on the device.  Eager even where compiling won part 1:
+    mirrored and elastically deformed on the device, each step through the training loop's
+    own batch body (:func:`seg_core.engine.fit_batch`).  Eager even where compiling won part 1:
     another batch size would compile again, and the check has 8 minutes in all."""
     pre = Preprocessing(**PRE)
     images, masks = to_device_set(data["train"], pre, device, sizes.isbi_crop)
@@ -61,11 +71,10 @@ def train_isbi(data: dict[str, Pairs], sizes: Sizes, device: torch.device,
             for group in optimizer.param_groups:
                 group["lr"] = 1e-3 * schedule(int(progress * schedule.total_steps))
             pick = order[start:start + batch]
-            x, y = random_dihedral(images[pick], masks[pick], generator=generator)
-            x, y = elastic_deform(x, y, sigma_px=10.0, generator=generator)
-            x = x.contiguous(memory_format=torch.channels_last)
-            losses.append(train_step(model, {"image": x, "mask": y}, loss_fn, optimizer,
-                                     amp_dtype=torch.bfloat16, clip_grad=1.0)["loss"])
+            losses.append(fit_batch(   # the training loop's own per-batch body
+                model, images[pick], masks[pick], loss_fn, optimizer, device=device,
+                augment=lambda x, y: deform(x, y, generator), channels_last=True,
+                amp_dtype=torch.bfloat16, clip_grad=1.0)["loss"])
             steps += 1
             if started is None:     # the budget starts after the first (compiling) step
                 first_s = time.perf_counter() - now

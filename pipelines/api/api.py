@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import pandas
 
     from pipelines.config import TrainConfig
+    from seg_core.config import EngineKind
 
 __all__ = ["init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
            "load_model", "get_model", "hyperparameter_names"]
@@ -229,7 +230,7 @@ class UNetSegmentationEstimator:
 
     # --------------------------------------------------------------------------- scoring
     def predict(self, test_data: Frame, *, out: str | os.PathLike | None = None, tta: bool = False,
-                confidence_maps: bool = False, engine: str = "auto") -> Frame:
+                confidence_maps: bool = False, engine: EngineKind = "auto") -> Frame:
         """Masks for every row of ``test_data`` via the bulk path; a ``predictions`` Frame.
 
         The Parquet goes to ``out`` (default ``<work_dir>/predictions/<model_id>-<random>``);

@@ -234,9 +234,10 @@ class ServeArgs(BaseModel):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu', 'cuda', ...")
     tta: bool = False
-    engine: str = Field("auto", description="inference engine: auto (torch on GPUs, OpenVINO "
-                        "on CPUs, ONNX Runtime for lite U-Nets), torch, openvino, onnxruntime, openvino-int8, "
-                        "onnxruntime-int8 (seg_core.runtimes)")
+    engine: EngineKind = Field(
+        "auto", description="inference engine: auto (torch on GPUs, OpenVINO on CPUs, ONNX "
+        "Runtime for lite U-Nets), torch, openvino, onnxruntime, openvino-int8, onnxruntime-int8 "
+        "(seg_core.runtimes)")
 
     def model_post_init(self, context: Any, /) -> None:
         """The backlog bounds must leave room for normal flushing."""

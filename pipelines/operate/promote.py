@@ -22,9 +22,12 @@ import json
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from pipelines import registry, storage
+
+if TYPE_CHECKING:
+    from seg_core.config import EngineKind
 
 REJECTED_EXIT = 3
 _OPS: dict[str, Callable[[float, float], bool]] = {
@@ -102,7 +105,7 @@ class Decision:
 
 def promote(model: str, *, alias: str, gate: str, manifest: str, out: str,
             against: str | None = None, split: str | None = "val", tolerance: float = 0.0,
-            serve_app: str | None = None, engine: str = "auto",
+            serve_app: str | None = None, engine: EngineKind = "auto",
             evaluate: Callable[..., dict[str, Any]] | None = None,
             log: Callable[[str], None] = print) -> Decision:
     """Evaluate, compare, move the alias if the gate holds (see the module docstring)."""

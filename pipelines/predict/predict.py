@@ -38,6 +38,7 @@ from pipelines.records import RESULT_SCHEMA
 
 if TYPE_CHECKING:
     from pipelines.model import LoadedModel
+    from seg_core.config import EngineKind
 
 REPRODUCIBILITY_FILE = "_reproducibility.json"   # model (by weights hash), inputs, packages
 
@@ -59,7 +60,8 @@ class Predictor:
     """Ray Data callable class: opens the model once per actor, predicts pyarrow batches."""
 
     def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int,
-                 engine: str = "auto", storage_options: dict[str, Any] | None = None) -> None:
+                 engine: EngineKind = "auto",
+                 storage_options: dict[str, Any] | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_
                                          all_reduce_sum, any_worker, broadcast_buffers,
                                          gather_objects)
 from pipelines.faults import Faults, maybe_fail, maybe_nan, maybe_pause
-from seg_core.engine import build_optimizer, build_scheduler, rng_state, train_step
+from seg_core.engine import build_optimizer, build_scheduler, fit_batch, rng_state
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
 from seg_core.losses import build_loss
@@ -221,22 +221,21 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
         maybe_fail(faults, cfg.run_uri, state.step, rank, world)
         maybe_pause(faults, cfg.run_uri, state.step, rank, world)
         batch = augment(batch, rng)
-        images = torch.from_numpy(batch["image"]).to(parts.device, non_blocking=True)
-        masks = torch.from_numpy(np.ascontiguousarray(batch["mask"])).to(parts.device)
-        images, masks = augment.on_device(images, masks, device_rng)   # elastic, if set
-        if parts.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        state.note_size(images.shape[-2:])
-        loss = train_step(parts.model, {"image": images, "mask": masks}, parts.loss_fn,
-                          parts.optimizer, scheduler=parts.scheduler, amp_dtype=parts.amp_dtype,
-                          clip_grad=cfg.optim.clip_grad)["loss"]
+        result = fit_batch(
+            parts.model, torch.from_numpy(batch["image"]),
+            torch.from_numpy(np.ascontiguousarray(batch["mask"])), parts.loss_fn,
+            parts.optimizer, device=parts.device, channels_last=parts.channels_last,
+            augment=lambda x, y: augment.on_device(x, y, device_rng),   # elastic, if set
+            scheduler=parts.scheduler, amp_dtype=parts.amp_dtype, clip_grad=cfg.optim.clip_grad)
+        state.note_size(result["size"])
+        loss, images = result["loss"], len(batch["image"])
         state.step, steps = state.step + 1, steps + 1
         loss = maybe_nan(faults, state.step, loss)
         if any_worker(not math.isfinite(loss), parts.device, world):
             state.stop_non_finite()
             break
-        totals[0] += loss * len(images)
-        totals[1] += len(images)
+        totals[0] += loss * images
+        totals[1] += images
         if cfg.log_every_steps and state.step % cfg.log_every_steps == 0:
             say(f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step} loss {loss:.4f} "
                 f"lr {current_lr(parts.optimizer):.3g}")

@@ -61,13 +61,18 @@ class Segmenter:
     convolutions (:func:`seg_core.model.fold_batchnorm`); the artifact's model is left as it is.
     ``engine`` runs that copy with torch eager or a CPU graph engine (OpenVINO, ONNX Runtime,
     INT8: :mod:`seg_core.runtimes`); tiling, stitching and post-processing are the same for all.
+    ``"auto"`` (the default, as in every config) resolves with
+    :func:`seg_core.runtimes.resolve_engine`; an artifact held only in memory has no directory
+    to cache a graph in, so ``auto`` runs it with torch.
     """
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
                  batch_size: int | None = None, channels_last: bool = True,
-                 engine: EngineKind = "torch", amp_dtype: AmpSetting = "auto") -> None:
+                 engine: EngineKind = "auto", amp_dtype: AmpSetting = "auto") -> None:
         self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
                    batch_size, channels_last, fold_norms=True, amp_dtype=amp_dtype)
+        if engine == "auto" and artifact.path is None:
+            engine = "torch"   # a graph engine caches its graph in the artifact's directory
         self.engine = resolve_engine(engine, self.device, artifact.model_config.arch)
         if self.engine != "torch":
             if artifact.path is None:

@@ -248,7 +248,7 @@ def test_two_workers_on_s3_lose_one_resume_from_s3_and_the_artifact_predicts(
     # both workers), and inference runs each image in one forward at that size
     assert artifact.preprocessing.train_size == (96, 96)
     assert artifact.preprocessing.inference_window() == (96, 96)
-    segmenter = Segmenter(artifact)
+    segmenter = Segmenter(artifact, engine="torch")
 
     # Every val pixel was scored exactly once across the two workers, and re-predicting with the
     # loaded artifact reproduces the recorded counts exactly (validation == the predict path).

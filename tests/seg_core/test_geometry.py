@@ -81,7 +81,7 @@ def test_version_1_artifact_gets_the_corrected_geometry(position_model, tmp_path
     assert artifact.preprocessing.inference_window() == TRAIN_SIZE
     image, _ = render(3)
     with pytest.warns(UserWarning, match="larger than the 48x80 inputs"):
-        segmenter = Segmenter(artifact)
+        segmenter = Segmenter(artifact, engine="torch")
     assert_masks_match(segmenter.predict(image).mask, reference_resized(position_model, image))
 
 

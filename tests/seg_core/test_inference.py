@@ -38,7 +38,7 @@ def small_unet_segmenter(tmp_path, **kwargs) -> Segmenter:
     model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=4))
     directory = save_artifact(tmp_path / "a", model.eval(), name="t", version="0",
                               mask_spec=MaskSpec(3), preprocessing=PRE)
-    return Segmenter(load_artifact(directory), **kwargs)
+    return Segmenter(load_artifact(directory), **{"engine": "torch", **kwargs})
 
 
 def test_prepare_image_values() -> None:
