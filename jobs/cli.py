@@ -76,11 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    from jobs.options import ConfigError
     from pipelines.raycluster import StorageContractError
 
     try:
         return int(args._run(args) or 0)
-    except StorageContractError as refused:   # before any work: say what to change, no trace
+    except (StorageContractError, ConfigError) as refused:   # before any work: what to change
         print(f"rayseg {args.command}: {refused}", file=sys.stderr)
         return 2
 

@@ -68,4 +68,12 @@ def job_config(cls: type[T], args: argparse.Namespace, flags: Mapping[str, Any] 
 
     path = resolve_config_path(args.config) if getattr(args, "config", None) else None
     given = {key: value for key, value in dict(flags).items() if value is not None}
-    return load_config(cls, path, getattr(args, "overrides", ()), flags=given)
+    try:
+        return load_config(cls, path, getattr(args, "overrides", ()), flags=given)
+    except (ValueError, TypeError) as refused:   # pydantic's ValidationError is a ValueError
+        raise ConfigError(str(refused)) from refused
+
+
+class ConfigError(ValueError):
+    """The settings (``--config``, flags, ``--set``) do not make a valid job config; the CLI
+    prints the message, which names the key and what it expects, with no traceback."""

@@ -52,7 +52,7 @@ def test_every_command_takes_config_and_set(name, capsys):
     assert "--config YAML" in text and "--set KEY=VALUE" in text
 
 
-def test_config_then_flags_then_set_and_typos_list_the_valid_keys(tmp_path):
+def test_config_then_flags_then_set_and_typos_list_the_valid_keys(tmp_path, capsys):
     import argparse
 
     from jobs.options import job_config, resolve_config_path
@@ -74,6 +74,13 @@ def test_config_then_flags_then_set_and_typos_list_the_valid_keys(tmp_path):
         job_config(PredictConfig, args)
     with pytest.raises(ValueError, match=r"missing key\(s\) \['model', 'input', 'out'\]"):
         job_config(PredictConfig, argparse.Namespace(config=None, overrides=[]))
+    # on the command line, a bad setting is one line naming the key, exit 2, no traceback
+    from jobs.cli import main
+
+    assert main(["train", "--config", "train_sample", "--set", "fail_at_step=3"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("rayseg train: TrainConfig: unknown key(s) ['fail_at_step']")
+    assert "Traceback" not in said and len(said.splitlines()) == 1
     # the shipped configs resolve by name and by their repository path, from any directory
     assert resolve_config_path("serve").name == "serve.yaml"
     assert resolve_config_path("/nowhere/jobs/configs/train_sample.yaml").is_file()
