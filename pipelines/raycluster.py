@@ -27,9 +27,14 @@ import time
 from typing import Any, Iterator, Mapping
 
 _MB = 1024 * 1024
-# Ray refuses object stores below ~75 MB; above ~2 GB nothing in rayseg's tests or single-node
-# jobs benefits, and a smaller store leaves RAM for the model and decoded batches.
-_MIN_STORE_MB, _MAX_STORE_MB = 128, 2048
+# A local cluster's object store, as Ray sizes it by default (ray._private.utils.
+# resolve_object_store_memory): 30% of the available RAM, at most 200 GB; rayseg also keeps it
+# within /dev/shm (95% of what is free there), where Ray would fall back to a slower disk file.
+# Ray refuses stores below ~75 MB.  A 2 GB cap before made a 400 MiB dataset stream on a
+# 24 GiB box (issue 30).
+_MIN_STORE_MB, _MAX_STORE_MB = 128, 200_000
+_STORE_SHARE, _SHM_SHARE = 0.3, 0.95
+_STORE_NOTE: list[str] = []   # why the local store has its size, for the training's data line
 _PROPAGATED_PREFIXES = ("AWS_", "RAYSEG_", "RAY_DATA_")
 # Ray Data 2.60's Parquet reader (datasource V2) lists files through a pool of footer-reading
 # actors, 32 by default, created afresh for every read_parquet: on a 2-core machine that costs
@@ -44,15 +49,61 @@ VERBOSE_ENV = "RAYSEG_VERBOSE"   # "1": Ray's own logs in full (``rayseg --verbo
 _RETRY_NOTICE_ENV = "RAY_enable_output_error_log_if_still_retry"
 
 
-def default_object_store_mb(total_ram_mb: int | None = None, shm_free_mb: int | None = None) -> int:
-    """Object-store size for a local cluster: 20% of RAM, within 128 MB .. 2 GB and /dev/shm."""
-    if total_ram_mb is None:
-        total_ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // _MB
+def default_object_store_mb(available_ram_mb: int | None = None,
+                            shm_free_mb: int | None = None) -> int:
+    """Object-store size for a local cluster: 30% of the available RAM (as Ray's default),
+    within 95% of the free /dev/shm, 128 MB .. 200 GB."""
+    return _store_plan(available_ram_mb, shm_free_mb)[0]
+
+
+def _store_plan(available_ram_mb: int | None = None,
+                shm_free_mb: int | None = None) -> tuple[int, str]:
+    """(MB, the sentence saying why) for :func:`default_object_store_mb`."""
+    if available_ram_mb is None:
+        available_ram_mb = available_memory_mb()
     if shm_free_mb is None:
         shm_free_mb = shutil.disk_usage("/dev/shm").free // _MB if os.path.isdir("/dev/shm") \
-            else total_ram_mb
-    size = min(int(total_ram_mb * 0.2), _MAX_STORE_MB, int(shm_free_mb * 0.8))
-    return max(size, _MIN_STORE_MB)
+            else available_ram_mb
+    share, shm = int(available_ram_mb * _STORE_SHARE), int(shm_free_mb * _SHM_SHARE)
+    size = max(min(share, shm, _MAX_STORE_MB), _MIN_STORE_MB)
+    why = (f"30% of {available_ram_mb:,} MiB available RAM" if size == share else
+           f"95% of the {shm_free_mb:,} MiB free in /dev/shm" if size == shm else
+           f"Ray's floor of {_MIN_STORE_MB} MiB" if size == _MIN_STORE_MB else
+           f"Ray's cap of {_MAX_STORE_MB:,} MiB")
+    return size, why
+
+
+def available_memory_mb() -> int:
+    """RAM this process may still use: /proc/meminfo's MemAvailable, within a cgroup's limit
+    (a container's), else the physical total."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // _MB
+    found = total
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) // 1024
+                    break
+    except OSError:
+        pass
+    for path, used_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                            ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                             "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(path) as limit_file, open(used_path) as used_file:
+                limit, used = limit_file.read().strip(), used_file.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and int(limit) // _MB < total:
+            found = min(found, max(int(limit) - int(used), 0) // _MB)
+        break
+    return found
+
+
+def store_note() -> str:
+    """`` (<why>)`` when this process started the local cluster with the default store size,
+    else empty."""
+    return f" ({_STORE_NOTE[-1]})" if _STORE_NOTE else ""
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -96,8 +147,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
         if address is None:
             kwargs.setdefault("num_cpus", num_cpus or os.cpu_count() or 1)
             _small_cluster_parquet(int(kwargs["num_cpus"]), kwargs["runtime_env"]["env_vars"])
-            kwargs.setdefault("object_store_memory",
-                              (object_store_mb or default_object_store_mb()) * _MB)
+            if object_store_mb is None and "object_store_memory" not in kwargs:
+                object_store_mb, why = _store_plan()
+                _STORE_NOTE.append(why)
+            kwargs.setdefault("object_store_memory", object_store_mb * _MB)
             kwargs.setdefault("include_dashboard", False)
         with _serve_ingress_env(address is None):
             ray.init(address=address, **kwargs)

@@ -168,10 +168,11 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
                  counts: dict[str, np.ndarray] | None, lr: float, world: int) -> dict[str, Any]:
-    """One history entry; ``totals`` = summed (loss*images, images, seconds) over workers.
+    """One history entry; ``totals`` = summed (loss*images, images, seconds, K class pixel
+    counts, labelled pixels) over workers (:func:`pipelines.train.loop.train_epoch`).
     ``counts`` is None for an epoch that was not validated (``val_fraction``): its ``val*``
     entries are None."""
-    loss_sum, images, seconds = (float(x) for x in totals)
+    loss_sum, images, seconds = (float(x) for x in totals[:3])
     val = None if counts is None else val_metrics(counts, cfg)
     return {
         "epoch": state.epoch + 1, "step": state.step, "lr": lr,
@@ -179,6 +180,7 @@ def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
         "images_per_s": images / max(seconds / world, 1e-9),  # seconds summed over workers
         "val_miou": val and val["miou"], "val_pixel_accuracy": val and val["pixel_accuracy"],
         "val": val,
+        "class_pixels_seen": [int(x) for x in totals[3:]],   # K classes, then labelled
     }
 
 

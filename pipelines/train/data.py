@@ -1,8 +1,12 @@
 """Training input: decode and deterministic preprocessing in Ray Data, random augmentation per batch.
 
-- :func:`training_dataset`: rows ``{id, image, mask}`` with ``image`` the float32 C x H x W tensor
-  from ``seg_core.inference.prepare_image`` (exactly what inference feeds the model) and ``mask``
-  resized to match with nearest-neighbour (int64 H x W, or uint8 K x H x W for multi-label).
+- :func:`training_dataset`: rows ``{id, image, mask}``.  Without a resize, ``image`` is the
+  decoded integers as C x H x W (uint8, or uint16 when ``preprocessing.bit_depth`` is set:
+  :func:`seg_core.inference.compact_pixels`) and the training worker turns each batch into the
+  network's input on its device (:func:`seg_core.inference.normalise_pixels`, bit for bit what
+  ``prepare_image`` gives).  With a resize, ``image`` is ``prepare_image``'s float32 C x H' x W'.
+  ``mask`` is resized to match by nearest neighbour and stored in the smallest integer type
+  that holds the class ids and ``ignore_index`` (:func:`mask_dtype`; K x H x W for multi-label).
   Streaming and bounded: nothing is materialised; a seed fixes the pair order.
 - :func:`build_train_data`: one run's train and val datasets (by split, or by fold), their
   counts, the source's digest, class pixel counts, and the per-batch augmentation
@@ -37,6 +41,7 @@ from seg_core.transforms import Augment, resize_mask_nearest
 
 if TYPE_CHECKING:
     import ray.data
+    import torch
 
 
 def training_dataset(source: str, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
@@ -47,10 +52,11 @@ def training_dataset(source: str, mask_spec: MaskSpec, preprocessing: Preprocess
     """Rows of ``split`` / ``folds`` from ``source``, decoded and preprocessed, in seeded order."""
     rows = read_pairs(source, kind=kind, split=split, folds=folds, shuffle_seed=seed,
                       rows_per_block=rows_per_block, storage_options=storage_options)
+    pixels, masks = cache_types(preprocessing, mask_spec)
     return rows.map_batches(
         prepare_batch, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"mask_spec": mask_spec, "preprocessing": preprocessing,
-                   "quarantine_uri": quarantine_uri,
+                   "quarantine_uri": quarantine_uri, "pixel_dtype": pixels, "mask_dtype": masks,
                    "storage_options": storage.resolve_options(storage_options)})
 
 
@@ -65,7 +71,7 @@ def decoded_dataset(source: str, mask_spec: MaskSpec, *, max_pixels: int = 64_00
     return rows.map_batches(
         prepare_batch, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"mask_spec": mask_spec, "preprocessing": None, "max_pixels": max_pixels,
-                   "quarantine_uri": quarantine_uri,
+                   "quarantine_uri": quarantine_uri, "mask_dtype": mask_dtype(mask_spec),
                    "storage_options": storage.resolve_options(storage_options)})
 
 
@@ -78,7 +84,7 @@ _TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fraction
 class TrainData:
     """Ray Datasets of one run and the augmentation the loop applies per batch."""
 
-    train: Any  # preprocessed rows {id, image C,h,w float32, mask}
+    train: Any  # rows {id, image C,h,w (compact integers, or float32 when resized), mask}
     val: dict[str, Any]  # {"val_<rank>": that worker's decoded originals {id, image, mask}}
     augment: Augment  # applied by the loop to every training batch
     num_train: int
@@ -169,26 +175,31 @@ def cache_decision(cfg: TrainConfig, source: str, kind: str, train_sel: dict[str
                    val_sel: dict[str, Any]) -> tuple[bool, str]:
     """Whether to materialise the decoded sets, and the sentence that says why.
 
-    ``data.cache_decoded: auto`` estimates the decoded sizes (train: float32 C x H' x W' plus an
-    int64 mask; val: the decoded image plus its mask) from the row counts and the mean image
-    size of a sample of headers, and caches when they take at most :data:`CACHE_SHARE` of the
-    object store; a dataset that would not fit streams (decoded again every epoch).
+    ``data.cache_decoded: auto`` estimates the decoded sizes in the types they are cached in
+    (:func:`bytes_per_pixel`: uint8 pixels and masks in the common case, 4 bytes per RGB pixel)
+    from the row counts and the mean image size of a sample of headers, and caches when they
+    take at most :data:`CACHE_SHARE` of the object store; a dataset that would not fit streams
+    (decoded again every epoch).
     """
     import ray
 
-    if cfg.data.cache_decoded != "auto":
-        return bool(cfg.data.cache_decoded), f"cache_decoded={cfg.data.cache_decoded}"
+    from pipelines.raycluster import store_note
+
     rows, pixels = _rows_and_mean_pixels(source, kind, train_sel, val_sel)
-    c = cfg.preprocessing.channels
     trained = cfg.preprocessing.resize[0] * cfg.preprocessing.resize[1] \
         if cfg.preprocessing.resize else pixels
-    need = rows[0] * trained * (4 * c + 8) + rows[1] * pixels * (c + 8)
+    train_bpp, val_bpp = bytes_per_pixel(cfg.preprocessing, cfg.mask)
+    need = rows[0] * trained * train_bpp + rows[1] * pixels * val_bpp
     store = float(ray.cluster_resources().get("object_store_memory", 0))
-    cache = need <= CACHE_SHARE * store
-    action = "caching them" if cache else \
-        "streaming them (decoded again every epoch; data.cache_decoded=true forces caching)"
-    return cache, (f"decoded train + val ~{need / 2**20:,.0f} MiB, object store "
-                   f"{store / 2**20:,.0f} MiB: {action}")
+    setting = cfg.data.cache_decoded
+    cache = need <= CACHE_SHARE * store if setting == "auto" else bool(setting)
+    action = ("caching them" if cache else "streaming them (decoded again every epoch)") + (
+        f" as data.cache_decoded={str(setting).lower()} says" if setting != "auto" else
+        "" if cache else "; data.cache_decoded=true forces caching")
+    stored, masks = cache_types(cfg.preprocessing, cfg.mask)
+    return cache, (f"decoded train + val ~{need / 2**20:,.0f} MiB ({stored or 'float32'} "
+                   f"pixels, {masks} masks: {train_bpp} B per training pixel), object store "
+                   f"{store / 2**20:,.0f} MiB{store_note()}: {action}")
 
 
 def _rows_and_mean_pixels(source: str, kind: str, train_sel: dict[str, Any],
@@ -237,11 +248,14 @@ def sha256_hex(data: bytes) -> str:
 def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
                   preprocessing: Preprocessing | None, *, max_pixels: int | None = None,
                   quarantine_uri: str | None = None, storage_options: dict | None = None,
-                  stage: str = "train") -> dict[str, np.ndarray]:
+                  stage: str = "train", pixel_dtype: str | None = None,
+                  mask_dtype: str | None = None) -> dict[str, np.ndarray]:
     """Fetched rows -> good rows ``{id, image, mask}``; bad rows go to the quarantine.
 
-    With ``preprocessing`` the image becomes ``prepare_image``'s float32 C x H x W and the mask is
-    resized to match; without it both stay as decoded.
+    With ``preprocessing`` the image becomes C x H x W: ``compact_pixels`` of ``pixel_dtype``
+    when given, else ``prepare_image``'s float32; the mask is resized to match.  Without it
+    both stay as decoded.  ``mask_dtype`` stores the masks in that type (see
+    :func:`cache_types`).
     """
     limit = max_pixels or (preprocessing.max_pixels if preprocessing else 64_000_000)
     ok, bad = decode_pairs(batch, mask_spec, limit, stage=stage,
@@ -252,24 +266,88 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
     for row in ok:
         image, mask = row["image"], row["mask"]
         if preprocessing is not None:
-            from seg_core.inference import (
-                prepare_image,  # torch: only when preprocessing
+            from seg_core.inference import (  # torch: only when preprocessing
+                compact_pixels,
+                prepare_image,
             )
 
             try:
-                image = prepare_image(image, preprocessing).numpy()  # C x H' x W'
+                image = compact_pixels(image, preprocessing, pixel_dtype) if pixel_dtype \
+                    else prepare_image(image, preprocessing).numpy()  # C x H' x W'
             except InputError as error:
                 bad.append(quarantine_row(row, error.with_source(row["image_uri"]), stage))
                 continue
             mask = resize_mask_nearest(mask, image.shape[-2:])
         ids.append(row["id"])
         images.append(image)
-        masks.append(mask)
+        masks.append(mask.astype(mask_dtype, copy=False) if mask_dtype else mask)
     if bad and quarantine_uri:
         write_quarantine(bad, quarantine_uri, storage_options)
     return {"id": np.array(ids, dtype=object), "image": _column(images),
             "mask": _column(masks),
             "sha256": np.array([digests[i] for i in ids], dtype=object)}
+
+
+def cache_types(pre: Preprocessing, spec: MaskSpec) -> tuple[str | None, str]:
+    """How training stores its decoded rows: (pixel dtype, or None for ``prepare_image``'s
+    float32 when training resizes; mask dtype).  Pixels stay the integers they were decoded as,
+    uint8, or uint16 when ``pre.bit_depth`` declares a high bit depth (an image of the other
+    depth is put on that scale, rounded: :func:`seg_core.inference.compact_pixels`)."""
+    pixels = None if pre.resize is not None else ("uint16" if pre.bit_depth else "uint8")
+    return pixels, mask_dtype(spec)
+
+
+def mask_dtype(spec: MaskSpec) -> str:
+    """The smallest integer type that holds every class id (or 0/1 label) and ``ignore_index``."""
+    low = min(0, spec.ignore_index)
+    high = max(1 if spec.multilabel else spec.num_classes - 1, spec.ignore_index)
+    for name in ("uint8", "int16", "int32"):
+        info = np.iinfo(name)
+        if info.min <= low and high <= info.max:
+            return name
+    return "int64"
+
+
+def bytes_per_pixel(pre: Preprocessing, spec: MaskSpec) -> tuple[int, int]:
+    """(train, val) bytes per pixel as cached: pixels in :func:`cache_types`' types (float32
+    when resized) plus the mask; val keeps the decoded pixels (1 byte per channel assumed)."""
+    pixels, masks = cache_types(pre, spec)
+    mask_bytes = np.dtype(masks).itemsize * (spec.num_classes if spec.multilabel else 1)
+    c = pre.channels
+    train = c * (np.dtype(pixels).itemsize if pixels else 4) + mask_bytes
+    return train, c + mask_bytes
+
+
+def network_input(images: "torch.Tensor", pre: Preprocessing) -> "torch.Tensor":
+    """A training batch as the network takes it: compact pixels normalised where they are (the
+    training device), float32 rows (resized, or normalised on the host) as they are."""
+    import torch
+
+    from seg_core.inference import normalise_pixels
+
+    return normalise_pixels(images, pre) if images.dtype in (torch.uint8, torch.uint16) \
+        else images
+
+
+def float_if_padded(batch: dict[str, Any], augment: Augment,
+                    pre: Preprocessing) -> dict[str, Any]:
+    """``batch`` with its compact pixels normalised on the host when the crop will pad one of
+    its images: the crop pads with 0, the normalised mean, which no integer pixel means."""
+    import torch
+
+    from seg_core.config import as_hw
+    from seg_core.inference import normalise_pixels
+
+    images = batch["image"]
+    if not augment.crop_size or not len(images) or \
+            np.asarray(images[0]).dtype not in (np.uint8, np.uint16):
+        return batch
+    crop_h, crop_w = as_hw(augment.crop_size, "crop_size")
+    if all(np.shape(i)[-2] >= crop_h and np.shape(i)[-1] >= crop_w for i in images):
+        return batch
+    floats = [normalise_pixels(torch.from_numpy(np.array(i)), pre).numpy()
+              for i in images]
+    return {**batch, "image": _column(floats)}
 
 
 def _scalar_id(value: Any) -> str:
@@ -303,18 +381,32 @@ def row_sha256(image_bytes: bytes | None, mask_bytes: bytes | None) -> str:
     return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
+def mask_class_pixels(masks: Any, mask_spec: MaskSpec) -> np.ndarray:
+    """K class pixel counts, then the labelled (not ignored) pixel count, over ``masks`` (one
+    mask, a stacked batch or an object array of masks).  Multi-label: pixels where each class is
+    on, and labelled pixels per image (the ignore mask spans every class)."""
+    k = mask_spec.num_classes
+    total = np.zeros(k + 1, np.int64)
+    single = isinstance(masks, np.ndarray) and masks.dtype != object and \
+        masks.ndim == (3 if mask_spec.multilabel else 2)
+    for mask in ([masks] if single else masks):
+        mask = np.asarray(mask)
+        if mask_spec.multilabel:  # [N x] K x H x W; ignore_index marks skipped pixel-channels
+            planes = mask.reshape(-1, k, *mask.shape[-2:])
+            total[:k] += (planes == 1).sum(axis=(0, 2, 3))
+            total[k] += int((planes[:, 0] != mask_spec.ignore_index).sum())
+        else:
+            labelled = mask[(mask >= 0) & (mask < k)].ravel().astype(np.int64)
+            total[:k] += np.bincount(labelled, minlength=k)[:k]
+            total[k] += labelled.size
+    return total
+
+
 def _count_classes(batch: dict[str, np.ndarray], mask_spec: MaskSpec) -> dict[str, np.ndarray]:
     """Per row: K class pixel counts, then the number of labelled (not ignored) pixels; the
     row's id and content hash pass through."""
-    k, counts = mask_spec.num_classes, []
-    for mask in batch["mask"]:
-        mask = np.asarray(mask)
-        if mask_spec.multilabel:  # K x H x W; ignore_index marks skipped pixel-channels
-            on = (mask == 1).reshape(k, -1).sum(axis=1)
-            counts.append(np.append(on, (mask[0] != mask_spec.ignore_index).sum()))
-        else:
-            labelled = mask[(mask >= 0) & (mask < k)].ravel().astype(np.int64)
-            counts.append(np.append(np.bincount(labelled, minlength=k)[:k], labelled.size))
+    k = mask_spec.num_classes
+    counts = [mask_class_pixels(np.asarray(mask), mask_spec) for mask in batch["mask"]]
     return {"class_pixels": np.stack(counts).astype(np.int64) if counts
             else np.zeros((0, k + 1), np.int64), "id": batch["id"], "sha256": batch["sha256"]}
 

@@ -28,6 +28,7 @@ from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_
                                          all_reduce_sum, any_worker, broadcast_buffers,
                                          gather_objects)
 from pipelines.faults import Faults, maybe_fail, maybe_nan, maybe_pause
+from pipelines.train.data import float_if_padded, mask_class_pixels, network_input
 from seg_core.engine import build_optimizer, build_scheduler, fit_batch, rng_state
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
@@ -208,8 +209,9 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
 def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: StepPlan,
                 state: LoopState, rank: int, world: int, started: float,
                 say: RankZeroLog, faults: Faults = Faults()) -> torch.Tensor:
-    """At most ``plan.steps_per_epoch`` steps; returns summed (loss*images, images, seconds)."""
-    totals = torch.zeros(3, dtype=torch.float64)
+    """At most ``plan.steps_per_epoch`` steps; returns summed (loss*images, images, seconds,
+    then the K class pixel counts and the labelled pixel count of the batches trained on)."""
+    totals = torch.zeros(4 + cfg.mask.num_classes, dtype=torch.float64)
     steps, t0 = 0, time.perf_counter()
     rng = augment.rng(state.epoch, rank)  # per epoch and worker: reproducible on resume
     device_rng = augment.device_generator(state.epoch, rank, parts.device)
@@ -220,12 +222,14 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
                                     prefetch_batches=2, **shuffle):
         maybe_fail(faults, cfg.run_uri, state.step, rank, world)
         maybe_pause(faults, cfg.run_uri, state.step, rank, world)
-        batch = augment(batch, rng)
-        result = fit_batch(
+        batch = augment(float_if_padded(batch, augment, cfg.preprocessing), rng)
+        seen = mask_class_pixels(batch["mask"], cfg.mask)   # what the network is shown
+        result = fit_batch(   # compact pixels become the network's input on the device
             parts.model, torch.from_numpy(batch["image"]),
             torch.from_numpy(np.ascontiguousarray(batch["mask"])), parts.loss_fn,
             parts.optimizer, device=parts.device, channels_last=parts.channels_last,
-            augment=lambda x, y: augment.on_device(x, y, device_rng),   # elastic, if set
+            augment=lambda x, y: augment.on_device(network_input(x, cfg.preprocessing), y,
+                                                   device_rng),   # elastic, if set
             scheduler=parts.scheduler, amp_dtype=parts.amp_dtype, clip_grad=cfg.optim.clip_grad)
         state.note_size(result["size"])
         loss, images = result["loss"], len(batch["image"])
@@ -236,6 +240,7 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
             break
         totals[0] += loss * images
         totals[1] += images
+        totals[3:] += torch.from_numpy(seen.astype(np.float64))
         if cfg.log_every_steps and state.step % cfg.log_every_steps == 0:
             say(f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step} loss {loss:.4f} "
                 f"lr {current_lr(parts.optimizer):.3g}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pipelines import storage
@@ -133,10 +134,9 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     with result.checkpoint.as_directory() as directory:
         state = load_newest_good(directory, run_uri)
     result = write_artifact(cfg, state, data.source_sha256, run_uri,
-                            calibration=calibration_images(data.train),
+                            calibration=calibration_images(data.train, cfg.preprocessing),
                             data_sha256=data.data_sha256, data_rows=data.num_train)
-    total = max(data.labelled_pixels if cfg.mask.multilabel else sum(data.class_pixels), 1)
-    result = dataclasses.replace(result, class_frequency=tuple(c / total for c in data.class_pixels),
+    result = dataclasses.replace(result, class_frequency=class_shares(cfg, data, state),
                                  class_weights=cfg.class_weights)
     if cfg.register and cfg.fold is None:
         result = register_run(cfg, result, data.data_sha256, started_at=started_at)
@@ -275,13 +275,33 @@ def default_cpus_per_worker(cluster_cpus: float, num_workers: int, trainers: int
 # ------------------------------------------------------------------------------------ outputs
 
 
-def calibration_images(train: Any) -> list[Any]:
-    """The first prepared training images of the Ray dataset ``train`` (at most
-    ``CALIBRATION_IMAGES``): what INT8 engines calibrate on (``seg_core.runtimes``).  Cheap:
-    the training set is usually cached, and otherwise one block is read again."""
+def class_shares(cfg: TrainConfig, data: Any, state: dict[str, Any]) -> tuple[float, ...]:
+    """Each class's share of the training pixels: counted over the cached set, or, when the set
+    was streamed (nothing counted it up front), over the batches the network was shown."""
+    pixels, labelled = tuple(data.class_pixels), data.labelled_pixels
+    if not pixels:
+        seen = [r["class_pixels_seen"] for r in state.get("history", [])
+                if r.get("class_pixels_seen")]
+        if not seen:
+            return ()
+        summed = np.sum(seen, axis=0)
+        pixels, labelled = tuple(int(c) for c in summed[:-1]), int(summed[-1])
+    total = max(labelled if cfg.mask.multilabel else sum(pixels), 1)
+    return tuple(c / total for c in pixels)
+
+
+def calibration_images(train: Any, pre: Any) -> list[Any]:
+    """The first training images of the Ray dataset ``train`` (at most ``CALIBRATION_IMAGES``)
+    as the network takes them (compact pixels normalised with ``pre``): what INT8 engines
+    calibrate on (``seg_core.runtimes``).  Cheap: the training set is usually cached, and
+    otherwise one block is read again."""
+    import torch
+
+    from pipelines.train.data import network_input
     from seg_core.runtimes import CALIBRATION_IMAGES
 
-    return [row["image"] for row in train.take(CALIBRATION_IMAGES)]
+    return [network_input(torch.from_numpy(np.array(row["image"])), pre).numpy()
+            for row in train.take(CALIBRATION_IMAGES)]
 
 
 def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,

@@ -30,6 +30,8 @@ from seg_core.inference.budget import (
     activation_bytes,
 )
 from seg_core.inference.preprocessing import (
+    compact_pixels,
+    normalise_pixels,
     prepare_image,
 )
 from seg_core.inference.segmenter import (
@@ -46,8 +48,10 @@ __all__ = [
     "Prediction",
     "Segmenter",
     "activation_bytes",
+    "compact_pixels",
     "encode_prediction",
     "inference_bytes",
+    "normalise_pixels",
     "prepare_image",
     "resolve_amp",
     "tiles_per_forward",

@@ -177,8 +177,9 @@ def test_training_dataset_preprocesses_with_seeded_order_and_quarantines(
     n_train = sum(r["split"] == "train" for r in rows) - 1
     assert len(ids) == n_train == 18 and "ghost" not in ids
     first = batches[0]
+    # resized: prepare_image's float32 (a resize is not per-pixel); masks in their compact type
     assert first["image"].shape[1:] == (3, 64, 64) and first["image"].dtype == np.float32
-    assert first["mask"].shape[1:] == (64, 64) and first["mask"].dtype == np.int64
+    assert first["mask"].shape[1:] == (64, 64) and first["mask"].dtype == np.uint8
     assert set(np.unique(first["mask"])) <= {0, 1, 2}
     from seg_core.codecs import decode_image
     from seg_core.inference import prepare_image
@@ -198,3 +199,76 @@ def test_training_dataset_preprocesses_with_seeded_order_and_quarantines(
     assert augmented["image"].shape == (len(first["id"]), 3, 48, 48)
     q = storage.read_table(quarantine).to_pylist()
     assert [(r["id"], r["reason"], r["stage"]) for r in q] == [("ghost", "missing_mask", "train")]
+
+
+# ------------------------------------------------------------------------- the compact cache
+
+
+def _rows(seed: int, sizes, dtype=np.uint8, channels: int = 3):
+    """Decoded images (H x W x C) and masks, as decode_pairs gives them, of mixed sizes."""
+    rng = np.random.default_rng(seed)
+    top = 255 if dtype == np.uint8 else 4095
+    images = [rng.integers(0, top + 1, (h, w, channels)).astype(dtype) for h, w in sizes]
+    masks = [np.where(rng.random((h, w)) < 0.1, 255, rng.integers(0, 3, (h, w)))
+             for h, w in sizes]
+    return images, masks
+
+
+@pytest.mark.parametrize("channels,dtype,bit_depth,crop", [
+    (3, np.uint8, None, 24),          # RGB, every image at least the crop
+    (1, np.uint8, None, 40),          # RGB -> grey by luma; two images smaller than the crop
+    (3, np.uint16, 12, (20, 28)),     # 12-bit, grey -> RGB expanded on the device
+])
+def test_the_compact_cache_gives_the_float_paths_batches_bit_for_bit(channels, dtype, bit_depth,
+                                                                     crop):
+    """Training caches decoded integers and normalises each batch on the device; the batches
+    the network gets are bit for bit those of caching prepare_image's float32 (same seed)."""
+    import torch
+
+    from pipelines.train.data import (
+        _column, cache_types, float_if_padded, mask_class_pixels, mask_dtype, network_input)
+    from seg_core.inference import compact_pixels, prepare_image
+
+    pre = Preprocessing(channels=channels, mean=[0.4] * channels, std=[0.25] * channels,
+                        bit_depth=bit_depth)
+    spec = MaskSpec(3)
+    pixels, masks_as = cache_types(pre, spec)
+    assert (pixels, masks_as) == ("uint16" if bit_depth else "uint8", "uint8")
+    images, masks = _rows(0, [(40, 48), (33, 40), (48, 36), (40, 40)], dtype,
+                          channels=1 if dtype == np.uint16 else 3)
+    augment = Augment(crop_size=crop, seed=5)
+    float_rows = {"image": _column([prepare_image(i, pre).numpy() for i in images]),
+                  "mask": _column(masks)}
+    compact_rows = {"image": _column([compact_pixels(i, pre, pixels) for i in images]),
+                    "mask": _column([m.astype(mask_dtype(spec)) for m in masks])}
+    assert compact_rows["image"][0].dtype == np.dtype(pixels)
+    for epoch in range(3):
+        want = augment(float_rows, augment.rng(epoch))
+        got = augment(float_if_padded(compact_rows, augment, pre), augment.rng(epoch))
+        x = network_input(torch.from_numpy(got["image"]), pre)
+        assert x.dtype == torch.float32
+        assert torch.equal(x, torch.from_numpy(want["image"]))
+        np.testing.assert_array_equal(got["mask"], want["mask"])
+        np.testing.assert_array_equal(mask_class_pixels(got["mask"], spec),
+                                      mask_class_pixels(want["mask"], spec))
+
+
+def test_mask_types_hold_every_class_and_the_ignore_label():
+    from pipelines.train.data import mask_dtype
+
+    assert mask_dtype(MaskSpec(3)) == "uint8"                      # ignore 255
+    assert mask_dtype(MaskSpec(300, ignore_index=300)) == "int16"
+    assert mask_dtype(MaskSpec(3, ignore_index=-1)) == "int16"
+    assert mask_dtype(MaskSpec(70_000, ignore_index=70_000)) == "int32"
+    assert mask_dtype(MaskSpec(4, multilabel=True)) == "uint8"
+
+
+def test_the_local_object_store_is_sized_like_rays_default_within_shm():
+    from pipelines.raycluster import _store_plan, default_object_store_mb
+
+    # 30% of the available RAM (Ray's default share) ...
+    assert _store_plan(24_000, 24_000) == (7_200, "30% of 24,000 MiB available RAM")
+    # ... within /dev/shm (a container's 1 GB shm), never under Ray's floor, never over its cap
+    assert _store_plan(24_000, 1_000) == (950, "95% of the 1,000 MiB free in /dev/shm")
+    assert _store_plan(24_000, 64)[0] == default_object_store_mb(24_000, 64) == 128
+    assert _store_plan(2_000_000, 2_000_000)[0] == 200_000

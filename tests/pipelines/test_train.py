@@ -367,13 +367,26 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(failed_run, tiny_
 
 @pytest.mark.slow
 def test_a_non_finite_loss_stops_without_retry_and_exports_the_best_epoch(
-        ray_session, tiny_dataset, tmp_path, inject_faults):
+        ray_session, tiny_dataset, tmp_path, inject_faults, capsys):
+    from PIL import Image
+
     from pipelines.train.train import train
 
     inject_faults(nan_at_step=5)
     cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "storage.max_failures=2",
-               "artifact_weights=last")
+               "artifact_weights=last", "data.cache_decoded=false")   # streamed
     result = train(cfg)
+    assert "streaming them" in capsys.readouterr().out
+    # streamed, nothing counted the classes up front: the shares are those of the batches the
+    # network was shown (epoch 1 showed every train image once, uncropped), against the mask
+    # files counted here with PIL alone
+    root = tiny_dataset.parent
+    rows = [line.split(",") for line in tiny_dataset.read_text().splitlines()[1:]]
+    truth = np.bincount(np.concatenate([np.asarray(Image.open(root / mask)).ravel()
+                                        for _, mask, split in rows if split == "train"]),
+                        minlength=3)[:3]
+    assert result.class_frequency == pytest.approx(tuple(truth / truth.sum()), abs=1e-9)
+    assert "nan%" not in result.class_table()
     assert result.stopped.startswith("non-finite loss at step 5 (epoch 2)")
     assert result.restarts == [] and [h["epoch"] for h in result.history] == [1]
     metrics = json.loads(storage.read_bytes(storage.join_uri(result.artifact_uri,
@@ -405,10 +418,15 @@ def test_cache_decoded_auto_weighs_the_decoded_size_against_the_object_store(
     assert cfg.data.cache_decoded == "auto"
     train_sel, val_sel = {"split": "train"}, {"split": "val"}
     cache, why = data.cache_decision(cfg, str(tiny_dataset), "manifest", train_sel, val_sel)
-    # 9 train rows at 32x32 (3 x 4 + 8 bytes per pixel), 3 val rows (3 + 8 bytes per pixel)
-    expected = (9 * 1024 * 20 + 3 * 1024 * 11) / 2**20
-    assert cache and why.startswith(f"decoded train + val ~{expected:,.0f} MiB") and \
+    # 9 train rows and 3 val rows at 32x32, as cached: uint8 RGB pixels and a uint8 mask
+    assert data.bytes_per_pixel(cfg.preprocessing, cfg.mask) == (4, 4)
+    expected = (9 * 1024 * 4 + 3 * 1024 * 4) / 2**20
+    assert cache and why.startswith(f"decoded train + val ~{expected:,.0f} MiB (uint8 pixels, "
+                                    f"uint8 masks: 4 B per training pixel)") and \
         why.endswith("caching them")
+    # the old rule (float32 images, int64 masks) took 20 bytes per training pixel, 5 times more
+    resized = dataclasses.replace(cfg.preprocessing, resize=(32, 32))
+    assert data.bytes_per_pixel(resized, cfg.mask) == (3 * 4 + 1, 4)
     monkeypatch.setattr(data, "CACHE_SHARE", 1e-9)          # as if the store were tiny
     cache, why = data.cache_decision(cfg, str(tiny_dataset), "manifest", train_sel, val_sel)
     assert not cache and "streaming them" in why
