@@ -40,6 +40,8 @@ BENCHMARKS: dict[str, str] = {
     "train_overhead": "Ray Train step time / plain PyTorch loop step time",
     "train_throughput": "rayseg train images/s (whole wall, defaults) / a plain loop on every "
                         "core, mixed-size images with random crops",
+    "train_real_sizes": "rayseg train images/s (whole wall, defaults) / a plain loop, RGB "
+                        "images with sides up to 1399 px that the old cache rule streamed",
     "batch_predict": "rayseg predict images/s vs the same folded network and engine in a plain "
                      "loop, and vs a user's eager fp32 loop; 256² and 128², shards and loose "
                      "objects; peak memory at 1k and 4k images",

@@ -28,6 +28,7 @@ RATIO_FROM = {
     "lite_unet": ["lite_infer_images_per_s_64", "/", "unet_infer_images_per_s_64"],
     "train_overhead": ["ray_step_ms", "/", "plain_step_ms"],
     "train_throughput": ["rayseg_images_per_s", "/", "plain_images_per_s"],
+    "train_real_sizes": ["rayseg_images_per_s", "/", "plain_images_per_s"],
     "batch_predict": ["rayseg_images_per_s_64px_shards_24", "/",
                       "plain_images_per_s_64px_shards_24"],
     "quality_isbi": ["rayseg_membrane_dice", "/", "plain_membrane_dice"],
@@ -105,6 +106,8 @@ def test_baselines_run_the_same_work_in_the_same_run(quick_results):
         figures = quick_results[name]["figures"]
         assert figures["epochs_planned"] >= 1 and figures["plain_steps_per_round"][0] > 0
         assert figures["rayseg_steps_per_round"][0] > 0
+    real = quick_results["train_real_sizes"]["figures"]
+    assert real["rayseg_cached"] is True and "uint8 pixels" in real["rayseg_data_line"]
     isbi = quick_results["quality_isbi"]["figures"]
     assert isbi["plain_steps"] > 0 and isbi["rayseg_steps"] > 0
     assert 0 <= isbi["plain_pixel_accuracy"] <= 1 and 0 <= isbi["rayseg_pixel_accuracy"] <= 1
