@@ -86,9 +86,13 @@ def rayseg_run(manifest: Path, work: Path, case: Case) -> dict[str, Any]:
     result = train(cfg)
     wall = time.perf_counter() - started
     steps = result.history[-1]["step"]
+    steady = result.history[1:] or result.history   # epoch 1 pays for the first execution
+    shares = {name: round(float(np.mean([h["time_shares"][name] for h in steady])), 3)
+              for name in ("data_wait", "augment", "step")}
     return {"images_per_s": round(steps * case.batch / wall, 2), "wall_s": round(wall, 1),
             "steps": steps, "epochs": len(result.history),
-            "val_miou": round(result.metrics["miou"], 4)}
+            "steady_images_per_s": round(float(np.mean([h["images_per_s"] for h in steady])), 2),
+            "steady_time_shares": shares, "val_miou": round(result.metrics["miou"], 4)}
 
 
 def plain_run(manifest: Path, case: Case) -> dict[str, Any]:

@@ -85,7 +85,9 @@ class SegLoss(nn.Module):
             found = torch.unique(target[bad])[:5].tolist()
             raise ValueError(f"{type(self).__name__}: target values must be {allowed}, got {found}")
         safe = torch.where(valid, target, torch.zeros_like(target))
-        return valid, safe
+        # class ids as int64 whatever the stored type: a uint8 tensor used as an index is a
+        # boolean mask to torch (the training cache keeps masks as uint8)
+        return valid, (safe if self.multilabel else safe.long())
 
     def _weighted_mean(self, per_item: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``sum(w * x) / sum(w)``, or a zero that keeps the graph when ``sum(w) == 0``."""

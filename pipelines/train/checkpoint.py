@@ -168,11 +168,12 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
                  counts: dict[str, np.ndarray] | None, lr: float, world: int) -> dict[str, Any]:
-    """One history entry; ``totals`` = summed (loss*images, images, seconds, K class pixel
-    counts, labelled pixels) over workers (:func:`pipelines.train.loop.train_epoch`).
-    ``counts`` is None for an epoch that was not validated (``val_fraction``): its ``val*``
-    entries are None."""
-    loss_sum, images, seconds = (float(x) for x in totals[:3])
+    """One history entry; ``totals`` = summed over workers: loss*images, images, seconds,
+    seconds waiting for data, augmenting on the host and stepping, then K class pixel counts and
+    the labelled pixels (:func:`pipelines.train.loop.train_epoch`).  ``counts`` is None for an
+    epoch that was not validated (``val_fraction``): its ``val*`` entries are None."""
+    loss_sum, images, seconds, wait, host, step = (float(x) for x in totals[:6])
+    spent = max(wait + host + step, 1e-9)
     val = None if counts is None else val_metrics(counts, cfg)
     return {
         "epoch": state.epoch + 1, "step": state.step, "lr": lr,
@@ -180,7 +181,9 @@ def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
         "images_per_s": images / max(seconds / world, 1e-9),  # seconds summed over workers
         "val_miou": val and val["miou"], "val_pixel_accuracy": val and val["pixel_accuracy"],
         "val": val,
-        "class_pixels_seen": [int(x) for x in totals[3:]],   # K classes, then labelled
+        # where the epoch's time went, as shares of the loop's time
+        "time_shares": {"data_wait": wait / spent, "augment": host / spent, "step": step / spent},
+        "class_pixels_seen": [int(x) for x in totals[6:]],   # K classes, then labelled
     }
 
 

@@ -37,6 +37,10 @@ from seg_core.metrics import COUNT_NAMES, mask_counts
 from seg_core.model import UNet
 
 
+# What train_epoch sums before the class pixel counts (epoch_record reads them by name).
+EPOCH_TOTALS = ("loss_x_images", "images", "seconds", "data_wait_s", "augment_s", "step_s")
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Optimizer steps per epoch (identical on every worker) and the schedule's length."""
@@ -77,6 +81,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                             context.get_local_world_size())
     if threads:
         torch.set_num_threads(threads)
+    sharing = ThreadShare.for_streaming(cfg, parts.device, loop_config.get("cached", False),
+                                        context.get_local_world_size())
     say(f"{world} worker(s) on {parts.device.type}, {torch.get_num_threads()} torch thread(s) "
         f"each")
     state = LoopState()
@@ -107,6 +113,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
                                   train_size=state.train_size)
         record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world)
+        if sharing is not None and (change := sharing.after_epoch(record["time_shares"])):
+            say(change)
         state.epoch += 1
         state.history.append(record)
         if counts is not None:
@@ -114,8 +122,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             val = (f"val mIoU {record['val_miou']:.4f} acc {record['val_pixel_accuracy']:.4f}")
         else:
             val = f"val skipped (val_fraction {cfg.val_fraction:g})"
+        shares = record["time_shares"]
         say(f"epoch {state.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} {val} "
-            f"{record['images_per_s']:.1f} images/s")
+            f"{record['images_per_s']:.1f} images/s (data wait {shares['data_wait']:.0%}, "
+            f"augment {shares['augment']:.0%}, step {shares['step']:.0%})")
         report(state, record, parts, rank, world)
     return {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
 
@@ -166,6 +176,49 @@ def torch_threads(cfg: TrainConfig, device: torch.device, cached: bool,
     return max(1, int(node_cpus() // max(1, local_workers)))
 
 
+class ThreadShare:
+    """Torch threads of a CPU worker whose data streams, set by measured need.
+
+    While the data streams, Ray Data's decode tasks and the trainer share the node's cores.  The
+    worker starts on Ray's reservation (one thread per reserved CPU) and, after each epoch,
+    looks at the share of the epoch it spent waiting for batches: under 10% (the decoders keep
+    up), it takes one more thread, up to the node's CPUs per local worker; over 25% (they fall
+    behind), it gives one back, and stays there.  Every worker sees the same summed times, so
+    all decide alike.
+    """
+
+    RAISE_BELOW, LOWER_ABOVE = 0.10, 0.25
+
+    def __init__(self, floor: int, ceiling: int) -> None:
+        self.floor, self.ceiling, self.settled = floor, ceiling, False
+
+    @classmethod
+    def for_streaming(cls, cfg: TrainConfig, device: torch.device, cached: bool,
+                      local_workers: int) -> "ThreadShare | None":
+        """None unless this worker streams on the CPU with no thread count set."""
+        if cached or device.type != "cpu" or cfg.scaling.torch_threads:
+            return None
+        ceiling = max(1, int(node_cpus() // max(1, local_workers)))
+        floor = torch.get_num_threads()
+        return cls(floor, ceiling) if ceiling > floor else None
+
+    def after_epoch(self, shares: dict[str, float]) -> str | None:
+        """Adjust the threads for the next epoch; the sentence saying so, if they changed."""
+        threads, wait = torch.get_num_threads(), shares["data_wait"]
+        if self.settled:
+            return None
+        if wait < self.RAISE_BELOW and threads < self.ceiling:
+            torch.set_num_threads(threads + 1)
+            return (f"data kept up (waited {wait:.0%} of the epoch): {threads + 1} torch "
+                    f"threads")
+        if wait > self.LOWER_ABOVE and threads > self.floor:
+            torch.set_num_threads(threads - 1)
+            self.settled = True
+            return (f"data fell behind (waited {wait:.0%} of the epoch): back to {threads - 1} "
+                    f"torch thread(s)")
+        return None
+
+
 def node_cpus() -> float:
     """Logical CPUs Ray counts on this node (a pod's limit on KubeRay, the cores locally)."""
     import ray
@@ -209,10 +262,13 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
 def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: StepPlan,
                 state: LoopState, rank: int, world: int, started: float,
                 say: RankZeroLog, faults: Faults = Faults()) -> torch.Tensor:
-    """At most ``plan.steps_per_epoch`` steps; returns summed (loss*images, images, seconds,
-    then the K class pixel counts and the labelled pixel count of the batches trained on)."""
-    totals = torch.zeros(4 + cfg.mask.num_classes, dtype=torch.float64)
+    """At most ``plan.steps_per_epoch`` steps; returns, summed over workers, the
+    :data:`EPOCH_TOTALS` (loss*images, images, seconds; seconds waiting for data, on the host's
+    augmentation, in the step) then the K class pixel counts and the labelled pixel count of
+    the batches trained on."""
+    totals = torch.zeros(len(EPOCH_TOTALS) + cfg.mask.num_classes + 1, dtype=torch.float64)
     steps, t0 = 0, time.perf_counter()
+    ready = t0   # when the loop last asked for a batch
     rng = augment.rng(state.epoch, rank)  # per epoch and worker: reproducible on resume
     device_rng = augment.device_generator(state.epoch, rank, parts.device)
     shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
@@ -220,10 +276,12 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
                } if cfg.data.shuffle_buffer else {}
     for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                     prefetch_batches=2, **shuffle):
+        got = time.perf_counter()
         maybe_fail(faults, cfg.run_uri, state.step, rank, world)
         maybe_pause(faults, cfg.run_uri, state.step, rank, world)
         batch = augment(float_if_padded(batch, augment, cfg.preprocessing), rng)
         seen = mask_class_pixels(batch["mask"], cfg.mask)   # what the network is shown
+        augmented = time.perf_counter()
         result = fit_batch(   # compact pixels become the network's input on the device
             parts.model, torch.from_numpy(batch["image"]),
             torch.from_numpy(np.ascontiguousarray(batch["mask"])), parts.loss_fn,
@@ -238,15 +296,19 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
         if any_worker(not math.isfinite(loss), parts.device, world):
             state.stop_non_finite()
             break
+        stepped = time.perf_counter()
         totals[0] += loss * images
         totals[1] += images
-        totals[3:] += torch.from_numpy(seen.astype(np.float64))
+        totals[3:6] += torch.tensor([got - ready, augmented - got, stepped - augmented],
+                                    dtype=torch.float64)
+        totals[len(EPOCH_TOTALS):] += torch.from_numpy(seen.astype(np.float64))
         if cfg.log_every_steps and state.step % cfg.log_every_steps == 0:
             say(f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step} loss {loss:.4f} "
                 f"lr {current_lr(parts.optimizer):.3g}")
         state.stopped = agreed_stop(cfg, state.step, started, world, parts.device)
         if state.stopped or steps == plan.steps_per_epoch:
             break  # an epoch is exactly steps_per_epoch steps on every worker
+        ready = time.perf_counter()
     totals[2] = time.perf_counter() - t0
     return all_reduce_sum(totals, parts.device, world)
 

@@ -448,3 +448,22 @@ def test_faults_are_armed_only_through_their_environment_variable(monkeypatch):
     assert not {"fail_at_step", "nan_at_step", "pause_at_step"} & set(hyperparameter_names())
     assert not [k for k in config_to_dict(load_train_config()) if k.endswith("_at_step")]
 
+
+
+def test_a_streaming_cpu_worker_takes_threads_while_the_data_keeps_up_and_gives_one_back():
+    import torch
+
+    from pipelines.train.loop import ThreadShare
+
+    torch.set_num_threads(1)   # Ray's reservation on the 2-core box (restored after the test)
+    share = ThreadShare(floor=1, ceiling=3)
+    keeps_up = {"data_wait": 0.04, "augment": 0.01, "step": 0.95}
+    assert share.after_epoch(keeps_up) == \
+        "data kept up (waited 4% of the epoch): 2 torch threads"
+    assert torch.get_num_threads() == 2
+    assert share.after_epoch(keeps_up) is not None and torch.get_num_threads() == 3
+    assert share.after_epoch(keeps_up) is None                        # the ceiling
+    behind = {"data_wait": 0.40, "augment": 0.02, "step": 0.58}
+    assert share.after_epoch(behind) == \
+        "data fell behind (waited 40% of the epoch): back to 2 torch thread(s)"
+    assert share.after_epoch(keeps_up) is None and torch.get_num_threads() == 2   # settled

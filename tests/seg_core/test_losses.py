@@ -28,6 +28,18 @@ def test_ce_matches_torch_with_weights_and_ignore() -> None:
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("name", ["ce", "focal", "dice", "dice_ce"])
+def test_a_uint8_target_gives_the_int64_targets_loss_with_class_weights(name: str) -> None:
+    """The training cache keeps masks as uint8; torch reads a uint8 index as a boolean mask."""
+    logits, target = _random_case()
+    loss = build_loss(name, num_classes=3, class_weights=[0.2, 1.0, 3.0])
+    torch.testing.assert_close(loss(logits, target.to(torch.uint8)), loss(logits, target))
+    expected = F.cross_entropy(logits, target, weight=torch.tensor([0.2, 1.0, 3.0]),
+                               ignore_index=IGN)
+    if name == "ce":
+        torch.testing.assert_close(loss(logits, target.to(torch.uint8)), expected)
+
+
 def test_ce_uniform_logits_is_log_k() -> None:
     target = torch.tensor([[[0, 1, 2], [IGN, 1, 0]]])
     loss = build_loss("ce", num_classes=3)(torch.zeros(1, 3, 2, 3), target)
