@@ -207,8 +207,8 @@ def moto_process(credentials: str = "bench") -> Iterator[str]:
 
     Its own process, so that neither side of a comparison shares an interpreter (and its GIL)
     with the server, as neither would with a real object store.  While it runs, the AWS
-    variables point at it (as :func:`pipelines.demo.s3server.local_s3_server` does); they are
-    restored after.
+    variables point at it (:func:`pipelines.demo.s3server.aws_env_for`, as
+    :func:`~pipelines.demo.s3server.local_s3_server` does); they are restored after.
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -217,9 +217,8 @@ def moto_process(credentials: str = "bench") -> Iterator[str]:
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    from pipelines.storage import S3_ENV
+    from pipelines.demo.s3server import aws_env_for
 
-    saved = {name: os.environ.get(name) for name in S3_ENV}
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -233,23 +232,14 @@ def moto_process(credentials: str = "bench") -> Iterator[str]:
                     raise RuntimeError(f"moto server on {endpoint} did not start "
                                        f"(exit code {server.poll()})") from None
                 time.sleep(0.2)
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            os.environ.pop(name, None)
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=credentials,
-                          AWS_SECRET_ACCESS_KEY=credentials, AWS_DEFAULT_REGION="us-east-1",
-                          AWS_EC2_METADATA_DISABLED="true")
-        yield endpoint
+        with aws_env_for(endpoint, credentials):
+            yield endpoint
     finally:
         server.terminate()
         try:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def create_bucket(name: str) -> None:

@@ -27,15 +27,26 @@ def local_s3_server(credentials: str = "local") -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    try:
+        with aws_env_for(endpoint, credentials):
+            yield endpoint
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def aws_env_for(endpoint: str, credentials: str) -> Iterator[None]:
+    """The AWS variables pointed at ``endpoint`` (dummy ``credentials``, a region, no instance
+    metadata, no session token) for the block; every one of :data:`S3_ENV` is restored after."""
     saved = {name: os.environ.get(name) for name in S3_ENV}
-    os.environ.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over AWS_ENDPOINT_URL
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):   # the first would win over
+        os.environ.pop(name, None)                               # AWS_ENDPOINT_URL
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=credentials,
                       AWS_SECRET_ACCESS_KEY=credentials, AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true")
     try:
-        yield endpoint
+        yield
     finally:
-        server.stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
