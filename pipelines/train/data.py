@@ -152,8 +152,11 @@ def val_shards(val: "ray.data.Dataset", workers: int, *,
 
     Ray Train's own split (``streaming_split(equal=True)``) drops rows to even out the shares,
     which validation must not do; these unsplit per-rank datasets keep every row exactly once,
-    and each worker reads only its own.  A cached val set is partitioned once, here.
+    and each worker reads only its own.  A cached val set is partitioned once, here; one
+    worker reads the set as it is (no partition pass).
     """
+    if workers == 1:
+        return {"val_0": val}
     shards = {f"val_{rank}": val.map_batches(_rows_of_rank, batch_format="numpy", num_cpus=0.25,
                                              fn_kwargs={"rank": rank, "workers": workers})
               for rank in range(workers)}

@@ -110,7 +110,9 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
                            "cached": data.cached, "progress": progress,
                            "faults": Faults.from_env()},
         datasets={"train": data.train, **data.val},
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # val_<rank>: one per worker
+        # val_<rank>: one per worker.  One worker reads "train" whole: a split would only add
+        # a coordinator actor (a process start, seconds before the first batch).
+        dataset_config=DataConfig(datasets_to_split=["train"] if len(data.val) > 1 else []),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run_name,
