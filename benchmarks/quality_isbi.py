@@ -57,7 +57,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
     from pipelines.train.train import train
 
-    budget = float(os.environ.get("RAYSEG_ISBI_BUDGET_S", 0)) or (8.0 if ctx.quick else 600.0)
+    budget = float(os.environ.get("RAYSEG_ISBI_BUDGET_S", 0)) or (3.0 if ctx.quick else 600.0)
     threads = max(1, int(ensure_ray().get("CPU", 1)))  # the data is cached: the loop gets all
     arch = os.environ.get("RAYSEG_ISBI_ARCH", "unet")   # lite: the lite U-Net, same budget
     base = isbi_config(ctx, threads, arch)

@@ -72,7 +72,7 @@ def user_config(manifest: Path, extra: list[str], quick: bool = False) -> Any:
 def run(ctx: Context) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
 
-    budget = float(os.environ.get("RAYSEG_MC_BUDGET_S", 0)) or (4.0 if ctx.quick else 240.0)
+    budget = float(os.environ.get("RAYSEG_MC_BUDGET_S", 0)) or (2.0 if ctx.quick else 240.0)
     n, size, rounds = (24, (48, 72), 1) if ctx.quick else (200, (120, 184), 2)
     work = ctx.work_dir / "multiclass"
     shutil.rmtree(work, ignore_errors=True)

@@ -66,7 +66,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from pipelines.api import import_file, init
     from pipelines.config import load_train_config
 
-    budget = float(os.environ.get("RAYSEG_ML_BUDGET_S", 0)) or (4.0 if ctx.quick else 150.0)
+    budget = float(os.environ.get("RAYSEG_ML_BUDGET_S", 0)) or (2.0 if ctx.quick else 150.0)
     n, size, rounds = (24, (48, 72), 1) if ctx.quick else (160, (96, 144), 2)
     model_size = {"base_width": 8, "depth": 3} if ctx.quick else {"base_width": 16, "depth": 4}
     work = ctx.work_dir / "multilabel"

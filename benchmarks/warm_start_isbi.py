@@ -55,7 +55,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from pipelines.train.train import train
 
     manifest = ctx.isbi_manifest()
-    budget = float(os.environ.get("RAYSEG_WARM_BUDGET_S", 0)) or (6.0 if ctx.quick else 240.0)
+    budget = float(os.environ.get("RAYSEG_WARM_BUDGET_S", 0)) or (2.0 if ctx.quick else 240.0)
     threads = max(1, int(ensure_ray().get("CPU", 1)))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = ["artifact_weights=last", "register=false"]
