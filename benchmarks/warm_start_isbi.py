@@ -73,7 +73,7 @@ def run(ctx: Context) -> dict[str, Any]:
         def fit(label: str, which: str, *extra: str) -> Any:
             cfg = isbi_config(ctx, threads, "unet", *common,
                               f"data.manifest={manifests[which]}", f"epochs={epochs}",
-                              f"max_runtime_secs={loop_budget}", f"name=warm-isbi-{label}",
+                              f"max_runtime_secs={budget}", f"name=warm-isbi-{label}",
                               f"version={stamp}", *extra)
             started = time.perf_counter()
             trained = train(cfg)

@@ -175,7 +175,9 @@ class TrainConfig:
     batch_size: int = 4  # per worker
     epochs: int = 10
     max_iterations: int | None = None  # optimizer steps; stops before `epochs` when reached
-    max_runtime_secs: float | None = None  # wall-time budget of one fit (checked every step)
+    # wall-time budget of one fit, from the start of train(); the schedule is fitted to end in
+    # it (pipelines/train/budget.py)
+    max_runtime_secs: float | None = None
     stopping_rounds: int | None = None  # early stop after N validations without val mIoU gain
     stopping_tolerance: float = 0.0  # minimum mIoU gain that counts as improvement
     # Validation on a time budget: an epoch is validated when the validation time so far plus

@@ -6,5 +6,6 @@
 - :mod:`.data`: one run's train and val datasets, class pixel counts, the batch augmentation.
 - :mod:`.checkpoint`: the ``state.pt`` format, early stopping state and generator state.
 - :mod:`.distributed`: every collective the loop uses.
+- :mod:`.budget`: the learning-rate schedule fitted to ``max_runtime_secs``.
 - :mod:`.cv`: ``cross_validate(cfg)``, one trainer per fold.
 """

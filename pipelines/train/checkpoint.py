@@ -60,6 +60,7 @@ class LoopState:
     bad_epochs: int = 0
     stopped: str | None = None
     train_size: tuple[int, int] | None = None  # largest H x W fed to the network, all workers
+    schedule: dict[str, Any] | None = None  # the schedule fitted to max_runtime_secs (budget.py)
 
     def note_size(self, seen: Any) -> None:
         """Grow ``train_size`` to cover the ``(H, W)`` just fed to the network (this worker)."""

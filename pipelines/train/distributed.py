@@ -37,14 +37,22 @@ def any_worker(flag: bool, device: torch.device, world: int) -> bool:
                                world).item() > 0)
 
 
-def agreed_stop(cfg: "TrainConfig", step: int, started: float, world: int,
-                device: torch.device) -> str | None:
+def agreed_min(value: int, device: torch.device, world: int) -> int:
+    """The smallest ``value`` of any worker (every worker gets it)."""
+    return int(_all_reduce(torch.tensor([value], dtype=torch.int64), device, world, "MIN")[0])
+
+
+def agreed_stop(cfg: "TrainConfig", step: int, deadline: float | None, world: int,
+                device: torch.device, *, schedule_end: int | None = None) -> str | None:
     """Why training stops now, the same answer on every worker (None: go on).  Step limits are
-    deterministic; the wall clock is agreed on."""
+    deterministic (``schedule_end``: the step the schedule was fitted to end at, agreed by
+    every worker); the wall clock (``deadline``, ``time.time()``) is agreed on."""
     if cfg.max_iterations is not None and step >= cfg.max_iterations:
         return f"max_iterations={cfg.max_iterations} reached"
-    if cfg.max_runtime_secs is not None and any_worker(
-            time.monotonic() - started >= cfg.max_runtime_secs, device, world):
+    if schedule_end is not None and step >= schedule_end:
+        return (f"max_runtime_secs={cfg.max_runtime_secs:g}: the schedule fitted to it ended "
+                f"at step {schedule_end}")
+    if deadline is not None and any_worker(time.time() >= deadline, device, world):
         return f"max_runtime_secs={cfg.max_runtime_secs:g} reached"
     return None
 

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from pipelines.config import TrainConfig
+from pipelines.train.budget import BudgetFit
 from pipelines.train.checkpoint import (NON_FINITE, STATE_FILE, LoopState, epoch_record,
                                         load_newest_good, restore_state, save_state,
                                         seed_everything)
-from pipelines.train.distributed import (RankZeroLog, agreed_stop, agreed_train_size,
-                                         all_reduce_sum, any_worker, broadcast_buffers,
-                                         gather_objects)
+from pipelines.train.distributed import (RankZeroLog, agreed_min, agreed_stop,
+                                         agreed_train_size, all_reduce_sum, any_worker,
+                                         broadcast_buffers, gather_objects)
 from pipelines.faults import Faults, maybe_fail, maybe_nan, maybe_pause
 from pipelines.train.data import float_if_padded, mask_class_pixels, network_input
 from seg_core.engine import build_optimizer, build_scheduler, fit_batch, rng_state
@@ -66,8 +67,9 @@ class Parts:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point.  ``loop_config``: ``cfg`` (TrainConfig), ``plan`` (StepPlan),
     ``augment`` (per-batch augmentation), ``progress`` (optional ``ray.util.queue.Queue`` for
-    console lines on the driver), ``faults`` (:class:`pipelines.faults.Faults`, the
-    tests' fault injection; none otherwise)."""
+    console lines on the driver), ``deadline`` (``time.time()`` at which a run with
+    ``max_runtime_secs`` must be done: :mod:`pipelines.train.budget`) and ``val_images``,
+    ``faults`` (:class:`pipelines.faults.Faults`, the tests' fault injection; none otherwise)."""
     import ray.train
 
     cfg: TrainConfig = loop_config["cfg"]
@@ -95,11 +97,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         say(f"resumed at epoch {state.epoch} step {state.step} lr {lr:.3g}")
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")   # this worker's rows only
-    started = time.monotonic()
+    deadline = loop_config.get("deadline")
+    budget = None if deadline is None else BudgetFit(
+        deadline, plan.total_steps, plan.steps_per_epoch,
+        math.ceil(loop_config.get("val_images", 0) / world), cfg.batch_size, cfg.val_fraction)
     clock = ValClock(cfg.val_fraction)
     while state.epoch < cfg.epochs and state.stopped is None:
+        epoch_started, first_step = time.perf_counter(), state.step
         totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
-                             rank, world, started, say, loop_config.get("faults") or Faults())
+                             rank, world, deadline, say, loop_config.get("faults") or Faults(),
+                             budget)
         clock.trained(float(totals[2]) / world)
         if (state.stopped or "").startswith(NON_FINITE):   # no validation of broken weights,
             say(state.stopped)                              # no retry: the same data would
@@ -107,11 +114,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             break
         state.train_size = agreed_train_size(state.train_size, parts.device, world)
         last = state.epoch + 1 >= cfg.epochs or state.stopped is not None
-        counts = None
+        counts, val_s = None, None
         if any_worker(clock.due(last), parts.device, world):   # every worker, or none
             with clock.validating():
                 counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
                                   train_size=state.train_size)
+            val_s = clock.last_val_s
         record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world)
         if sharing is not None and (change := sharing.after_epoch(record["time_shares"])):
             say(change)
@@ -127,6 +135,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             f"{record['images_per_s']:.1f} images/s (data wait {shares['data_wait']:.0%}, "
             f"augment {shares['augment']:.0%}, step {shares['step']:.0%})")
         report(state, record, parts, rank, world)
+        if budget is not None:
+            budget.ended_epoch(time.perf_counter() - epoch_started, state.step - first_step,
+                               val_s)
     return {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
 
 
@@ -260,8 +271,9 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
 
 
 def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: StepPlan,
-                state: LoopState, rank: int, world: int, started: float,
-                say: RankZeroLog, faults: Faults = Faults()) -> torch.Tensor:
+                state: LoopState, rank: int, world: int, deadline: float | None,
+                say: RankZeroLog, faults: Faults = Faults(),
+                budget: BudgetFit | None = None) -> torch.Tensor:
     """At most ``plan.steps_per_epoch`` steps; returns, summed over workers, the
     :data:`EPOCH_TOTALS` (loss*images, images, seconds; seconds waiting for data, on the host's
     augmentation, in the step) then the K class pixel counts and the labelled pixel count of
@@ -305,12 +317,35 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
         if cfg.log_every_steps and state.step % cfg.log_every_steps == 0:
             say(f"epoch {state.epoch + 1}/{cfg.epochs} step {state.step} loss {loss:.4f} "
                 f"lr {current_lr(parts.optimizer):.3g}")
-        state.stopped = agreed_stop(cfg, state.step, started, world, parts.device)
+        if budget is not None:
+            budget.step(stepped - ready)
+            if budget.due():
+                fit_schedule(budget, state, parts, world, say)
+        state.stopped = agreed_stop(cfg, state.step, deadline, world, parts.device,
+                                    schedule_end=(state.schedule or {}).get("total_steps"))
         if state.stopped or steps == plan.steps_per_epoch:
             break  # an epoch is exactly steps_per_epoch steps on every worker
         ready = time.perf_counter()
     totals[2] = time.perf_counter() - t0
     return all_reduce_sum(totals, parts.device, world)
+
+
+def fit_schedule(budget: BudgetFit, state: LoopState, parts: Parts, world: int,
+                 say: RankZeroLog) -> None:
+    """Refit the learning-rate schedule's length to the time left (every worker takes the
+    smallest fit: they stop at the same step); the fit and its evidence go in ``state``."""
+    fitted = budget.fit(state.step)
+    total = agreed_min(fitted["total_steps"], parts.device, world)
+    fitted["total_steps"] = total
+    scheduler = parts.scheduler
+    scheduler.lr_lambdas = [dataclasses.replace(rule, total_steps=total,
+                                                warmup_steps=min(rule.warmup_steps, total))
+                            for rule in scheduler.lr_lambdas]
+    state.schedule = fitted
+    how = "measured" if fitted["measured_epoch_end"] else "estimated"
+    say(f"schedule fitted to the time budget: {total} steps (planned {fitted['planned_steps']};"
+        f" {fitted['step_s'] * 1000:.0f} ms a step, validation {fitted['validation_s']:.1f} s "
+        f"{how}, {fitted['seconds_left']:.0f} s left at step {fitted['fitted_at_step']})")
 
 
 def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device, rank: int,

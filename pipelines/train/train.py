@@ -25,6 +25,7 @@ import yaml
 
 from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
+from pipelines.train.budget import fitted_note
 from pipelines.train.checkpoint import NON_FINITE, load_newest_good
 from pipelines.train.data import build_train_data
 from pipelines.faults import Faults
@@ -108,7 +109,9 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,
                            "cached": data.cached, "progress": progress,
-                           "faults": Faults.from_env()},
+                           "deadline": None if cfg.max_runtime_secs is None
+                           else started_at + cfg.max_runtime_secs,
+                           "val_images": data.num_val, "faults": Faults.from_env()},
         datasets={"train": data.train, **data.val},
         # val_<rank>: one per worker.  One worker reads "train" whole: a split would only add
         # a coordinator actor (a process start, seconds before the first batch).
@@ -124,8 +127,8 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
         ),
     )
     print(f"[{cfg.run_name}] {data.num_train} train / {data.num_val} val images, "
-          f"{plan.steps_per_epoch} steps per epoch, schedule {plan.total_steps} steps, "
-          f"checkpoints in {run_uri}", flush=True)
+          f"{plan.steps_per_epoch} steps per epoch, schedule {plan.total_steps} steps"
+          f"{fitted_note(cfg.max_runtime_secs)}, checkpoints in {run_uri}", flush=True)
     printer = _ProgressPrinter(progress)
     try:
         result = trainer.fit()
@@ -340,6 +343,7 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
     report = {"val": val, "selected_epoch": epoch, "artifact_weights": chosen,
               "epochs_completed": state["epoch"], "steps": state["step"],
               "stopped": state["stopped"], "restarts": state["restarts"],
+              "schedule": state.get("schedule"),
               "history": [{k: v for k, v in h.items() if k != "val"} | {"val_iou": h["val"]
                           ["per_class"]["iou"] if h.get("val") else None} for h in history],
               "run": run_uri, "fold": cfg.fold}

@@ -2,6 +2,8 @@
 normalise (:func:`prepare_image`), exactly as training feeds the network."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -104,7 +106,10 @@ def _pixels(image: np.ndarray) -> np.ndarray:
 def _to_unit_float(plane: np.ndarray, bit_depth: int | None = None) -> torch.Tensor:
     """One H x W plane scaled to [0, 1] float32 by its dtype's range (uint16: by ``bit_depth``)."""
     if plane.dtype in (np.uint8, np.uint16):
-        return _unit(torch.from_numpy(np.ascontiguousarray(plane)), bit_depth)
+        with warnings.catch_warnings():   # a read-only plane (Arrow, Ray's object store) is
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            source = torch.from_numpy(np.ascontiguousarray(plane))   # only read: no copy
+        return _unit(source, bit_depth)
     if plane.dtype == np.bool_ or plane.dtype.kind == "f":
         return torch.from_numpy(plane.astype(np.float32))
     raise InputError("unsupported_format", f"pixel type {plane.dtype} is not supported",

@@ -180,6 +180,35 @@ def test_a_warm_start_with_another_class_count_and_epochs_between_validations(
         _cfg(str(tiny_dataset), str(tmp_path), "val_fraction=0")
 
 
+def test_a_time_budget_fits_the_schedule_to_end_at_the_floor_within_the_budget(
+        ray_session, tiny_dataset, tmp_path):
+    """10,000 epochs and 35 s: training measures its pace, fits the cosine to the time left
+    (start-up, validation and artifact included) and ends at the learning-rate floor."""
+    import time
+
+    from pipelines.train.train import train
+    from seg_core.engine import WarmupDecay
+
+    budget = 35.0
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=10000", f"max_runtime_secs={budget}",
+               "optim.min_lr_ratio=0.05", "register=false")
+    started = time.monotonic()
+    result = train(cfg)
+    wall = time.monotonic() - started
+    report = json.loads(Path(result.artifact_uri, "metrics.json").read_text())
+    schedule = report["schedule"]
+    total = schedule["total_steps"]
+    assert schedule["planned_steps"] == 3 * 10_000 and 8 <= total < 3 * 10_000, schedule
+    assert schedule["measured_epoch_end"], schedule   # refitted once an epoch end was timed
+    assert report["steps"] == total and f"ended at step {total}" in result.stopped
+    # the learning rate is at its floor (within one step), computed apart from the loop
+    rule = WarmupDecay(total, min(cfg.optim.warmup_iterations, total), cfg.optim.schedule,
+                       cfg.optim.min_lr_ratio)
+    floor, last = cfg.optim.lr * cfg.optim.min_lr_ratio, result.history[-1]["lr"]
+    assert abs(last - floor) <= abs(cfg.optim.lr * rule(total - 1) - floor) + 1e-12, last
+    assert wall <= 1.1 * budget, f"{wall:.1f} s for a {budget:g} s budget; {schedule}"
+
+
 def test_placement_settings_reach_ray_train(ray_session, tiny_dataset):
     from pipelines.train.train import scaling_config
 
