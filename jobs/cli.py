@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 VERBOSE_ENV = "RAYSEG_VERBOSE"   # read by pipelines.raycluster.ensure_ray
-SUBCOMMANDS = ("demo", "validate", "pack", "train", "tune", "runs", "predict", "evaluate",
+SUBCOMMANDS = ("demo", "validate", "plan", "pack", "train", "tune", "runs", "predict", "evaluate",
                "promote", "serve", "monitor", "bench")
 
 DESCRIPTION = """\
@@ -33,6 +33,7 @@ EPILOG = """\
 typical flow:
   rayseg demo                                    # everything, end to end, on generated data
   rayseg validate data/manifest.csv --num-classes 3
+  rayseg plan data/manifest.csv --num-classes 3  # fingerprint -> plan.yaml (crop, flips, weights)
   rayseg pack data/manifest.csv --out s3://bucket/shards/
   rayseg train --config jobs/configs/train_sample.yaml --set max_iterations=200
   rayseg tune --config jobs/configs/train_sample.yaml --grid jobs/configs/grid_sample.yaml

@@ -36,6 +36,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "validate", help="label QA: decode and check every pair, write a report and quarantine",
         description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_and_mask_options(parser)
+    parser.add_argument("--max-bad", type=float,
+                        help="fail when more than this fraction of pairs is rejected (default 0)")
+    parser.add_argument("--out", help="output URI (default rayseg_work/validate/<name>-<time>)")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    return parser
+
+
+def add_source_and_mask_options(parser: argparse.ArgumentParser) -> None:
+    """SOURCE, the mask flags, --config/--set and --max-pixels (``validate`` and ``plan``)."""
     parser.add_argument("source", metavar="SOURCE", help="manifest, images/+masks/ prefix or shards")
     parser.add_argument("--num-classes", type=int, help="K, the number of classes")
     parser.add_argument("--mask-values", help="raw mask value of each class, in class order, e.g. 0,255")
@@ -49,11 +59,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-pixels", type=int,
                         help="reject images with more pixels (decompression-bomb guard, "
                              "default 64000000)")
-    parser.add_argument("--max-bad", type=float,
-                        help="fail when more than this fraction of pairs is rejected (default 0)")
-    parser.add_argument("--out", help="output URI (default rayseg_work/validate/<name>-<time>)")
-    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
-    return parser
 
 
 def validate_config(args: argparse.Namespace):
@@ -76,8 +81,9 @@ def validate_config(args: argparse.Namespace):
         data = {"mask": data["mask"]}
     if "num_classes" not in (data.get("mask") or {}) and args.num_classes is None and not any(
             item.startswith("mask.num_classes=") for item in args.overrides):
-        raise SystemExit("rayseg validate: give --num-classes K (or a --config with "
-                         "mask.num_classes)")
+        job = getattr(args, "command", None) or "validate"
+        raise SystemExit(f"rayseg {job}: give --num-classes K (or a --config with "
+                         f"mask.num_classes)")
     flags = {key: value for key, value in flags.items() if value is not None}
     return load_config(ValidateConfig, data, args.overrides, flags=flags)
 
@@ -98,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     report = validate(cfg.source, cfg.mask, out_uri=out, max_pixels=cfg.max_pixels,
                       max_bad=cfg.max_bad)
     print(report.table())
-    print(f"outputs: {out}  (report.json, report.md, class_frequency.png, quarantine.parquet)")
+    print(f"outputs: {out}  (report.json, report.md, class_frequency.png, quarantine.parquet, "
+          f"fingerprint.json)")
     if not report.passed:
         print(f"FAILED: {report.rejected_fraction:.1%} of pairs rejected > --max-bad "
               f"{report.max_bad:.1%}; see quarantine.parquet for reasons and hints")
@@ -109,7 +116,7 @@ def _ints(text: str | None, sep: str) -> list[int] | None:
     return [int(v) for v in text.split(sep)] if text else None
 
 
-def _default_out(source: str) -> str:
+def _default_out(source: str, job: str = "validate") -> str:
     name = posixpath.basename(posixpath.dirname(source.rstrip("/")) or "data") or "data"
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return f"rayseg_work/validate/{name}-{stamp}"
+    return f"rayseg_work/{job}/{name}-{stamp}"

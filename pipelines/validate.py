@@ -8,7 +8,9 @@ never holds image data.  Outputs under ``out_uri``:
 - ``report.json``: counts, reasons, class pixel frequencies, empty masks, sizes, pass/fail;
 - ``report.md``: the same as a readable table (also printed by the job);
 - ``class_frequency.png``: bar chart of class pixel frequencies;
-- ``quarantine.parquet``: one :data:`records.QUARANTINE_SCHEMA` row per rejected pair.
+- ``quarantine.parquet``: one :data:`records.QUARANTINE_SCHEMA` row per rejected pair;
+- ``fingerprint.json``: the accepted pairs' sizes, channels, intensities, class shares and
+  positions (:mod:`pipelines.plan.fingerprint`), which ``rayseg plan`` derives a plan from.
 
 Invariant (tested): ``total == ok + quarantined``; bad input never crashes the job.
 """
@@ -25,6 +27,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.ingest import SourceKind, decode_pair, read_pairs
+from pipelines.plan.fingerprint import CHANNEL_SLOTS, FingerprintTotals, class_pixels, pair_stats
 from pipelines.records import QUARANTINE_SCHEMA, quarantine_row
 from seg_core.codecs import DEFAULT_MAX_PIXELS
 from seg_core.config import MaskSpec
@@ -52,6 +55,7 @@ class ValidationReport:
     ok_pixels: int = 0                 # H x W summed over accepted masks
     multilabel: bool = False
     outputs: dict[str, str] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict, repr=False)  # fingerprint.json
 
     @property
     def rejected_fraction(self) -> float:
@@ -69,6 +73,7 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("fingerprint")   # fingerprint.json
         data.update(rejected_fraction=self.rejected_fraction, passed=self.passed,
                     class_frequency=list(self.class_frequency))
         return data
@@ -106,7 +111,7 @@ def validate(source: str, mask_spec: MaskSpec, *, out_uri: str | None = None,
                            storage_options=storage_options).map_batches(
         summarize_pairs, batch_format="numpy", num_cpus=num_cpus, udf_modifying_row_count=False,
         fn_kwargs={"mask_spec": mask_spec, "max_pixels": max_pixels})
-    totals = _Totals(mask_spec.num_classes)
+    totals = _Totals(mask_spec)
     for batch in summaries.iter_batches(batch_format="pyarrow", batch_size=1024):
         totals.add(batch)
     k = mask_spec.num_classes
@@ -116,7 +121,8 @@ def validate(source: str, mask_spec: MaskSpec, *, out_uri: str | None = None,
         reasons=dict(Counter(r["reason"] for r in totals.bad)), empty_masks=totals.empty,
         class_pixels=tuple(int(c) for c in totals.class_pixels[:k]),
         ignore_pixels=int(totals.class_pixels[k]), min_size=totals.min_size,
-        max_size=totals.max_size, ok_pixels=totals.pixels, multilabel=mask_spec.multilabel)
+        max_size=totals.max_size, ok_pixels=totals.pixels, multilabel=mask_spec.multilabel,
+        fingerprint=totals.fingerprint.result())
     if out_uri is not None:
         report = _write_outputs(report, totals.bad, out_uri, storage_options)
     return report
@@ -124,22 +130,26 @@ def validate(source: str, mask_spec: MaskSpec, *, out_uri: str | None = None,
 
 def summarize_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """Per pair: size, class pixel counts (last entry: ignore) and emptiness, or the rejection."""
+    """Per pair: size, class pixel counts (last entry: ignore), emptiness and the fingerprint's
+    figures (:func:`pipelines.plan.fingerprint.pair_stats`), or the rejection."""
     k = mask_spec.num_classes
     out: dict[str, list] = {n: [] for n in ("id", "image_uri", "mask_uri", "reason", "message",
-                                            "hint", "height", "width", "class_pixels", "empty")}
+                                            "hint", "height", "width", "class_pixels", "empty",
+                                            *_NO_STATS)}
     for i in range(len(batch["id"])):
         row = {n: _py(batch[n][i]) for n in ("id", "image_uri", "mask_uri")}
         counts, height, width, empty, bad = np.zeros(k + 1, np.int64), 0, 0, False, None
+        stats = _no_stats(k)
         try:
-            _, mask = decode_pair(_py(batch["image_bytes"][i]), _py(batch["mask_bytes"][i]),
+            image, mask = decode_pair(_py(batch["image_bytes"][i]), _py(batch["mask_bytes"][i]),
                                   mask_spec, image_uri=row["image_uri"], mask_uri=row["mask_uri"],
                                   max_pixels=max_pixels,
                                   refused=_py(batch["refused"][i]) if "refused" in batch else None)
             height, width = mask.shape[-2:]
-            counts = _class_pixels(mask, mask_spec)
+            counts = class_pixels(mask, mask_spec)
             empty = bool(counts[:k].sum() == 0) if mask_spec.multilabel else \
                 bool(counts[1:k].sum() == 0)
+            stats = pair_stats(image, mask, mask_spec)
         except InputError as error:
             bad = quarantine_row(row, error, STAGE)
         for name in ("id", "image_uri", "mask_uri"):
@@ -150,30 +160,34 @@ def summarize_pairs(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
         out["width"].append(width)
         out["class_pixels"].append(counts)
         out["empty"].append(empty)
+        for name in _NO_STATS:
+            out[name].append(stats[name])
     return {n: np.array(v, dtype=object if n in ("id", "image_uri", "mask_uri", "reason",
-                                                  "message", "hint") else None)
+                                                  "message", "hint", "pixel_type") else None)
             for n, v in out.items()}
 
 
-def _class_pixels(mask: np.ndarray, spec: MaskSpec) -> np.ndarray:
-    """Pixel count per class, plus ignored pixels as a last entry (K + 1 int64)."""
-    k = spec.num_classes
-    if spec.multilabel:  # K x H x W {0, 1}, ignore_index where an ignore mask marks pixels
-        on = (mask == 1).reshape(k, -1).sum(axis=1, dtype=np.int64)
-        return np.append(on, int((mask[0] == spec.ignore_index).sum()))
-    counts = np.bincount(np.where(mask == spec.ignore_index, k, mask).ravel(), minlength=k + 1)
-    return counts.astype(np.int64)
+_NO_STATS = ("channels", "pixel_type", "sampled", "channel_sum", "channel_sumsq", "thirds")
+
+
+def _no_stats(k: int) -> dict[str, Any]:
+    """The fingerprint columns of a rejected pair (same shapes, nothing counted)."""
+    return {"channels": 0, "pixel_type": "", "sampled": 0,
+            "channel_sum": np.zeros(CHANNEL_SLOTS), "channel_sumsq": np.zeros(CHANNEL_SLOTS),
+            "thirds": np.zeros((4, k + 2), np.int64)}
 
 
 class _Totals:
     """Streaming aggregation of summary batches on the driver (keeps only rejected rows)."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, spec: MaskSpec):
+        num_classes = spec.num_classes
         self.total = self.empty = self.pixels = 0
         self.class_pixels = np.zeros(num_classes + 1, np.int64)
         self.min_size: tuple[int, int] | None = None
         self.max_size: tuple[int, int] | None = None
         self.bad: list[dict[str, Any]] = []
+        self.fingerprint = FingerprintTotals(spec)
 
     def add(self, batch: pa.Table) -> None:
         import datetime as dt
@@ -191,18 +205,22 @@ class _Totals:
             self.class_pixels += np.asarray(row["class_pixels"], np.int64)
             self.pixels += size[0] * size[1]
             self.empty += bool(row["empty"])
+            self.fingerprint.add(row)
 
 
 def _write_outputs(report: ValidationReport, bad: list[dict[str, Any]], out_uri: str,
                    storage_options: storage.StorageOptions | None) -> ValidationReport:
     outputs = {name: storage.join_uri(out_uri, name) for name in
-               ("report.json", "report.md", "class_frequency.png", "quarantine.parquet")}
+               ("report.json", "report.md", "class_frequency.png", "quarantine.parquet",
+                "fingerprint.json")}
     report = replace(report, outputs=outputs)
     table = pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA)
     storage.write_table(table, outputs["quarantine.parquet"], storage_options)
     storage.write_bytes(outputs["report.json"],
                         json.dumps(report.to_dict(), indent=2).encode(), storage_options)
     storage.write_bytes(outputs["report.md"], report.table().encode(), storage_options)
+    storage.write_bytes(outputs["fingerprint.json"],
+                        json.dumps(report.fingerprint, indent=2).encode(), storage_options)
     storage.write_bytes(outputs["class_frequency.png"], frequency_chart(report), storage_options)
     return report
 

@@ -7,6 +7,7 @@
 - :mod:`.grid`: ``GridSearch`` (H2O's grid search, on Ray Tune).
 - :mod:`.frame`: ``Frame``, a table of image (and mask) URIs, and prediction frames.
 - :mod:`.performance`: ``ModelPerformance``, the scores of a model on a frame.
+- :mod:`.plan`: ``fingerprint(frame)``, the dataset fingerprint and the plan derived from it.
 """
 from pipelines.api.api import (
                                Frame,
@@ -19,6 +20,7 @@ from pipelines.api.api import (
                                load_model,
 )
 from pipelines.api.grid import GridSearch
+from pipelines.api.plan import fingerprint
 
 __all__ = ["init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
-           "load_model", "get_model", "GridSearch", "hyperparameter_names"]
+           "load_model", "get_model", "GridSearch", "hyperparameter_names", "fingerprint"]

@@ -114,8 +114,6 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print) -> di
 def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[str, Any],
                          resources: dict[str, float], log: Callable[[str], None],
                          started: float) -> dict[str, Any]:
-    from ray.data import ActorPoolStrategy
-
     plan = plan_actors(cfg, resources)
     engine = resolved_engine(cfg.engine, meta, gpu=bool(plan.num_gpus))
     pre = meta.get("preprocessing") or {}
@@ -149,18 +147,13 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
         log(f"predict: {inputs.todo} inputs -> {plan.size} actor(s) x {plan.num_cpus:g} CPU"
             f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}{extra}, "
             f"{plan.threads} thread(s)")
-        inputs.dataset.map_batches(
-            Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
-            fn_constructor_kwargs={"model_uri": ref.source, "tta": cfg.tta, "engine": cfg.engine,
-                                   "with_confidence": cfg.confidence_maps,
-                                   "threads": plan.threads, "storage_options": options},
-            # all actors start at once; min 1, so fewer input blocks than actors (a small
-            # split) is no UserWarning about unused concurrency
-            compute=ActorPoolStrategy(min_size=1, max_size=plan.size, initial_size=plan.size),
-            num_cpus=plan.num_cpus,
-            num_gpus=plan.num_gpus or None, udf_modifying_row_count=False,
-            **({"resources": dict(cfg.resources_per_actor)} if cfg.resources_per_actor else {}),
-        ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+        failure: Exception | None = None
+        try:
+            _write_predictions(inputs, sink, ref, cfg, plan, options)
+        except Exception as error:   # noqa: BLE001 - re-raised below, its actors released
+            failure = error
+        if failure is not None:
+            raise release_actors_of(failure)
     summary = _summary(cfg, sink.written, inputs, seconds=time.perf_counter() - started,
                        model=meta)
     store.write_success(cfg.out, summary)
@@ -214,3 +207,46 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['committed_rows']} rows committed under {summary['out']} "
             f"({summary['duplicates']} duplicate ids, {summary['missing']} inputs missing, "
             f"{len(summary['conflicts'])} ids naming another source)")
+
+
+def _write_predictions(inputs: InputPlan, sink: Any, ref: Any, cfg: PredictConfig,
+                       plan: ActorPlan, options: dict[str, Any] | None) -> None:
+    """The actor pool over the inputs still to do, into the commit sink."""
+    from ray.data import ActorPoolStrategy
+
+    inputs.dataset.map_batches(
+        Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
+        fn_constructor_kwargs={"model_uri": ref.source, "tta": cfg.tta, "engine": cfg.engine,
+                               "with_confidence": cfg.confidence_maps,
+                               "threads": plan.threads, "storage_options": options},
+        # all actors start at once; min 1, so fewer input blocks than actors (a small
+        # split) is no UserWarning about unused concurrency
+        compute=ActorPoolStrategy(min_size=1, max_size=plan.size, initial_size=plan.size),
+        num_cpus=plan.num_cpus,
+        num_gpus=plan.num_gpus or None, udf_modifying_row_count=False,
+        **({"resources": dict(cfg.resources_per_actor)} if cfg.resources_per_actor else {}),
+    ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+
+
+def release_actors_of(failure: Exception) -> Exception:
+    """``failure`` of the predictor pool's run, after its actors were killed.
+
+    Ray Data lets a failed run's actor pool go by reference count, but an actor task that was
+    streaming its output when the run failed keeps a completion callback (holding the actor's
+    handle) registered until it ends, and it never ends: the idle predictor keeps its CPUs for
+    the life of the driver.  In a notebook, or any driver that runs the next job, that job
+    could then wait for them forever.  So the failed run's predictors are killed here: every
+    live handle of this module's :class:`Predictor` pool (one predict runs at a time in a
+    driver).  The error keeps its type, message and traceback.
+    """
+    import gc
+
+    import ray
+    from ray.actor import ActorHandle
+
+    gc.collect()
+    for handle in [o for o in gc.get_objects() if isinstance(o, ActorHandle)]:
+        name = handle._ray_actor_creation_function_descriptor.class_name
+        if name.startswith("MapWorker(") and f"({Predictor.__name__})" in name:
+            ray.kill(handle)
+    return failure

@@ -14,8 +14,8 @@ def test_all_subcommands_registered():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(SUBCOMMANDS)
-    assert set(SUBCOMMANDS) == {"demo", "validate", "pack", "train", "tune", "runs", "predict",
-                                "evaluate", "promote", "serve", "monitor", "bench"}
+    assert set(SUBCOMMANDS) == {"demo", "validate", "plan", "pack", "train", "tune", "runs",
+                                "predict", "evaluate", "promote", "serve", "monitor", "bench"}
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,15 +170,21 @@ def test_a_second_run_on_the_same_output_is_refused(s3_run):
 def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, artifact_dir,
                                                   tmp_path, capsys, fault_env):
     """An injected failure after 2 committed files, then the same command again."""
+    import ray
+
     out = str(tmp_path / "out")
-    # Half a CPU per actor: after a failure Ray Data drops its actors by reference count, and in
-    # this long-lived process the captured traceback keeps the failed run's (idle) actor alive,
-    # still holding its CPU.  A real crash ends the process, and its actors with it.
     cfg = PredictConfig(model=str(artifact_dir), input=str(sample_dataset), out=out,
                         batch_size=2, rows_per_file=4, actors=1, cpus_per_actor=0.5,
                         progress=False)
-    with fault_env(fail_after_files=2), pytest.raises(Exception, match="injected failure"):
+    with fault_env(fail_after_files=2), pytest.raises(Exception, match="injected failure") as err:
         run_predict(cfg)
+    # the failed run's predictor is gone even while the error is kept (a notebook keeps the
+    # last one): the next job gets every CPU (it waited for them forever before)
+    assert "injected failure" in str(err.value)
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == total, "a failed run kept its actors"
     before = store.done_ids(out)
     assert 0 < len(before) < 24, "the failure must leave a partial output"
     assert not (Path(out) / store.SUCCESS_FILE).exists()
