@@ -246,7 +246,8 @@ def release_actors_of(failure: Exception) -> Exception:
 
     gc.collect()
     for handle in [o for o in gc.get_objects() if isinstance(o, ActorHandle)]:
-        name = handle._ray_actor_creation_function_descriptor.class_name
+        descriptor = getattr(handle, "_ray_actor_creation_function_descriptor", None)
+        name = getattr(descriptor, "class_name", "") or ""
         if name.startswith("MapWorker(") and f"({Predictor.__name__})" in name:
             ray.kill(handle)
     return failure
