@@ -57,6 +57,8 @@ BENCHMARKS: dict[str, str] = {
                           "PyTorch loop's, same data and budget, alternating over two rounds",
     "quality_multilabel": "generated multi-label scenes: estimator train + model_performance "
                           "mIoU / a plain sigmoid loop's, alternating over two rounds",
+    "autoconfig": "zero-config rayseg train (the plan from the data's fingerprint) / a hand-set "
+                  "config, same budget: ISBI membrane Dice and street-scene mIoU",
 }
 
 REQUIRED_KEYS = ("bench", "figures", "ratio", "ratio_from", "goal")
@@ -161,6 +163,9 @@ def run_many(names: Iterable[str], ctx: Context | None = None,
     return results
 
 
+TABLE_VALUE_CHARS = 160   # a longer figure (a per-run record) is cut in the table, whole in the JSON
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     """A fixed-width table: one row per benchmark, then its figures indented below."""
     lines = [f"{'bench':<18} {'ratio':>10} {'wall_s':>8}  goal", "-" * 72]
@@ -169,7 +174,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
         ratio_s = f"{ratio:.3f}" if isinstance(ratio, (int, float)) else str(ratio)
         lines.append(f"{r['bench']:<18} {ratio_s:>10} {r.get('wall_s', ''):>8}  {r['goal']}")
         for key, value in r["figures"].items():
-            shown = f"{value:.4g}" if isinstance(value, float) else value
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            if len(shown) > TABLE_VALUE_CHARS:
+                shown = shown[:TABLE_VALUE_CHARS - 20] + " ... (in the JSON)"
             lines.append(f"    {key:<44} {shown}")
     return "\n".join(lines)
 

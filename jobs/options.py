@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # shipped as package data
@@ -64,12 +64,25 @@ def add_config_options(parser: argparse.ArgumentParser, keys: str, *,
 def job_config(cls: type[T], args: argparse.Namespace, flags: Mapping[str, Any] = ()) -> T:
     """``cls`` from ``--config``, then the flags given (dotted keys; None = not given), then
     ``--set``."""
-    from pipelines.config import load_config
+    from seg_core.config import from_dict
+
+    return refused_as_config_error(from_dict, cls, job_settings(args, flags))
+
+
+def job_settings(args: argparse.Namespace, flags: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """:func:`job_config`'s plain data: only the keys ``--config``, the flags and ``--set`` gave."""
+    from pipelines.config import load_settings
 
     path = resolve_config_path(args.config) if getattr(args, "config", None) else None
     given = {key: value for key, value in dict(flags).items() if value is not None}
+    return refused_as_config_error(load_settings, path, getattr(args, "overrides", ()),
+                                   flags=given)
+
+
+def refused_as_config_error(build: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``build(...)``, its ValueError or TypeError (a refused setting) as a :class:`ConfigError`."""
     try:
-        return load_config(cls, path, getattr(args, "overrides", ()), flags=given)
+        return build(*args, **kwargs)
     except (ValueError, TypeError) as refused:   # pydantic's ValidationError is a ValueError
         raise ConfigError(str(refused)) from refused
 

@@ -28,7 +28,8 @@ def readme_snippet(marker: str = MARKER) -> str:
 def test_snippet_is_the_h2o_flow():
     code = readme_snippet()
     for line in ("init()", 'import_file("rayseg_work/api_sample/manifest.csv")',
-                 "UNetSegmentationEstimator(", "model.train(max_iterations=", "model.predict(",
+                 "UNetSegmentationEstimator(", "max_runtime_secs=", "model.train()",
+                 "model.predict(",
                  "model.model_performance("):
         assert line in code, f"README snippet lost {line!r}"
 
@@ -44,6 +45,9 @@ def test_readme_snippet_runs_as_written(ray_session, tmp_path, monkeypatch, caps
 
     printed = capsys.readouterr().out
     assert "num_classes=3 inferred from the mask values [0, 1, 2]" in printed
+    assert "rayseg plan: 18 training pair(s) fingerprinted" in printed   # the train frame
+    assert "plan   full size: images are all about 96x96" in printed
+    assert "plan   epochs 10000: as many as max_runtime_secs=40 allows" in printed
     assert "mIoU" in printed and "predicted" in printed        # print(perf), confusion matrix
     assert "train px" in printed and "val IoU" in printed      # train()'s per-class table
 

@@ -112,6 +112,7 @@ class UNetSegmentationEstimator:
         self.train_result: Any = None
         self.cv_result: Any = None
         self._versions = 0
+        self.planned: dict[str, Any] = {}   # dotted key -> value the last train()'s plan set
         self.build_config(manifest="<frame>")   # fail now, in the user's terms, not after Ray starts
 
     # --------------------------------------------------------------------------- parameters
@@ -122,8 +123,21 @@ class UNetSegmentationEstimator:
 
     def build_config(self, manifest: str, *, max_iterations: int | None = None,
                      version: str = "v1", nfolds: int | None = None) -> "TrainConfig":
-        """The :class:`TrainConfig` this estimator trains with (for inspection or ``rayseg``)."""
+        """The :class:`TrainConfig` this estimator trains with (for inspection or ``rayseg``);
+        the plan of its last ``train()`` fills the keys its parameters leave unset."""
         from pipelines.config import config_from_dict, set_dotted
+
+        data = self.settings(manifest, max_iterations=max_iterations, version=version,
+                             nfolds=nfolds)
+        for key, value in self.planned.items():
+            set_dotted(data, key, copy.deepcopy(value))
+        return config_from_dict(data)
+
+    def settings(self, manifest: str, *, max_iterations: int | None = None,
+                 version: str = "v1", nfolds: int | None = None) -> dict[str, Any]:
+        """The estimator's parameters as ``TrainConfig`` data: the keys they set, and the
+        frame, names and places the estimator manages (what the plan fills around)."""
+        from pipelines.config import set_dotted
 
         known = hyperparameter_names()
         work = work_directory()
@@ -154,7 +168,7 @@ class UNetSegmentationEstimator:
             value = list(value) if isinstance(value, tuple) else value
             for path in known.get(key, (key,)):
                 set_dotted(data, path, value)
-        return config_from_dict(data)
+        return data
 
     # --------------------------------------------------------------------------- training
     def train(self, x: str | None = None, y: str | None = None,
@@ -183,6 +197,7 @@ class UNetSegmentationEstimator:
         self.build_config(manifest, max_iterations=max_iterations)
         _connected()
         self.resolve_classes(manifest)
+        self._apply_plan(manifest, max_iterations=max_iterations, version=version)
         nfolds = int(self._params.get("nfolds") or 0)
         if nfolds >= 2:
             from pipelines.train.cv import cross_validate
@@ -195,6 +210,16 @@ class UNetSegmentationEstimator:
         self.registry_uri = self.train_result.registry_uri
         print(self.train_result.class_table(), flush=True)   # rare classes flagged
         return self
+
+    def _apply_plan(self, manifest: str, **build: Any) -> None:
+        """Fingerprint the training rows and keep the plan's keys that the parameters leave
+        unset (:mod:`pipelines.plan.apply`; ``plan=False`` skips it)."""
+        from pipelines.plan.apply import plan_settings
+
+        self.planned = {}
+        _, outcome = plan_settings(self.settings(manifest, **build))
+        if outcome is not None:
+            self.planned = outcome.planned
 
     def resolve_classes(self, manifest: str) -> None:
         """Read ``num_classes`` from the masks when it was not given (once)."""

@@ -32,6 +32,7 @@ from pipelines.config.jobs import (
 )
 from pipelines.config.loader import (
     load_config,
+    load_settings,
     apply_overrides,
     read_yaml,
     load_train_config,
@@ -79,6 +80,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "load_settings",
     "load_train_config",
     "read_yaml",
     "set_dotted",

@@ -28,13 +28,21 @@ def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None
     ``mask.class_names=[bg,fg]`` get their natural types.  The result is checked strictly by
     :func:`seg_core.config.from_dict`.
     """
+    return from_dict(cls, load_settings(path, overrides, flags=flags))
+
+
+def load_settings(path: str | Path | Mapping[str, Any] | None = None,
+                  overrides: Sequence[str] = (), *,
+                  flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`load_config`'s plain data before the dataclass: only the keys the user set (what
+    the training plan may fill around, :mod:`pipelines.plan.apply`)."""
     if isinstance(path, Mapping):
         data = copy.deepcopy(dict(path))
     else:
         data = read_yaml(path) if path is not None else {}
     for key, value in (flags or {}).items():
         set_dotted(data, key, value)
-    return from_dict(cls, apply_overrides(data, overrides))
+    return apply_overrides(data, overrides)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

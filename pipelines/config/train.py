@@ -191,6 +191,9 @@ class TrainConfig:
     cv_parallelism: int = 1  # folds trained at once (each fold is its own trainer)
     artifact_weights: Literal["best", "last"] = "best"  # best val mIoU epoch, or the last one
     register: bool = True  # log the run and register the artifact (pipelines.registry)
+    # rayseg train and the estimator fingerprint the training rows and fill the keys you did not
+    # set from the plan derived from it (pipelines/plan); false trains exactly this config
+    plan: bool = True
     # warm start: a trained model (artifact URI, models:/name@alias or models:/name/N) whose
     # weights start this run; another num_classes keeps all but the head.  A resumed run's own
     # checkpoint wins over it.

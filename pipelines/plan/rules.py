@@ -33,18 +33,30 @@ RARE_SHARE = 0.02
 
 @dataclass
 class Plan:
-    """``config``: a ``TrainConfig`` fragment (nested dicts); ``reasons``: why, in order."""
+    """``config``: a ``TrainConfig`` fragment (nested dicts); ``reasons``: why, in order;
+    ``keys``: the dotted keys each reason decided (empty for a reason that sets nothing)."""
 
     config: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    keys: list[tuple[str, ...]] = field(default_factory=list)
 
-    def set(self, dotted: str, value: Any, reason: str) -> None:
+    def set(self, dotted: str, value: Any, reason: str | None = None) -> None:
+        """Set ``dotted`` to ``value``; ``reason`` None: it belongs to the previous reason."""
         node = self.config
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+        if reason is None:
+            self.keys[-1] += (dotted,)
+        else:
+            self.reasons.append(reason)
+            self.keys.append((dotted,))
+
+    def note(self, reason: str) -> None:
+        """A decision that keeps the defaults (it sets no key)."""
         self.reasons.append(reason)
+        self.keys.append(())
 
 
 def _down16(side: float) -> int:
@@ -93,7 +105,7 @@ def _geometry(plan: Plan, sizes: dict[str, Any]) -> tuple[int, int]:
                  f"resize {resize[0]}x{resize[1]}: images are all about {height}x{width}; "
                  f"{scale:.2f}x keeps the aspect at about {TARGET_SIDE}² pixels")
         return resize[0], resize[1]
-    plan.reasons.append(f"full size: images are all about {height}x{width}")
+    plan.note(f"full size: images are all about {height}x{width}")
     return height, width
 
 
@@ -102,10 +114,10 @@ def _normalisation(plan: Plan, fingerprint: dict[str, Any]) -> None:
     channels = 3 if len(mean) >= 3 else 1   # alpha is dropped: RGBA -> 3, grey + alpha -> 1
     mean, std = mean[:channels], std[:channels]
     plan.set("preprocessing.channels", channels, f"{channels} channel(s): the data's own")
-    plan.config["model"] = {**plan.config.get("model", {}), "in_channels": channels}
+    plan.set("model.in_channels", channels)
     plan.set("preprocessing.mean", mean, f"normalise by the data's mean {_fmt(mean)} and std "
                                          f"{_fmt(std)}")
-    plan.config["preprocessing"]["std"] = std
+    plan.set("preprocessing.std", std)
 
 
 def _flips(plan: Plan, position: dict[str, Any]) -> None:
@@ -119,7 +131,7 @@ def _flips(plan: Plan, position: dict[str, Any]) -> None:
     if vertical or horizontal:
         plan.set("augment.rot90", False, "no rot90: the classes depend on position")
     else:
-        plan.reasons.append("flips and rot90 on: no class depends on its position")
+        plan.note("flips and rot90 on: no class depends on its position")
 
 
 def _rare(plan: Plan, fingerprint: dict[str, Any]) -> None:
@@ -127,8 +139,7 @@ def _rare(plan: Plan, fingerprint: dict[str, Any]) -> None:
     rare = [f"{n} {s:.1%}" for n, s in zip(names, shares) if s < RARE_SHARE]
     multilabel = fingerprint.get("multilabel", False)
     if not rare:
-        plan.reasons.append(f"no class weights: every class has {RARE_SHARE:.0%} of the pixels "
-                            f"or more")
+        plan.note(f"no class weights: every class has {RARE_SHARE:.0%} of the pixels or more")
         return
     key, loss = ("pos_weight", "bce_dice") if multilabel else ("class_weights", "dice_ce")
     plan.set(key, "auto", f"{key} auto: rare classes ({', '.join(rare)} of the pixels)")

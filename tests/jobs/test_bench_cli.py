@@ -35,6 +35,7 @@ RATIO_FROM = {
     "warm_start_isbi": ["B_warm_membrane_dice", "/", "B_scratch_membrane_dice"],
     "quality_multiclass": ["rayseg_miou", "/", "plain_miou"],
     "quality_multilabel": ["rayseg_miou", "/", "plain_miou"],
+    "autoconfig": ["zero_score", "/", "hand_score"],
 }
 
 
@@ -113,6 +114,10 @@ def test_baselines_run_the_same_work_in_the_same_run(quick_results):
     assert 0 <= isbi["plain_pixel_accuracy"] <= 1 and 0 <= isbi["rayseg_pixel_accuracy"] <= 1
     engines = quick_results["engines"]["figures"]
     assert engines["unet_trained"] is True   # it found the model quality_isbi kept
+    auto = quick_results["autoconfig"]["figures"]   # the plan ran on one side only
+    assert auto["street_zero"]["planned"]["augment.vflip"] is False   # sky above, road below
+    assert auto["street_zero"]["config"]["class_weights"] == "auto"   # the rare sign
+    assert auto["street_hand"]["planned"] is None and auto["street_hand"]["steps"] > 0
 
 
 def test_check_ratio_refuses_a_ratio_that_does_not_follow_from_the_figures():

@@ -76,6 +76,41 @@ def test_rare_classes_get_weights_and_a_dice_term_and_normalisation_is_the_datas
         plan_from({"images": 0})
 
 
+def test_the_users_keys_win_and_keys_that_belong_together_are_decided_together():
+    from pipelines.config import config_from_dict
+    from pipelines.plan.apply import merge_plan
+
+    plan = plan_from(_fingerprint(_sizes([360, 500], [1388, 1040]), shares=(0.99, 0.01),
+                                  vertical=("c0",)))
+    user = {"data": {"manifest": "m.csv"}, "preprocessing": {"resize": [192, 160], "mean": [0.4]},
+            "augment": {"hflip": False}, "batch_size": 2}
+    merged, outcome = merge_plan(user, plan)
+    # a resize of yours keeps the planned crop and tile out; a mean keeps channels/std/in_channels
+    assert "crop" not in merged.get("augment", {}) and "tile_size" not in merged["preprocessing"]
+    assert merged["preprocessing"] == {"resize": [192, 160], "mean": [0.4]}
+    assert "in_channels" not in merged.get("model", {}) and merged["batch_size"] == 2
+    # flips are decided one by one: the planned vflip/rot90 stay beside your hflip
+    assert merged["augment"] == {"hflip": False, "vflip": False, "rot90": False}
+    assert merged["class_weights"] == "auto" and merged["model"]["depth"] == 4
+    assert set(outcome.kept) == {"preprocessing.resize", "preprocessing.mean", "batch_size"}
+    assert "augment.crop" not in outcome.planned and outcome.planned["augment.vflip"] is False
+    assert "mask" not in merged   # the mask is the user's (the plan's copy never enters)
+    yours = [line for line in outcome.lines if line.startswith("  yours")]
+    assert yours[0].startswith("  yours  preprocessing.resize=[192, 160]  (planned: crop 256:")
+    assert "; tile 256: inference tiles at the crop)" in yours[0]   # one line, both reasons
+    assert len(yours) == 3, outcome.lines
+    assert config_from_dict({**merged, "preprocessing": {**merged["preprocessing"],
+                                                         "std": [0.2], "channels": 1},
+                             "model": {**merged["model"], "in_channels": 1}}).batch_size == 2
+
+
+def test_rayseg_train_without_a_config_or_data_says_what_to_give(capsys):
+    from jobs.cli import main
+
+    assert main(["train", "--set", "epochs=2"]) == 2
+    assert "--manifest CSV (or --shards PREFIX) with --num-classes K" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------- rayseg plan, with Ray
 SIZES = [(620, 700), (800, 650), (700, 900), (960, 720), (640, 640), (1000, 760)]
 SKY, ROAD, SIGN = 1, 2, 3
@@ -155,3 +190,39 @@ def test_rayseg_plan_crops_turns_flips_off_and_weights_the_rare_sign(ray_session
     api = fingerprint(import_file(str(manifest)), num_classes=4,
                       class_names=["other", "sky", "road", "sign"])
     assert api["plan"]["config"] == plan and api["class_share"] == fp["class_share"]
+
+
+@pytest.mark.ray
+def test_rayseg_train_runs_the_plan_around_the_keys_the_user_set(ray_session, tmp_path, capsys):
+    """``rayseg train --manifest --num-classes`` trains with the plan; the user's keys win
+    (a group of them whole: a resize set keeps the planned crop and tile out)."""
+    from jobs.cli import main
+
+    manifest, _, _ = _scenes(tmp_path / "scenes")
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(rows[:-1] + [rows[-1].replace(",train", ",val")]) + "\n")
+    models = tmp_path / "models"
+    assert main(["train", "--manifest", str(manifest), "--num-classes", "4",
+                 "--set", "mask.class_names=[other,sky,road,sign]",
+                 "--set", "preprocessing.resize=[192,160]", "--set", "augment.vflip=true",
+                 "--set", "batch_size=2", "--set", "max_iterations=2", "--set", "epochs=1",
+                 "--set", "register=false",
+                 "--set", f"storage.storage_path={tmp_path / 'runs'}",
+                 "--set", f"storage.models_uri={models}"]) == 0
+    printed = capsys.readouterr().out
+    assert "rayseg plan: 5 training pair(s) fingerprinted" in printed, printed   # not val's
+    assert "yours  augment.vflip=True  (planned: no vertical flips: sky, road" in printed
+    assert ("yours  preprocessing.resize=[192, 160]  (planned: crop 256: images are 620-960 "
+            "px and vary and are large; tile 256: inference tiles at the crop)") in printed
+    assert "yours  batch_size=2  (planned: batch 8:" in printed
+    assert "plan   class_weights auto: rare classes (sign 0." in printed
+    used = yaml.safe_load((models / "unet" / "v1" / "config.yaml").read_text())
+    assert used["augment"]["vflip"] is True and used["augment"]["rot90"] is False
+    assert used["augment"]["crop"] is None and used["preprocessing"]["tile_size"] is None
+    assert used["preprocessing"]["resize"] == [192, 160] and used["batch_size"] == 2
+    assert used["class_weights"] == "auto" or len(used["class_weights"]) == 4
+    assert used["loss"] == "dice_ce" and used["model"]["depth"] == 4
+    planned = yaml.safe_load((tmp_path / "runs" / "unet-v1" / "plan" / "plan.yaml").read_text())
+    assert planned["augment"]["crop"] == 256   # what the plan said, beside what ran
+    fp = json.loads((tmp_path / "runs" / "unet-v1" / "plan" / "fingerprint.json").read_text())
+    assert fp["images"] == 5
