@@ -12,8 +12,8 @@ import sys
 from typing import Sequence
 
 VERBOSE_ENV = "RAYSEG_VERBOSE"   # read by pipelines.raycluster.ensure_ray
-SUBCOMMANDS = ("demo", "validate", "plan", "pack", "train", "tune", "runs", "predict", "evaluate",
-               "promote", "serve", "monitor", "bench")
+SUBCOMMANDS = ("demo", "validate", "plan", "pack", "train", "tune", "auto", "runs", "predict",
+               "evaluate", "promote", "serve", "monitor", "bench")
 
 DESCRIPTION = """\
 rayseg: U-Net image segmentation on Ray, from a laptop to a cluster.
@@ -37,6 +37,7 @@ typical flow:
   rayseg pack data/manifest.csv --out s3://bucket/shards/
   rayseg train --config jobs/configs/train_sample.yaml --set max_iterations=200
   rayseg tune --config jobs/configs/train_sample.yaml --grid jobs/configs/grid_sample.yaml
+  rayseg auto --manifest data/manifest.csv --num-classes 3 --max-runtime-secs 600  # AutoML
   rayseg runs --compare unet-sample-v1 unet-sample-v2
   rayseg predict --model runs/models/unet/v1 --input s3://bucket/shards/ --out s3://bucket/preds/
   rayseg evaluate --predictions s3://bucket/preds/ --manifest data/manifest.csv

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 _API = ("init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
-        "load_model", "get_model", "GridSearch")
+        "load_model", "get_model", "GridSearch", "AutoSegmentation")
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,7 @@
 - :mod:`.api`: ``init``, ``import_file``, ``UNetSegmentationEstimator``, ``load_model``,
   ``get_model`` (from the registry).
 - :mod:`.grid`: ``GridSearch`` (H2O's grid search, on Ray Tune).
+- :mod:`.auto`: ``AutoSegmentation`` (H2O AutoML's shape: planned candidates, a leaderboard).
 - :mod:`.frame`: ``Frame``, a table of image (and mask) URIs, and prediction frames.
 - :mod:`.performance`: ``ModelPerformance``, the scores of a model on a frame.
 - :mod:`.plan`: ``fingerprint(frame)``, the dataset fingerprint and the plan derived from it.
@@ -19,8 +20,9 @@ from pipelines.api.api import (
                                init,
                                load_model,
 )
+from pipelines.api.auto import AutoSegmentation
 from pipelines.api.grid import GridSearch
 from pipelines.api.plan import fingerprint
 
 __all__ = ["init", "import_file", "Frame", "UNetSegmentationEstimator", "ModelPerformance",
-           "load_model", "get_model", "GridSearch", "hyperparameter_names", "fingerprint"]
+           "load_model", "get_model", "GridSearch", "AutoSegmentation", "hyperparameter_names", "fingerprint"]

@@ -127,10 +127,14 @@ class UNetSegmentationEstimator:
         the plan of its last ``train()`` fills the keys its parameters leave unset."""
         from pipelines.config import config_from_dict, set_dotted
 
+        from pipelines.plan.apply import dotted_keys, group_set
+
         data = self.settings(manifest, max_iterations=max_iterations, version=version,
                              nfolds=nfolds)
+        given = dotted_keys(data)
         for key, value in self.planned.items():
-            set_dotted(data, key, copy.deepcopy(value))
+            if not group_set((key,), given):   # a parameter set since the plan wins
+                set_dotted(data, key, copy.deepcopy(value))
         return config_from_dict(data)
 
     def settings(self, manifest: str, *, max_iterations: int | None = None,
@@ -211,15 +215,16 @@ class UNetSegmentationEstimator:
         print(self.train_result.class_table(), flush=True)   # rare classes flagged
         return self
 
-    def _apply_plan(self, manifest: str, **build: Any) -> None:
+    def _apply_plan(self, manifest: str, **build: Any) -> Any:
         """Fingerprint the training rows and keep the plan's keys that the parameters leave
-        unset (:mod:`pipelines.plan.apply`; ``plan=False`` skips it)."""
+        unset (:mod:`pipelines.plan.apply`; ``plan=False`` skips it); returns the outcome."""
         from pipelines.plan.apply import plan_settings
 
         self.planned = {}
         _, outcome = plan_settings(self.settings(manifest, **build))
         if outcome is not None:
             self.planned = outcome.planned
+        return outcome
 
     def resolve_classes(self, manifest: str) -> None:
         """Read ``num_classes`` from the masks when it was not given (once)."""

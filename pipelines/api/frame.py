@@ -31,7 +31,7 @@ from pipelines import storage
 if TYPE_CHECKING:
     import pandas
 
-FrameKind = Literal["files", "shards", "predictions"]
+FrameKind = Literal["files", "shards", "predictions", "table"]   # table: a leaderboard
 
 # Shard and prediction columns that hold bytes: never read for metadata.
 _SHARD_RENAMES = {"source_uri": "image", "mask_uri": "mask"}

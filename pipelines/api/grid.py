@@ -64,6 +64,7 @@ class GridSearch:
         manifest = base._training_manifest(self.grid_id)
         _connected()
         base.resolve_classes(manifest)
+        base._apply_plan(manifest)   # one plan for every member; the grid's keys win over it
         estimators, configs = [], []
         for index, combo in enumerate(self.combinations):
             member = base.variant(f"{self.grid_id}_model_{index + 1}", combo)

@@ -31,14 +31,15 @@ _NOT_PLANNED = ("mask", "model.num_classes")   # the plan's own copy of the user
 @dataclass
 class PlanOutcome:
     """What the plan set (``planned``, dotted key -> value), what the user's settings kept
-    (``kept``, dotted key -> the user's value), where the plan was written, and the printed
-    lines."""
+    (``kept``, dotted key -> the user's value), where the plan was written, the printed lines
+    and the fingerprint the plan came from."""
 
     uri: str
     images: int
     planned: dict[str, Any] = field(default_factory=dict)
     kept: dict[str, Any] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_settings(settings: Mapping[str, Any], *, echo: bool = True
@@ -53,13 +54,14 @@ def plan_settings(settings: Mapping[str, Any], *, echo: bool = True
         return dict(settings), None
     source = cfg.data.manifest or cfg.data.shards
     out_uri = storage.join_uri(cfg.run_uri, "plan")
-    report, plan = plan_source(source, cfg.mask, out_uri, split=cfg.data.train_split)
+    report, plan = plan_source(source, cfg.mask, out_uri, split=cfg.data.train_split,
+                               gpu=cfg.scaling.use_gpu)
     if cfg.max_runtime_secs is not None:
         plan.set("epochs", BUDGET_EPOCHS,
                  f"epochs {BUDGET_EPOCHS}: as many as max_runtime_secs={cfg.max_runtime_secs:g} "
                  f"allows (the schedule is fitted to end within it)")
     merged, outcome = merge_plan(settings, plan)
-    outcome.uri, outcome.images = out_uri, report.ok
+    outcome.uri, outcome.images, outcome.fingerprint = out_uri, report.ok, report.fingerprint
     outcome.lines.insert(0, f"rayseg plan: {report.ok} training pair(s) fingerprinted; "
                             f"{len(outcome.planned)} key(s) planned, {len(outcome.kept)} of "
                             f"yours kept ({storage.join_uri(out_uri, 'plan.yaml')}; plan: false "
@@ -79,7 +81,7 @@ def merge_plan(settings: Mapping[str, Any], plan: Plan) -> tuple[dict[str, Any],
     kept: dict[str, list[str]] = {}   # the user's keys shown -> the planned reasons they beat
     for reason, keys in zip(plan.reasons, plan.keys):
         keys = tuple(k for k in keys if not k.startswith(_NOT_PLANNED))
-        yours = {k: _get(settings, k) for k in _group_set(keys, user)}
+        yours = {k: _get(settings, k) for k in group_set(keys, user)}
         if not keys or not yours:
             for key in keys:
                 outcome.planned[key] = values[key]
@@ -109,8 +111,8 @@ def dotted_keys(settings: Mapping[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
-def _group_set(keys: tuple[str, ...], user: set[str]) -> list[str]:
-    """The user's keys among ``keys`` and the groups they belong to."""
+def group_set(keys: tuple[str, ...], user: set[str]) -> list[str]:
+    """The keys of ``user`` among ``keys`` and the groups they belong to (:data:`GROUPS`)."""
     members = set(keys)
     for group in GROUPS:
         if members & set(group):

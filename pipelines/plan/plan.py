@@ -11,17 +11,22 @@ from seg_core.config import MaskSpec
 
 
 def plan_source(source: str, mask: MaskSpec, out_uri: str, *, max_pixels: int | None = None,
-                split: str | None = None,
+                split: str | None = None, gpu: bool | None = None,
                 storage_options: storage.StorageOptions | None = None) -> tuple[Any, Plan]:
     """Validate ``source`` (only its ``split`` rows when given; report, quarantine and
     ``fingerprint.json`` under ``out_uri``), then write ``plan.yaml`` there: the plan's
-    ``TrainConfig`` fragment, its reasons as comments.  Returns ``(validation report, plan)``."""
+    ``TrainConfig`` fragment, its reasons as comments.  ``gpu``: plan for GPU workers (None:
+    when the cluster has GPUs).  Returns ``(validation report, plan)``."""
+    import ray
+
     from pipelines.validate import validate
 
     extra = {} if max_pixels is None else {"max_pixels": max_pixels}
     report = validate(source, mask, out_uri=out_uri, storage_options=storage_options,
                       split=split, **extra)
-    plan = plan_from(report.fingerprint)
+    if gpu is None:
+        gpu = ray.cluster_resources().get("GPU", 0) > 0
+    plan = plan_from(report.fingerprint, gpu=gpu)
     plan.config["mask"] = mask_section(mask)
     plan.config.setdefault("model", {})["num_classes"] = mask.num_classes
     storage.write_bytes(storage.join_uri(out_uri, "plan.yaml"), plan_yaml(plan, source).encode(),

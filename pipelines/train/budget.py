@@ -11,8 +11,10 @@ off halfway and its weights never annealed.  So the loop measures, and fits:
 - the schedule's length becomes the most steps whose training, epoch ends (validation and the
   checkpoint, estimated until the first one is measured, then measured) and the driver's
   closing work (:data:`CLOSING_S`) fit before the deadline, never more than the epoch plan;
-- it is fitted again once, after the first measured epoch end, and then holds; every worker
-  takes the smallest fit, so all ranks stop at the same step;
+- it is fitted again after the first measured epoch end, and once more half-way through the
+  steps that fit left (:meth:`BudgetFit.plan_midpoint`), with the pace of every step timed by
+  then (the first steps run slower than the steady pace, so the early fit leaves time unused);
+  then it holds.  Every worker takes the smallest fit, so all ranks stop at the same step;
 - training stops at the fitted step, with the learning rate at its floor.
 
 The fit and its evidence are kept in the checkpoint (a resumed run keeps its step count) and
@@ -50,6 +52,8 @@ class BudgetFit:
     val_s: float | None = None      # measured: one validation
     end_s: float | None = None      # measured: the rest of an epoch end (checkpoint, next batches)
     fitted_measured: bool | None = None   # None: not fitted yet
+    midpoint: int | None = None     # the step of the late refit, once planned
+    late_done: bool = False         # the late refit happened
 
     def step(self, seconds: float) -> None:
         """One step took ``seconds`` of wall time (waiting for its batch included)."""
@@ -64,11 +68,23 @@ class BudgetFit:
             self.val_s = val_s
             self.end_s = max(0.0, wall_s - val_s - steps * self.step_s())
 
-    def due(self) -> bool:
-        """Whether to fit now: once the pace is measured, and again once an epoch end is."""
+    def due(self, done: int | None = None) -> bool:
+        """Whether to fit now (``done``: steps taken): once the pace is measured, again once an
+        epoch end is, and at the midpoint."""
         if self.fitted_measured is None:
             return len(self.intervals) >= MEASURE_STEPS
-        return not self.fitted_measured and self.val_s is not None
+        if not self.fitted_measured and self.val_s is not None:
+            return True
+        return self.midpoint is not None and done is not None and done >= self.midpoint
+
+    def plan_midpoint(self, done: int, total: int) -> None:
+        """After a fit to ``total`` (agreed by every worker) at step ``done``: the late refit
+        happens half-way through the rest, once, when the epoch end has been measured and the
+        rest is long enough for the refit to matter."""
+        if self.midpoint is not None and done >= self.midpoint:
+            self.midpoint, self.late_done = None, True
+        elif self.fitted_measured and not self.late_done and total - done >= 4 * MEASURE_STEPS:
+            self.midpoint = done + (total - done) // 2
 
     def step_s(self) -> float:
         """The pace: the median of the timed steps."""

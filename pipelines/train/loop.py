@@ -319,7 +319,7 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
                 f"lr {current_lr(parts.optimizer):.3g}")
         if budget is not None:
             budget.step(stepped - ready)
-            if budget.due():
+            if budget.due(state.step):
                 fit_schedule(budget, state, parts, world, say)
         state.stopped = agreed_stop(cfg, state.step, deadline, world, parts.device,
                                     schedule_end=(state.schedule or {}).get("total_steps"))
@@ -337,6 +337,7 @@ def fit_schedule(budget: BudgetFit, state: LoopState, parts: Parts, world: int,
     fitted = budget.fit(state.step)
     total = agreed_min(fitted["total_steps"], parts.device, world)
     fitted["total_steps"] = total
+    budget.plan_midpoint(state.step, total)
     scheduler = parts.scheduler
     scheduler.lr_lambdas = [dataclasses.replace(rule, total_steps=total,
                                                 warmup_steps=min(rule.warmup_steps, total))

@@ -67,3 +67,23 @@ def test_the_fit_never_exceeds_the_plan_and_stops_when_no_time_is_left():
     for _ in range(WARM_STEPS + MEASURE_STEPS):
         late.step(0.01)
     assert late.fit(8, now=9.0)["total_steps"] == 8          # closing work alone overruns
+
+
+def test_a_late_refit_half_way_uses_the_steady_pace_once():
+    fit = _fit(deadline=1_000.0, spe=10)
+    for _ in range(WARM_STEPS + MEASURE_STEPS):
+        fit.step(0.5)                                   # the first timed steps run slow
+    fit.ended_epoch(wall_s=10 * 0.5 + 1.0, steps=10, val_s=1.0)
+    first = fit.fit(10, now=0.0)
+    fit.plan_midpoint(10, first["total_steps"])
+    middle = fit.midpoint
+    assert middle == 10 + (first["total_steps"] - 10) // 2
+    assert not fit.due(middle - 1) and fit.due(middle)
+    for _ in range(middle - 10):
+        fit.step(0.25)                                  # the steady pace is twice as fast
+    late = fit.fit(middle, now=(middle - 10) * 0.25 + 10 * 0.5)
+    fit.plan_midpoint(middle, late["total_steps"])
+    assert late["step_s"] == 0.25 and late["total_steps"] > first["total_steps"]
+    left = 1_000.0 - ((middle - 10) * 0.25 + 10 * 0.5)
+    assert fit.cost(middle, late["total_steps"] - middle, 0.25, 1.0, 0.0) <= left
+    assert fit.midpoint is None and not fit.due(late["total_steps"] - 1)   # once only

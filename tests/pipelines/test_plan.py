@@ -43,11 +43,18 @@ def test_one_size_resizes_to_about_256_squared_keeping_the_aspect_or_trains_whol
     plan = plan_from(_fingerprint(_sizes([360, 480], [360, 480])))
     assert plan.config["preprocessing"]["resize"] == [224, 288]      # 0.62 x 360 x 480
     assert "augment" not in plan.config or "crop" not in plan.config["augment"]
-    assert plan.config["batch_size"] == 8
+    assert plan.config["batch_size"] == 4                            # CPU: ~4 x 256² pixels
+    assert plan_from(_fingerprint(_sizes([360, 480], [360, 480])),
+                     gpu=True).config["batch_size"] == 8             # GPU: ~8 x 256² pixels
     whole = plan_from(_fingerprint(_sizes([128, 160], [128, 160])))
     assert "resize" not in whole.config["preprocessing"]
     assert "full size: images are all about 128x160" in whole.reasons
-    assert whole.config["batch_size"] == 16                          # capped
+    assert whole.config["batch_size"] == 8                           # capped on CPU
+    assert plan_from(_fingerprint(_sizes([128, 160], [128, 160])),
+                     gpu=True).config["batch_size"] == 16            # and on GPU
+    # depth 4 while the shorter side keeps >= 6 px at the bottom of the U
+    assert whole.config["model"]["depth"] == 4
+    assert plan_from(_fingerprint(_sizes([95, 160], [95, 160]))).config["model"]["depth"] == 3
 
 
 def test_flips_stay_on_unless_a_class_depends_on_its_position():
@@ -214,7 +221,7 @@ def test_rayseg_train_runs_the_plan_around_the_keys_the_user_set(ray_session, tm
     assert "yours  augment.vflip=True  (planned: no vertical flips: sky, road" in printed
     assert ("yours  preprocessing.resize=[192, 160]  (planned: crop 256: images are 620-960 "
             "px and vary and are large; tile 256: inference tiles at the crop)") in printed
-    assert "yours  batch_size=2  (planned: batch 8:" in printed
+    assert "yours  batch_size=2  (planned: batch 4:" in printed
     assert "plan   class_weights auto: rare classes (sign 0." in printed
     used = yaml.safe_load((models / "unet" / "v1" / "config.yaml").read_text())
     assert used["augment"]["vflip"] is True and used["augment"]["rot90"] is False

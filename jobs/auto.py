@@ -1,0 +1,62 @@
+"""``rayseg auto``: AutoSegmentation from the command line (:mod:`pipelines.api.auto`)."""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Train several candidate U-Nets within one time budget and rank them, as H2O AutoML does.
+
+The training rows are fingerprinted and planned once (rayseg plan's rules).  Candidates come
+from the plan: the planned model, a wider one, the lite U-Net, and the planned model at a
+second training size.  The time left after planning is split among them; each trains on Ray
+Tune with its share as max_runtime_secs (its schedule fitted to it), and ASHA stops the ones
+whose val mIoU trails.  Each finished model's inference pace is timed on the val images.
+
+The leaderboard (model_id, mIoU, mDice, pixel accuracy, training seconds, images/s at
+inference) is printed and written to <work-dir>/auto/<project>.json; the leader is registered
+as models:/<project>@auto.  Rows of the manifest's train split train, its val split ranks.
+"""
+
+EPILOG = """\
+examples:
+  rayseg auto --manifest data/manifest.csv --num-classes 3 --max-runtime-secs 600
+  rayseg auto --manifest s3://bucket/streets/manifest.csv --num-classes 11 \\
+      --max-runtime-secs 3600 --max-models 3 --work-dir s3://bucket/rayseg_work
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "auto", help="AutoML: plan, train candidate models within a budget, rank them",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True,
+                        help="CSV/Parquet of image, mask, split rows (train and val splits)")
+    parser.add_argument("--num-classes", type=int,
+                        help="K classes (default: read from the masks in one pass)")
+    parser.add_argument("--mask-values", help="raw mask value of each class, e.g. 0,255")
+    parser.add_argument("--max-runtime-secs", type=float, required=True,
+                        help="the whole search's wall budget, planning included")
+    parser.add_argument("--max-models", type=int, default=4, help="candidates, 1-4 (default 4)")
+    parser.add_argument("--seed", type=int, default=None, help="seeds every candidate")
+    parser.add_argument("--project-name", help="the leader's registered name (default auto_<id>)")
+    parser.add_argument("--work-dir", help="frames, runs and models (default ./rayseg_work)")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.api import import_file, init
+    from pipelines.api.auto import AutoSegmentation
+
+    init(args.address, work_dir=args.work_dir)
+    frame = import_file(args.manifest)
+    frame.require("split", role="split column (train and val rows)")
+    mask_values = None if args.mask_values is None else [
+        int(v) for v in args.mask_values.split(",")]
+    aml = AutoSegmentation(max_runtime_secs=args.max_runtime_secs, max_models=args.max_models,
+                           seed=args.seed, project_name=args.project_name,
+                           num_classes=args.num_classes, mask_values=mask_values)
+    aml.train(training_frame=frame.filter(split="train"),
+              validation_frame=frame.filter(split="val"))
+    return 0
