@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from jobs.options import ConfigError, add_config_options, job_settings
+
+# What --config / --set may not hold: the manifest flag names the data, and each candidate's
+# share of the budget sets its schedule.
+NOT_FROM_CONFIG = ("data", "epochs", "max_iterations", "max_runtime_secs", "nfolds")
 
 DESCRIPTION = """\
 Train several candidate U-Nets within one time budget and rank them, as H2O AutoML does.
@@ -15,6 +22,9 @@ whose val mIoU trails.  Each finished model's inference pace is timed on the val
 The leaderboard (model_id, mIoU, mDice, pixel accuracy, training seconds, images/s at
 inference) is printed and written to <work-dir>/auto/<project>.json; the leader is registered
 as models:/<project>@auto.  Rows of the manifest's train split train, its val split ranks.
+
+--config / --set give TrainConfig keys that hold for every candidate and win over the plan
+(e.g. --set loss=focal --set augment.rot90=false); a dimension set there is not varied.
 """
 
 EPILOG = """\
@@ -22,6 +32,7 @@ examples:
   rayseg auto --manifest data/manifest.csv --num-classes 3 --max-runtime-secs 600
   rayseg auto --manifest s3://bucket/streets/manifest.csv --num-classes 11 \\
       --max-runtime-secs 3600 --max-models 3 --work-dir s3://bucket/rayseg_work
+  rayseg auto --manifest data/manifest.csv --max-runtime-secs 900 --set augment.vflip=false
 """
 
 
@@ -42,13 +53,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--project-name", help="the leader's registered name (default auto_<id>)")
     parser.add_argument("--work-dir", help="frames, runs and models (default ./rayseg_work)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
+    add_config_options(parser, "TrainConfig keys every candidate keeps (loss, augment, optim, "
+                       "model, ...; not data or the schedule)")
     return parser
+
+
+def shared_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--config`` and ``--set`` as the dotted TrainConfig keys every candidate keeps."""
+    from pipelines.registry import flatten
+
+    settings = job_settings(args)
+    refused = sorted(k for k in settings if k in NOT_FROM_CONFIG)
+    if refused:
+        raise ConfigError(f"rayseg auto: {', '.join(refused)} cannot come from --config/--set: "
+                          f"--manifest names the data and each candidate's share of "
+                          f"--max-runtime-secs sets its schedule; drop them")
+    return flatten("", settings)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.api import import_file, init
     from pipelines.api.auto import AutoSegmentation
 
+    shared = shared_settings(args)
     init(args.address, work_dir=args.work_dir)
     frame = import_file(args.manifest)
     frame.require("split", role="split column (train and val rows)")
@@ -56,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         int(v) for v in args.mask_values.split(",")]
     aml = AutoSegmentation(max_runtime_secs=args.max_runtime_secs, max_models=args.max_models,
                            seed=args.seed, project_name=args.project_name,
-                           num_classes=args.num_classes, mask_values=mask_values)
+                           num_classes=args.num_classes, mask_values=mask_values,
+                           **shared)
     aml.train(training_frame=frame.filter(split="train"),
               validation_frame=frame.filter(split="val"))
     return 0

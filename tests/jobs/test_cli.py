@@ -7,15 +7,31 @@ import sys
 
 import pytest
 
-from jobs.cli import SUBCOMMANDS, build_parser
+from jobs.cli import SUBCOMMANDS, build_parser, main
 
 
 def test_all_subcommands_registered():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(SUBCOMMANDS)
-    assert set(SUBCOMMANDS) == {"demo", "validate", "plan", "pack", "train", "tune", "runs",
-                                "predict", "evaluate", "promote", "serve", "monitor", "bench"}
+    assert set(SUBCOMMANDS) == {"demo", "validate", "plan", "pack", "train", "tune", "auto",
+                                "runs", "predict", "evaluate", "promote", "serve", "monitor",
+                                "bench"}
+
+
+def test_auto_takes_shared_training_keys_and_refuses_data_and_schedule(tmp_path, capsys):
+    from jobs.auto import shared_settings
+
+    base = ["auto", "--manifest", str(tmp_path / "m.csv"), "--max-runtime-secs", "60"]
+    yaml_file = tmp_path / "auto.yaml"
+    yaml_file.write_text("loss: focal\naugment:\n  rot90: false\n")
+    args = build_parser().parse_args(base + ["--config", str(yaml_file), "--set",
+                                             "optim.lr=0.003", "--set", "augment.rot90=true"])
+    assert shared_settings(args) == {"loss": "focal", "augment.rot90": True, "optim.lr": 0.003}
+    # refused before Ray starts or the manifest is read (it does not exist)
+    assert main(base + ["--set", "epochs=3", "--set", "data.manifest=x.csv"]) == 2
+    err = capsys.readouterr().err
+    assert "data, epochs cannot come from --config/--set" in err and "drop them" in err
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
@@ -38,7 +54,6 @@ def test_console_script_imports_cheaply():
 
 
 def test_no_command_prints_help_and_fails(capsys):
-    from jobs.cli import main
 
     assert main([]) == 2
     assert "usage: rayseg" in capsys.readouterr().out
@@ -75,7 +90,6 @@ def test_config_then_flags_then_set_and_typos_list_the_valid_keys(tmp_path, caps
     with pytest.raises(ValueError, match=r"missing key\(s\) \['model', 'input', 'out'\]"):
         job_config(PredictConfig, argparse.Namespace(config=None, overrides=[]))
     # on the command line, a bad setting is one line naming the key, exit 2, no traceback
-    from jobs.cli import main
 
     assert main(["train", "--config", "train_sample", "--set", "fail_at_step=3"]) == 2
     said = capsys.readouterr().err
