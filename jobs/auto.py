@@ -21,7 +21,8 @@ whose val mIoU trails.  Each finished model's inference pace is timed on the val
 
 The leaderboard (model_id, mIoU, mDice, pixel accuracy, training seconds, images/s at
 inference) is printed and written to <work-dir>/auto/<project>.json; the leader is registered
-as models:/<project>@auto.  Rows of the manifest's train split train, its val split ranks.
+as models:/<project>@auto.  With --nfolds the candidates are cross-validated one after another
+and ranked by the folds' mean mIoU.  Rows of the manifest's train split train, its val split ranks.
 
 --config / --set give TrainConfig keys that hold for every candidate and win over the plan
 (e.g. --set loss=focal --set augment.rot90=false); a dimension set there is not varied.
@@ -33,6 +34,7 @@ examples:
   rayseg auto --manifest s3://bucket/streets/manifest.csv --num-classes 11 \\
       --max-runtime-secs 3600 --max-models 3 --work-dir s3://bucket/rayseg_work
   rayseg auto --manifest data/manifest.csv --max-runtime-secs 900 --set augment.vflip=false
+  rayseg auto --manifest data/manifest.csv --max-runtime-secs 3600 --nfolds 3 --max-models 2
 """
 
 
@@ -49,6 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-runtime-secs", type=float, required=True,
                         help="the whole search's wall budget, planning included")
     parser.add_argument("--max-models", type=int, default=4, help="candidates, 1-4 (default 4)")
+    parser.add_argument("--nfolds", type=int, default=0,
+                        help="cross-validate each candidate with N >= 2 folds and rank by their "
+                             "mean mIoU (default: race the candidates, ranked on the val split)")
     parser.add_argument("--seed", type=int, default=None, help="seeds every candidate")
     parser.add_argument("--project-name", help="the leader's registered name (default auto_<id>)")
     parser.add_argument("--work-dir", help="frames, runs and models (default ./rayseg_work)")
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     aml = AutoSegmentation(max_runtime_secs=args.max_runtime_secs, max_models=args.max_models,
                            seed=args.seed, project_name=args.project_name,
                            num_classes=args.num_classes, mask_values=mask_values,
-                           **shared)
+                           **({"nfolds": args.nfolds} if args.nfolds else {}), **shared)
     aml.train(training_frame=frame.filter(split="train"),
               validation_frame=frame.filter(split="val"))
     return 0

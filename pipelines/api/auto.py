@@ -24,6 +24,14 @@ How it runs:
    :func:`pipelines.model.open_model`'s ``predict_one`` (decode, preprocess, forward, encode).
 5. The leaderboard is sorted by val mIoU; the leader's artifact is registered under the
    project name and aliased ``auto``.
+
+With ``nfolds >= 2`` the candidates are cross-validated instead of raced: one after another,
+each runs its ``nfolds`` fold models (``parallelism`` at a time,
+:func:`pipelines.train.cv.cross_validate`) and then its main model on every training row, each
+run with an equal slice of the candidate's share as its ``max_runtime_secs``.  The leaderboard
+is sorted by the mean cross-validated mIoU (``cv_mIoU``, with ``cv_mIoU_std``); ``mIoU`` stays
+the main model's on the validation frame.  ASHA has nothing to compare mid-way, so no candidate
+is stopped early.
 """
 from __future__ import annotations
 
@@ -48,6 +56,8 @@ FINISH_RESERVE_S = 10.0   # kept back from the trials: timing, registration, the
 BUDGET_EPOCHS = 10_000    # a trial's epochs: its time share decides
 TRIAL_OVERHEAD_S = 3.0    # Tune's start of a trial, outside the trial's own budget
 OVERRUN = 1.15            # Tune stops a trial still running past this share of the time left
+SCORES = ("mIoU", "mDice", "pixel_accuracy")   # leaderboard columns, to 4 places
+RANK_BY = {False: "mIoU", True: "cv_mIoU"}   # the leaderboard's order, without / with nfolds
 
 
 class AutoSegmentation:
@@ -91,7 +101,6 @@ class AutoSegmentation:
         """Plan, train the candidates, time them and rank them; returns ``self``."""
         from pipelines.api.api import UNetSegmentationEstimator
         from pipelines.api.session import _connected, work_directory
-        from pipelines.train.tune import SearchCriteria, run_grid
 
         started = time.monotonic()
         if training_frame is None or validation_frame is None:
@@ -106,16 +115,47 @@ class AutoSegmentation:
         full_size = tuple(outcome.fingerprint["sizes"]["median"]) if outcome else (0, 0)
         chosen = candidates(base.build_config(manifest), base.params, full_size
                             )[:self.max_models]
-        rounds = math.ceil(len(chosen) / self.parallelism)
         left = self.max_runtime_secs - (time.monotonic() - started) - FINISH_RESERVE_S
+        nfolds = int(self._estimator_args.get("nfolds") or 0)
+        # rounds of ``parallelism`` trials, or candidates in turn (their folds in parallel)
+        rounds = len(chosen) if nfolds >= 2 else math.ceil(len(chosen) / self.parallelism)
         share = left / rounds - TRIAL_OVERHEAD_S
         if share <= 0:
             raise ValueError(f"AutoSegmentation: max_runtime_secs={self.max_runtime_secs:g} "
                              f"was spent before training (planning took "
                              f"{time.monotonic() - started:.0f} s); give it more time")
-        print(f"[{self.project_name}] {len(chosen)} candidate(s), {rounds} round(s) of "
-              f"{self.parallelism}: {share:.0f} s each ("
+        print(f"[{self.project_name}] {len(chosen)} candidate(s), {rounds} round(s)"
+              + ("" if nfolds >= 2 else f" of {self.parallelism}") + f": {share:.0f} s each ("
               + ", ".join(label for label, _ in chosen) + ")", flush=True)
+        if nfolds >= 2:
+            rows = self._cross_validated(base, chosen, manifest, share, nfolds,
+                                         validation_frame, x)
+        else:
+            rows = self._raced(base, chosen, manifest, share, left, validation_frame, x)
+        rows = ranked(rows, RANK_BY[nfolds >= 2])
+        finished = {m.model_id: m for m in self.models if m.artifact_uri}
+        self.models = [finished[r["model_id"]] for r in rows if r["model_id"] in finished]
+        if not self.models:
+            raise RuntimeError(f"AutoSegmentation: no candidate finished within "
+                               f"max_runtime_secs={self.max_runtime_secs:g} (errors: "
+                               f"{[r['error'] for r in rows]}); give it more time")
+        self.leader = self.models[0]
+        leader_uri = _register_leader(self.leader.artifact_uri, self.project_name)
+        for row in rows:
+            row["leader"] = row["model_id"] == self.leader.model_id
+        self.leaderboard = _frame(rows, storage.join_uri(work_directory(), "auto",
+                                                         f"{self.project_name}.json"))
+        print(self.leaderboard.as_data_frame().to_string(index=False), flush=True)
+        print(f"[{self.project_name}] leader {self.leader.model_id}: {leader_uri}", flush=True)
+        return self
+
+    def _raced(self, base: "UNetSegmentationEstimator", chosen: list[tuple[str, dict[str, Any]]],
+               manifest: str, share: float, left: float, validation_frame: Frame,
+               x: str) -> list[dict[str, Any]]:
+        """The candidates as Ray Tune trials, ASHA stopping the trailing ones; their rows."""
+        from pipelines.api.session import work_directory
+        from pipelines.train.tune import SearchCriteria, run_grid
+
         members, configs, params = [], [], []
         for label, extra in chosen:
             member = base.variant(f"{self.project_name}_{label}",
@@ -132,23 +172,63 @@ class AutoSegmentation:
         rows = []
         for member, trial, cfg in zip(members, self.trials, configs):
             member.artifact_uri, member.registry_uri = trial.artifact_uri, trial.registry_uri
-            rows.append(_row(member, trial, cfg, validation_frame, x))
-        rows.sort(key=lambda r: -(r["mIoU"] if r["mIoU"] is not None else -1.0))
-        finished = {m.model_id: m for m in members if m.artifact_uri}
-        self.models = [finished[r["model_id"]] for r in rows if r["model_id"] in finished]
-        if not self.models:
-            raise RuntimeError(f"AutoSegmentation: no candidate finished within "
-                               f"max_runtime_secs={self.max_runtime_secs:g} (trials: "
-                               f"{[t.error for t in self.trials]}); give it more time")
-        self.leader = self.models[0]
-        leader_uri = _register_leader(self.leader.artifact_uri, self.project_name)
-        for row in rows:
-            row["leader"] = row["model_id"] == self.leader.model_id
-        self.leaderboard = _frame(rows, storage.join_uri(work_directory(), "auto",
-                                                         f"{self.project_name}.json"))
-        print(self.leaderboard.as_data_frame().to_string(index=False), flush=True)
-        print(f"[{self.project_name}] leader {self.leader.model_id}: {leader_uri}", flush=True)
-        return self
+            m = trial.metrics
+            rows.append(_row(member, cfg, trial.params["candidate"], validation_frame, x, {
+                "mIoU": m.get("final_miou", m.get("val_miou")), "mDice": m.get("final_mdice"),
+                "pixel_accuracy": m.get("final_pixel_accuracy", m.get("val_pixel_accuracy")),
+                "training_s": round(trial.seconds, 1), "epochs": trial.epochs,
+                "stopped_early": trial.stopped_early, "error": trial.error}))
+        self.models = members
+        return rows
+
+    def _cross_validated(self, base: "UNetSegmentationEstimator",
+                         chosen: list[tuple[str, dict[str, Any]]], manifest: str, share: float,
+                         nfolds: int, validation_frame: Frame, x: str) -> list[dict[str, Any]]:
+        """Each candidate's ``nfolds`` fold runs, then its main run, one candidate after
+        another; their rows, with the mean and spread of the folds' mIoU."""
+        from pipelines.train.cv import cross_validate
+        from pipelines.train.train import train as run_train
+
+        runs = math.ceil(nfolds / self.parallelism) + 1     # fold rounds, then the main run
+        per_run = share / runs - TRIAL_OVERHEAD_S
+        if per_run <= 0:
+            raise ValueError(f"AutoSegmentation: max_runtime_secs={self.max_runtime_secs:g} "
+                             f"leaves {share:.0f} s per candidate for {runs} runs of "
+                             f"{nfolds}-fold cross-validation; give it more time or fewer "
+                             f"models or folds")
+        print(f"[{self.project_name}] {nfolds}-fold cross-validation: {runs} run(s) of "
+              f"{per_run:.0f} s per candidate", flush=True)
+        rows, self.models = [], []
+        for label, extra in chosen:
+            member = base.variant(f"{self.project_name}_{label}", {
+                **extra, "max_runtime_secs": per_run, "epochs": BUDGET_EPOCHS,
+                "nfolds": nfolds})
+            member.planned = dict(base.planned)
+            cfg = member.build_config(manifest, version="v1", nfolds=0)
+            started, figures = time.monotonic(), {"error": None}
+            try:
+                member.cv_result = cross_validate(
+                    member.build_config(manifest, version="v1-cv"), parallelism=self.parallelism)
+                result = run_train(cfg)
+            except Exception as failed:   # one candidate's failure is its row, not the search's
+                figures["error"] = f"{type(failed).__name__}: {failed}"[:500]
+            else:
+                member.train_result = result
+                member.artifact_uri, member.registry_uri = (result.artifact_uri,
+                                                            result.registry_uri)
+                cv = member.cv_result.summary_metrics["miou"]
+                figures.update({"cv_mIoU": round(cv["mean"], 4),
+                                "cv_mIoU_std": round(cv["std"], 4),
+                                "mIoU": result.metrics["miou"], "mDice": result.metrics["mdice"],
+                                "pixel_accuracy": result.metrics["pixel_accuracy"],
+                                "epochs": len(result.history)})
+            figures.update({"training_s": round(time.monotonic() - started, 1),
+                            "stopped_early": False})
+            rows.append(_row(member, cfg, label, validation_frame, x,
+                             {"cv_mIoU": None, "cv_mIoU_std": None, "mIoU": None, "mDice": None,
+                              "pixel_accuracy": None, "epochs": 0, **figures}))
+            self.models.append(member)
+        return rows
 
 
 def candidates(cfg: "TrainConfig", given: dict[str, Any], full_size: tuple[int, int]
@@ -177,23 +257,28 @@ def candidates(cfg: "TrainConfig", given: dict[str, Any], full_size: tuple[int, 
     return found
 
 
+def ranked(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """Leaderboard rows best first by ``by``; rows without a score (failed, not started) last."""
+    return sorted(rows, key=lambda r: -(r[by] if r[by] is not None else -1.0))
+
+
 def _down16(side: float) -> int:
     return max(16, int(side) // 16 * 16)
 
 
-def _row(member: "UNetSegmentationEstimator", trial: Any, cfg: "TrainConfig",
-         frame: Frame, x: str) -> dict[str, Any]:
-    m = trial.metrics
-    return {"model_id": member.model_id, "candidate": trial.params["candidate"],
-            "mIoU": m.get("final_miou", m.get("val_miou")), "mDice": m.get("final_mdice"),
-            "pixel_accuracy": m.get("final_pixel_accuracy", m.get("val_pixel_accuracy")),
-            "training_s": round(trial.seconds, 1), "epochs": trial.epochs,
-            "stopped_early": trial.stopped_early,
+def _row(member: "UNetSegmentationEstimator", cfg: "TrainConfig", candidate: str,
+         frame: Frame, x: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """One leaderboard row: the candidate, its ``figures`` (scores, time, epochs, error), its
+    inference pace and its model's shape."""
+    error = figures.pop("error")
+    figures.update({k: round(v, 4) for k, v in figures.items()
+                    if k in SCORES and isinstance(v, float)})
+    return {"model_id": member.model_id, "candidate": candidate, **figures,
             "images_per_s": _inference_pace(member.artifact_uri, frame, x)
             if member.artifact_uri else None,
             "arch": cfg.model.arch, "base_width": cfg.model.base_width, "depth": cfg.model.depth,
             "size": list(cfg.augment.crop_hw or cfg.preprocessing.resize or ()) or "full",
-            "model": member.registry_uri, "error": trial.error}
+            "model": member.registry_uri, "error": error}
 
 
 def _inference_pace(artifact_uri: str, frame: Frame, x: str) -> float:

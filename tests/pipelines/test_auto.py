@@ -40,24 +40,69 @@ def test_the_budget_must_leave_room_and_max_models_is_bounded():
         AutoSegmentation(max_runtime_secs=60, widht=3)
 
 
+def _frames(sample_dataset, tmp_path, monkeypatch):
+    """The sample set's train and val Frames, in a session whose work_dir is ``tmp_path``."""
+    from pipelines.api import import_file, init, session
+
+    monkeypatch.setitem(session._SESSION, "work_dir", None)
+    init(work_dir=tmp_path / "work")
+    frame = import_file(sample_dataset)
+    return frame.filter(split="train"), frame.filter(split="val")
+
+
+def _search(train, valid, **settings):
+    """An AutoSegmentation of ``settings`` trained; (it, its leaderboard as pandas, wall s)."""
+    from pipelines.api import AutoSegmentation
+
+    started = time.monotonic()
+    aml = AutoSegmentation(**settings)
+    aml.train(training_frame=train, validation_frame=valid)
+    wall = time.monotonic() - started
+    board = aml.leaderboard.as_data_frame()
+    print(board.to_string(), f"\nwall {wall:.1f} s")
+    return aml, board, wall
+
+
+def test_with_nfolds_the_leaderboard_is_by_cross_validated_miou():
+    from pipelines.api.auto import RANK_BY, ranked
+
+    rows = [{"model_id": "a", "mIoU": 0.9, "cv_mIoU": 0.6}, {"model_id": "b", "mIoU": None,
+                                                             "cv_mIoU": None},
+            {"model_id": "c", "mIoU": 0.8, "cv_mIoU": 0.7}]
+    assert [r["model_id"] for r in ranked(rows, RANK_BY[True])] == ["c", "a", "b"]
+    assert [r["model_id"] for r in ranked(rows, RANK_BY[False])] == ["a", "c", "b"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_cross_validated_search_runs_the_folds_and_ranks_by_their_mean(
+        ray_session, sample_dataset, tmp_path, monkeypatch):
+    train, valid = _frames(sample_dataset, tmp_path, monkeypatch)
+    aml, board, wall = _search(train, valid, max_runtime_secs=100, max_models=1, seed=1,
+                               nfolds=2, project_name="auto_cv")
+    row = board.iloc[0]
+    cv = aml.leader.cv_result
+    assert len(cv.folds) == 2 and sum(cv.fold_sizes) == train.nrow
+    fold_miou = [f.metrics["miou"] for f in cv.folds]
+    assert row["cv_mIoU"] == pytest.approx(sum(fold_miou) / 2, abs=1e-4)
+    assert row["cv_mIoU_std"] >= 0 and 0 < row["mIoU"] <= 1 and row["leader"]
+    assert row["mIoU"] == pytest.approx(aml.leader.train_result.metrics["miou"])
+    # each run kept to its slice of the budget, and the whole search to its own
+    assert all(f.stopped and "max_runtime_secs" in f.stopped for f in cv.folds)
+    assert wall <= 100 * 1.25, wall
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_120_s_search_ranks_three_models_and_registers_a_leader_that_predicts(
         ray_session, sample_dataset, tmp_path, monkeypatch):
     from pipelines import registry
-    from pipelines.api import AutoSegmentation, import_file, init, session
 
-    monkeypatch.setitem(session._SESSION, "work_dir", None)
-    init(work_dir=tmp_path / "work")
-    frame = import_file(sample_dataset)
-    train, valid = frame.filter(split="train"), frame.filter(split="val")
-    started = time.monotonic()
-    aml = AutoSegmentation(max_runtime_secs=120, seed=1, project_name="auto_test")
-    aml.train(training_frame=train, validation_frame=valid)
-    wall = time.monotonic() - started
-    board = aml.leaderboard.as_data_frame()
-    print(board.to_string(), f"\nwall {wall:.1f} s")
+    train, valid = _frames(sample_dataset, tmp_path, monkeypatch)
+    aml, board, wall = _search(train, valid, max_runtime_secs=120, seed=1,
+                               project_name="auto_test")
     assert list(board["candidate"]) != [] and len(board) >= 3
     assert set(board["candidate"]) >= {"planned", "wider", "lite"}
     scored = board["mIoU"].dropna().tolist()
