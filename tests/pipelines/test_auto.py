@@ -87,7 +87,7 @@ def test_a_cross_validated_search_runs_the_folds_and_ranks_by_their_mean(
     fold_miou = [f.metrics["miou"] for f in cv.folds]
     assert row["cv_mIoU"] == pytest.approx(sum(fold_miou) / 2, abs=1e-4)
     assert row["cv_mIoU_std"] >= 0 and 0 < row["mIoU"] <= 1 and row["leader"]
-    assert row["mIoU"] == pytest.approx(aml.leader.train_result.metrics["miou"])
+    assert row["mIoU"] == pytest.approx(aml.leader.train_result.metrics["miou"], abs=1e-4)
     # each run kept to its slice of the budget, and the whole search to its own
     assert all(f.stopped and "max_runtime_secs" in f.stopped for f in cv.folds)
     assert wall <= 100 * 1.25, wall
