@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jobs.options import ConfigError, add_config_options, job_settings
+from jobs.options import ConfigError, add_config_options, job_settings, refused_as_config_error
 
 # What --config / --set may not hold: the manifest flag names the data, and each candidate's
 # share of the budget sets its schedule.
@@ -80,16 +80,17 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.api import import_file, init
     from pipelines.api.auto import AutoSegmentation
 
-    shared = shared_settings(args)
+    mask_values = None if args.mask_values is None else [
+        int(v) for v in args.mask_values.split(",")]
+    # every setting is checked before Ray starts or the manifest is read
+    aml = refused_as_config_error(
+        AutoSegmentation, max_runtime_secs=args.max_runtime_secs, max_models=args.max_models,
+        seed=args.seed, project_name=args.project_name, num_classes=args.num_classes,
+        mask_values=mask_values, **({"nfolds": args.nfolds} if args.nfolds else {}),
+        **shared_settings(args))
     init(args.address, work_dir=args.work_dir)
     frame = import_file(args.manifest)
     frame.require("split", role="split column (train and val rows)")
-    mask_values = None if args.mask_values is None else [
-        int(v) for v in args.mask_values.split(",")]
-    aml = AutoSegmentation(max_runtime_secs=args.max_runtime_secs, max_models=args.max_models,
-                           seed=args.seed, project_name=args.project_name,
-                           num_classes=args.num_classes, mask_values=mask_values,
-                           **({"nfolds": args.nfolds} if args.nfolds else {}), **shared)
     aml.train(training_frame=frame.filter(split="train"),
               validation_frame=frame.filter(split="val"))
     return 0

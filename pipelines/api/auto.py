@@ -81,6 +81,9 @@ class AutoSegmentation:
                  multilabel: bool = False, **hyperparameters: Any) -> None:
         from pipelines.api.api import _check_params
 
+        if int(hyperparameters.get("nfolds") or 0) == 1:
+            raise ValueError("AutoSegmentation: nfolds must be 0 (race the candidates on the "
+                             "validation frame) or >= 2 (cross-validate them), got 1")
         if max_runtime_secs <= 0 or not 1 <= max_models <= 4 or parallelism < 1:
             raise ValueError(f"AutoSegmentation: expected max_runtime_secs > 0, 1 <= max_models "
                              f"<= 4 and parallelism >= 1; got {max_runtime_secs}, {max_models}, "

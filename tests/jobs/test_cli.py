@@ -32,6 +32,9 @@ def test_auto_takes_shared_training_keys_and_refuses_data_and_schedule(tmp_path,
     assert main(base + ["--set", "epochs=3", "--set", "data.manifest=x.csv"]) == 2
     err = capsys.readouterr().err
     assert "data, epochs cannot come from --config/--set" in err and "drop them" in err
+    assert main(base + ["--nfolds", "1"]) == 2 and main(base + ["--max-models", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "nfolds must be 0" in err and "got 1" in err and "max_models" in err
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
