@@ -207,6 +207,36 @@ def pytest_sessionfinish(session, exitstatus):
                   f"(tests/conftest.py)", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------- the watchdog
+
+# pytest-timeout fails a test past its limit by raising from a SIGALRM handler; code that
+# catches BaseException in a wait loop (Ray's, or a retry of ours) swallows that, and the test
+# then hangs until CI's own limit ends the run and lands nothing.  So a test still running
+# WATCHDOG_GRACE_S after its limit ends the whole run, with every thread's stack on stderr.
+WATCHDOG_GRACE_S = 120
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+
+    from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else
+                  item.config.getini("timeout") or 0)
+    if not limit or fault_handler_stderr_fd_key not in item.config.stash:
+        return (yield)
+    # dump_traceback_later keeps one timer per process: pytest's own (faulthandler_timeout)
+    # is unset here, so this one is the only one
+    faulthandler.dump_traceback_later(limit + WATCHDOG_GRACE_S, exit=True,
+                                      file=item.config.stash[fault_handler_stderr_fd_key])
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 # ----------------------------------------------------------------------- torch's globals
 
 

@@ -228,8 +228,11 @@ def _write_predictions(inputs: InputPlan, sink: Any, ref: Any, cfg: PredictConfi
     ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
 
 
-def release_actors_of(failure: Exception) -> Exception:
-    """``failure`` of the predictor pool's run, after its actors were killed.
+RELEASE_WAIT_S = 60.0   # how long a failed run waits for its predictors to be gone
+
+
+def release_actors_of(failure: Exception, *, wait_s: float = RELEASE_WAIT_S) -> Exception:
+    """``failure`` of the predictor pool's run, after its actors were killed and are gone.
 
     Ray Data lets a failed run's actor pool go by reference count, but an actor task that was
     streaming its output when the run failed keeps a completion callback (holding the actor's
@@ -237,17 +240,52 @@ def release_actors_of(failure: Exception) -> Exception:
     the life of the driver.  In a notebook, or any driver that runs the next job, that job
     could then wait for them forever.  So the failed run's predictors are killed here: every
     live handle of this module's :class:`Predictor` pool (one predict runs at a time in a
-    driver).  The error keeps its type, message and traceback.
+    driver).  The handles are looked for until two looks in a row find no new one (on a busy
+    machine the executor's thread can still be starting an actor when the error arrives), and
+    each killed actor is waited for until Ray reports it dead, so its CPUs are free when this
+    returns (at most ``wait_s``).  The error keeps its type, message and traceback.
     """
     import gc
 
     import ray
     from ray.actor import ActorHandle
 
-    gc.collect()
-    for handle in [o for o in gc.get_objects() if isinstance(o, ActorHandle)]:
-        descriptor = getattr(handle, "_ray_actor_creation_function_descriptor", None)
-        name = getattr(descriptor, "class_name", "") or ""
-        if name.startswith("MapWorker(") and f"({Predictor.__name__})" in name:
+    def predictors() -> list[ActorHandle]:
+        gc.collect()
+        found = []
+        for handle in [o for o in gc.get_objects() if isinstance(o, ActorHandle)]:
+            descriptor = getattr(handle, "_ray_actor_creation_function_descriptor", None)
+            name = getattr(descriptor, "class_name", "") or ""
+            if name.startswith("MapWorker(") and f"({Predictor.__name__})" in name:
+                found.append(handle)
+        return found
+
+    deadline = time.monotonic() + wait_s
+    killed: dict[str, ActorHandle] = {}
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        fresh = [h for h in predictors() if h._actor_id.hex() not in killed]
+        for handle in fresh:
             ray.kill(handle)
+            killed[handle._actor_id.hex()] = handle
+        quiet = 0 if fresh else quiet + 1
+        for handle in killed.values():
+            _wait_until_dead(handle, deadline)
+        time.sleep(0.2)
     return failure
+
+
+def _wait_until_dead(handle: Any, deadline: float) -> bool:
+    """True once Ray reports the (killed) actor dead; False when ``deadline`` passes first."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=left)
+        except RayActorError:
+            return True
+        except GetTimeoutError:
+            return False
+        time.sleep(0.1)   # answered: the kill has not reached it yet
+    return False

@@ -181,7 +181,7 @@ def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, a
     # the failed run's predictor is gone even while the error is kept (a notebook keeps the
     # last one): the next job gets every CPU (it waited for them forever before)
     assert "injected failure" in str(err.value)
-    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 30
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == total, "a failed run kept its actors"
