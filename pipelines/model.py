@@ -113,6 +113,14 @@ class LoadedModel:
         return self.artifact.mask_spec
 
     @property
+    def fields(self) -> frozenset[str]:
+        """The prediction fields a row needs (:func:`seg_core.inference.row_fields`): the
+        segmenter computes and copies back nothing more."""
+        from seg_core.inference import row_fields
+
+        return row_fields(self.artifact.mask_spec)
+
+    @property
     def engine(self) -> str:
         """The engine that runs the forward: resolved, never ``"auto"``."""
         return self.segmenter.engine
@@ -152,8 +160,9 @@ class LoadedModel:
                     created_at: dt.datetime | None = None) -> dict[str, Any]:
         """Decode, predict and encode one image -> its row.  Raises :class:`InputError`."""
         image = self.decode(data, source_uri or id or "<bytes>")
-        return self.row(self.segmenter.predict(image), id=id, source_uri=source_uri,
-                        data=data or b"", with_confidence=with_confidence, created_at=created_at)
+        return self.row(self.segmenter.predict(image, fields=self.fields), id=id,
+                        source_uri=source_uri, data=data or b"", with_confidence=with_confidence,
+                        created_at=created_at)
 
     def predict_rows(self, rows: Sequence[dict[str, Any]], *, with_confidence: bool,
                      stage: str = "predict") -> list[dict[str, Any]]:
@@ -173,7 +182,8 @@ class LoadedModel:
                     "source_uri": row.get("image_uri")}
 
         def flush() -> None:
-            predictions = self.segmenter.predict_each([image for _, image in group])
+            predictions = self.segmenter.predict_each([image for _, image in group],
+                                                      fields=self.fields)
             for (index, _), prediction in zip(group, predictions):
                 row = rows[index]
                 results[index] = quarantined(row, prediction) if isinstance(

@@ -3,7 +3,9 @@
 The plain loop runs the same network as the Segmenter does (BatchNorm folded into the
 convolutions, channels_last, the same autocast): uint8 arrays to the device, normalise,
 ``model(x)``, argmax of the logits, masks back to the host.  So the ratio is what tiling,
-stitching and post-processing cost, not a difference of networks.
+stitching and post-processing cost, not a difference of networks.  The Segmenter returns what
+``rayseg predict`` and the endpoint ask of it (``row_fields``: the mask and its confidence
+map, computed on the device and copied back), more than the plain loop's mask alone.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from benchmarks.common import time_fn
 from benchmarks.gpu_check.sizes import GOALS, Sizes, say
 from seg_core.artifact import load_artifact
-from seg_core.inference import Segmenter
+from seg_core.inference import Segmenter, row_fields
 from seg_core.model import UNet, fold_batchnorm
 
 
@@ -51,23 +53,26 @@ def inference(artifact_dir: Path, model: UNet, val: list, sizes: Sizes,
     small = [val[i % len(val)][0][:side[0], :side[1]].copy() for i in range(sizes.infer_images)]
     amp = segmenter.amp_dtype    # bf16 on the GPU; the CPU rehearsal compares fp32 with fp32
     rates = {"segmenter": 0.0, "plain": 0.0}
-    calls = {"segmenter": lambda: segmenter.predict_batch(small),
+    fields = row_fields(segmenter.mask_spec)   # what predict and serve rows need
+    calls = {"segmenter": lambda: segmenter.predict_batch(small, fields=fields),
              "plain": lambda: plain_masks(plain, small, segmenter.batch_size, device, amp)}
     for name in ("segmenter", "plain", "plain", "segmenter"):   # alternating, best of two
         rates[name] = max(rates[name], per_second(calls[name], len(small), device,
                                                   sizes.timed_calls))
     agree = np.mean([np.mean(p.mask == q) for p, q in
-                     zip(segmenter.predict_batch(small[:4]),
+                     zip(segmenter.predict_batch(small[:4], fields=fields),
                          plain_masks(plain, small[:4], 4, device, amp))])
     tiles = [val[i % len(val)][0][:side[0], :side[1]] for i in range(sizes.mosaic ** 2)]
     rows = [np.concatenate(tiles[r * sizes.mosaic:(r + 1) * sizes.mosaic], axis=1)
             for r in range(sizes.mosaic)]
     big = [np.concatenate(rows, axis=0)] * sizes.big_images
-    big_seg = per_second(lambda: segmenter.predict_batch(big), len(big), device, sizes.timed_calls)
+    big_seg = per_second(lambda: segmenter.predict_batch(big, fields=fields), len(big), device,
+                         sizes.timed_calls)
     big_plain = per_second(lambda: plain_masks(plain, big, 1, device, amp), len(big), device,
                            sizes.timed_calls)
     figures = {
         "side": list(side), "tiles_per_forward": segmenter.batch_size,
+        "segmenter_fields": sorted(fields),
         "amp": str(segmenter.amp_dtype), "images_512": len(small),
         "segmenter_images_per_s_512": round(rates["segmenter"], 1),
         "plain_images_per_s_512": round(rates["plain"], 1),

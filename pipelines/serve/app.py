@@ -219,7 +219,8 @@ class SegmentService:
         decode_ms = (time.perf_counter() - started) * 1e3 / max(1, len(jobs))
         # One shared forward for the batch; an image that fails anyway gets its own exception,
         # handed back to its own request, and the others are answered.
-        predictions = model.segmenter.predict_each(images, catch=(Exception,))
+        predictions = model.segmenter.predict_each(images, catch=(Exception,),
+                                                   fields=model.fields)
         for index, prediction in zip(decoded, predictions):
             if isinstance(prediction, BaseException):
                 results[index] = prediction

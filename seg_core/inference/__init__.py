@@ -35,14 +35,17 @@ from seg_core.inference.preprocessing import (
     prepare_image,
 )
 from seg_core.inference.segmenter import (
+    ALL_FIELDS,
     AmpSetting,
     Prediction,
     Segmenter,
-    resolve_amp,
     encode_prediction,
+    resolve_amp,
+    row_fields,
 )
 
 __all__ = [
+    "ALL_FIELDS",
     "AmpSetting",
     "CPU_TILES_PER_FORWARD",
     "Prediction",
@@ -54,5 +57,6 @@ __all__ = [
     "normalise_pixels",
     "prepare_image",
     "resolve_amp",
+    "row_fields",
     "tiles_per_forward",
 ]

@@ -38,14 +38,29 @@ AmpSetting = torch.dtype | None | str   # a dtype, None (fp32), or "auto"
 _TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,))
 
 
+# The fields a Prediction can carry.  ``mask`` and ``confidence`` are always there; ``probs``
+# and ``entropy`` only when asked for (:meth:`Segmenter.predict_batch`'s ``fields``).
+ALL_FIELDS = frozenset({"probs", "mask", "confidence", "entropy"})
+
+
+def row_fields(spec: MaskSpec) -> frozenset[str]:
+    """What :func:`encode_prediction` reads (the rows of predict and serve): mask and
+    confidence, and for multi-label masks the per-class probabilities too."""
+    return frozenset({"mask", "confidence"} | ({"probs"} if spec.multilabel else set()))
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """Model output for one image, at the input's H x W (CPU NumPy arrays)."""
+    """Model output for one image, at the input's H x W (CPU NumPy arrays).
 
-    probs: np.ndarray       # K x H x W float32
-    mask: np.ndarray        # H x W uint8 class ids, or K x H x W uint8 {0, 1} (multi-label)
-    confidence: np.ndarray  # H x W float32 in [0, 1]
-    entropy: np.ndarray     # H x W float32 in [0, 1]
+    ``probs`` and ``entropy`` are None when the caller did not ask for them: on a GPU they are
+    most of what crosses back to the host (K + 1 float32 planes against the mask's one byte).
+    """
+
+    probs: np.ndarray | None       # K x H x W float32
+    mask: np.ndarray               # H x W uint8 class ids, or K x H x W uint8 {0, 1} (multi-label)
+    confidence: np.ndarray         # H x W float32 in [0, 1]
+    entropy: np.ndarray | None     # H x W float32 in [0, 1]
 
 
 class Segmenter:
@@ -121,12 +136,13 @@ class Segmenter:
         self.engine = "torch"
         self._runner = self._torch_forward
 
-    def predict(self, image: np.ndarray) -> Prediction:
+    def predict(self, image: np.ndarray, *, fields: frozenset[str] = ALL_FIELDS) -> Prediction:
         """Prediction for one H x W x C image, returned at the same H x W."""
-        return self.predict_batch([image])[0]
+        return self.predict_batch([image], fields=fields)[0]
 
     @torch.inference_mode()
-    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_batch(self, images: Sequence[np.ndarray], *,
+                      fields: frozenset[str] = ALL_FIELDS) -> list[Prediction]:
         """Predictions for images of any (mixed) sizes, in order, from shared forwards.
 
         The windows of all images go through the model together, ``batch_size`` per forward,
@@ -142,13 +158,20 @@ class Segmenter:
         worked on in consecutive groups whose estimates together fit
         ``preprocessing.max_inference_bytes``.  Raises :class:`InputError` (``too_large``) for
         an image over the budget, or when an allocation fails anyway.
+
+        ``fields`` names the :class:`Prediction` fields wanted (default all); ``probs`` and
+        ``entropy`` left out are None, and neither computed (entropy) nor copied to the host.
         """
+        unknown = set(fields) - ALL_FIELDS
+        if unknown:
+            raise ValueError(f"Segmenter: unknown prediction fields {sorted(unknown)}; choose "
+                             f"from {sorted(ALL_FIELDS)}")
         arrays = [_pixels(image) for image in images]  # H x W x C
         needs = [self.check_budget(array.shape) for array in arrays]
         predictions: list[Prediction] = []
         for group in _groups(needs, self.preprocessing.max_inference_bytes):
             try:
-                predictions.extend(self._predict_group([arrays[i] for i in group]))
+                predictions.extend(self._predict_group([arrays[i] for i in group], fields))
             except (MemoryError, RuntimeError) as error:
                 if not _allocation_failed(error):
                     raise
@@ -157,20 +180,20 @@ class Segmenter:
         return predictions
 
     def predict_each(self, images: Sequence[np.ndarray],
-                     catch: tuple[type[BaseException], ...] = (InputError,)
-                     ) -> list[Prediction | BaseException]:
+                     catch: tuple[type[BaseException], ...] = (InputError,), *,
+                     fields: frozenset[str] = ALL_FIELDS) -> list[Prediction | BaseException]:
         """:meth:`predict_batch`, except that an image raising one of ``catch`` gets that
         exception in its slot while the others are still predicted (then one at a time).
         An image over the memory budget, or whose allocation fails, gets an :class:`InputError`
         (``too_large``) like any other bad image."""
         try:
-            return list(self.predict_batch(images))
+            return list(self.predict_batch(images, fields=fields))
         except catch:
             pass
         results: list[Prediction | BaseException] = []
         for image in images:
             try:
-                results.append(self.predict(image))
+                results.append(self.predict(image, fields=fields))
             except catch as error:
                 results.append(error)
         return results
@@ -215,7 +238,8 @@ class Segmenter:
                                                     f"below {multiple} pixels is padded up to it")
         return need
 
-    def _predict_group(self, arrays: list[np.ndarray]) -> list[Prediction]:
+    def _predict_group(self, arrays: list[np.ndarray],
+                       fields: frozenset[str] = ALL_FIELDS) -> list[Prediction]:
         """:meth:`predict_batch` on images already checked against the budget."""
         sizes = [array.shape[:2] for array in arrays]
         inputs = [prepare_image(array, self.preprocessing).to(self.device, non_blocking=True)
@@ -236,7 +260,8 @@ class Segmenter:
             if tuple(probs.shape[-2:]) != (height, width):
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
                                       align_corners=False)[0]
-            predictions.append(_finish(probs.clamp_(0.0, 1.0), self.mask_spec.multilabel))
+            predictions.append(_finish(probs.clamp_(0.0, 1.0), self.mask_spec.multilabel,
+                                       fields))
         return predictions
 
     def _out_of_memory(self, shapes: list[tuple[int, ...]], need: int) -> InputError:
@@ -300,34 +325,40 @@ def _warn_if_tile_exceeds_training(pre: Preprocessing) -> None:
                       f"windows", stacklevel=3)
 
 
-def _finish(probs: torch.Tensor, multilabel: bool) -> Prediction:
+def _finish(probs: torch.Tensor, multilabel: bool,
+            fields: frozenset[str] = ALL_FIELDS) -> Prediction:
     """K x H x W probabilities (on any device) -> Prediction with mask, confidence and
-    normalised entropy, computed where ``probs`` is and returned as CPU arrays.
+    normalised entropy, computed where ``probs`` is and returned as CPU arrays; ``probs`` and
+    ``entropy`` only when ``fields`` names them.
 
     Entropy and multi-label confidence go one class plane at a time, so the temporaries are
     a few H x W planes, never another K x H x W.  ``probs`` becomes the prediction's array.
     """
     num_classes = probs.shape[0]
-    entropy = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
+    want_entropy = "entropy" in fields
+    plane = torch.zeros(probs.shape[1:], dtype=torch.float32, device=probs.device)
+    entropy = plane if want_entropy else None
     if multilabel:
         mask = (probs >= 0.5).to(torch.uint8)
-        confidence = torch.ones_like(entropy)
+        confidence = torch.ones_like(plane)
         for p in probs:
             q = 1 - p
             torch.minimum(confidence, torch.maximum(p, q), out=confidence)
-            entropy -= torch.special.xlogy(p, p)  # 0 log 0 = 0; nats
-            entropy -= torch.special.xlogy(q, q)
-        entropy /= num_classes * math.log(2)
+            if entropy is not None:
+                entropy -= torch.special.xlogy(p, p)  # 0 log 0 = 0; nats
+                entropy -= torch.special.xlogy(q, q)
+        if entropy is not None:
+            entropy /= num_classes * math.log(2)
     else:
         confidence, mask = probs.max(dim=0)
         mask = mask.to(torch.uint8)
-        if num_classes > 1:
+        if entropy is not None and num_classes > 1:
             for p in probs:
                 entropy -= torch.special.xlogy(p, p)
             entropy /= math.log(num_classes)
-    return Prediction(probs=probs.cpu().numpy(), mask=mask.cpu().numpy(),
-                      confidence=confidence.cpu().numpy(),
-                      entropy=entropy.clamp_(0.0, 1.0).cpu().numpy())
+    return Prediction(probs=probs.cpu().numpy() if "probs" in fields else None,
+                      mask=mask.cpu().numpy(), confidence=confidence.cpu().numpy(),
+                      entropy=None if entropy is None else entropy.clamp_(0.0, 1.0).cpu().numpy())
 
 
 def encode_prediction(pred: Prediction, spec: MaskSpec,
@@ -352,6 +383,9 @@ def encode_prediction(pred: Prediction, spec: MaskSpec,
         ids = pred.mask
         planes = ids[None] == np.arange(k, dtype=ids.dtype).reshape(k, 1, 1)
     if spec.multilabel:
+        if pred.probs is None:
+            raise ValueError("encode_prediction: a multi-label prediction needs its probs "
+                             "(predict with fields=row_fields(spec))")
         decided = np.maximum(pred.probs, 1.0 - pred.probs).reshape(k, -1)
         class_confidence: list[float | None] = [float(v) for v in decided.mean(axis=1)]
     else:

@@ -135,11 +135,11 @@ def test_only_allocation_failures_become_input_errors(monkeypatch) -> None:
     image = np.zeros((30, 30, 3), np.uint8)
     for raised in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] "
                                                "DefaultCPUAllocator: can't allocate memory")):
-        monkeypatch.setattr(Segmenter, "_predict_group", lambda self, arrays: (_ for _ in ()).throw(
-            raised))
+        monkeypatch.setattr(Segmenter, "_predict_group",
+                            lambda self, arrays, fields: (_ for _ in ()).throw(raised))
         assert refusal(segmenter.predict, image).reason == "too_large"
-    monkeypatch.setattr(Segmenter, "_predict_group", lambda self, arrays: (_ for _ in ()).throw(
-        RuntimeError("a bug, not memory")))
+    monkeypatch.setattr(Segmenter, "_predict_group", lambda self, arrays, fields: (
+        _ for _ in ()).throw(RuntimeError("a bug, not memory")))
     with pytest.raises(RuntimeError, match="a bug, not memory"):
         segmenter.predict(image)
 

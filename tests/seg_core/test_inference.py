@@ -11,7 +11,7 @@ from torch import nn
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
-from seg_core.inference import Segmenter, encode_prediction, prepare_image
+from seg_core.inference import Segmenter, encode_prediction, prepare_image, row_fields
 from seg_core.model import UNet
 
 PRE = Preprocessing(channels=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), tile_size=32,
@@ -217,3 +217,30 @@ def test_multilabel_sigmoid_and_bitfield() -> None:
     encoded = encode_prediction(pred, spec)
     assert np.all(decode_image(encoded["mask_png"]) == 1)  # bit 0 set, bit 1 clear
     assert encoded["class_pixel_counts"] == [35 * 40, 0]
+
+
+def test_fields_left_out_are_none_and_the_rest_is_unchanged(tmp_path) -> None:
+    """What rows need (mask, confidence; probs for multi-label) comes back as the full
+    prediction has it; probs and entropy left out are None; a multi-label row refuses to encode
+    without its probs, and an unknown field is refused by name."""
+    segmenter = small_unet_segmenter(tmp_path)
+    images = [RNG.integers(0, 256, shape, np.uint8) for shape in ((33, 29, 3), (40, 52, 3))]
+    full = segmenter.predict_batch(images)
+    rows = segmenter.predict_batch(images, fields=row_fields(MaskSpec(3)))
+    for whole, lean in zip(full, rows):
+        np.testing.assert_array_equal(lean.mask, whole.mask)
+        np.testing.assert_array_equal(lean.confidence, whole.confidence)
+        assert lean.probs is None and lean.entropy is None
+        assert encode_prediction(lean, MaskSpec(3)) == encode_prediction(whole, MaskSpec(3))
+    assert row_fields(MaskSpec(3)) == {"mask", "confidence"}
+    spec = MaskSpec(num_classes=2, multilabel=True)
+    assert row_fields(spec) == {"mask", "confidence", "probs"}
+    multi = Segmenter.from_model(constant_model([math.log(3.0), -math.log(3.0)]), spec, PRE)
+    image = RNG.integers(0, 256, (20, 24, 3), np.uint8)
+    kept = multi.predict(image, fields=row_fields(spec))
+    assert kept.entropy is None and kept.probs.shape == (2, 20, 24)
+    assert encode_prediction(kept, spec) == encode_prediction(multi.predict(image), spec)
+    with pytest.raises(ValueError, match="needs its probs"):
+        encode_prediction(multi.predict(image, fields=frozenset({"mask"})), spec)
+    with pytest.raises(ValueError, match="unknown prediction fields.*'logits'"):
+        segmenter.predict_batch(images, fields=frozenset({"mask", "logits"}))
