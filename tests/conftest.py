@@ -220,8 +220,10 @@ WATCHDOG_GRACE_S = 120
 def pytest_runtest_protocol(item, nextitem):
     import faulthandler
 
-    from _pytest.faulthandler import fault_handler_stderr_fd_key
-
+    try:   # pytest's own copy of stderr, made before output capture (a private name)
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+    except ImportError:   # a pytest without it: no watchdog, pytest-timeout alone
+        return (yield)
     marker = item.get_closest_marker("timeout")
     limit = float(marker.args[0] if marker and marker.args else
                   item.config.getini("timeout") or 0)
