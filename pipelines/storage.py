@@ -355,8 +355,10 @@ def fetch_artifact(uri: Uri, storage_options: StorageOptions | None = None) -> P
     onto a machine (predict actors, Serve replicas, evaluate, export, the notebook API).
 
     A local artifact is used where it is.  One in object storage is copied once per node into
-    ``<tmp>/rayseg-artifacts/<weights sha256>/``: every actor and replica of that node shares
-    the copy, and a new artifact at the same URI (other weights) gets its own.  The copy is
+    ``<tmp>/rayseg-artifacts/<weights sha256>-<artifact.json sha256[:16]>/``: every actor and
+    replica of that node shares the copy, and a new artifact at the same URI gets its own when
+    its weights *or* its ``artifact.json`` differ (the same weights saved with another tile size,
+    class names or settings are another model to predict with).  The copy is
     staged under a hidden name, its weights are checked against the recorded hash, and it is
     renamed into place whole, so a reader never sees half a copy.
     """
@@ -367,7 +369,9 @@ def fetch_artifact(uri: Uri, storage_options: StorageOptions | None = None) -> P
         return Path(strip_scheme(uri))
     meta = read_bytes(join_uri(uri, ARTIFACT_JSON), storage_options)
     recorded = json.loads(meta).get("weights_sha256")   # artifacts before 0.2 lack it
-    key = recorded or hashlib.sha256(as_uri(uri).encode() + meta).hexdigest()
+    described = hashlib.sha256(meta).hexdigest()
+    key = f"{recorded}-{described[:16]}" if recorded else hashlib.sha256(
+        as_uri(uri).encode() + meta).hexdigest()
     target = ARTIFACT_CACHE / key
     if (target / ARTIFACT_JSON).is_file():
         return target

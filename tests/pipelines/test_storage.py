@@ -150,19 +150,19 @@ def test_pathlib_paths_are_uris_everywhere(tmp_path):
         storage.scheme_of(3)
 
 
-def test_fetch_artifact_uses_local_dirs_and_shares_one_copy_per_weights(tmp_path, s3_prefix):
+def test_fetch_artifact_uses_local_dirs_and_shares_one_copy_per_artifact(tmp_path, s3_prefix):
     import torch
 
     from seg_core.artifact import load_artifact, read_artifact_meta, save_artifact
     from seg_core.config import MaskSpec, ModelConfig, Preprocessing
     from seg_core.model import UNet
 
-    def artifact(seed: int, where: str) -> str:
+    def artifact(seed: int, where: str, tile: int | None = None) -> str:
         torch.manual_seed(seed)
         model = UNet(ModelConfig(in_channels=1, num_classes=2, depth=2, base_width=4))
         local = save_artifact(tmp_path / where, model, name="m", version="v1",
                               mask_spec=MaskSpec(2), preprocessing=Preprocessing(
-                                  channels=1, mean=(0.5,), std=(0.25,)))
+                                  channels=1, mean=(0.5,), std=(0.25,), tile_size=tile))
         return local
 
     local = artifact(0, "a")
@@ -170,13 +170,19 @@ def test_fetch_artifact_uses_local_dirs_and_shares_one_copy_per_weights(tmp_path
     assert storage.fetch_artifact(f"file://{local}") == local
     remote = storage.copy_dir_from_local(local, f"{s3_prefix}/fetch-me")
     first = storage.fetch_artifact(remote)
-    assert first.name == read_artifact_meta(local)["weights_sha256"]  # keyed by the weights
+    assert first.name.startswith(read_artifact_meta(local)["weights_sha256"])  # by the weights
     assert storage.fetch_artifact(remote) == first                   # one copy per node
     load_artifact(first)
     storage.copy_dir_from_local(artifact(1, "b"), f"{s3_prefix}/fetch-me")   # new weights
     second = storage.fetch_artifact(remote)
-    assert second != first and second.name == read_artifact_meta(tmp_path / "b")[
-        "weights_sha256"]
+    assert second != first and second.name.startswith(read_artifact_meta(tmp_path / "b")[
+        "weights_sha256"])
+    # the same weights saved with another tile size: another model, not the first one's copy
+    storage.copy_dir_from_local(artifact(0, "c", tile=32), f"{s3_prefix}/fetch-me")
+    third = storage.fetch_artifact(remote)
+    assert third not in (first, second)
+    assert read_artifact_meta(third)["preprocessing"]["tile_size"] == 32
+    assert read_artifact_meta(first)["preprocessing"]["tile_size"] is None
     assert not [p for p in storage.ARTIFACT_CACHE.glob(".*")]        # no staging left
 
 
