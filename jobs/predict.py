@@ -57,7 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="predictor actors (default: one per GPU, else one per CPU)")
     parser.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor")
     parser.add_argument("--rows-per-file", type=int,
-                        help="rows per committed Parquet file, the unit of resume (default 256)")
+                        help="rows per committed Parquet file, the unit of resume (default: "
+                             "the input's rows per shard for shards from rayseg pack, so one "
+                             "output file per input shard; else 256)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="Ray Data progress bars (default on)")

@@ -32,7 +32,9 @@ class PredictConfig:
     batch_size: int = 16            # images per predictor call (one Ray task)
     actors: int | None = None       # predictor actors; None: one per GPU, else one per CPU
     cpus_per_actor: float | None = None  # None: (CPUs - 0.5) / actors on CPUs, 1 with GPUs
-    rows_per_file: int = 256        # rows per committed Parquet file (the unit of resume)
+    # rows per committed Parquet file (the unit of resume); None: the input's rows per shard
+    # for shards (one output file per input shard), else 256 (predict.DEFAULT_ROWS_PER_FILE)
+    rows_per_file: int | None = None
     address: str | None = None      # Ray cluster to join; None starts a local one
     progress: bool = True           # Ray Data progress bars (rows done per stage)
     verify_done: bool = False       # on a rerun, re-read done inputs and check their SHA-256
@@ -44,7 +46,7 @@ class PredictConfig:
         check_resources("predict: resources_per_actor", self.resources_per_actor)
         check_engine(self.engine)
         path_fields(self, "model", "input", "out")
-        if self.batch_size < 1 or self.rows_per_file < 1:
+        if self.batch_size < 1 or (self.rows_per_file is not None and self.rows_per_file < 1):
             raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
                              f"{self.batch_size} and {self.rows_per_file}")
         if self.actors is not None and self.actors < 1:
@@ -185,6 +187,12 @@ class BenchConfig:
     quick: bool = False                 # a smoke run on tiny sizes (the figures are noise)
     isbi_dir: str | None = None         # ISBI 2012 folder; None: $RAYSEG_ISBI_DIR or ../shared
     work_dir: str = "rayseg_work/bench"  # generated data and the models benchmarks keep
+    scale_rows: int = 1_000_000         # images scale_rows builds and predicts (fewer: shorter)
+
+    def __post_init__(self) -> None:
+        if self.scale_rows < 2:
+            raise ValueError(f"bench: scale_rows must be >= 2 (half is predicted first, then "
+                             f"the rest on resume), got {self.scale_rows}")
 
 
 @dataclass(frozen=True)

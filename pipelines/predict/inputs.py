@@ -30,6 +30,7 @@ class InputPlan:
     ids: pa.Array
     skipped: int
     conflicts: tuple[str, ...] = ()   # done ids now naming another source (reported, not done)
+    rows_per_shard: int | None = None   # shards: selected rows per input file, rounded up
 
     @property
     def todo(self) -> int:
@@ -54,14 +55,14 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
 
     kind = _kind(source)
     if kind == "shards":
-        ids = _shard_ids(source, split)
+        ids, files = _shard_ids(source, split)
         _check_unique(ids, source)
         skipped = int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
         ds = ingest.read_shards(source, split=split)
         if skipped:
             ds = ds.map_batches(_drop_done, batch_format="pyarrow", num_cpus=0.25,
                                 fn_kwargs={"done": done})
-        return InputPlan(ds, ids, skipped)
+        return InputPlan(ds, ids, skipped, rows_per_shard=max(1, math.ceil(len(ids) / files)))
     table = ingest.list_images(_absolute(source)) if kind == "images" else \
         ingest.pair_table(source, kind)
     table = ingest.select_rows(table, split=split)
@@ -118,8 +119,9 @@ def _absolute(source: str) -> str:
     return storage.strip_scheme(source) if storage.is_local(source) else source
 
 
-def _shard_ids(source: str, split: str | None) -> pa.Array:
-    """Ids of the shard rows (of ``split``), reading only the id and split columns."""
+def _shard_ids(source: str, split: str | None) -> tuple[pa.Array, int]:
+    """Ids of the shard rows (of ``split``), reading only the id and split columns, and the
+    number of shard files."""
     import pyarrow.dataset as pads
 
     files = storage.list_uri(source, suffixes=(".parquet",))
@@ -129,7 +131,7 @@ def _shard_ids(source: str, split: str | None) -> pa.Array:
     table = dataset.to_table(columns=["id", "split"])
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
-    return table.column("id").combine_chunks()
+    return table.column("id").combine_chunks(), max(1, len(files))
 
 
 def _drop_done(batch: pa.Table, done: pa.Array) -> pa.Table:

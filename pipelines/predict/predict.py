@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from seg_core.config import EngineKind
 
 REPRODUCIBILITY_FILE = "_reproducibility.json"   # model (by weights hash), inputs, packages
+DEFAULT_ROWS_PER_FILE = 256   # rows per committed file when the input is not shards
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
         log(f"predict: skipped {inputs.skipped} of {len(inputs.ids)} inputs already committed "
             f"under {cfg.out}")
     options = storage.resolve_options()  # the driver's S3 endpoint/keys, shipped to the workers
-    sink = store.CommitSink(cfg.out, rows_per_file=cfg.rows_per_file,
+    rows_per_file = rows_per_file_for(cfg, inputs)
+    sink = store.CommitSink(cfg.out, rows_per_file=rows_per_file,
                             fail_after_files=Faults.from_env().fail_after_files,
                             storage_options=options)
     if inputs.todo:
@@ -146,7 +148,7 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
                         (cfg.resources_per_actor or {}).items())
         log(f"predict: {inputs.todo} inputs -> {plan.size} actor(s) x {plan.num_cpus:g} CPU"
             f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}{extra}, "
-            f"{plan.threads} thread(s)")
+            f"{plan.threads} thread(s), files of {rows_per_file} rows")
         failure: Exception | None = None
         try:
             _write_predictions(inputs, sink, ref, cfg, plan, options)
@@ -167,6 +169,18 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
                             rows=summary["committed_rows"]), indent=2).encode() + b"\n")
     log(format_summary(summary))
     return summary
+
+
+def rows_per_file_for(cfg: PredictConfig, inputs: InputPlan) -> int:
+    """Rows per committed file: the setting, else one file per input shard's (selected) rows,
+    else :data:`DEFAULT_ROWS_PER_FILE`.
+
+    Output files the size of the input's shards keep a million-row output to as many files as
+    the input has (hundreds of 256-row files of a few KiB each would be one S3 PUT, copy and
+    delete per 256 rows, and a slow listing on resume); a crashed run redoes at most the
+    files in flight, about one input shard per actor.
+    """
+    return cfg.rows_per_file or inputs.rows_per_shard or DEFAULT_ROWS_PER_FILE
 
 
 def resolved_engine(setting: str, meta: dict[str, Any], *, gpu: bool) -> str:

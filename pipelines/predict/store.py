@@ -186,9 +186,13 @@ def write_success(out: str, summary: dict[str, Any]) -> None:
 
 
 class CommitSink(Datasink):
-    """Ray Data sink: commits its rows as files of at most ``rows_per_file`` rows each.
+    """Ray Data sink: commits its rows as files of about ``rows_per_file`` rows each.
 
-    Each chunk becomes one prediction file and (if it has bad inputs) one quarantine file.
+    Ray Data hands each write task at least ``rows_per_file`` rows (``min_rows_per_write``),
+    usually a few more: the task cuts them into ``round(rows / rows_per_file)`` (at least one)
+    chunks of equal size, so 10,015 rows for 10,000 per file make one file, not one of 10,000
+    and one of 15, and no file is more than 1.5x ``rows_per_file``.  Each chunk becomes one
+    prediction file and (if it has bad inputs) one quarantine file.
 
     ``fail_after_files`` is the tests' fault (:mod:`pipelines.faults`): once that many
     prediction files are committed, the next write task raises, as if the job had died midway.
@@ -215,9 +219,11 @@ class CommitSink(Datasink):
             return result
         table = pa.concat_tables(tables).cast(RESULT_SCHEMA)
         # Same input -> same chunks -> same file names, so a retried task overwrites its files.
-        for start in range(0, table.num_rows, self.rows_per_file):
+        chunks = max(1, round(table.num_rows / self.rows_per_file))
+        bounds = [table.num_rows * i // chunks for i in range(chunks + 1)]
+        for start, stop in zip(bounds, bounds[1:]):
             self._maybe_fail()
-            for key, value in self._commit(table.slice(start, self.rows_per_file)).items():
+            for key, value in self._commit(table.slice(start, stop - start)).items():
                 result[key] += value
         return result
 

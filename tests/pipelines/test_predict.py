@@ -257,3 +257,27 @@ def test_inputs_are_cut_so_that_every_actor_gets_blocks(ray_session, sample_data
     plan = plan_inputs(str(sample_dataset), pa.array([], pa.string()), actors=actors)
     assert plan.todo == 24
     assert plan.dataset.materialize().num_blocks() == blocks
+
+
+def test_from_shards_one_output_file_per_input_shard_by_default(ray_session, sample_dataset,
+                                                                artifact_dir, tmp_path):
+    """Without rows_per_file, a shard input commits about one file per input shard (not one per
+    256 rows: a million tiny rows would be thousands of small files and PUTs)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.pack import pack
+
+    pair_bytes = sum(p.stat().st_size for p in (sample_dataset.parent / "images").iterdir()) / 24
+    summary = pack(str(sample_dataset), str(tmp_path / "shards"),
+                   shard_mb=7 * 2 * pair_bytes / 2**20)          # several rows per shard
+    assert 2 <= summary.files < 24
+    lines: list[str] = []
+    result = run_predict(PredictConfig(model=str(artifact_dir), input=str(tmp_path / "shards"),
+                                       out=str(tmp_path / "out"), progress=False),
+                         log=lines.append)
+    per_shard = -(-24 // summary.files)
+    assert f"files of {per_shard} rows" in lines[0]
+    files = predictions.prediction_files(str(tmp_path / "out"))
+    rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    assert sum(rows) == result["committed_rows"] == 24 and result["duplicates"] == 0
+    assert len(files) <= summary.files and max(rows) <= 1.5 * per_shard
