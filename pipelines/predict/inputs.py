@@ -38,7 +38,7 @@ class InputPlan:
 
 
 def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
-                done_sources: dict[str, tuple[str | None, str | None]] | None = None,
+                done_sources: pa.Table | None = None,
                 verify_done: bool = False, actors: int = 1) -> InputPlan:
     """Ingest rows of ``source`` (of ``split``, if given) whose id is not in ``done``.
 
@@ -46,7 +46,8 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
     blocks per actor: an actor takes whole blocks, so 40 rows in two blocks of 32 and 8 would
     leave one of two actors idle (Ray Data then stops it) and the run on one process.
 
-    ``done_sources`` (id -> (source URI, SHA-256) committed) catches an id that now names
+    ``done_sources`` (:func:`pipelines.predict.store.done_sources`: ``id``, ``source_uri`` and,
+    for ``verify_done``, ``source_sha256`` committed) catches an id that now names
     another file (a manifest edited between runs), and with ``verify_done`` also a file whose
     bytes changed (that reads every done input again): such rows are neither predicted again
     (that would write the id twice) nor silently skipped, but returned as ``conflicts``.
@@ -68,12 +69,8 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
     table = ingest.select_rows(table, split=split)
     ids = table["id"].combine_chunks()
     _check_unique(ids, source)
-    done_sources = done_sources or {}
-    conflicts = tuple(
-        f"{id_}: committed from {done_sources[id_][0]}, now {uri}"
-        for id_, uri in zip(table["id"].to_pylist(), table["image_uri"].to_pylist())
-        if id_ in done_sources and done_sources[id_][0] not in (None, uri))
-    if verify_done:
+    conflicts = _moved(table, done_sources)
+    if verify_done and done_sources is not None:
         conflicts += _changed_since(table.filter(pc.is_in(ids, value_set=done)), done_sources)
     todo = table.filter(pc.invert(pc.is_in(ids, value_set=done)))
     todo = todo.set_column(todo.schema.get_field_index("mask_uri"), "mask_uri",
@@ -83,8 +80,21 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
     return InputPlan(dataset, ids, len(ids) - todo.num_rows, conflicts)
 
 
-def _changed_since(table: pa.Table, done: dict[str, tuple[str | None, str | None]]
-                   ) -> tuple[str, ...]:
+def _moved(table: pa.Table, done: pa.Table | None) -> tuple[str, ...]:
+    """Ids of ``table`` committed from another source URI than the one they name now (sorted)."""
+    if done is None or not done.num_rows or not table.num_rows:
+        return ()
+    joined = table.select(["id", "image_uri"]).join(done.select(["id", "source_uri"]), "id",
+                                                    join_type="inner")
+    moved = joined.filter(pc.and_(pc.is_valid(joined["source_uri"]),
+                                  pc.not_equal(joined["source_uri"], joined["image_uri"])))
+    moved = moved.sort_by("id")
+    return tuple(f"{i}: committed from {was}, now {now}" for i, was, now in zip(
+        moved["id"].to_pylist(), moved["source_uri"].to_pylist(),
+        moved["image_uri"].to_pylist()))
+
+
+def _changed_since(table: pa.Table, done_sources: pa.Table) -> tuple[str, ...]:
     """Done rows whose image bytes no longer have the committed SHA-256 (reads them all)."""
     import hashlib
 
@@ -92,12 +102,15 @@ def _changed_since(table: pa.Table, done: dict[str, tuple[str | None, str | None
 
     if not table.num_rows:
         return ()
+    mine = done_sources.filter(pc.is_in(done_sources["id"],
+                                        value_set=table["id"].combine_chunks()))
+    done = dict(zip(mine["id"].to_pylist(), mine["source_sha256"].to_pylist()))
     table = table.set_column(table.schema.get_field_index("mask_uri"), "mask_uri",
                              pa.nulls(table.num_rows, pa.string()))
     changed = []
     for batch in ingest.fetch_pairs(table).iter_batches(batch_format="pyarrow"):
         for id_, data in zip(batch["id"].to_pylist(), batch["image_bytes"].to_pylist()):
-            digest = done.get(id_, (None, None))[1]
+            digest = done.get(id_)
             if digest and data is not None and hashlib.sha256(data).hexdigest() != digest:
                 changed.append(f"{id_}: its bytes changed since they were predicted")
     return tuple(changed)

@@ -128,8 +128,9 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
                                  "tiff_page": pre.get("tiff_page"),
                                  "confidence_maps": cfg.confidence_maps,
                                  "reported_metrics": meta.get("metrics") or {}})
-    sources = store.done_sources(cfg.out)   # one read of the committed files: ids and sources
-    inputs = plan_inputs(cfg.input, pa.array(list(sources), pa.string()), split=cfg.split,
+    # one read of the committed files: ids and sources (and digests to verify)
+    sources = store.done_sources(cfg.out, digests=cfg.verify_done)
+    inputs = plan_inputs(cfg.input, sources["id"].combine_chunks(), split=cfg.split,
                          done_sources=sources, verify_done=cfg.verify_done, actors=plan.size)
     if inputs.conflicts:
         log(f"predict: {len(inputs.conflicts)} input id(s) already committed from another "

@@ -280,4 +280,5 @@ def test_from_shards_one_output_file_per_input_shard_by_default(ray_session, sam
     files = predictions.prediction_files(str(tmp_path / "out"))
     rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
     assert sum(rows) == result["committed_rows"] == 24 and result["duplicates"] == 0
-    assert len(files) <= summary.files and max(rows) <= 1.5 * per_shard
+    # about a shard's rows per file (one file of all 24 before); the last write may split off
+    assert max(rows) <= 1.5 * per_shard and len(files) <= summary.files + 1
