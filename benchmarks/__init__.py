@@ -57,6 +57,8 @@ BENCHMARKS: dict[str, str] = {
                           "PyTorch loop's, same data and budget, alternating over two rounds",
     "quality_multilabel": "generated multi-label scenes: estimator train + model_performance "
                           "mIoU / a plain sigmoid loop's, alternating over two rounds",
+    "scale_rows": "a million 32² images in shards on S3: validate and predict rows/s, driver "
+                  "peak RSS, resume listing time, S3 requests per 1,000 rows, output files",
     "autoconfig": "zero-config rayseg train (the plan from the data's fingerprint) / a hand-set "
                   "config, same budget: ISBI membrane Dice and street-scene mIoU",
 }
@@ -82,6 +84,7 @@ class Context:
 
     quick: bool = False
     isbi_dir: Path = field(default_factory=default_isbi_dir)
+    scale_rows: int = 1_000_000   # rows of scale_rows (ignored with quick)
     work_dir: Path = field(default_factory=lambda: REPO / "rayseg_work" / "bench")
 
     def isbi_manifest(self) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import socket
 import statistics
@@ -202,8 +203,11 @@ def _memory_kb(pid: int) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def moto_process(credentials: str = "bench") -> Iterator[str]:
+def moto_process(credentials: str = "bench", log: str | None = None) -> Iterator[str]:
     """moto's S3 server in a process of its own on 127.0.0.1:<free port>; yields its endpoint.
+
+    ``log``: a file that receives the server's request log (one line per HTTP request, which
+    :func:`count_requests` reads); discarded otherwise.
 
     Its own process, so that neither side of a comparison shares an interpreter (and its GIL)
     with the server, as neither would with a real object store.  While it runs, the AWS
@@ -214,9 +218,9 @@ def moto_process(credentials: str = "bench") -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
+    sink = open(log, "ab") if log else subprocess.DEVNULL   # noqa: SIM115 - closed below
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                               "-p", str(port)], stdout=sink, stderr=sink)
     from pipelines.demo.s3server import aws_env_for
 
     try:
@@ -240,6 +244,26 @@ def moto_process(credentials: str = "bench") -> Iterator[str]:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+        if log:
+            sink.close()
+
+
+_COLOUR = rb"(?:\x1b\[[0-9;]*m)*"   # werkzeug colours the lines of 3xx-5xx answers
+_REQUEST = re.compile(rb'"' + _COLOUR + rb'(GET|PUT|POST|HEAD|DELETE) [^"]* HTTP/[0-9.]+'
+                      + _COLOUR + rb'" (\d{3})')
+
+
+def count_requests(log: str, start: int = 0) -> tuple[dict[str, int], int]:
+    """HTTP requests by method in a :func:`moto_process` request log from byte ``start`` on, and
+    the offset to start the next count from."""
+    with open(log, "rb") as file:
+        file.seek(start)
+        data = file.read()
+    counts: dict[str, int] = {}
+    for match in _REQUEST.finditer(data):
+        method = match.group(1).decode()
+        counts[method] = counts.get(method, 0) + 1
+    return counts, start + len(data)
 
 
 def create_bucket(name: str) -> None:

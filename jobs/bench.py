@@ -53,7 +53,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--work-dir", default=None, metavar="DIR",
                         help="generated data and the models benchmarks keep (default "
                              "rayseg_work/bench)")
-    add_config_options(parser, "BenchConfig keys (names, quick, isbi_dir, work_dir)")
+    parser.add_argument("--scale-rows", type=int, default=None, metavar="N",
+                        help="images scale_rows builds, validates and predicts (default "
+                             "1,000,000: about an hour on a 2-core box)")
+    add_config_options(parser, "BenchConfig keys (names, quick, isbi_dir, work_dir, "
+                               "scale_rows)")
     return parser
 
 
@@ -68,12 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from benchmarks import Context, available, default_isbi_dir, run_many
 
     cfg = job_config(BenchConfig, args, {"names": args.names or None, "quick": args.quick,
-                                         "isbi_dir": args.isbi_dir, "work_dir": args.work_dir})
+                                         "isbi_dir": args.isbi_dir, "work_dir": args.work_dir,
+                                         "scale_rows": args.scale_rows})
     unknown = sorted(set(cfg.names) - set(found) - {"all"})
     if unknown:   # before any benchmark runs, not after the first ones finished
         raise SystemExit(f"rayseg bench: unknown benchmark(s) {unknown}; choose from "
                          f"{sorted(found)} or all")
     ctx = Context(quick=cfg.quick, work_dir=Path(cfg.work_dir).resolve(),
+                  scale_rows=cfg.scale_rows,
                   isbi_dir=Path(cfg.isbi_dir) if cfg.isbi_dir else default_isbi_dir())
     run_many(available() if "all" in cfg.names else list(cfg.names), ctx)
     return 0

@@ -114,6 +114,13 @@ def test_baselines_run_the_same_work_in_the_same_run(quick_results):
     assert 0 <= isbi["plain_pixel_accuracy"] <= 1 and 0 <= isbi["rayseg_pixel_accuracy"] <= 1
     engines = quick_results["engines"]["figures"]
     assert engines["unet_trained"] is True   # it found the model quality_isbi kept
+    scale = quick_results["scale_rows"]["figures"]   # every figure measured, none assumed
+    assert scale["done_sources_rows"] == scale["rows"] // 2   # the first half, then resumed
+    assert scale["predict_resume_listing_s"] is not None and scale["predict_resume_listing_s"] > 0
+    for phase in ("validate", "predict_half", "predict_resume"):
+        assert scale[f"{phase}_s3_requests"].get("GET", 0) > 0, phase   # counted at moto
+        assert scale[f"{phase}_driver_peak_rss_mib"] >= scale[f"{phase}_driver_rss_before_mib"]
+    assert scale["files"] >= 1 and 0 < scale["file_mib_min"] <= scale["file_mib_max"]
     auto = quick_results["autoconfig"]["figures"]   # the plan ran on one side only
     assert auto["street_zero"]["planned"]["augment.vflip"] is False   # sky above, road below
     assert auto["street_zero"]["config"]["class_weights"] == "auto"   # the rare sign
