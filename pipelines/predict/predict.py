@@ -66,8 +66,8 @@ class Predictor:
         import torch
 
         torch.set_num_threads(threads)
-        # Tiles per forward: 4 on a CPU (fastest per image measured), sized from free memory on a
-        # GPU, which also runs the forward in bf16 (seg_core.inference; `make gpu-check`).
+        # Tiles per forward: 4 on a CPU, more for small tiles (fastest per image measured), sized
+        # from free memory on a GPU, which also runs the forward in bf16 (seg_core.inference; `make gpu-check`).
         self.model: "LoadedModel" = open_model(model_uri, tta=tta, engine=engine,
                                                storage_options=storage_options)
         self.with_confidence = with_confidence

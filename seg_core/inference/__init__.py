@@ -24,6 +24,7 @@ anyway (another process took the memory) is the same :class:`InputError`, never 
 from __future__ import annotations
 
 from seg_core.inference.budget import (
+    CPU_PIXELS_PER_FORWARD,
     CPU_TILES_PER_FORWARD,
     tiles_per_forward,
     inference_bytes,
@@ -47,6 +48,7 @@ from seg_core.inference.segmenter import (
 __all__ = [
     "ALL_FIELDS",
     "AmpSetting",
+    "CPU_PIXELS_PER_FORWARD",
     "CPU_TILES_PER_FORWARD",
     "Prediction",
     "Segmenter",

@@ -71,7 +71,8 @@ class Segmenter:
     is moved to ``device`` and put in eval mode (training loops call ``model.train()`` again).
     ``amp_dtype`` runs the torch forward under autocast: ``"auto"`` (the default) is bfloat16 on
     a CUDA device and float32 elsewhere; None is always float32.  ``batch_size`` is windows per
-    forward; None sizes it with :func:`tiles_per_forward` (4 on a CPU, from free memory on a GPU).
+    forward; None sizes it with :func:`tiles_per_forward` (4 on a CPU, up to 32 for windows
+    under 128^2; from free memory on a GPU).
     Built from an artifact, it predicts with a copy whose BatchNorms are folded into the
     convolutions (:func:`seg_core.model.fold_batchnorm`); the artifact's model is left as it is.
     ``engine`` runs that copy with torch eager or a CPU graph engine (OpenVINO, ONNX Runtime,

@@ -149,7 +149,10 @@ def test_bf16_autocast_is_opt_in_on_the_cpu_and_the_default_on_gpus(tmp_path) ->
     with pytest.raises(ValueError, match="amp_dtype"):
         resolve_amp("fp16", torch.device("cpu"))
     fp32 = small_unet_segmenter(tmp_path)
-    assert fp32.amp_dtype is None and fp32.batch_size == CPU_TILES_PER_FORWARD
+    # on a CPU: 4 windows of 128^2 and more, more of the small ones (32^2 tiles: 32 a forward)
+    assert fp32.amp_dtype is None and fp32.batch_size == 32
+    for side, windows in ((512, 4), (256, 4), (128, 4), (64, 16), (32, 32), (8, 32)):
+        assert tiles_per_forward(fp32.model, (side, side), "cpu") == windows, side
     assert tiles_per_forward(fp32.model, (256, 256), "cpu") == CPU_TILES_PER_FORWARD
     bf16 = small_unet_segmenter(tmp_path, amp_dtype=torch.bfloat16)
     seen: list[torch.dtype] = []
