@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from benchmarks import Context
-from benchmarks.common import count_requests, create_bucket, moto_process, result
+from benchmarks.common import _memory_kb, count_requests, create_bucket, moto_process, result
 
 SIDE = 32
 SHARD_ROWS = 10_000
@@ -172,17 +172,17 @@ def _model(tmp: Path) -> str:
     return copy_dir_from_local(local, "s3://scale/model")
 
 
-def _validate(shards: str) -> str:
+def _validate(shards: str) -> dict[str, Any]:
     from pipelines.validate import validate
     from seg_core.config import MaskSpec
 
     report = validate(shards, MaskSpec(num_classes=3), out_uri="s3://scale/validate")
     if report.total != report.ok:
         raise RuntimeError(f"scale_rows: validate rejected {report.quarantined} generated pairs")
-    return f"{report.total} pairs"
+    return {"result": f"{report.total} pairs"}
 
 
-def _predict(model: str, shards: str, out: str, split: str | None) -> str:
+def _predict(model: str, shards: str, out: str, split: str | None) -> dict[str, Any]:
     from pipelines.config import PredictConfig
     from pipelines.predict.predict import run_predict
 
@@ -195,8 +195,8 @@ def _predict(model: str, shards: str, out: str, split: str | None) -> str:
         raise RuntimeError(f"scale_rows: predict incomplete: {summary}")
     # the resume listing: from the run's start to the line that reports the skipped ids
     skipped = [t for t, line in lines if "skipped" in line and "already committed" in line]
-    _predict.listing_s = round(skipped[0], 2) if skipped else None   # type: ignore[attr-defined]
-    return f"{summary['predicted']} predicted, {summary['skipped']} skipped"
+    return {"result": f"{summary['predicted']} predicted, {summary['skipped']} skipped",
+            "listing_s": round(skipped[0], 2) if skipped else None}
 
 
 class _Requests:
@@ -212,23 +212,23 @@ class _Requests:
         return counts
 
 
-def _phase(name: str, rows: int, requests: _Requests, body: Callable[[], str]) -> dict[str, Any]:
-    """Run ``body`` with the driver's RSS sampled; its figures under ``<name>_...``."""
+def _phase(name: str, rows: int, requests: _Requests,
+           body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``body`` with the driver's RSS sampled; its figures and the ones it returns under
+    ``<name>_...``."""
     sampler = _RssSampler()
     requests.since_last()
     started = time.perf_counter()
     with sampler:
-        what = body()
+        extra = body()
     seconds = time.perf_counter() - started
     counts = requests.since_last()
     figures = {f"{name}_s": round(seconds, 1), f"{name}_rows_per_s": round(rows / seconds, 1),
                f"{name}_driver_peak_rss_mib": sampler.peak_mib,
                f"{name}_driver_rss_before_mib": sampler.start_mib,
                f"{name}_s3_requests_per_1000_rows": round(sum(counts.values()) / rows * 1000, 2),
-               f"{name}_s3_requests": counts, f"{name}_result": what}
-    if name.startswith("predict"):
-        figures[f"{name}_listing_s"] = getattr(_predict, "listing_s", None)
-    return figures
+               f"{name}_s3_requests": counts}
+    return {**figures, **{f"{name}_{key}": value for key, value in extra.items()}}
 
 
 class _RssSampler:
@@ -264,11 +264,8 @@ class _RssSampler:
 
 
 def _rss() -> int:
-    with open(f"/proc/{os.getpid()}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """This process's resident set in bytes."""
+    return _memory_kb(os.getpid())[1] * 1024
 
 
 def _plain(model: str, blobs: list[bytes]) -> Any:
