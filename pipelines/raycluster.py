@@ -177,13 +177,18 @@ _HA_PROXY_ENV = {
 # cluster has no cloud preemption notices either, so no process is started to watch for them.
 TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# The endpoint's guard against request headers Ray Serve cannot take (its proxy and replicas
+# decode the request id as UTF-8 before the app runs): pipelines.serve.http.HeaderGuard.
+INGRESS_CALLBACK_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
+                        "pipelines.serve.http:ingress_middlewares"}
 
 
 @contextlib.contextmanager
 def _serve_ingress_env(local: bool) -> Iterator[None]:
     """While a local Ray starts: Ray Serve's HAProxy ingress (:data:`_HA_PROXY_ENV`) when
-    ``haproxy`` is on PATH and ``RAY_SERVE_ENABLE_HA_PROXY`` is not set already, and the Ray
-    Train poll interval (:data:`TRAIN_POLL_ENV`) unless it is set.
+    ``haproxy`` is on PATH and ``RAY_SERVE_ENABLE_HA_PROXY`` is not set already, the Ray
+    Train poll interval (:data:`TRAIN_POLL_ENV`) and the endpoint's header guard
+    (:data:`INGRESS_CALLBACK_ENV`) unless they are set.
 
     Ray reads the variables in its own processes (controller, proxies, replicas), which inherit
     them from the raylet started here; this process's environment is left as it was.  On this
@@ -196,7 +201,7 @@ def _serve_ingress_env(local: bool) -> Iterator[None]:
     if not local:
         yield
         return
-    wanted = dict(TRAIN_POLL_ENV)
+    wanted = {**TRAIN_POLL_ENV, **INGRESS_CALLBACK_ENV}
     if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and shutil.which("haproxy"):
         wanted.update(_HA_PROXY_ENV)
     added = {k: v for k, v in wanted.items() if k not in os.environ}

@@ -45,6 +45,7 @@ time to turn the config's ``args`` into :class:`ServeArgs`, and a string annotat
 """
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -61,7 +62,7 @@ from starlette.responses import JSONResponse, Response
 
 from pipelines.model import LoadedModel, open_model
 from pipelines.predictions import record_served_model
-from pipelines.serve import http
+from pipelines.serve import http, v2
 from pipelines.serve.batching import ForwardCoalescer
 from pipelines.serve.control import (  # noqa: F401
     DEPLOYMENT_NAME,
@@ -116,14 +117,31 @@ def _mask_metrics() -> dict[str, Any]:
     }
 
 
+def _refusal(error: Exception) -> http.RequestRefused:
+    """What a request that failed answers: its 4xx, or the log's 503; anything else is a bug
+    and is raised (Serve answers it 500, and the test of hostile inputs fails)."""
+    if isinstance(error, http.RequestRefused):
+        return error
+    if isinstance(error, InputError):
+        return http.RequestRefused.from_input_error(error)
+    if isinstance(error, SinkUnavailable):
+        return http.RequestRefused.unavailable(error.reason, error.detail, error.retry_after_s)
+    raise error
+
+
 @dataclass(frozen=True)
 class _Job:
-    """One request on its way through the batch (decoded in the forward thread)."""
+    """One image on its way through the batch (decoded in the forward thread).
+
+    ``pixels`` is set for a V2 ``UINT8`` input, which needs no decoding (``data`` then holds its
+    raw bytes, whose hash the row records).
+    """
 
     data: bytes
     name: str
     request_id: str
     with_confidence: bool
+    pixels: Any = None
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -203,7 +221,8 @@ class SegmentService:
         return self._coalescer.submit(jobs)
 
     def _forward(self, jobs: list[_Job]) -> list[Any]:
-        """Per job: ``(row, decode_ms, encode_ms)``, or the exception that job alone raised.
+        """Per job: ``(row, decode_ms, encode_ms, model, prediction)``, or the exception that job
+        alone raised.
 
         Decoding happens here rather than in its own thread hop per request: one hop per batch.
         """
@@ -212,7 +231,8 @@ class SegmentService:
         started = time.perf_counter()
         for index, job in enumerate(jobs):
             try:
-                images.append(model.decode(job.data, job.name))
+                images.append(job.pixels if job.pixels is not None
+                              else model.decode(job.data, job.name))
                 decoded.append(index)
             except Exception as error:  # noqa: BLE001 - handed back to its own request
                 results[index] = error
@@ -230,39 +250,27 @@ class SegmentService:
             row = model.row(prediction, id=job.request_id, source_uri=f"upload:{job.name}",
                             data=job.data, with_confidence=job.with_confidence)
             row["request_id"] = job.request_id
-            results[index] = (row, decode_ms, (time.perf_counter() - started) * 1e3, model)
+            results[index] = (row, decode_ms, (time.perf_counter() - started) * 1e3, model,
+                              prediction)
         return results
 
     @api.post("/v1/segment")
     async def segment(self, request: Request, confidence: bool = False) -> Response:
         """Segment one uploaded image (see the module docstring for the protocol)."""
         started = time.perf_counter()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = http.request_id(request)
         try:
-            http.check_api_key(request, self._api_key)
-            if self._sink is not None and (refusal := self._sink.refusal()) is not None:
-                raise refusal  # cheap 503 before reading and predicting
+            self._admit(request)
             data, name = await http.read_image_bytes(request, self._args.max_request_bytes)
             received = time.perf_counter()
-            result = await (await self._enqueue(_Job(data, name, request_id, confidence)))
-            if isinstance(result, BaseException):
-                raise result
-            row, decode_ms, encode_ms, model = result
-            done = time.perf_counter()
+            [(row, decode_ms, encode_ms, model, _)], done = await self._predict_and_log(
+                [_Job(data, name, request_id, confidence)], started)
             timing = {"receive": (received - started) * 1e3, "decode": decode_ms,
                       # batch wait + thread hop + pre/post-processing + forward
                       "infer": (done - received) * 1e3 - decode_ms - encode_ms,
                       "encode": encode_ms, "total": (done - started) * 1e3}
-            row["latency_ms"] = timing["total"]
-            if self._sink is not None:  # fsynced before answering: a 200 always has its row
-                await self._sink.add_async(row)
-        except http.RequestRefused as refused:
-            return http.error_response(refused, request_id)
-        except InputError as error:
-            return http.error_response(http.RequestRefused.from_input_error(error), request_id)
-        except SinkUnavailable as unavailable:
-            return http.error_response(http.RequestRefused.unavailable(
-                unavailable.reason, unavailable.detail, unavailable.retry_after_s), request_id)
+        except Exception as error:  # noqa: BLE001 - every refusal is a 4xx (or the log's 503)
+            return http.error_response(_refusal(error), request_id)
         # Serve's proxy puts the request id in x-request-id (taken from the client's header or
         # generated) and echoes it on every response, so it is not repeated here.
         self._observe(model, row)
@@ -276,6 +284,89 @@ class SegmentService:
             multilabel=model.artifact.mask_spec.multilabel, timing_ms=timing)
         payload = await run_in_threadpool(http.json_bytes, body)
         return Response(payload, media_type="application/json", headers=headers)
+
+    # ---------------------------------------------- the Open Inference Protocol (KServe V2)
+    @api.post("/v2/models/{model_name}/infer")
+    async def v2_infer(self, request: Request, model_name: str) -> Response:
+        """Infer through the Open Inference Protocol (:mod:`pipelines.serve.v2`)."""
+        return await self._v2_infer(request, model_name, None)
+
+    @api.post("/v2/models/{model_name}/versions/{version}/infer")
+    async def v2_infer_version(self, request: Request, model_name: str,
+                               version: str) -> Response:
+        return await self._v2_infer(request, model_name, version)
+
+    async def _v2_infer(self, request: Request, name: str, version: str | None) -> Response:
+        started = time.perf_counter()
+        request_id = http.request_id(request)
+        try:
+            self._admit(request)
+            model = self._model
+            v2.check_model(name, version, served_name=model.name, served_version=model.version)
+            body = await http.read_body(request, self._args.max_request_bytes)
+            header_length = request.headers.get(v2.HEADER_LENGTH)
+            parse = functools.partial(v2.parse_infer, body, header_length,
+                                      max_pixels=model.max_pixels)
+            # binary tensors parse in microseconds; JSON pixel lists can take a while
+            parsed = parse() if header_length is not None else await run_in_threadpool(parse)
+            request_id = parsed.id or request_id
+            ids = ([request_id] if parsed.count == 1
+                   else [f"{request_id}#{index}" for index in range(parsed.count)])
+            confidence = parsed.wants(v2.CONFIDENCE)
+            jobs = ([_Job(data, f"{v2.INPUT}[{index}]", ids[index], confidence)
+                     for index, data in enumerate(parsed.encoded)]
+                    or [_Job(pixels.tobytes(), f"{v2.INPUT}[{index}]", ids[index], confidence,
+                             pixels) for index, pixels in enumerate(parsed.arrays)])
+            results, _ = await self._predict_and_log(jobs, started)
+        except Exception as error:  # noqa: BLE001 - every refusal is a 4xx (or the log's 503)
+            return v2.error_response(_refusal(error), request_id)
+        model = results[0][3]
+        for result in results:
+            self._observe(model, result[0])
+        tensors = v2.output_tensors(parsed, [result[4] for result in results],
+                                    [result[0]["class_pixel_counts"] for result in results],
+                                    model.artifact.mask_spec.multilabel)
+        answer = functools.partial(
+            v2.infer_response, parsed, tensors, model_name=model.name,
+            model_version=model.version,
+            headers={"X-Model-Version": model.version, "X-Model-Ref": model.ref})
+        if all(wanted.binary for wanted in parsed.outputs):
+            return answer()
+        return await run_in_threadpool(answer)
+
+    @api.get("/v2")
+    async def v2_server(self, request: Request) -> JSONResponse:
+        """Server metadata: name, version and the binary tensor data extension."""
+        from seg_core import __version__
+
+        return self._v2_json(request, lambda: v2.server_metadata(__version__))
+
+    @api.get("/v2/models/{model_name}")
+    async def v2_model(self, request: Request, model_name: str) -> JSONResponse:
+        """Model metadata: the tensors it takes and answers."""
+        return self._v2_json(request, lambda: self._v2_model_metadata(model_name, None))
+
+    @api.get("/v2/models/{model_name}/versions/{version}")
+    async def v2_model_version(self, request: Request, model_name: str,
+                               version: str) -> JSONResponse:
+        return self._v2_json(request, lambda: self._v2_model_metadata(model_name, version))
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> JSONResponse:
+        return JSONResponse({"live": not self._closed})
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> JSONResponse:
+        """200 while the replica takes requests; 503 while its log refuses rows (no key)."""
+        return self._v2_readiness(None, None)
+
+    @api.get("/v2/models/{model_name}/ready")
+    async def v2_model_ready(self, model_name: str) -> JSONResponse:
+        return self._v2_readiness(model_name, None)
+
+    @api.get("/v2/models/{model_name}/versions/{version}/ready")
+    async def v2_model_version_ready(self, model_name: str, version: str) -> JSONResponse:
+        return self._v2_readiness(model_name, version)
 
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> JSONResponse:
@@ -292,7 +383,8 @@ class SegmentService:
                     "parquet_sink": self._args.out_uri is not None,
                     "forwards": self._coalescer.forwards, "forwarded_requests": self._coalescer.jobs}
         return JSONResponse({**self._model_ref(), "artifact": self._artifact.meta,
-                             "serving": settings, "replica": self._replica})
+                             "serving": settings, "replica": self._replica,
+                             "pid": os.getpid()})
 
     @api.get("/", include_in_schema=False)
     async def page(self) -> Response:
@@ -337,6 +429,61 @@ class SegmentService:
     # ------------------------------------------------------------------------------ helpers
     def _model_ref(self) -> dict[str, str]:
         return self._model.describe()
+
+    def _admit(self, request: Request) -> None:
+        """The checks before reading a body: the API key, and a cheap 503 while the log refuses
+        rows (before reading and predicting)."""
+        http.check_api_key(request, self._api_key)
+        if self._sink is not None and (refusal := self._sink.refusal()) is not None:
+            raise refusal
+
+    async def _predict_and_log(self, jobs: list[_Job],
+                               started: float) -> tuple[list[tuple], float]:
+        """Predict ``jobs`` through the shared batch queue, then log every row (fsynced) before
+        the caller answers: a 200 always has its rows.  Returns the forward's results and when
+        they were ready (``perf_counter``; each row's ``latency_ms`` ends there).  The first
+        failing job's exception is raised, and then no row of the request is logged."""
+        futures = await asyncio.gather(*(self._enqueue(job) for job in jobs))
+        results = await asyncio.gather(*futures)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        done = time.perf_counter()
+        for result in results:
+            result[0]["latency_ms"] = (done - started) * 1e3
+        if self._sink is not None:
+            await asyncio.gather(*(self._sink.add_async(result[0]) for result in results))
+        return results, done
+
+    def _v2_model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        model = self._model
+        v2.check_model(name, version, served_name=model.name, served_version=model.version)
+        spec = model.artifact.mask_spec
+        return v2.model_metadata(name=model.name, version=model.version,
+                                 class_names=spec.names, multilabel=spec.multilabel)
+
+    def _v2_json(self, request: Request, body: Any) -> JSONResponse:
+        request_id = http.request_id(request)
+        try:
+            http.check_api_key(request, self._api_key)
+            return JSONResponse(body())
+        except http.RequestRefused as refused:
+            return v2.error_response(refused, request_id)
+
+    def _v2_readiness(self, name: str | None, version: str | None) -> JSONResponse:
+        """Readiness is public, like ``/healthz`` (probes carry no key)."""
+        model = self._model
+        if name is not None:
+            try:
+                v2.check_model(name, version, served_name=model.name,
+                               served_version=model.version)
+            except http.RequestRefused as refused:
+                return v2.error_response(refused, uuid.uuid4().hex)
+        refusal = None if self._sink is None else self._sink.refusal()
+        if refusal is None and not self._closed:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "detail": "replica closed" if refusal is None
+                             else refusal.detail}, status_code=503)
 
     def _observe(self, model: LoadedModel, row: Mapping[str, Any]) -> None:
         """The answered mask's class areas, confidence and emptiness, as Ray metrics."""

@@ -10,6 +10,7 @@ while the replica's prediction log cannot take rows.
 import base64
 import hmac
 import json
+import uuid
 from typing import Any, AsyncIterator, Mapping
 
 from starlette.datastructures import UploadFile
@@ -21,6 +22,7 @@ from seg_core.errors import InputError
 
 API_KEY_HEADER = "X-API-Key"
 MAX_FORM_FIELDS = 16
+MAX_REQUEST_ID_CHARS = 128
 
 
 class RequestRefused(Exception):
@@ -58,22 +60,76 @@ def check_api_key(request: Request, expected: str | None) -> None:
 async def read_image_bytes(request: Request, max_bytes: int) -> tuple[bytes, str]:
     """The uploaded image and its name: the raw body, or the file part of a multipart form.
 
-    Refuses with 413 when the body is larger than ``max_bytes`` (checked on ``Content-Length``
-    first, then while streaming, so an oversized upload is never held in memory whole) and with
+    Refuses with 413 when the body is larger than ``max_bytes`` (:func:`read_body`) and with
     422 when a multipart body has no file part or does not parse.
     """
+    body = await read_body(request, max_bytes)
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        return await _multipart_file(request, body, max_bytes)
+    return body, "body"
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 past ``max_bytes`` (on ``Content-Length`` first, then
+    while streaming, so an oversized upload is never held in memory whole)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(int(declared), max_bytes)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise RequestRefused(415, "unsupported_encoding",
+                             f"Content-Encoding {encoding[:40]!r} is not accepted",
+                             hint="send the body uncompressed (images are compressed already)")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
             raise _too_large(len(body), max_bytes)
-    content_type = request.headers.get("content-type", "").lower()
-    if content_type.startswith("multipart/form-data"):
-        return await _multipart_file(request, bytes(body), max_bytes)
-    return bytes(body), "body"
+    return bytes(body)
+
+
+def request_id(request: Request) -> str:
+    """The client's ``X-Request-Id`` when it is 1 to :data:`MAX_REQUEST_ID_CHARS` visible ASCII
+    characters, else a fresh one: the id is stored in Parquet, so a header holding any bytes a
+    client can send (not UTF-8, control characters, 10 KB) never reaches it, even on a cluster
+    that runs without :class:`HeaderGuard`."""
+    given = request.headers.get("x-request-id", "")
+    if _header_ok(b"x-request-id", given.encode("latin-1")):
+        return given
+    return uuid.uuid4().hex
+
+
+class HeaderGuard:
+    """ASGI middleware in front of Ray Serve's own request handling (the proxy actor's, and each
+    replica's direct ingress behind HAProxy): drops an ``X-Request-Id`` that is not 1 to
+    :data:`MAX_REQUEST_ID_CHARS` visible ASCII characters, so Ray generates one instead, and any
+    header whose value is not UTF-8.  Ray decodes the request id (and its session and
+    multiplexing headers) as UTF-8 before the app runs, so without this a request id of bytes
+    such as ``\\xff`` is answered 500 and a 10 KB one is echoed back whole.
+
+    Installed by :func:`ingress_middlewares`, which Ray calls in those processes when
+    ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names it (``ensure_ray`` sets it for a local
+    Ray; ``infra/rayservice.yaml`` on every pod).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            kept = [(name, value) for name, value in headers if _header_ok(name, value)]
+            if len(kept) != len(headers):
+                scope = {**scope, "headers": kept}
+        await self.app(scope, receive, send)
+
+
+def ingress_middlewares() -> list:
+    """``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=pipelines.serve.http:ingress_middlewares``."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(HeaderGuard)]
 
 
 def wants_png(request: Request) -> bool:
@@ -161,6 +217,16 @@ async def _multipart_file(request: Request, body: bytes, max_bytes: int) -> tupl
         return await uploads[0].read(), uploads[0].filename or "upload"
     finally:
         await form.close()
+
+
+def _header_ok(name: bytes, value: bytes) -> bool:
+    if name.lower() == b"x-request-id":
+        return 0 < len(value) <= MAX_REQUEST_ID_CHARS and all(0x21 <= b <= 0x7E for b in value)
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _too_large(size: int, max_bytes: int) -> RequestRefused:

@@ -9,19 +9,13 @@ Ray, first.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 from datetime import datetime, timezone
-from email.message import Message
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from jobs.options import shipped_config
 from pipelines import predictions
@@ -29,74 +23,18 @@ from pipelines.serve.app import replica_counts, start_endpoint, stop_endpoint
 from pipelines.serve.control import BatchSettings, ServeArgs, load_serve_config
 from pipelines.serve.sink import PredictionSink
 from pipelines.storage import copy_dir_from_local, list_uri, read_table
-from seg_core.artifact import load_artifact, save_artifact, sha256_file
+from seg_core.artifact import load_artifact, sha256_file
 from seg_core.codecs import decode_image
-from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.inference import Segmenter, encode_prediction
-from seg_core.model import UNet
 from tests.hostile_files import png_bomb
 from seg_core.sample_data import render_sample
-from tests.serve_util import endpoint_config, free_port
+from tests.serve_util import (encode_as, endpoint_config, free_port, get, make_artifact,
+                               multipart, post)
 
 FORMATS = ("png", "jpeg", "bmp", "gif", "tiff")
 MAX_REQUEST_BYTES = 200_000
 MAX_PIXELS = 1_000_000
 KEY_ENV = "RAYSEG_TEST_SERVE_KEY"
-
-
-# ------------------------------------------------------------------------------------ helpers
-def encode_as(image: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=fmt.upper())
-    return buffer.getvalue()
-
-
-def post(url: str, data: bytes, *, headers: dict | None = None, query: str = "",
-         answered: list | None = None) -> tuple[int, Message, bytes]:
-    """POST /v1/segment; returns (status, headers, body) and records ids of 200 answers."""
-    request = urllib.request.Request(f"{url}/v1/segment{query}", data=data, method="POST",
-                                     headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status, head, body = response.status, response.headers, response.read()
-    except urllib.error.HTTPError as error:
-        status, head, body = error.code, error.headers, error.read()
-    if status == 200 and answered is not None:
-        answered.append(head["X-Request-Id"])
-    return status, head, body
-
-
-def get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-            f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-def make_artifact(path: Path) -> Path:
-    """A tiny U-Net whose random weights are scaled so that its masks use several classes."""
-    import torch
-
-    torch.manual_seed(0)
-    model = UNet(ModelConfig(in_channels=3, num_classes=3, depth=2, base_width=4))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight") and param.ndim == 4:
-                param.mul_(3.0)
-    return save_artifact(path, model.eval(), name="tiny", version="t1",
-                         mask_spec=MaskSpec(num_classes=3, class_names=("bg", "a", "b")),
-                         preprocessing=Preprocessing(tile_size=64, tile_overlap=0.25),
-                         metrics={})
 
 
 # ------------------------------------------------------------------ without Ray: sink, configs
