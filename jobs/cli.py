@@ -1,7 +1,8 @@
 """The ``rayseg`` console script: one subcommand per job.
 
-Each subcommand is a thin module ``jobs/<name>.py`` exposing ``add_parser(subparsers)`` and
-``run(args) -> int``.  Modules import cheaply; heavy imports (ray, torch) happen inside ``run``.
+Each subcommand is a thin module ``jobs/<name>.py`` (``-`` in a command's name is ``_`` in its
+module's) exposing ``add_parser(subparsers)`` and ``run(args) -> int``.  Modules import cheaply;
+heavy imports (ray, torch) happen inside ``run``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Sequence
 
 VERBOSE_ENV = "RAYSEG_VERBOSE"   # read by pipelines.raycluster.ensure_ray
 SUBCOMMANDS = ("demo", "validate", "plan", "pack", "train", "tune", "auto", "runs", "predict",
-               "evaluate", "promote", "serve", "monitor", "bench")
+               "export-masks", "evaluate", "promote", "serve", "monitor", "bench")
 
 DESCRIPTION = """\
 rayseg: U-Net image segmentation on Ray, from a laptop to a cluster.
@@ -40,6 +41,7 @@ typical flow:
   rayseg auto --manifest data/manifest.csv --num-classes 3 --max-runtime-secs 600  # AutoML
   rayseg runs --compare unet-sample-v1 unet-sample-v2
   rayseg predict --model runs/models/unet/v1 --input s3://bucket/shards/ --out s3://bucket/preds/
+  rayseg export-masks s3://bucket/preds/ --out s3://bucket/preds-coco/  # COCO RLE for CVAT & co.
   rayseg evaluate --predictions s3://bucket/preds/ --manifest data/manifest.csv
   rayseg promote --model models:/unet/2 --gate "miou>=0.80" --manifest data/manifest.csv
   rayseg serve --model models:/unet@champion
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{VERBOSE_ENV}=1); give it before the command")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"jobs.{name}")
+        module = importlib.import_module(f"jobs.{name.replace('-', '_')}")
         sp = module.add_parser(sub)
         sp.set_defaults(_run=module.run)
     return parser

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import typing
 
 from jobs.options import add_config_options, add_engine_option, job_config
 
@@ -19,6 +20,13 @@ Exactly once and resumable: every Parquet file under --out is committed atomical
 crash simply run the same command again; it skips (and counts) the inputs already done and
 writes no duplicates.  Unreadable images go to <out>/_quarantine/ with their reason and a hint,
 so inputs = predicted + quarantined.  Large images are predicted tile by tile.
+
+--format coco-rle also writes the masks as COCO run-length encoding (for CVAT, FiftyOne,
+COCOeval) under <out>/coco/ once the run has committed: one part-<key>.json of COCO results per
+part-<key>.parquet, and _coco_dataset.json (images, categories); a rerun writes them again, new
+rows included.  `rayseg export-masks --help` describes the files (it makes the same ones from
+any predictions).  The Parquet store is written all the same: it is what a rerun resumes from,
+and it holds the provenance.
 """
 
 EPILOG = """\
@@ -29,14 +37,18 @@ examples:
       --out s3://bucket/preds/2026-11-24 --confidence-maps --actors 4 --batch-size 16
   rayseg predict ... --actors 2 --set 'resources_per_actor={predict_node: 1}'
       # one actor per node that declares the custom resource predict_node: 1 (README, cluster)
+  rayseg predict --model rayseg_work/models/unet/v1 --input data/manifest.csv \\
+      --out rayseg_work/preds/v1 --format coco-rle     # + rayseg_work/preds/v1/coco/*.json
 """
 
 _FLAGS = ("model", "input", "out", "split", "tta", "engine", "confidence_maps", "batch_size",
           "actors",
-          "cpus_per_actor", "rows_per_file", "address", "progress", "verify_done")
+          "cpus_per_actor", "rows_per_file", "address", "progress", "verify_done", "format")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from seg_core.config import PredictFormat
+
     parser = subparsers.add_parser(
         "predict", help="bulk inference over a dataset to Parquet (exactly once, resumable)",
         description=DESCRIPTION, epilog=EPILOG,
@@ -67,6 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="on a rerun, read the inputs already done again and report any "
                              "whose bytes changed since (default off: ids and paths are "
                              "checked, bytes are not re-read)")
+    parser.add_argument("--format", choices=typing.get_args(PredictFormat),
+                        help="parquet (default): the Parquet store only; coco-rle: also the "
+                             "masks as COCO RLE JSON under <out>/coco/ after the run commits")
     return parser
 
 

@@ -15,8 +15,9 @@ Two jobs write prediction rows (:data:`records.PREDICTION_SCHEMA`), each in its 
   (:func:`write_table`, the one writer of both layouts).
 - *Reading*: :func:`scan` reads either layout, or a folder holding both: every ``*.parquet``
   below ``uri`` whose path has no ``_``- or ``.``-prefixed part (quarantine, records and
-  in-flight uploads are left out, as Arrow's own readers do).  It filters by time and weights,
-  and keeps one row per ``request_id`` (the serve log is written at least once).
+  in-flight uploads are left out, as Arrow's own readers do), or only some of those files.  It
+  filters by time and weights, and keeps one row per ``request_id`` (the serve log is written
+  at least once).  :func:`model_record` is the one model whose mask spec decodes the rows.
 """
 from __future__ import annotations
 
@@ -101,20 +102,23 @@ def quarantine_files(uri: str, storage_options: dict[str, Any] | None = None) ->
 
 def scan(uri: str, columns: Sequence[str] | None = None, *, since: str | dt.datetime | None = None,
          weights: str | None = None, dedupe: bool = True, ids: Sequence[str] | None = None,
+         files: Sequence[str] | None = None,
          storage_options: dict[str, Any] | None = None) -> pa.Table:
     """The prediction rows under ``uri`` (either layout), as one table with ``columns``.
 
     ``ids``: only those rows (pushed down to the Parquet reader).  ``since``: only rows
     created at or after it (ISO time; naive means UTC).  ``weights``: only rows made by the
     model with that weights SHA-256.  ``dedupe``: one row per ``request_id``
-    (the first, in file order; rows without one, the batch layout's, are all kept).  An empty
-    table with the schema when nothing matches.
+    (the first, in file order; rows without one, the batch layout's, are all kept).  ``files``:
+    only these of :func:`prediction_files` (a large store read one file at a time stays small
+    in memory; ``dedupe`` then holds within the call).  An empty table with the schema when
+    nothing matches.
     """
     wanted = list(columns or PREDICTION_SCHEMA.names)
     needed = list(dict.fromkeys([*wanted, *(["created_at"] if since else []),
                                  *(["weights_sha256"] if weights else []),
                                  *(["request_id"] if dedupe else [])]))
-    files = prediction_files(uri, storage_options)
+    files = prediction_files(uri, storage_options) if files is None else list(files)
     if not files:
         return PREDICTION_SCHEMA.empty_table().select(wanted)
     import pyarrow.dataset as pads
@@ -159,6 +163,23 @@ def model_records(uri: str, storage_options: dict[str, Any] | None = None
     return [json.loads(storage.read_bytes(file, storage_options)) for file in storage.list_uri(
         storage.join_uri(uri, MODELS_DIR), recursive=False, suffixes=(".json",),
         storage_options=storage_options)]
+
+
+def model_record(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The one model that made the predictions under ``uri``: a batch output's, or the one
+    model of a serve log.  Its ``mask_spec`` is how every row decodes, so a log holding rows of
+    several models (whose class lists may differ) is refused rather than read as one."""
+    records = model_records(uri, storage_options)
+    if not records:
+        raise ValueError(f"{uri}: no model record (_model.json, or _models/ of a serve log): "
+                         f"not written by `rayseg predict` or `rayseg serve`")
+    if len(records) > 1:
+        models = ", ".join(f"{r.get('name')}:{r.get('version')} ({r['weights_sha256'][:12]})"
+                           for r in records)
+        raise ValueError(f"{uri}: the log holds rows of {len(records)} models ({models}); rows "
+                         f"of different models do not mix: point the endpoint at a fresh "
+                         f"out_uri for each model")
+    return records[0]
 
 
 def _first_per_request(table: pa.Table) -> pa.Table:

@@ -28,6 +28,10 @@ EmptyPolicy = Literal["nan", "one", "zero"]   # score of a class absent from tru
 EngineKind = Literal["auto", "torch", "openvino", "onnxruntime", "openvino-int8",
                      "onnxruntime-int8"]
 ENGINES: tuple[str, ...] = typing.get_args(EngineKind)
+# what a mask export writes (`rayseg export-masks`), and what `rayseg predict` writes besides
+# its Parquet store (parquet: nothing more)
+MaskExportFormat = Literal["coco-rle"]
+PredictFormat = Literal["parquet", "coco-rle"]
 
 
 def check_engine(engine: str) -> str:

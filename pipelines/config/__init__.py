@@ -1,10 +1,10 @@
 """Every job's configuration, one dialect: frozen dataclasses that map one-to-one onto YAML.
 
 :class:`TrainConfig` (``jobs/configs/train_*.yaml``), :class:`PredictConfig`,
-:class:`EvaluateConfig`, :class:`ValidateConfig`, :class:`PackConfig`, :class:`DemoConfig`, and the
-Serve application's :class:`ServeArgs` / :class:`BatchSettings`.  :func:`load_config` builds any of
-them from a YAML file, a command's flags and ``--set`` overrides, through the one strict builder
-:func:`seg_core.config.from_dict`.
+:class:`ExportMasksConfig`, :class:`EvaluateConfig`, :class:`ValidateConfig`, :class:`PackConfig`,
+:class:`DemoConfig`, and the Serve application's :class:`ServeArgs` / :class:`BatchSettings`.
+:func:`load_config` builds any of them from a YAML file, a command's flags and ``--set``
+overrides, through the one strict builder :func:`seg_core.config.from_dict`.
 
 Every YAML key is a dataclass field of the same name; nested mappings are nested dataclasses
 (``model`` -> :class:`seg_core.config.ModelConfig`, ``mask`` -> :class:`MaskSpec`,
@@ -18,6 +18,7 @@ Names follow H2O where H2O has one (``epochs``, ``max_iterations``, ``max_runtim
 """
 from pipelines.config.jobs import (
     PredictConfig,
+    ExportMasksConfig,
     EvaluateConfig,
     PromoteConfig,
     DriftThresholds,
@@ -62,6 +63,7 @@ __all__ = [
     "DemoConfig",
     "DriftThresholds",
     "EvaluateConfig",
+    "ExportMasksConfig",
     "FoldAssignment",
     "MonitorConfig",
     "OptimSpec",

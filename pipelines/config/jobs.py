@@ -1,5 +1,6 @@
-"""The other jobs' configs (``rayseg <command> --config YAML --set key=value``): predict, evaluate,
-promote, monitor, runs, validate, pack, bench, demo, and the Serve application's arguments."""
+"""The other jobs' configs (``rayseg <command> --config YAML --set key=value``): predict,
+export-masks, evaluate, promote, monitor, runs, validate, pack, bench, demo, and the Serve
+application's arguments."""
 from __future__ import annotations
 
 import typing
@@ -13,9 +14,19 @@ from pipelines.config.train import check_resources
 from seg_core.config import (
     EmptyPolicy,
     EngineKind,
+    MaskExportFormat,
     MaskSpec,
+    PredictFormat,
     check_engine,
 )
+
+
+def _check_format(job: str, value: str, vocabulary: Any) -> None:
+    """``value`` must be one of the ``Literal`` ``vocabulary`` (a config built in code skips
+    :func:`seg_core.config.from_dict`, which checks it too)."""
+    if value not in typing.get_args(vocabulary):
+        raise ValueError(f"{job}: format must be one of {list(typing.get_args(vocabulary))}, "
+                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -41,10 +52,14 @@ class PredictConfig:
     # custom Ray resources each actor also needs, e.g. {predict_node: 1}: one actor per node
     # that declares predict_node: 1 (KubeRay: rayStartParams.resources)
     resources_per_actor: dict[str, float] | None = None
+    # parquet: the store only; coco-rle: also COCO RLE JSON under <out>/coco/ once the run
+    # has committed (pipelines.predict.coco), the store staying the unit of resume
+    format: PredictFormat = "parquet"
 
     def __post_init__(self) -> None:
         check_resources("predict: resources_per_actor", self.resources_per_actor)
         check_engine(self.engine)
+        _check_format("predict", self.format, PredictFormat)
         path_fields(self, "model", "input", "out")
         if self.batch_size < 1 or (self.rows_per_file is not None and self.rows_per_file < 1):
             raise ValueError(f"predict: batch_size and rows_per_file must be >= 1, got "
@@ -53,6 +68,19 @@ class PredictConfig:
             raise ValueError(f"predict: actors must be >= 1 (or null for auto), got {self.actors}")
         if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
             raise ValueError(f"predict: cpus_per_actor must be > 0, got {self.cpus_per_actor}")
+
+
+@dataclass(frozen=True)
+class ExportMasksConfig:
+    """Everything ``rayseg export-masks`` needs (:mod:`pipelines.predict.coco`)."""
+
+    predictions: str                    # output of `rayseg predict`, or an endpoint's log
+    out: str                            # where the exported files go (local path or s3://)
+    format: MaskExportFormat = "coco-rle"
+
+    def __post_init__(self) -> None:
+        path_fields(self, "predictions", "out")
+        _check_format("export-masks", self.format, MaskExportFormat)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ matched by content: the truth image whose bytes have the row's ``source_sha256``
 
 Predicted masks are stored at the input's full resolution, and truth masks are decoded from the
 original files with the artifact's own :class:`MaskSpec` (recorded beside the predictions:
-:func:`pipelines.predictions.model_records`), so scores are computed pixel for pixel at full
+:func:`pipelines.predictions.model_record`), so scores are computed pixel for pixel at full
 resolution.  Counts are integers per image; every
 reduction (micro, macro, per-image; :func:`seg_core.metrics.compute_metrics`) and every bootstrap
 resample is computed from those counts, never by averaging batch scores.
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from pipelines import storage
 from pipelines.config import EvaluateConfig
 from pipelines.model import InputLimits
-from pipelines.predictions import model_records, read_quarantine, scan
+from pipelines.predictions import model_record, read_quarantine, scan
 from pipelines.records import COUNT_SCHEMA, decode_prediction
 from seg_core.config import EmptyPolicy, MaskSpec, from_dict
 from seg_core.errors import InputError
@@ -188,7 +188,7 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     started = time.perf_counter()
     DataContext.get_current().enable_progress_bars = cfg.progress
     predictions = _predict_first(cfg, log) if cfg.model else cfg.predictions
-    record = _model_record(predictions)
+    record = model_record(predictions)
     spec = from_dict(MaskSpec, record["mask_spec"])
     if cfg.mask_values is not None:
         spec = dataclasses.replace(spec, mask_values=tuple(cfg.mask_values))
@@ -225,21 +225,6 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
 
 _SCORED = ["id", "source_uri", "source_sha256", "mask_png", "class_mask_pngs"]
 _ROWS_PER_TASK = 64   # scoring reads each row's truth mask: blocks of this many run in parallel
-
-
-def _model_record(predictions: str) -> dict[str, Any]:
-    """The model that made ``predictions``: a batch output's one, or the one model of a log."""
-    records = model_records(predictions)
-    if not records:
-        raise ValueError(f"{predictions}: no model record (_model.json, or _models/ of a serve "
-                         f"log): not written by `rayseg predict` or `rayseg serve`")
-    if len(records) > 1:
-        models = ", ".join(f"{r.get('name')}:{r.get('version')} ({r['weights_sha256'][:12]})"
-                           for r in records)
-        raise ValueError(f"{predictions}: the log holds rows of {len(records)} models ({models}); "
-                         f"scores of different models do not mix: point the endpoint at a "
-                         f"fresh out_uri for each model you want to score")
-    return records[0]
 
 
 def match_by_content(rows: pa.Table, truth: Mapping[str, tuple[str | None, str | None]],

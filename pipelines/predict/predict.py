@@ -15,6 +15,8 @@ as resolved (never ``auto``).
 
 Exactly once: see :mod:`pipelines.predict.store`.  A rerun reads the ids already committed
 under ``--out``, leaves them out *before* any bytes are fetched, and reports how many it skipped.
+With ``format: coco-rle``, :func:`pipelines.predict.coco.export_coco` then writes COCO RLE files
+of the whole store under ``<out>/coco/`` (a rerun writes them again, the new rows included).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pipelines.config import PredictConfig
 from pipelines.faults import Faults
 from pipelines.model import artifact_meta, open_model
 from pipelines.predict import store
+from pipelines.predict.coco import coco_dir, export_coco
 from pipelines.predict.inputs import InputPlan, plan_inputs
 from pipelines.predictions import file_key
 from pipelines.records import RESULT_SCHEMA
@@ -99,7 +102,9 @@ def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
 
 
 def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Predict every input not yet in ``cfg.out``; return (and print) the run summary."""
+    """Predict every input not yet in ``cfg.out``; return (and print) the run summary.  With
+    ``cfg.format`` coco-rle, the committed store is then exported to ``<out>/coco/`` (still
+    under the lease, so no other run writes those files meanwhile)."""
     import ray
     from ray.data import DataContext
 
@@ -109,7 +114,12 @@ def run_predict(cfg: PredictConfig, *, log: Callable[[str], None] = print) -> di
     ref = registry.resolve(cfg.model)   # models:/name@alias -> the artifact, on the driver
     meta = artifact_meta(ref.source)
     with store.lease(cfg.out):   # one writer per output: a second run here is refused
-        return _predict_under_lease(cfg, ref, meta, resources, log, started)
+        summary = _predict_under_lease(cfg, ref, meta, resources, log, started)
+        if cfg.format == "coco-rle":
+            export = export_coco(cfg.out, coco_dir(cfg.out), log=log)
+            summary["coco"] = asdict(export)
+            log(export.summary())
+    return summary
 
 
 def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[str, Any],

@@ -15,8 +15,31 @@ def test_all_subcommands_registered():
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(SUBCOMMANDS)
     assert set(SUBCOMMANDS) == {"demo", "validate", "plan", "pack", "train", "tune", "auto",
-                                "runs", "predict", "evaluate", "promote", "serve", "monitor",
-                                "bench"}
+                                "runs", "predict", "export-masks", "evaluate", "promote", "serve",
+                                "monitor", "bench"}
+
+
+def test_mask_export_formats_parse_into_their_configs(tmp_path, capsys):
+    """`export-masks` and `predict --format` map onto ExportMasksConfig / PredictConfig.format;
+    an unknown format is refused by the parser, and by the config from --set."""
+    from jobs.options import job_config
+    from pipelines.config import ExportMasksConfig, PredictConfig
+
+    args = build_parser().parse_args(["export-masks", "s3://b/preds", "--out", "s3://b/coco"])
+    cfg = job_config(ExportMasksConfig, args, {"predictions": args.predictions, "out": args.out,
+                                               "format": args.format})
+    assert (cfg.predictions, cfg.out, cfg.format) == ("s3://b/preds", "s3://b/coco", "coco-rle")
+    args = build_parser().parse_args(["predict", "--model", "m", "--input", "i", "--out", "o",
+                                      "--format", "coco-rle"])
+    assert job_config(PredictConfig, args, {"model": "m", "input": "i", "out": "o",
+                                            "format": args.format}).format == "coco-rle"
+    assert job_config(PredictConfig, build_parser().parse_args(
+        ["predict"]), {"model": "m", "input": "i", "out": "o"}).format == "parquet"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export-masks", "p", "--out", "o", "--format", "png"])
+    assert "invalid choice: 'png'" in capsys.readouterr().err
+    assert main(["export-masks", "p", "--out", str(tmp_path), "--set", "format=png"]) == 2
+    assert "format: expected one of ['coco-rle'], got 'png'" in capsys.readouterr().err
 
 
 def test_auto_takes_shared_training_keys_and_refuses_data_and_schedule(tmp_path, capsys):

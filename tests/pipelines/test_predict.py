@@ -19,7 +19,7 @@ from pipelines import predictions
 from pipelines.model import open_model
 from pipelines.predict.predict import PredictConfig, run_predict
 from pipelines.records import PREDICTION_SCHEMA, QUARANTINE_SCHEMA
-from pipelines.storage import copy_dir_from_local, read_bytes, write_bytes
+from pipelines.storage import copy_dir_from_local, list_uri, read_bytes, write_bytes
 from seg_core.artifact import load_artifact, save_artifact
 from seg_core.codecs import decode_image
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing
@@ -77,10 +77,11 @@ def s3_case(sample_dataset, s3_bucket, artifact_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def s3_run(ray_session, s3_case) -> dict:
-    """One predict run over the S3 case (TTA and confidence maps on)."""
+    """One predict run over the S3 case (TTA and confidence maps on, COCO RLE files too)."""
     out = f"{s3_case['root']}/out"
     cfg = PredictConfig(model=s3_case["model"], input=s3_case["manifest"], out=out, tta=True,
-                        confidence_maps=True, batch_size=4, rows_per_file=8, progress=False)
+                        confidence_maps=True, batch_size=4, rows_per_file=8, progress=False,
+                        format="coco-rle")
     summary = run_predict(cfg, log=lambda _: None)
     return {"summary": summary, "out": out, "cfg": cfg,
             "predictions": predictions.scan(out), "quarantine": predictions.read_quarantine(out)}
@@ -143,6 +144,40 @@ def test_parity_with_segmenter(s3_run, artifact_dir):
         assert again["mask_png"] == row["mask_png"]
         assert again["confidence_png"] == row["confidence_png"]
         assert again["class_pixel_counts"] == row["class_pixel_counts"]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
+def test_coco_rle_files_are_written_after_the_run(s3_run):
+    """--format coco-rle: the committed store, exported under <out>/coco/ in S3: one results
+    file per part, every predicted image listed, and each RLE decodes to the stored mask."""
+    from pycocotools import mask as rle
+
+    from pipelines.predict.coco import DATASET_FILE, image_id
+    from pipelines.records import decode_prediction
+
+    out, rows = s3_run["out"], s3_run["predictions"].to_pylist()
+    coco_out = f"{out}/coco"
+    parts = {f.rsplit("/", 1)[-1].removesuffix(".parquet")
+             for f in predictions.prediction_files(out)}
+    written = {f.rsplit("/", 1)[-1] for f in list_uri(coco_out)}
+    assert written == {DATASET_FILE, *(f"{part}.json" for part in parts)}
+    summary = s3_run["summary"]["coco"]
+    assert (summary["out"], summary["files"], summary["images"]) == (coco_out, len(parts),
+                                                                     len(rows))
+    dataset = json.loads(read_bytes(f"{coco_out}/{DATASET_FILE}"))
+    assert {i["rayseg_id"]: i["id"] for i in dataset["images"]} == {
+        r["id"]: image_id(r["id"]) for r in rows}
+    assert [c["name"] for c in dataset["categories"]] == ["bg", "a", "b"]
+    results = [a for part in parts for a in json.loads(read_bytes(f"{coco_out}/{part}.json"))]
+    assert len(results) == summary["annotations"]
+    spec = MaskSpec(num_classes=3)
+    for row in rows:
+        mine = [a for a in results if a["image_id"] == image_id(row["id"])]
+        rebuilt = np.zeros((row["height"], row["width"]), np.uint8)
+        for result in mine:
+            rebuilt[rle.decode(result["segmentation"]) == 1] = result["category_id"] - 1
+        assert np.array_equal(rebuilt, decode_prediction(row, spec)), row["id"]
+        assert len(mine) == sum(1 for n in row["class_pixel_counts"] if n)
 
 
 def test_rerun_after_success_skips_everything(s3_run, capsys):
