@@ -15,8 +15,10 @@ Everything runs in this invocation, on loopback only (127.0.0.1):
   For each: :func:`pipelines.serve.control.start_endpoint` with the shipped ``serve.yaml`` on one
   replica (sink on, as in production), then a bounded load generator (fixed request count and
   time limit) posts the same PNG with ``Accept: image/png`` over keep-alive connections at
-  concurrency 1; the bare forward is timed right before and right after and averaged.
-  ``overhead`` = p50 latency - that bare forward.
+  concurrency 1, in alternating halves with the same PNG sent through the Open Inference
+  Protocol (V2 binary: a BYTES tensor in, binary tensors out); the bare forward is timed right
+  before and right after and averaged.  ``overhead`` = p50 latency - that bare forward, per
+  route; the V2 goal is at most 1.2x ``/v1/segment``'s overhead.
 - **the rest on the recommended ingress** (HAProxy when present): concurrency 4, and 16 with the
   configured ``max_batch_size`` against ``max_batch_size=1`` (``reconfigure``), in alternating
   halves; then the same app with ``max_replicas=3`` and short delays, loaded until it scales up
@@ -48,6 +50,8 @@ from benchmarks.common import result, torch_threads
 
 SERVE_YAML = REPO / "jobs" / "configs" / "serve.yaml"  # shipped
 THREADS = 1  # torch threads per replica and for the bare forward
+ROUTES = ("v1", "v2")   # POST /v1/segment, and the Open Inference Protocol's binary infer
+ROUTE_NAMES = {"v1": "v1", "v2": "v2 binary"}
 _STATE = {"RUNNING": "R", "STARTING": "S", "STOPPING": "X"}
 
 
@@ -73,20 +77,33 @@ def run(ctx: Context) -> dict[str, Any]:
         for mode in modes:
             with _local_ray(mode):
                 endpoint = _Endpoint(model_dir, png, tmp, mode)
-                warm = endpoint.load(1, 20, limit_s)  # first batches, thread pools, connections
+                warm = [endpoint.load(1, 20, limit_s, route=route) for route in ROUTES]
                 before = bare.medians()
-                c1 = {"concurrency": 1, "ingress": mode,
-                      "max_batch_size": endpoint.batch, **endpoint.load(1, requests[1], limit_s)}
+                # /v1/segment and V2 binary in alternating halves, between the bare timings
+                halves: dict[str, list[dict[str, Any]]] = {route: [] for route in ROUTES}
+                for _ in range(2):
+                    for route in ROUTES:
+                        halves[route].append(endpoint.load(1, requests[1] // 2, limit_s / 2,
+                                                           route=route))
                 after = bare.medians()
-                rows.append(c1)
-                answered += warm["ok"] + c1["ok"]
-                errors += warm["errors"] + c1["errors"]
+                c1, v2_c1 = ({"concurrency": 1, "ingress": mode, "route": route,
+                              "max_batch_size": endpoint.batch, **_merge(halves[route])}
+                             for route in ROUTES)
+                rows += [c1, v2_c1]
+                answered += sum(r["ok"] for r in [*warm, c1, v2_c1])
+                errors += sum(r["errors"] for r in [*warm, c1, v2_c1])
                 medians = {k: round((before[k] + after[k]) / 2, 2) for k in before}
                 figures[f"{mode}_c1_p50_ms"] = c1["p50_ms"]
                 figures[f"{mode}_c1_p99_ms"] = c1["p99_ms"]
                 figures[f"{mode}_bare_forward_ms"] = medians["bare_forward_ms"]
                 figures[f"{mode}_overhead_c1_p50_ms"] = round(
                     c1["p50_ms"] - medians["bare_forward_ms"], 2)
+                figures[f"{mode}_v2_binary_c1_p50_ms"] = v2_c1["p50_ms"]
+                figures[f"{mode}_v2_binary_overhead_c1_p50_ms"] = round(
+                    v2_c1["p50_ms"] - medians["bare_forward_ms"], 2)
+                figures[f"{mode}_v2_over_v1_overhead"] = round(
+                    figures[f"{mode}_v2_binary_overhead_c1_p50_ms"]
+                    / max(figures[f"{mode}_overhead_c1_p50_ms"], 1e-3), 3)
                 figures[f"{mode}_outside_replica_c1_p50_ms"] = round(
                     c1["p50_ms"] - c1.get("replica_total_p50_ms", 0.0), 2)
                 figures.update({f"{mode}_c1_{k}": v for k, v in c1.items()
@@ -108,6 +125,8 @@ def run(ctx: Context) -> dict[str, Any]:
     figures["errors_total"] = errors
     figures["goal_zero_errors"] = errors == 0
     figures["goal_sink_rows_equal_answered"] = figures["sink_rows"] == answered
+    figures["goal_v2_overhead_within_1_2x_v1"] = \
+        figures[f"{recommended}_v2_over_v1_overhead"] <= 1.2
     return result("serve", figures, (f"{recommended}_c1_p50_ms", "-",
                                      f"{recommended}_bare_forward_ms"),
                   f"<=5 ms (p50 at concurrency 1 over the replica's own folded forward; "
@@ -121,7 +140,7 @@ def _recommended_rest(endpoint: "_Endpoint", requests: dict[int, int], limit_s: 
     from pipelines.serve.control import reconfigure_endpoint
 
     batch, mode = endpoint.batch, endpoint.mode
-    rows = [{"concurrency": 4, "ingress": mode, "max_batch_size": batch,
+    rows = [{"concurrency": 4, "ingress": mode, "route": "v1", "max_batch_size": batch,
              **endpoint.load(4, requests[4], limit_s)}]
     halves: dict[int, list[dict[str, Any]]] = {batch: [], 1: []}
     forwarded = {batch: [0, 0], 1: [0, 0]}  # forwards, requests (one replica here)
@@ -133,7 +152,8 @@ def _recommended_rest(endpoint: "_Endpoint", requests: dict[int, int], limit_s: 
             after = endpoint.forward_counts()
             for i in range(2):
                 forwarded[max_batch][i] += after[i] - before[i]
-    rows += [{"concurrency": 16, "ingress": mode, "max_batch_size": b, **_merge(halves[b])}
+    rows += [{"concurrency": 16, "ingress": mode, "route": "v1", "max_batch_size": b,
+              **_merge(halves[b])}
              for b in halves]
     reconfigure_endpoint(max_batch_size=batch)
     figures["c16_requests_per_forward"] = {
@@ -262,11 +282,11 @@ class _Endpoint:
         self.batch = self.config["applications"][0]["deployments"][0]["user_config"][
             "max_batch_size"]
         self.url = start_endpoint(str(model_dir), self.sink, config=self.config)
-        self.post = _poster(self.url, png)
+        self.posts = {route: _poster(self.url, png, route) for route in ROUTES}
 
     def load(self, concurrency: int, total: int, limit_s: float,
-             stop: threading.Event | None = None) -> dict[str, Any]:
-        return _load(self.post, concurrency, total, limit_s, stop)
+             stop: threading.Event | None = None, route: str = "v1") -> dict[str, Any]:
+        return _load(self.posts[route], concurrency, total, limit_s, stop)
 
     def forward_counts(self) -> tuple[int, int]:
         """(forward calls, requests they carried) so far, from ``GET /v1/model``."""
@@ -326,17 +346,35 @@ class _Endpoint:
 
 
 # -------------------------------------------------------------------------------- load generator
-def _poster(url: str, png: bytes) -> Callable:
-    """``post(conn) -> (status, conn, server_timing)`` on a reused keep-alive connection."""
+def _poster(url: str, png: bytes, route: str) -> Callable:
+    """``post(conn) -> (status, conn, server_timing)`` on a reused keep-alive connection.
+
+    ``v1``: the PNG to ``/v1/segment`` with ``Accept: image/png`` (the mask PNG back).  ``v2``:
+    the same PNG as a binary BYTES tensor to the Open Inference Protocol's infer route, which
+    answers its default outputs as binary tensors (what ``tritonclient`` sends and gets when it
+    names no output).
+    """
+    import json
+
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     if host != "127.0.0.1":
         raise ValueError(f"the serve bench only sends traffic to 127.0.0.1, got {host}")
-    headers = {"Accept": "image/png", "Content-Type": "application/octet-stream"}
+    if route == "v1":
+        path, body = "/v1/segment", png
+        headers = {"Accept": "image/png", "Content-Type": "application/octet-stream"}
+    else:
+        tensor = len(png).to_bytes(4, "little") + png
+        header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": len(tensor)}}],
+                             "parameters": {"binary_data_output": True}}).encode()
+        path, body = "/v2/models/bench/infer", header + tensor
+        headers = {"Content-Type": "application/octet-stream",
+                   "Inference-Header-Content-Length": str(len(header))}
 
     def post(conn: http.client.HTTPConnection | None):
         conn = conn or http.client.HTTPConnection(host, int(port), timeout=30)
         try:
-            conn.request("POST", "/v1/segment", body=png, headers=headers)
+            conn.request("POST", path, body=body, headers=headers)
             response = conn.getresponse()
             response.read()
             timing = response.getheader("Server-Timing") or ""
@@ -406,10 +444,11 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'ingress':<12} {'conc':>4} {'batch':>5} {'ok':>5} {'err':>4} {'p50 ms':>8} " \
-           f"{'p95 ms':>8} {'p99 ms':>8} {'req/s':>7}"
+    head = f"{'ingress':<12} {'route':<9} {'conc':>4} {'batch':>5} {'ok':>5} {'err':>4} " \
+           f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>7}"
     return "\n".join([head] + [
-        f"{r['ingress']:<12} {r['concurrency']:>4} {r['max_batch_size']:>5} {r['ok']:>5} "
+        f"{r['ingress']:<12} {ROUTE_NAMES[r['route']]:<9} {r['concurrency']:>4} "
+        f"{r['max_batch_size']:>5} {r['ok']:>5} "
         f"{r['errors']:>4} {r['p50_ms']:>8} {r['p95_ms']:>8} {r['p99_ms']:>8} {r['rps']:>7}"
         for r in rows])
 

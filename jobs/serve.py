@@ -15,6 +15,11 @@ URL and a curl example, and serves until Ctrl-C; then the replicas drain and flu
                      confidence map.  Too large: 413; not an image / undecodable: 415 / 422.
   GET  /v1/model     the artifact's metadata and the serving settings
   GET  /healthz      liveness
+  /v2/...            the Open Inference Protocol (KServe V2 REST, binary tensor data), for
+                     Triton / KServe clients: POST /v2/models/<name>/infer takes IMAGE (BYTES
+                     encoded images, or UINT8 pixels) and answers MASK, CLASS_PIXEL_COUNTS,
+                     IMAGE_SIZE and, when named, CONFIDENCE; GET /v2, /v2/models/<name>,
+                     /v2/health/live, /v2/health/ready (README "Calling the endpoint")
 
 Replicas autoscale between min and max (num_replicas: auto), batch requests (max_batch_size,
 batch_wait_timeout_s), and append every answered request to Parquet under
@@ -80,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
           f"  page: {url}/  (drop an image to see its mask; the API key is typed in there)\n"
           f"  curl -s{key} --data-binary @image.png -H 'Accept: image/png' "
           f"{url}/v1/segment -o mask.png\n"
-          f"  curl -s{key} -F image=@image.jpg '{url}/v1/segment?confidence=true'", flush=True)
+          f"  curl -s{key} -F image=@image.jpg '{url}/v1/segment?confidence=true'\n"
+          f"  Open Inference Protocol (Triton / KServe clients): {url}/v2/models/<name>/infer",
+          flush=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

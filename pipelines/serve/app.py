@@ -14,6 +14,10 @@ Routes (``route_prefix`` from the Serve config, ``/`` by default):
   (:mod:`pipelines.serve.page`; public, its requests carry the key).
 - ``GET /healthz``: 200 while the replica takes requests, 503 while the log refuses rows (never
   needs the key).
+- The Open Inference Protocol (KServe V2 REST with binary tensor data; :mod:`pipelines.serve.v2`):
+  ``POST /v2/models/{m}[/versions/{v}]/infer`` (each image one job of the same batch queue and
+  one row of the same log), ``GET /v2``, ``GET /v2/models/{m}[/versions/{v}]``, and the public
+  probes ``GET /v2/health/live``, ``/v2/health/ready`` and ``/v2/models/{m}[/versions/{v}]/ready``.
 
 Opening the model, decoding under its limits, predicting and building the row are
 :class:`pipelines.model.LoadedModel`, what ``rayseg predict`` runs, so one image gives the same

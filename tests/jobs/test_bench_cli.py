@@ -95,6 +95,12 @@ def test_baselines_run_the_same_work_in_the_same_run(quick_results):
         figures = serve["figures"]
         assert figures[f"{mode}_overhead_c1_p50_ms"] == pytest.approx(
             figures[f"{mode}_c1_p50_ms"] - figures[f"{mode}_bare_forward_ms"], abs=0.02)
+        assert figures[f"{mode}_v2_binary_overhead_c1_p50_ms"] == pytest.approx(
+            figures[f"{mode}_v2_binary_c1_p50_ms"] - figures[f"{mode}_bare_forward_ms"],
+            abs=0.02)   # the Open Inference Protocol's binary route, in the same halves
+        assert figures[f"{mode}_v2_over_v1_overhead"] == pytest.approx(
+            figures[f"{mode}_v2_binary_overhead_c1_p50_ms"]
+            / figures[f"{mode}_overhead_c1_p50_ms"], abs=2e-3)
     assert serve["ratio_from"] == [f"{modes[-1]}_c1_p50_ms", "-", f"{modes[-1]}_bare_forward_ms"]
     assert serve["figures"]["goal_sink_rows_equal_answered"] is True   # both ingress paths
     assert serve["figures"]["goal_zero_errors"] is True

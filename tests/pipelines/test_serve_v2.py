@@ -403,6 +403,26 @@ def test_hostile_headers_never_get_a_5xx(endpoint, scenes, route):
 
 
 @pytest.mark.slow
+def test_readme_tritonclient_snippet_runs_as_written(endpoint, scenes, tmp_path, monkeypatch,
+                                                    capsys):
+    from tests.test_readme_snippet import readme_snippet
+
+    code = readme_snippet("<!-- readme-snippet-tritonclient:")
+    line = 'url, model = "127.0.0.1:8000", "unet-sample"'
+    assert line in code
+    code = code.replace(line, f"url, model = {urlsplit(endpoint['url']).netloc!r}, 'tiny'")
+    png = encode_as(scenes[3], "png")
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "images" / "0001.png").write_bytes(png)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme_tritonclient"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    endpoint["answered"].append(None)
+    assert capsys.readouterr().out.startswith("(120, 72) [")
+    assert namespace["mask"].tobytes() == v1_mask(endpoint, png).tobytes()
+
+
+@pytest.mark.slow
 def test_every_answered_image_is_in_the_log_with_a_bounded_id(endpoint):
     stop_endpoint()
     endpoint["running"] = False
