@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from seg_core.artifact import Artifact
-    from seg_core.config import EngineKind, Preprocessing
+    from seg_core.config import EngineKind, PostProcess, Preprocessing
     from seg_core.inference import Prediction, Segmenter
 
 GROUP_PIXELS = 8 * 2**20  # decoded pixels predicted together (a 16 x 512^2 batch is 4 Mi)
@@ -139,9 +139,12 @@ class LoadedModel:
 
     def provenance(self) -> dict[str, Any]:
         """What made a prediction: the model and the settings as resolved on this process."""
+        from seg_core.config import to_dict
+
         return {**self.describe(), "uri": self.uri, "engine": self.engine, "device": self.device,
                 "tta": self.segmenter.tta, "max_pixels": self.max_pixels,
-                "tiff_page": self.limits.tiff_page}
+                "tiff_page": self.limits.tiff_page,
+                "postprocess": to_dict(self.segmenter.postprocess)}
 
     def decode(self, data: bytes | None, source: str) -> "np.ndarray":
         return self.limits.decode(data, source)
@@ -224,11 +227,14 @@ def resolve_device(device: str) -> str:
 def open_model(uri: str, *, device: str = "auto", engine: EngineKind = "auto",
                tta: bool = False, max_pixels: int | None = None, ref: str | None = None,
                storage_options: dict[str, Any] | None = None,
-               artifact: "Artifact | None" = None) -> LoadedModel:
+               artifact: "Artifact | None" = None,
+               postprocess: "PostProcess | None" = None) -> LoadedModel:
     """Open the artifact at ``uri`` for inference (see the module docstring).
 
     ``max_pixels`` overrides the artifact's decode limit, and the segmenter's memory budget
     follows it.  ``artifact``: one already loaded from ``uri`` (the notebook API keeps its own).
+    ``postprocess`` replaces the artifact's per-class clean-up (:mod:`seg_core.postprocess`;
+    None keeps the artifact's, ``PostProcess()`` turns it off).
     """
     from seg_core.inference import Segmenter
 
@@ -238,6 +244,6 @@ def open_model(uri: str, *, device: str = "auto", engine: EngineKind = "auto",
         artifact = dataclasses.replace(artifact, preprocessing=dataclasses.replace(
             artifact.preprocessing, max_pixels=limits.max_pixels))
     segmenter = Segmenter(artifact, device=resolve_device(device), tta=tta,
-                          engine=engine)  # type: ignore[arg-type]
+                          engine=engine, postprocess=postprocess)  # type: ignore[arg-type]
     return LoadedModel(uri=uri, ref=ref or uri, artifact=artifact, segmenter=segmenter,
                        limits=limits)

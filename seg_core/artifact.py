@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from seg_core.config import MaskSpec, ModelConfig, Preprocessing, from_dict, to_dict
+from seg_core.config import (MaskSpec, ModelConfig, PostProcess, Preprocessing, from_dict,
+                             to_dict)
 from seg_core.model import UNet
 
 # 2: preprocessing records ``train_size`` (the inputs training showed the network) and
@@ -63,6 +64,7 @@ class Artifact:
     version: str
     meta: dict[str, Any]  # the full artifact.json (reproducibility, metrics, created_at, ...)
     path: Path | None = None  # the directory it was loaded from
+    postprocess: PostProcess = PostProcess()   # chosen on val by training (seg_core.postprocess)
 
     @property
     def weights_key(self) -> str:
@@ -105,7 +107,8 @@ def reproducibility_record(*, seed: int | None, manifest_sha256: str | None = No
 def save_artifact(path: str | Path, model: nn.Module, *, name: str, version: str,
                   mask_spec: MaskSpec, preprocessing: Preprocessing,
                   reproducibility: Mapping[str, Any] | None = None,
-                  metrics: Mapping[str, Any] | None = None) -> Path:
+                  metrics: Mapping[str, Any] | None = None,
+                  postprocess: PostProcess | None = None) -> Path:
     """Write ``artifact.json`` and ``weights.pt`` into directory ``path``; return the directory.
 
     ``model`` is a :class:`UNet`, possibly wrapped by DDP or ``torch.compile``, on any device.
@@ -132,6 +135,8 @@ def save_artifact(path: str | Path, model: nn.Module, *, name: str, version: str
         "preprocessing": to_dict(preprocessing),
         "reproducibility": record,
         "metrics": dict(metrics or {}),
+        "postprocess": to_dict(postprocess.check(mask_spec.num_classes) if postprocess
+                               else PostProcess()),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     directory = Path(path)
@@ -157,6 +162,8 @@ def load_artifact(path: str | Path) -> Artifact:
         model_config = from_dict(ModelConfig, meta["model"])
         mask_spec = from_dict(MaskSpec, meta["mask_spec"])
         preprocessing = from_dict(Preprocessing, meta["preprocessing"])
+        postprocess = from_dict(PostProcess, meta.get("postprocess") or {}).check(
+            mask_spec.num_classes)
     except (KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{directory / ARTIFACT_JSON}: invalid configuration ({error})") \
             from error
@@ -170,7 +177,19 @@ def load_artifact(path: str | Path) -> Artifact:
     model.eval()
     return Artifact(model=model, model_config=model_config, mask_spec=mask_spec,
                     preprocessing=preprocessing, name=str(meta.get("name", "")),
-                    version=str(meta.get("version", "")), meta=meta, path=directory)
+                    version=str(meta.get("version", "")), meta=meta, path=directory,
+                    postprocess=postprocess)
+
+
+def write_postprocess(path: str | Path, rules: PostProcess, evidence: Mapping[str, Any]) -> None:
+    """Record the post-processing chosen for the artifact in ``path`` (and why) in its
+    ``artifact.json``, rewritten whole; the weights stay as they are."""
+    directory = Path(path)
+    meta = read_artifact_meta(directory)
+    meta["postprocess"] = to_dict(rules.check(int(meta["mask_spec"]["num_classes"])))
+    meta["postprocess_choice"] = dict(evidence)
+    text = json.dumps(_jsonable(meta), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    _atomic_write(directory / ARTIFACT_JSON, lambda handle: handle.write(text.encode()))
 
 
 def read_artifact_meta(path: str | Path) -> dict[str, Any]:

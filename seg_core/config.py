@@ -226,6 +226,56 @@ class MaskSpec:
         return self.class_names or tuple(f"class_{i}" for i in range(self.num_classes))
 
 
+@dataclass(frozen=True)
+class PostProcess:
+    """Per-class clean-up of a predicted mask (:mod:`seg_core.postprocess`), stored in the
+    artifact where training chose it on the val split, and applied by every engine.
+
+    Each field is empty (off for every class) or holds one entry per class:
+
+    - ``min_size``: connected regions of the class smaller than this many pixels are removed
+      (0: off);
+    - ``fill_holes``: regions of other classes wholly enclosed by the class become the class;
+    - ``keep_largest``: only the class's largest connected region is kept.
+
+    Removed pixels become class 0 (background), or 0 in a multi-label class plane.  Applied in
+    that order: ``fill_holes``, ``min_size``, ``keep_largest``.
+    """
+
+    min_size: tuple[int, ...] = ()
+    fill_holes: tuple[bool, ...] = ()
+    keep_largest: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(n < 0 for n in self.min_size):
+            raise ValueError(f"PostProcess: min_size holds a negative size {self.min_size}")
+
+    @property
+    def active(self) -> bool:
+        return any(self.min_size) or any(self.fill_holes) or any(self.keep_largest)
+
+    def check(self, num_classes: int) -> "PostProcess":
+        """``self``, or a ValueError when a field has neither 0 nor ``num_classes`` entries."""
+        for name in ("min_size", "fill_holes", "keep_largest"):
+            values = getattr(self, name)
+            if values and len(values) != num_classes:
+                raise ValueError(f"postprocess.{name} has {len(values)} entries for "
+                                 f"{num_classes} classes; give one per class, or none")
+        return self
+
+    def describe(self, names: tuple[str, ...]) -> str:
+        """``"a: min_size 40, fill_holes; b: keep_largest"``, or ``"none"``."""
+        parts = []
+        for k, name in enumerate(names):
+            rules = [f"min_size {self.min_size[k]}"] if self.min_size and self.min_size[k] else []
+            rules += [rule for rule, values in (("fill_holes", self.fill_holes),
+                                                ("keep_largest", self.keep_largest))
+                      if values and values[k]]
+            if rules:
+                parts.append(f"{name}: {', '.join(rules)}")
+        return "; ".join(parts) or "none"
+
+
 DEFAULT_TILE = 256  # inference window when nothing says what training saw (old artifacts)
 DEFAULT_MAX_INFERENCE_BYTES = 2 * 2**30  # the memory one prediction may allocate
 

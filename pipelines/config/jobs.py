@@ -16,6 +16,7 @@ from seg_core.config import (
     EngineKind,
     MaskExportFormat,
     MaskSpec,
+    PostProcess,
     PredictFormat,
     check_engine,
 )
@@ -55,6 +56,9 @@ class PredictConfig:
     # parquet: the store only; coco-rle: also COCO RLE JSON under <out>/coco/ once the run
     # has committed (pipelines.predict.coco), the store staying the unit of resume
     format: PredictFormat = "parquet"
+    # per-class clean-up of the masks (seg_core.postprocess); None: the rules the artifact
+    # holds (chosen on val by training), `{}` none, or your own min_size/fill_holes/keep_largest
+    postprocess: PostProcess | None = None
 
     def __post_init__(self) -> None:
         check_resources("predict: resources_per_actor", self.resources_per_actor)
@@ -84,6 +88,18 @@ class ExportMasksConfig:
 
 
 @dataclass(frozen=True)
+class TunePostprocessConfig:
+    """Everything ``rayseg tune-postprocess`` needs (:mod:`pipelines.train.postprocess`)."""
+
+    model: str                          # artifact URI (local or s3://) or models:/name/N
+    manifest: str                       # the pairs to choose on: manifest, prefix or shards
+    split: str = "val"                  # rows of this split
+
+    def __post_init__(self) -> None:
+        path_fields(self, "model", "manifest")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Everything ``rayseg evaluate`` needs."""
 
@@ -99,6 +115,7 @@ class EvaluateConfig:
     overlays: int = 3                   # best and worst images rendered (each)
     mask_values: tuple[int, ...] | None = None  # override the artifact's MaskSpec.mask_values
     engine: EngineKind = "auto"         # inference engine when predicting with `model`
+    postprocess: PostProcess | None = None   # when predicting with `model`: as predict's
     address: str | None = None
     progress: bool = True
 
@@ -274,6 +291,9 @@ class ServeArgs(BaseModel):
         "auto", description="inference engine: auto (torch on GPUs, OpenVINO on CPUs, ONNX "
         "Runtime for lite U-Nets), torch, openvino, onnxruntime, openvino-int8, onnxruntime-int8 "
         "(seg_core.runtimes)")
+    postprocess: PostProcess | None = Field(
+        None, description="per-class clean-up (min_size, fill_holes, keep_largest); None: the "
+        "rules the artifact holds, chosen on val by training")
 
     def model_post_init(self, context: Any, /) -> None:
         """The backlog bounds must leave room for normal flushing."""

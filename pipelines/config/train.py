@@ -190,6 +190,9 @@ class TrainConfig:
     fold: int | None = None  # held-out fold of this run (set by cross_validate)
     cv_parallelism: int = 1  # folds trained at once (each fold is its own trainer)
     artifact_weights: Literal["best", "last"] = "best"  # best val mIoU epoch, or the last one
+    # choose per-class post-processing (min_size, fill_holes, keep_largest) on the val split
+    # at the end, kept where it raises that class's Dice (seg_core.postprocess); false: none
+    tune_postprocess: bool = True
     register: bool = True  # log the run and register the artifact (pipelines.registry)
     # rayseg train and the estimator fingerprint the training rows and fill the keys you did not
     # set from the plan derived from it (pipelines/plan); false trains exactly this config

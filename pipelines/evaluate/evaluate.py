@@ -345,6 +345,7 @@ def _predict_first(cfg: EvaluateConfig, log: Callable[[str], None]) -> str:
 
     out = cfg.predictions or storage.join_uri(cfg.out, "predictions")
     run_predict(PredictConfig(model=cfg.model, input=cfg.manifest, out=out, split=cfg.split,
-                              engine=cfg.engine, address=cfg.address, progress=cfg.progress),
+                              engine=cfg.engine, postprocess=cfg.postprocess,
+                              address=cfg.address, progress=cfg.progress),
                 log=log)
     return out

@@ -1,5 +1,5 @@
 """Pairs -> rows with their bytes, in Ray tasks (I/O threads per task): files by pair table, pack
-shards by Parquet, the few bytes one process needs (:func:`read_split_images`,
+shards by Parquet, the few bytes one process needs (:func:`read_split_bytes`,
 :func:`read_mask`)."""
 from __future__ import annotations
 
@@ -101,16 +101,29 @@ def read_shards(uri: str, *, split: str | None = None, folds: Sequence[int] | No
     return seeded_order(ds.randomize_block_order(seed=shuffle_seed))
 
 
-def read_split_images(uri: str, split: str, limit: int,
-                      storage_options: storage.StorageOptions | None = None) -> pa.Table:
-    """``image_bytes`` of up to ``limit`` shard rows of ``split``, read on this process: only
-    that column of matching rows is fetched (the drift baseline's few images need no Ray job)."""
+def read_split_bytes(source: str, *, kind: str, split: str, limit: int,
+                     storage_options: storage.StorageOptions | None = None) -> pa.Table:
+    """``image_bytes`` and ``mask_bytes`` (with ``id``, ``image_uri``, ``mask_uri`` and
+    ``refused``) of up to ``limit`` rows of ``split``, read on this process: the few pairs the
+    end of training needs (drift baseline, post-processing choice) take no Ray job.  ``kind``
+    (``auto`` detects it): ``shards`` reads only those columns of matching shard rows; a
+    manifest's or prefix's pairs are fetched with :func:`fetch_bytes`."""
     import pyarrow.dataset as pads
 
-    fs, path = storage.filesystem_for(uri, storage_options)
+    from pipelines.ingest.sources import detect_kind, pair_table, select_rows
+
+    options = storage.resolve_options() if storage_options is None else storage_options
+    kind = detect_kind(source, storage_options) if kind == "auto" else kind
+    if kind != "shards":
+        pairs = select_rows(pair_table(source, kind), split=split).slice(0, limit)
+        return fetch_bytes(pairs, options)
+    fs, path = storage.filesystem_for(source, storage_options)
     data = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive",
                         exclude_invalid_files=True)
-    return data.head(limit, columns=["image_bytes"], filter=pads.field("split") == split)
+    table = data.head(limit, columns=["id", "source_uri", "mask_uri", "image_bytes",
+                                      "mask_bytes"], filter=pads.field("split") == split)
+    return table.rename_columns(["id", "image_uri", "mask_uri", "image_bytes", "mask_bytes"]
+                                ).append_column("refused", pa.nulls(table.num_rows, pa.string()))
 
 
 def shard_to_rows(batch: pa.Table, split: str | None = None,

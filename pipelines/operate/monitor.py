@@ -93,12 +93,8 @@ def val_images(source: str, *, kind: str, split: str,
     shards through :func:`pipelines.ingest.read_shards`' reader, files through ingest's fetch."""
     from pipelines import ingest
 
-    if kind == "shards":
-        table = ingest.read_split_images(source, split, limit)
-    else:
-        pairs = ingest.select_rows(ingest.pair_table(source, kind), split=split).slice(0, limit)
-        table = ingest.fetch_bytes(pairs, storage.resolve_options())
-    return table["image_bytes"].to_pylist()
+    return ingest.read_split_bytes(source, kind=kind, split=split,
+                                   limit=limit)["image_bytes"].to_pylist()
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -41,7 +41,7 @@ from pipelines.records import RESULT_SCHEMA
 
 if TYPE_CHECKING:
     from pipelines.model import LoadedModel
-    from seg_core.config import EngineKind
+    from seg_core.config import EngineKind, PostProcess
 
 REPRODUCIBILITY_FILE = "_reproducibility.json"   # model (by weights hash), inputs, packages
 DEFAULT_ROWS_PER_FILE = 256   # rows per committed file when the input is not shards
@@ -64,7 +64,7 @@ class Predictor:
     """Ray Data callable class: opens the model once per actor, predicts pyarrow batches."""
 
     def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int,
-                 engine: EngineKind = "auto",
+                 engine: EngineKind = "auto", postprocess: "PostProcess | None" = None,
                  storage_options: dict[str, Any] | None = None) -> None:
         import torch
 
@@ -72,6 +72,7 @@ class Predictor:
         # Tiles per forward: 4 on a CPU, more for small tiles (fastest per image measured), sized
         # from free memory on a GPU, which also runs the forward in bf16 (seg_core.inference; `make gpu-check`).
         self.model: "LoadedModel" = open_model(model_uri, tta=tta, engine=engine,
+                                               postprocess=postprocess,
                                                storage_options=storage_options)
         self.with_confidence = with_confidence
 
@@ -242,6 +243,7 @@ def _write_predictions(inputs: InputPlan, sink: Any, ref: Any, cfg: PredictConfi
     inputs.dataset.map_batches(
         Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"model_uri": ref.source, "tta": cfg.tta, "engine": cfg.engine,
+                               "postprocess": cfg.postprocess,
                                "with_confidence": cfg.confidence_maps,
                                "threads": plan.threads, "storage_options": options},
         # all actors start at once; min 1, so fewer input blocks than actors (a small

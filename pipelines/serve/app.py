@@ -186,7 +186,8 @@ class SegmentService:
     def _load(self, pointer: Mapping[str, str]) -> LoadedModel:
         model = open_model(pointer["uri"], ref=pointer.get("ref"), device=self._args.device,
                            engine=self._args.engine, tta=self._args.tta,
-                           max_pixels=self._args.max_pixels)
+                           max_pixels=self._args.max_pixels,
+                           postprocess=self._args.postprocess)
         if self._args.out_uri is not None:   # the log says which model wrote its rows
             try:
                 record_served_model(self._args.out_uri, {

@@ -357,6 +357,8 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                                                              data_rows=data_rows,
                                                              fold=cfg.fold),
                       metrics=summary)
+        if cfg.tune_postprocess and cfg.fold is None:
+            report["postprocess"] = choose_postprocess(cfg, local)
         (local / "metrics.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
         (local / "config.yaml").write_text(dump_config(cfg))
         learning_curve_png(history, local / "learning_curve.png",
@@ -372,12 +374,25 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                        stopped=state["stopped"])
 
 
+def choose_postprocess(cfg: TrainConfig, artifact_dir: Path) -> dict[str, Any]:
+    """The per-class post-processing chosen on the val split, recorded in the artifact
+    (:mod:`pipelines.train.postprocess`); its rules and evidence for ``metrics.json``."""
+    from pipelines.train.postprocess import tune_postprocess
+    from seg_core.config import to_dict
+
+    rules, evidence = tune_postprocess(
+        artifact_dir, cfg.data.manifest or cfg.data.shards,
+        kind="auto" if cfg.data.manifest else "shards", split=cfg.data.val_split,
+        log=lambda line: print(f"[{cfg.run_name}] {line}", flush=True))
+    return {"rules": to_dict(rules), **evidence}
+
+
 def write_val_baseline(cfg: TrainConfig, artifact_dir: Path) -> None:
     """``baseline.json`` in the artifact: the val split as the new model predicts it."""
     from pipelines.operate import monitor
 
     source = cfg.data.manifest or cfg.data.shards
-    blobs = monitor.val_images(source, kind="manifest" if cfg.data.manifest else "shards",
+    blobs = monitor.val_images(source, kind="auto" if cfg.data.manifest else "shards",
                                split=cfg.data.val_split)
     monitor.write_baseline(artifact_dir, blobs)
 

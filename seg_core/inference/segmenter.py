@@ -3,6 +3,7 @@ image arrays in and :class:`Prediction` out; and the encoded row fields of a pre
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from torch import nn
 
 from seg_core.artifact import Artifact
 from seg_core.codecs import encode_png
-from seg_core.config import MaskSpec, Preprocessing, oversized_tile
+from seg_core.config import MaskSpec, PostProcess, Preprocessing, oversized_tile
 from seg_core.errors import InputError
 from seg_core.inference.budget import (
     _allocation_failed,
@@ -28,6 +29,7 @@ from seg_core.inference.budget import (
 )
 from seg_core.inference.preprocessing import _pixels, prepare_image
 from seg_core.model import fold_batchnorm
+from seg_core.postprocess import apply as apply_postprocess
 from seg_core.runtimes import ENGINE_DIR, engine_runner, EngineKind, resolve_engine
 from seg_core.tiling import forward_pixels, sliding_window_many
 
@@ -84,9 +86,12 @@ class Segmenter:
 
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
                  batch_size: int | None = None, channels_last: bool = True,
-                 engine: EngineKind = "auto", amp_dtype: AmpSetting = "auto") -> None:
+                 engine: EngineKind = "auto", amp_dtype: AmpSetting = "auto",
+                 postprocess: PostProcess | None = None) -> None:
         self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
                    batch_size, channels_last, fold_norms=True, amp_dtype=amp_dtype)
+        self.postprocess = (artifact.postprocess if postprocess is None
+                            else postprocess).check(artifact.mask_spec.num_classes)
         if engine == "auto" and artifact.path is None:
             engine = "torch"   # a graph engine caches its graph in the artifact's directory
         self.engine = resolve_engine(engine, self.device, artifact.model_config.arch)
@@ -102,7 +107,8 @@ class Segmenter:
     def from_model(cls, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
                    device: str | torch.device = "cpu", tta: bool = False,
                    batch_size: int | None = None, channels_last: bool = False,
-                   fold_norms: bool = False, amp_dtype: AmpSetting = "auto") -> "Segmenter":
+                   fold_norms: bool = False, amp_dtype: AmpSetting = "auto",
+                   postprocess: PostProcess = PostProcess()) -> "Segmenter":
         """A segmenter around a model in memory (validation during training uses this).
 
         ``channels_last`` defaults to off here: it re-lays the caller's parameters in place.
@@ -112,6 +118,7 @@ class Segmenter:
         segmenter = cls.__new__(cls)
         segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size, channels_last,
                         fold_norms=fold_norms, amp_dtype=amp_dtype)
+        segmenter.postprocess = postprocess.check(mask_spec.num_classes)
         return segmenter
 
     def _init(self, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing,
@@ -261,8 +268,11 @@ class Segmenter:
             if tuple(probs.shape[-2:]) != (height, width):
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
                                       align_corners=False)[0]
-            predictions.append(_finish(probs.clamp_(0.0, 1.0), self.mask_spec.multilabel,
-                                       fields))
+            prediction = _finish(probs.clamp_(0.0, 1.0), self.mask_spec.multilabel, fields)
+            if self.postprocess.active:   # on the host: the mask is there now (postprocess doc)
+                prediction = dataclasses.replace(prediction, mask=apply_postprocess(
+                    prediction.mask, self.postprocess, multilabel=self.mask_spec.multilabel))
+            predictions.append(prediction)
         return predictions
 
     def _out_of_memory(self, shapes: list[tuple[int, ...]], need: int) -> InputError:

@@ -15,8 +15,8 @@ def test_all_subcommands_registered():
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(SUBCOMMANDS)
     assert set(SUBCOMMANDS) == {"demo", "validate", "plan", "pack", "train", "tune", "auto",
-                                "runs", "predict", "export-masks", "evaluate", "promote", "serve",
-                                "monitor", "bench"}
+                                "runs", "predict", "export-masks", "tune-postprocess", "evaluate",
+                                "promote", "serve", "monitor", "bench"}
 
 
 def test_mask_export_formats_parse_into_their_configs(tmp_path, capsys):

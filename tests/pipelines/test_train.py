@@ -246,6 +246,7 @@ def test_two_workers_on_s3_lose_one_resume_from_s3_and_the_artifact_predicts(
     from pipelines.train.train import train
     from seg_core.artifact import load_artifact
     from seg_core.codecs import decode_image, decode_mask
+    from seg_core.config import PostProcess, to_dict
     from seg_core.inference import Segmenter
     from seg_core.metrics import compute_metrics, confusion_counts
 
@@ -277,7 +278,16 @@ def test_two_workers_on_s3_lose_one_resume_from_s3_and_the_artifact_predicts(
     # both workers), and inference runs each image in one forward at that size
     assert artifact.preprocessing.train_size == (96, 96)
     assert artifact.preprocessing.inference_window() == (96, 96)
-    segmenter = Segmenter(artifact, engine="torch")
+    # the per-class post-processing chosen on the val split, and why: it never lowers val Dice
+    chosen = json.loads((local / "metrics.json").read_text())["postprocess"]
+    assert chosen["images"] == 6 and chosen["rules"] == to_dict(artifact.postprocess)
+    assert chosen["mean_dice_after"] >= chosen["mean_dice_before"]
+    assert artifact.meta["postprocess_choice"]["classes"].keys() == {"disc", "rectangle"}
+    for evidence in chosen["classes"].values():
+        assert evidence["dice_after"] >= evidence["dice_before"]
+        assert "keep_largest" in evidence["tried"] and "min_size 10" in evidence["tried"]
+    # validation scored the raw masks: re-predict them without the post-processing
+    segmenter = Segmenter(artifact, engine="torch", postprocess=PostProcess())
 
     # Every val pixel was scored exactly once across the two workers, and re-predicting with the
     # loaded artifact reproduces the recorded counts exactly (validation == the predict path).
