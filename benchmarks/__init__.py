@@ -37,6 +37,8 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "decoded pairs/s from S3 (moto in its own process): Ray Data vs a thread pool over "
               "loose objects, and vs pyarrow + a thread pool over the same shards",
     "lite_unet": "lite U-Net vs base U-Net: params, GFLOPs, CPU inference and training images/s",
+    "instances": "touching discs: DSB mAP and PQ of watershed and a boundary class vs connected "
+                 "components on a U-Net's masks, with the true masks' ceiling",
     "train_overhead": "Ray Train step time / plain PyTorch loop step time",
     "train_throughput": "rayseg train images/s (whole wall, defaults) / a plain loop on every "
                         "core, mixed-size images with random crops",

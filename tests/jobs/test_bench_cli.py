@@ -183,3 +183,24 @@ def test_the_benchmarks_are_not_part_of_the_wheel():
 def test_table_shows_each_figure():
     table = format_table([{"bench": "x", "figures": {"alpha": 1.5}, "ratio": 0.5, "goal": ">=1"}])
     assert "alpha" in table and "0.500" in table
+
+
+@pytest.mark.timeout(120)
+def test_instances_bench_quick_scores_every_route_beside_components_and_the_oracle():
+    """``rayseg bench instances --quick`` needs no Ray: run on its own, within its 20 s."""
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "instances", "--quick"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    line = json.loads(next(x for x in done.stdout.splitlines() if x.startswith('{"bench"')))
+    figures = line["figures"]
+    assert line["ratio_from"] == ["watershed_map", "/", "components_map"]
+    check_ratio(line)
+    assert line["wall_s"] <= 20 and figures["components_map"] > 0
+    for route in ("none", "components", "watershed", "boundary", "boundary_watershed"):
+        assert 0 <= figures[f"{route}_map"] <= 1 and 0 <= figures[f"{route}_pq"] <= 1, route
+        assert figures[f"{route}_ms_per_image"] > 0, route
+    # the ceiling, from the true masks: the boundary target separates every disc, the watershed
+    # most, connected components only the discs that touch nothing
+    assert figures["oracle_boundary_map"] >= 0.95
+    assert figures["oracle_watershed_map"] > figures["oracle_components_map"]
+    assert figures["oracle_none_map"] <= figures["oracle_components_map"]
