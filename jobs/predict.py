@@ -27,6 +27,12 @@ part-<key>.parquet, and _coco_dataset.json (images, categories); a rerun writes 
 rows included.  `rayseg export-masks --help` describes the files (it makes the same ones from
 any predictions).  The Parquet store is written all the same: it is what a rerun resumes from,
 and it holds the provenance.
+
+--instances components|watershed cuts each mask into objects (connected components per class,
+or a watershed from the distance transform's maxima, which separates touching objects): each
+row gains instance_png (a 16-bit label PNG, 0 = background) and objects (id, class, area,
+centroid, bbox, mean confidence).  The artifact's per-class post-processing (chosen on val by
+training; `rayseg tune-postprocess`) is applied first; --set postprocess={} turns it off.
 """
 
 EPILOG = """\
@@ -43,11 +49,12 @@ examples:
 
 _FLAGS = ("model", "input", "out", "split", "tta", "engine", "confidence_maps", "batch_size",
           "actors",
-          "cpus_per_actor", "rows_per_file", "address", "progress", "verify_done", "format")
+          "cpus_per_actor", "rows_per_file", "address", "progress", "verify_done", "format",
+          "instances")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from seg_core.config import PredictFormat
+    from seg_core.config import InstanceMethod, PredictFormat
 
     parser = subparsers.add_parser(
         "predict", help="bulk inference over a dataset to Parquet (exactly once, resumable)",
@@ -82,6 +89,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--format", choices=typing.get_args(PredictFormat),
                         help="parquet (default): the Parquet store only; coco-rle: also the "
                              "masks as COCO RLE JSON under <out>/coco/ after the run commits")
+    parser.add_argument("--instances", choices=typing.get_args(InstanceMethod),
+                        help="cut masks into objects: none (default), components, watershed")
     return parser
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import typing
 
 from jobs.options import add_config_options, add_engine_option, resolve_config_path
 
@@ -45,6 +46,8 @@ examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from seg_core.config import InstanceMethod
+
     parser = subparsers.add_parser(
         "serve", help="real-time endpoint on Ray Serve (autoscaling, batching, Parquet log)",
         description=DESCRIPTION, epilog=EPILOG,
@@ -61,6 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_engine_option(parser)
     parser.add_argument("--api-key-env", metavar="VAR",
                         help="require the key held in environment variable VAR (X-API-Key header)")
+    parser.add_argument("--instances", choices=typing.get_args(InstanceMethod),
+                        help="cut each mask into objects; answers gain objects {count, table} "
+                             "and instance_png (default none)")
     return parser
 
 
@@ -79,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     check_shared({"--model": args.model, "--out": args.out or args_block.get("out_uri")})
     url = start_endpoint(args.model, args.out, config=config, host=args.host,
                          port=args.port, api_key_env=args.api_key_env,
-                         args={"engine": args.engine} if args.engine else None)
+                         args={key: value for key, value in (("engine", args.engine),
+                                                             ("instances", args.instances))
+                               if value} or None)
     key = f" -H \"X-API-Key: ${args.api_key_env}\"" if args.api_key_env else ""
     print(f"rayseg serve: listening on {url}  (Ctrl-C stops and flushes)\n"
           f"  page: {url}/  (drop an image to see its mask; the API key is typed in there)\n"

@@ -95,6 +95,7 @@ class LoadedModel:
     artifact: "Artifact"
     segmenter: "Segmenter"
     limits: InputLimits
+    instances: str = "none"  # cut masks into objects (seg_core.instances.InstanceMethod)
 
     @property
     def name(self) -> str:
@@ -144,7 +145,7 @@ class LoadedModel:
         return {**self.describe(), "uri": self.uri, "engine": self.engine, "device": self.device,
                 "tta": self.segmenter.tta, "max_pixels": self.max_pixels,
                 "tiff_page": self.limits.tiff_page,
-                "postprocess": to_dict(self.segmenter.postprocess)}
+                "postprocess": to_dict(self.segmenter.postprocess), "instances": self.instances}
 
     def decode(self, data: bytes | None, source: str) -> "np.ndarray":
         return self.limits.decode(data, source)
@@ -156,7 +157,8 @@ class LoadedModel:
                               source_sha256=hashlib.sha256(data).hexdigest(),
                               model_name=self.name, model_version=self.version,
                               weights_sha256=self.weights_sha256,
-                              with_confidence=with_confidence, created_at=created_at)
+                              with_confidence=with_confidence, created_at=created_at,
+                              instances=self.instances)
 
     def predict_one(self, data: bytes | None, *, id: str = "", source_uri: str | None = None,
                     with_confidence: bool = False,
@@ -189,10 +191,15 @@ class LoadedModel:
                                                       fields=self.fields)
             for (index, _), prediction in zip(group, predictions):
                 row = rows[index]
-                results[index] = quarantined(row, prediction) if isinstance(
-                    prediction, InputError) else self.row(
-                    prediction, id=row["id"], source_uri=row.get("image_uri"),
-                    data=row["image_bytes"], with_confidence=with_confidence, created_at=now)
+                try:
+                    if isinstance(prediction, InputError):
+                        raise prediction
+                    results[index] = self.row(
+                        prediction, id=row["id"], source_uri=row.get("image_uri"),
+                        data=row["image_bytes"], with_confidence=with_confidence,
+                        created_at=now)
+                except InputError as error:   # over the budget, or too many objects
+                    results[index] = quarantined(row, error)
             group.clear()
 
         pixels = 0
@@ -228,17 +235,23 @@ def open_model(uri: str, *, device: str = "auto", engine: EngineKind = "auto",
                tta: bool = False, max_pixels: int | None = None, ref: str | None = None,
                storage_options: dict[str, Any] | None = None,
                artifact: "Artifact | None" = None,
-               postprocess: "PostProcess | None" = None) -> LoadedModel:
+               postprocess: "PostProcess | None" = None,
+               instances: str = "none") -> LoadedModel:
     """Open the artifact at ``uri`` for inference (see the module docstring).
 
     ``max_pixels`` overrides the artifact's decode limit, and the segmenter's memory budget
     follows it.  ``artifact``: one already loaded from ``uri`` (the notebook API keeps its own).
     ``postprocess`` replaces the artifact's per-class clean-up (:mod:`seg_core.postprocess`;
-    None keeps the artifact's, ``PostProcess()`` turns it off).
+    None keeps the artifact's, ``PostProcess()`` turns it off).  ``instances`` cuts each mask
+    into objects (:mod:`seg_core.instances`: ``components`` or ``watershed``; multi-class
+    models only), which rows then carry (``instance_png``, ``objects``).
     """
     from seg_core.inference import Segmenter
 
     artifact = artifact if artifact is not None else open_artifact(uri, storage_options)
+    if instances != "none" and artifact.mask_spec.multilabel:
+        raise ValueError(f"{uri}: instances={instances!r} needs a multi-class model; this one is "
+                         f"multi-label (its classes overlap); set instances: none")
     limits = InputLimits.of(artifact.preprocessing, max_pixels)
     if limits.max_pixels != artifact.preprocessing.max_pixels:
         artifact = dataclasses.replace(artifact, preprocessing=dataclasses.replace(
@@ -246,4 +259,4 @@ def open_model(uri: str, *, device: str = "auto", engine: EngineKind = "auto",
     segmenter = Segmenter(artifact, device=resolve_device(device), tta=tta,
                           engine=engine, postprocess=postprocess)  # type: ignore[arg-type]
     return LoadedModel(uri=uri, ref=ref or uri, artifact=artifact, segmenter=segmenter,
-                       limits=limits)
+                       limits=limits, instances=instances)

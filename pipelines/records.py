@@ -66,6 +66,16 @@ QUARANTINE_SCHEMA = pa.schema([
 ])
 """One rejected input per row, with the stable reason code and a hint for the fix."""
 
+OBJECT_TYPE = pa.struct([
+    pa.field("id", pa.int32()),                    # its label in instance_png
+    pa.field("class", pa.int32()),
+    pa.field("area", pa.int64()),                  # pixels
+    pa.field("centroid", pa.list_(pa.float64())),  # [y, x]
+    pa.field("bbox", pa.list_(pa.int32())),        # [y0, x0, y1, x1], half-open
+    pa.field("mean_confidence", pa.float64()),
+])
+"""One object of a predicted mask (:func:`seg_core.instances.object_table`)."""
+
 PREDICTION_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("source_uri", pa.string()),
@@ -81,6 +91,10 @@ PREDICTION_SCHEMA = pa.schema([
     pa.field("mean_confidence", pa.float32()),
     pa.field("class_mean_confidence", pa.list_(pa.float32())),  # per class (see encode_prediction)
     pa.field("confidence_png", pa.binary(), nullable=True),
+    # instances (seg_core.instances; null when the job's `instances` is none): the object
+    # labels as a 16-bit PNG (0 = background, objects 1..n) and one entry per object
+    pa.field("instance_png", pa.binary(), nullable=True),
+    pa.field("objects", pa.list_(OBJECT_TYPE), nullable=True),
     pa.field("request_id", pa.string(), nullable=True),   # serve only
     pa.field("latency_ms", pa.float32(), nullable=True),  # serve only
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
@@ -130,8 +144,10 @@ def quarantine_row(row: dict[str, Any], error: "InputError", stage: str, *,
 def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
                    source_uri: str | None, source_sha256: str, model_name: str,
                    model_version: str, with_confidence: bool, weights_sha256: str | None = None,
-                   created_at: dt.datetime | None = None) -> dict[str, Any]:
-    """One :data:`PREDICTION_SCHEMA` row for ``prediction`` (serve-only fields null)."""
+                   created_at: dt.datetime | None = None,
+                   instances: str = "none") -> dict[str, Any]:
+    """One :data:`PREDICTION_SCHEMA` row for ``prediction`` (serve-only fields null), with its
+    objects when ``instances`` names a method (:func:`instance_fields`)."""
     from seg_core.inference import encode_prediction
 
     encoded = encode_prediction(prediction, segmenter.mask_spec, with_confidence=with_confidence)
@@ -139,7 +155,34 @@ def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
     return {"id": id, "source_uri": source_uri, "source_sha256": source_sha256,
             "model_name": model_name, "model_version": model_version,
             "weights_sha256": weights_sha256, "height": int(height), "width": int(width), **encoded,
+            **instance_fields(prediction, instances, source=source_uri or id),
             "request_id": None, "latency_ms": None, "created_at": created_at or now_utc()}
+
+
+MAX_OBJECTS = 2**16 - 1   # objects a 16-bit label PNG holds
+
+
+def instance_fields(prediction: "Prediction", method: str, *, source: str) -> dict[str, Any]:
+    """``instance_png`` and ``objects`` of a multi-class prediction cut into objects by
+    ``method`` (:func:`seg_core.instances.label_instances`), or both null for ``none``.
+
+    More than :data:`MAX_OBJECTS` objects is refused as ``too_large`` (an :class:`InputError`
+    naming ``source``: the batch job quarantines the image, the endpoint answers 413).
+    """
+    if method == "none":
+        return {"instance_png": None, "objects": None}
+    from seg_core.codecs import encode_png
+    from seg_core.errors import InputError
+    from seg_core.instances import label_instances, object_table
+
+    labels = label_instances(prediction.mask, method=method)   # type: ignore[arg-type]
+    count = int(labels.max(initial=0))
+    if count > MAX_OBJECTS:
+        raise InputError("too_large", f"the mask holds {count:,} objects; a 16-bit label image "
+                         f"holds {MAX_OBJECTS:,}", source=source,
+                         hint="remove specks with postprocess min_size, or set instances: none")
+    return {"instance_png": encode_png(labels.astype(np.uint16)),
+            "objects": object_table(labels, prediction.mask, prediction.confidence)}
 
 
 def decode_prediction(row: dict[str, Any], spec: "MaskSpec") -> np.ndarray:

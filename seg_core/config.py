@@ -32,6 +32,9 @@ ENGINES: tuple[str, ...] = typing.get_args(EngineKind)
 # its Parquet store (parquet: nothing more)
 MaskExportFormat = Literal["coco-rle"]
 PredictFormat = Literal["parquet", "coco-rle"]
+# how a predicted mask is cut into objects (seg_core.instances): not at all, connected
+# components per class, or a watershed from the distance transform's maxima
+InstanceMethod = Literal["none", "components", "watershed"]
 
 
 def check_engine(engine: str) -> str:

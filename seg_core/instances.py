@@ -18,11 +18,12 @@ functions that need them (about 0.3 s together), so scoring and importing cost n
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, NamedTuple, Sequence, get_args
+from typing import Any, Mapping, NamedTuple, Sequence, get_args
 
 import numpy as np
 
-InstanceMethod = Literal["none", "components", "watershed"]
+from seg_core.config import InstanceMethod   # the vocabulary, declared once
+
 INSTANCE_METHODS: tuple[str, ...] = get_args(InstanceMethod)
 
 # Watershed seeds.  Each seed is the top of a dome of the mask's Euclidean distance map (the

@@ -14,6 +14,7 @@ from pipelines.config.train import check_resources
 from seg_core.config import (
     EmptyPolicy,
     EngineKind,
+    InstanceMethod,
     MaskExportFormat,
     MaskSpec,
     PostProcess,
@@ -59,6 +60,8 @@ class PredictConfig:
     # per-class clean-up of the masks (seg_core.postprocess); None: the rules the artifact
     # holds (chosen on val by training), `{}` none, or your own min_size/fill_holes/keep_largest
     postprocess: PostProcess | None = None
+    # cut each mask into objects (seg_core.instances): rows gain instance_png and objects
+    instances: InstanceMethod = "none"
 
     def __post_init__(self) -> None:
         check_resources("predict: resources_per_actor", self.resources_per_actor)
@@ -116,6 +119,7 @@ class EvaluateConfig:
     mask_values: tuple[int, ...] | None = None  # override the artifact's MaskSpec.mask_values
     engine: EngineKind = "auto"         # inference engine when predicting with `model`
     postprocess: PostProcess | None = None   # when predicting with `model`: as predict's
+    instances: InstanceMethod = "none"        # when predicting with `model`: as predict's
     address: str | None = None
     progress: bool = True
 
@@ -294,6 +298,9 @@ class ServeArgs(BaseModel):
     postprocess: PostProcess | None = Field(
         None, description="per-class clean-up (min_size, fill_holes, keep_largest); None: the "
         "rules the artifact holds, chosen on val by training")
+    instances: InstanceMethod = Field(
+        "none", description="cut each mask into objects: none, components or watershed "
+        "(seg_core.instances); answers and rows then carry the objects")
 
     def model_post_init(self, context: Any, /) -> None:
         """The backlog bounds must leave room for normal flushing."""

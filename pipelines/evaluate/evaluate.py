@@ -346,6 +346,7 @@ def _predict_first(cfg: EvaluateConfig, log: Callable[[str], None]) -> str:
     out = cfg.predictions or storage.join_uri(cfg.out, "predictions")
     run_predict(PredictConfig(model=cfg.model, input=cfg.manifest, out=out, split=cfg.split,
                               engine=cfg.engine, postprocess=cfg.postprocess,
+                              instances=cfg.instances,
                               address=cfg.address, progress=cfg.progress),
                 log=log)
     return out

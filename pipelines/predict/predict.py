@@ -65,6 +65,7 @@ class Predictor:
 
     def __init__(self, model_uri: str, *, tta: bool, with_confidence: bool, threads: int,
                  engine: EngineKind = "auto", postprocess: "PostProcess | None" = None,
+                 instances: str = "none",
                  storage_options: dict[str, Any] | None = None) -> None:
         import torch
 
@@ -72,7 +73,7 @@ class Predictor:
         # Tiles per forward: 4 on a CPU, more for small tiles (fastest per image measured), sized
         # from free memory on a GPU, which also runs the forward in bf16 (seg_core.inference; `make gpu-check`).
         self.model: "LoadedModel" = open_model(model_uri, tta=tta, engine=engine,
-                                               postprocess=postprocess,
+                                               postprocess=postprocess, instances=instances,
                                                storage_options=storage_options)
         self.with_confidence = with_confidence
 
@@ -243,7 +244,7 @@ def _write_predictions(inputs: InputPlan, sink: Any, ref: Any, cfg: PredictConfi
     inputs.dataset.map_batches(
         Predictor, batch_size=cfg.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"model_uri": ref.source, "tta": cfg.tta, "engine": cfg.engine,
-                               "postprocess": cfg.postprocess,
+                               "postprocess": cfg.postprocess, "instances": cfg.instances,
                                "with_confidence": cfg.confidence_maps,
                                "threads": plan.threads, "storage_options": options},
         # all actors start at once; min 1, so fewer input blocks than actors (a small

@@ -187,7 +187,7 @@ class SegmentService:
         model = open_model(pointer["uri"], ref=pointer.get("ref"), device=self._args.device,
                            engine=self._args.engine, tta=self._args.tta,
                            max_pixels=self._args.max_pixels,
-                           postprocess=self._args.postprocess)
+                           postprocess=self._args.postprocess, instances=self._args.instances)
         if self._args.out_uri is not None:   # the log says which model wrote its rows
             try:
                 record_served_model(self._args.out_uri, {
@@ -252,8 +252,12 @@ class SegmentService:
                 continue
             started = time.perf_counter()
             job = jobs[index]
-            row = model.row(prediction, id=job.request_id, source_uri=f"upload:{job.name}",
-                            data=job.data, with_confidence=job.with_confidence)
+            try:
+                row = model.row(prediction, id=job.request_id, source_uri=f"upload:{job.name}",
+                                data=job.data, with_confidence=job.with_confidence)
+            except Exception as error:  # noqa: BLE001 - too many objects: this request's 413
+                results[index] = error
+                continue
             row["request_id"] = job.request_id
             results[index] = (row, decode_ms, (time.perf_counter() - started) * 1e3, model,
                               prediction)

@@ -180,6 +180,9 @@ def segment_body(encoded: Mapping[str, Any], *, request_id: str, model: Mapping[
         body["class_mask_pngs"] = [_b64(png) for png in encoded["class_mask_pngs"]]
     if encoded.get("confidence_png") is not None:
         body["confidence_png"] = _b64(encoded["confidence_png"])
+    if encoded.get("objects") is not None:   # the endpoint's `instances` is set
+        body["objects"] = {"count": len(encoded["objects"]), "table": encoded["objects"]}
+        body["instance_png"] = _b64(encoded["instance_png"])
     return body
 
 

@@ -5,6 +5,7 @@ import datetime as dt
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from pipelines import records
 from seg_core.codecs import encode_png
@@ -22,7 +23,11 @@ def test_schemas_have_the_contract_columns():
     assert p.names == [
         "id", "source_uri", "source_sha256", "model_name", "model_version", "weights_sha256",
         "height", "width", "mask_png", "class_mask_pngs", "class_pixel_counts", "mean_confidence",
-        "class_mean_confidence", "confidence_png", "request_id", "latency_ms", "created_at"]
+        "class_mean_confidence", "confidence_png", "instance_png", "objects", "request_id",
+        "latency_ms", "created_at"]
+    assert p.field("instance_png").nullable and p.field("objects").nullable
+    assert p.field("objects").type.value_type.names == [
+        "id", "class", "area", "centroid", "bbox", "mean_confidence"]
     assert p.field("class_mean_confidence").type == pa.list_(pa.float32())
     assert p.field("class_mask_pngs").type == pa.list_(pa.binary())
     assert p.field("class_pixel_counts").type == pa.list_(pa.int64())
@@ -61,3 +66,31 @@ def test_decode_prediction_reads_back_class_ids_and_label_planes():
     row = {"class_mask_pngs": [encode_png(p * 255) for p in planes]}   # stored as 0/255
     decoded = records.decode_prediction(row, MaskSpec(2, multilabel=True))
     assert decoded.dtype == np.uint8 and decoded.tolist() == planes.tolist()
+
+
+def test_instance_fields_label_objects_and_refuse_too_many(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from seg_core.errors import InputError
+    from seg_core.inference.segmenter import Prediction
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:6, 3:9] = 1
+    mask[10:18, 20:28] = 2
+    prediction = Prediction(probs=None, mask=mask, confidence=np.full(mask.shape, 0.75,
+                                                                        np.float32), entropy=None)
+    assert records.instance_fields(prediction, "none", source="x") == {
+        "instance_png": None, "objects": None}
+    found = records.instance_fields(prediction, "components", source="x")
+    labels = np.asarray(Image.open(io.BytesIO(found["instance_png"])))
+    assert labels.dtype == np.uint16 and labels.max() == 2
+    assert [(o["id"], o["class"], o["area"], o["bbox"]) for o in found["objects"]] == [
+        (1, 1, 24, [2, 3, 6, 9]), (2, 2, 64, [10, 20, 18, 28])]
+    assert found["objects"][0]["centroid"] == [3.5, 5.5]
+    assert found["objects"][1]["mean_confidence"] == 0.75
+    monkeypatch.setattr(records, "MAX_OBJECTS", 1)
+    with pytest.raises(InputError, match="2 objects") as refused:
+        records.instance_fields(prediction, "components", source="img.png")
+    assert refused.value.reason == "too_large" and refused.value.source == "img.png"

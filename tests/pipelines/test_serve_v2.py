@@ -152,7 +152,8 @@ def endpoint(ray_session, s3_bucket, model_dir):
     out = f"s3://{s3_bucket}/serve-v2-{uuid.uuid4().hex[:8]}"
     config = endpoint_config(free_port())
     args = {"flush_rows": 10_000, "flush_interval_s": 3600, "max_unflushed_age_s": 7200,
-            "max_request_bytes": MAX_REQUEST_BYTES, "max_pixels": MAX_PIXELS}
+            "max_request_bytes": MAX_REQUEST_BYTES, "max_pixels": MAX_PIXELS,
+            "instances": "watershed"}   # /v1/segment answers carry the objects
     url = start_endpoint(str(model_dir), out, config=config, args=args)
     state = {"url": url, "out": out, "answered": [], "running": True}
     yield state
@@ -400,6 +401,51 @@ def test_hostile_headers_never_get_a_5xx(endpoint, scenes, route):
         assert status < 500, (route, case, status, answer[:300])
         if status == 200:
             endpoint["answered"].append(None)   # logged under a generated id
+
+
+@pytest.mark.slow
+def test_batch_online_and_evaluate_give_the_same_objects(endpoint, scenes, model_dir, tmp_path):
+    """One image through the endpoint, `rayseg predict` and evaluate's own prediction, all with
+    instances: watershed: the same label image and object table, and the labels are those
+    seg_core computes from the answered mask."""
+    import base64
+
+    from pipelines import predictions
+    from pipelines.config import EvaluateConfig
+    from pipelines.evaluate.evaluate import _predict_first
+    from pipelines.predict.predict import PredictConfig, run_predict
+    from seg_core.instances import label_instances
+
+    png = encode_as(scenes[0], "png")
+    status, _, body = post(endpoint["url"], png, answered=endpoint["answered"])
+    assert status == 200, body
+    answer = json.loads(body)
+    online = base64.b64decode(answer["instance_png"])
+    labels = np.asarray(Image.open(io.BytesIO(online)))
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"]))))
+    assert np.array_equal(labels, label_instances(mask, method="watershed"))
+    table = answer["objects"]["table"]
+    assert answer["objects"]["count"] == len(table) == labels.max() >= 2
+    assert [row["area"] for row in table] == [int((labels == i).sum())
+                                              for i in range(1, labels.max() + 1)]
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "scene.png").write_bytes(png)
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "scene.png").write_bytes(encode_as(np.zeros((96, 80), np.uint8), "png"))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image,mask,split\nimages/scene.png,masks/scene.png,val\n")
+    batch = str(tmp_path / "batch")
+    run_predict(PredictConfig(model=str(model_dir), input=str(tmp_path / "images"), out=batch,
+                              instances="watershed", actors=1, cpus_per_actor=0.5,
+                              progress=False), log=lambda _: None)
+    scored = _predict_first(EvaluateConfig(manifest=str(manifest), model=str(model_dir),
+                                           out=str(tmp_path / "eval"), instances="watershed",
+                                           progress=False), log=lambda _: None)
+    for out in (batch, scored):
+        [row] = predictions.scan(out, ["instance_png", "objects"]).to_pylist()
+        assert row["instance_png"] == online
+        assert row["objects"] == table
 
 
 @pytest.mark.slow
