@@ -145,7 +145,9 @@ class LoadedModel:
         return {**self.describe(), "uri": self.uri, "engine": self.engine, "device": self.device,
                 "tta": self.segmenter.tta, "max_pixels": self.max_pixels,
                 "tiff_page": self.limits.tiff_page,
-                "postprocess": to_dict(self.segmenter.postprocess), "instances": self.instances}
+                "postprocess": to_dict(self.segmenter.postprocess), "instances": self.instances,
+                "temperature": self.segmenter.temperature,
+                "calibration": self.artifact.meta.get("calibration")}
 
     def decode(self, data: bytes | None, source: str) -> "np.ndarray":
         return self.limits.decode(data, source)

@@ -108,7 +108,12 @@ RESULT_SCHEMA = pa.schema([f.with_nullable(True) for f in list(PREDICTION_SCHEMA
 COUNT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("message", pa.string()),
                           ("tp", pa.list_(pa.int64())), ("fp", pa.list_(pa.int64())),
                           ("fn", pa.list_(pa.int64())), ("tn", pa.list_(pa.int64())),
-                          ("confusion", pa.list_(pa.int64()))])
+                          ("confusion", pa.list_(pa.int64())),
+                          # pixel calibration (multi-class rows with a confidence map): per
+                          # confidence bin, pixels, their confidence summed, and how many were right
+                          ("calibration_pixels", pa.list_(pa.int64())),
+                          ("calibration_confidence", pa.list_(pa.float64())),
+                          ("calibration_correct", pa.list_(pa.int64()))])
 """One scored image: status ``ok`` or a reason code, counts per class, flattened K x K matrix."""
 
 

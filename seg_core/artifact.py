@@ -181,13 +181,24 @@ def load_artifact(path: str | Path) -> Artifact:
                     postprocess=postprocess)
 
 
+def write_calibration(path: str | Path, calibration: Mapping[str, Any]) -> None:
+    """Record the confidence temperature fitted on val (:mod:`seg_core.calibration`) in the
+    ``artifact.json`` of the artifact in ``path``; every engine applies it."""
+    _update_meta(path, {"calibration": dict(calibration)})
+
+
 def write_postprocess(path: str | Path, rules: PostProcess, evidence: Mapping[str, Any]) -> None:
     """Record the post-processing chosen for the artifact in ``path`` (and why) in its
-    ``artifact.json``, rewritten whole; the weights stay as they are."""
+    ``artifact.json``; the weights stay as they are."""
+    meta = read_artifact_meta(path)
+    _update_meta(path, {"postprocess": to_dict(rules.check(int(meta["mask_spec"]["num_classes"]))),
+                        "postprocess_choice": dict(evidence)})
+
+
+def _update_meta(path: str | Path, updates: Mapping[str, Any]) -> None:
+    """``artifact.json`` of the artifact in ``path`` with ``updates``, rewritten whole."""
     directory = Path(path)
-    meta = read_artifact_meta(directory)
-    meta["postprocess"] = to_dict(rules.check(int(meta["mask_spec"]["num_classes"])))
-    meta["postprocess_choice"] = dict(evidence)
+    meta = {**read_artifact_meta(directory), **updates}
     text = json.dumps(_jsonable(meta), indent=2, sort_keys=False, allow_nan=False) + "\n"
     _atomic_write(directory / ARTIFACT_JSON, lambda handle: handle.write(text.encode()))
 

@@ -193,6 +193,9 @@ class TrainConfig:
     # choose per-class post-processing (min_size, fill_holes, keep_largest) on the val split
     # at the end, kept where it raises that class's Dice (seg_core.postprocess); false: none
     tune_postprocess: bool = True
+    # fit a confidence temperature on the val split at the end (seg_core.calibration): every
+    # engine's confidence maps use it, masks do not move; false: none
+    calibrate: bool = True
     register: bool = True  # log the run and register the artifact (pipelines.registry)
     # rayseg train and the estimator fingerprint the training rows and fill the keys you did not
     # set from the plan derived from it (pipelines/plan); false trains exactly this config

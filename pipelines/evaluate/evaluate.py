@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 import typing
@@ -84,7 +85,9 @@ def score_batch(batch: pa.Table, truth: dict[str, tuple[str | None, str | None]]
                 raise InputError("missing_mask", "the manifest gives no mask for this image")
             _check_source(row, image_uri, read_limited, storage_options)
             mask = read_mask(uri, mask_spec, storage_options)  # multi-label: one file per class
-            counts = score_mask(decode_prediction(row, mask_spec), mask, mask_spec)
+            predicted = decode_prediction(row, mask_spec)
+            counts = score_mask(predicted, mask, mask_spec)
+            counts.update(calibration_sums(row, predicted, mask, mask_spec))
         except FileNotFoundError:
             out.append(_unscored(row["id"], "missing_mask", f"{uri}: no such file"))
             continue
@@ -94,6 +97,26 @@ def score_batch(batch: pa.Table, truth: dict[str, tuple[str | None, str | None]]
         out.append({"id": row["id"], "status": "ok", "message": None,
                     **{k: v.reshape(-1).tolist() for k, v in counts.items()}})
     return pa.Table.from_pylist(out, schema=COUNT_SCHEMA)
+
+
+def calibration_sums(row: dict[str, Any], predicted: np.ndarray, truth: np.ndarray,
+                     spec: MaskSpec) -> dict[str, np.ndarray]:
+    """Per confidence bin (:data:`seg_core.calibration.BINS`), the pixels, their confidence
+    summed and how many were right, from the row's 8-bit confidence map; empty without one, and
+    for multi-label rows (whose map is the least sure class decision, not each class's)."""
+    from PIL import Image
+
+    from seg_core.calibration import calibration_bins
+
+    if spec.multilabel or row.get("confidence_png") is None:
+        return {}
+    confidence = np.asarray(Image.open(io.BytesIO(row["confidence_png"])), np.float64) / 255.0
+    valid = truth != spec.ignore_index
+    bins = calibration_bins(confidence[valid], (predicted == truth)[valid])
+    pixels = np.asarray(bins["pixels"], np.int64)
+    return {"calibration_pixels": pixels,
+            "calibration_confidence": np.asarray(bins["confidence"]) * pixels,
+            "calibration_correct": np.rint(np.asarray(bins["accuracy"]) * pixels).astype(np.int64)}
 
 
 def _check_source(row: dict[str, Any], image_uri: str | None, read: Callable[..., Any],
@@ -223,7 +246,7 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     return report
 
 
-_SCORED = ["id", "source_uri", "source_sha256", "mask_png", "class_mask_pngs"]
+_SCORED = ["id", "source_uri", "source_sha256", "mask_png", "class_mask_pngs", "confidence_png"]
 _ROWS_PER_TASK = 64   # scoring reads each row's truth mask: blocks of this many run in parallel
 
 
@@ -307,10 +330,39 @@ def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
         "training_reported": _compare(reported, metrics["macro"]),
         "bootstrap_ci95": bootstrap_ci(counts, spec, cfg.empty_policy,
                                        resamples=cfg.bootstrap, seed=cfg.seed),
+        "calibration": _calibration(ok, record),
         "per_image_iou": dict(ranked),
         "best": [i for i, _ in ranked[: cfg.overlays]],
         "worst": [i for i, _ in ranked[::-1][: cfg.overlays]],
     }
+
+
+def _calibration(rows: list[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:
+    """Pixel calibration of the scored rows: ECE and the reliability bins (from the rows'
+    confidence maps), with the temperature the model applied and, from its artifact, the val
+    ECE before and after training fitted it."""
+    from seg_core.calibration import expected_calibration_error
+
+    fitted = record.get("calibration") or {}
+    found: dict[str, Any] = {"temperature": record.get("temperature", 1.0),
+                             "val_ece_before_scaling": fitted.get("ece_before"),
+                             "val_ece_after_scaling": fitted.get("ece_after")}
+    with_maps = [r for r in rows if r.get("calibration_pixels")]
+    if not with_maps:
+        found["ece"] = None
+        found["why_none"] = ("no confidence maps in these predictions (predict with "
+                             "--confidence-maps; multi-label maps do not say each class's)")
+        return found
+    pixels = np.sum([r["calibration_pixels"] for r in with_maps], axis=0)
+    safe = np.maximum(pixels, 1)
+    bins = {"pixels": pixels.tolist(),
+            "confidence": (np.sum([r["calibration_confidence"] for r in with_maps], axis=0)
+                           / safe).tolist(),
+            "accuracy": (np.sum([r["calibration_correct"] for r in with_maps], axis=0)
+                         / safe).tolist()}
+    found.update(ece=round(expected_calibration_error(bins), 6), images=len(with_maps),
+                 bins=bins)
+    return found
 
 
 def _compare(reported: dict[str, Any], macro: dict[str, Any]) -> dict[str, Any]:
@@ -345,6 +397,7 @@ def _predict_first(cfg: EvaluateConfig, log: Callable[[str], None]) -> str:
 
     out = cfg.predictions or storage.join_uri(cfg.out, "predictions")
     run_predict(PredictConfig(model=cfg.model, input=cfg.manifest, out=out, split=cfg.split,
+                              confidence_maps=True,   # the report's calibration needs them
                               engine=cfg.engine, postprocess=cfg.postprocess,
                               instances=cfg.instances,
                               address=cfg.address, progress=cfg.progress),

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from pipelines import storage
 from pipelines.evaluate.overlays import render_overlays
+from pipelines.evaluate.plots import reliability_png
 from pipelines.evaluate.report_html import score_text, score_with_interval, write_html
 from seg_core.metrics import SCORES
 
@@ -37,6 +40,13 @@ def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,
             scores=report["per_image_iou"], out_dir=storage.join_uri(out, "overlays"),
             limits=limits)
         report["overlays_refused"] += refused
+    calibration = report.get("calibration") or {}
+    if calibration.get("ece") is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            png = reliability_png(calibration["bins"], Path(tmp) / "reliability.png",
+                                  ece=calibration["ece"])
+            storage.write_bytes(storage.join_uri(out, "reliability.png"), png.read_bytes())
+        calibration["diagram"] = "reliability.png"
     text = json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
     storage.write_bytes(storage.join_uri(out, "report.json"), text.encode())
     storage.write_bytes(storage.join_uri(out, "report.md"), render_markdown(report).encode())
@@ -95,6 +105,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             link = f"[overlay]({path})" if path else f"no overlay: {refused.get(image_id)}"
             lines.append(f"- `{image_id}`: {score_text(report['per_image_iou'][image_id])} "
                          f"({link})")
+    calibration = report.get("calibration") or {}
+    lines += ["", "## Calibration of pixel confidence", ""]
+    if calibration.get("ece") is None:
+        lines.append(f"- not measured: {calibration.get('why_none', 'no confidence maps')}")
+    else:
+        lines.append(f"- expected calibration error (ECE, 15 bins, pixel-weighted, from the "
+                     f"8-bit confidence maps of {calibration['images']} images): "
+                     f"**{calibration['ece']:.4f}** ([reliability diagram](reliability.png))")
+    lines.append(f"- temperature the model applied: {calibration.get('temperature', 1.0)}")
+    if calibration.get("val_ece_before_scaling") is not None:
+        lines.append(f"- training's fit on its val split: ECE "
+                     f"{calibration['val_ece_before_scaling']:.4f} before temperature scaling, "
+                     f"{calibration['val_ece_after_scaling']:.4f} after")
     if report["unscored"]:
         lines += ["", "## Unscored", ""]
         lines += [f"- `{u['id']}`: {u['reason']}: {u['message']}" for u in report["unscored"]]

@@ -38,6 +38,7 @@ from pipelines.predict.coco import coco_dir, export_coco
 from pipelines.predict.inputs import InputPlan, plan_inputs
 from pipelines.predictions import file_key
 from pipelines.records import RESULT_SCHEMA
+from seg_core.config import to_dict
 
 if TYPE_CHECKING:
     from pipelines.model import LoadedModel
@@ -139,6 +140,12 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
                                  "max_pixels": pre.get("max_pixels"),
                                  "tiff_page": pre.get("tiff_page"),
                                  "confidence_maps": cfg.confidence_maps,
+                                 "postprocess": (to_dict(cfg.postprocess) if cfg.postprocess
+                                                 is not None else meta.get("postprocess")),
+                                 "instances": cfg.instances,
+                                 "temperature": (meta.get("calibration") or {}).get(
+                                     "temperature", 1.0),
+                                 "calibration": meta.get("calibration"),
                                  "reported_metrics": meta.get("metrics") or {}})
     # one read of the committed files: ids and sources (and digests to verify)
     sources = store.done_sources(cfg.out, digests=cfg.verify_done)

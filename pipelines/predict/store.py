@@ -89,7 +89,9 @@ def claim_output(out: str, model: dict[str, Any]) -> None:
     # the weights' hash is the model's identity: a retrain under the same name and version is
     # another model; records from before 0.2 have no hash and compare by name and version
     identity = ("weights_sha256",) if existing.get("weights_sha256") else ("name", "version")
-    keys = (*identity, "tta", "confidence_maps")
+    keys = (*identity, "tta", "confidence_maps",
+            # settings that change the rows; records from before they existed do not hold them
+            *(k for k in ("postprocess", "instances", "temperature") if k in existing))
     changed = {k: (existing.get(k), model.get(k)) for k in keys if existing.get(k) != model.get(k)}
     if changed:
         raise ValueError(f"{out} already holds predictions from a different setup "

@@ -1,4 +1,4 @@
-"""The per-class post-processing of an artifact, chosen on the val split (issue 33).
+"""What training fits on the val split after the weights: post-processing and calibration.
 
 At the end of training (``tune_postprocess: true``, the default) and by ``rayseg
 tune-postprocess``: up to :data:`POSTPROCESS_IMAGES` val pairs are read on this process (no Ray
@@ -7,6 +7,8 @@ job, like the drift baseline), predicted by the artifact with no post-processing
 by more than its tolerance without lowering another's.  The rules and the evidence (every rule
 tried, Dice before and after) go into ``artifact.json`` (:func:`seg_core.artifact.
 write_postprocess`), where every engine applies them, and into ``metrics.json`` for training.
+The same pass fits the confidence temperature (:mod:`seg_core.calibration`; ``calibrate: true``)
+on the raw probabilities of those pairs, recorded in ``artifact.json`` under ``calibration``.
 """
 from __future__ import annotations
 
@@ -24,38 +26,67 @@ def tune_postprocess(artifact_dir: Path, source: str, *, kind: str, split: str,
     """Choose and record the post-processing of the local artifact in ``artifact_dir`` from the
     ``split`` rows of ``source`` (``kind``: manifest, prefix or shards); returns the rules and
     the evidence.  Pairs that do not decode are skipped (they were quarantined in training)."""
+    found = fit_on_val(artifact_dir, source, kind=kind, split=split, log=log, limit=limit,
+                       calibrate=False)
+    return found["rules"], found["evidence"]
+
+
+def fit_on_val(artifact_dir: Path, source: str, *, kind: str, split: str,
+               log: Callable[[str], None] = print, limit: int = POSTPROCESS_IMAGES,
+               postprocess: bool = True, calibrate: bool = True) -> dict[str, Any]:
+    """One pass over up to ``limit`` ``split`` pairs with the raw model (no post-processing,
+    temperature 1): the post-processing rules (``postprocess``) and the confidence temperature
+    (``calibrate``, :mod:`seg_core.calibration`), both written into the artifact's
+    ``artifact.json``.  Returns ``{"rules", "evidence", "calibration"}`` (None where not
+    asked)."""
     from pipelines.ingest import decode_pair, read_split_bytes
     from pipelines.model import open_model
-    from seg_core.artifact import write_postprocess
+    from seg_core.artifact import write_calibration, write_postprocess
+    from seg_core.calibration import fit_temperature, sample_pixels
     from seg_core.config import PostProcess
     from seg_core.errors import InputError
     from seg_core.postprocess import choose
 
     model = open_model(str(artifact_dir), engine="torch", device="cpu",
                        postprocess=PostProcess())   # raw masks: the rules are what is chosen
+    model.segmenter.temperature = 1.0              # raw confidences: T is what is fitted
     spec, limits = model.mask_spec, model.limits
+    fields = frozenset({"mask", "probs"} if calibrate else {"mask"})
     table = read_split_bytes(source, kind=kind, split=split, limit=limit)
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    samples: list[tuple[np.ndarray, np.ndarray]] = []
+    rng = np.random.default_rng(0)
     for row in table.to_pylist():
         try:
             image, truth = decode_pair(row["image_bytes"], row["mask_bytes"], spec,
                                        image_uri=row["image_uri"], mask_uri=row["mask_uri"],
                                        max_pixels=limits.max_pixels, refused=row["refused"],
                                        tiff_page=limits.tiff_page)
-            prediction = model.segmenter.predict(image, fields=frozenset({"mask"}))
+            prediction = model.segmenter.predict(image, fields=fields)
         except InputError:
             continue
         pairs.append((prediction.mask, truth))
-    if not pairs:
-        rules, evidence = PostProcess(), {"images": 0, "skipped": f"no {split} pairs decoded"}
-    else:
-        rules, evidence = choose(pairs, spec)
-    write_postprocess(artifact_dir, rules, evidence)
-    log(f"post-processing chosen on {len(pairs)} {split} image(s): "
-        f"{rules.describe(spec.names)}" + (
-            f" (mean val Dice {evidence['mean_dice_before']:.4f} -> "
-            f"{evidence['mean_dice_after']:.4f})" if pairs else ""))
-    return rules, evidence
+        if calibrate:
+            samples.append(sample_pixels(prediction.probs, truth, multilabel=spec.multilabel,
+                                         ignore_index=spec.ignore_index, rng=rng))
+    found: dict[str, Any] = {"rules": None, "evidence": None, "calibration": None}
+    if postprocess:
+        rules, evidence = (choose(pairs, spec) if pairs else
+                           (PostProcess(), {"images": 0, "skipped": f"no {split} pairs decoded"}))
+        write_postprocess(artifact_dir, rules, evidence)
+        found.update(rules=rules, evidence=evidence)
+        log(f"post-processing chosen on {len(pairs)} {split} image(s): "
+            f"{rules.describe(spec.names)}" + (
+                f" (mean val Dice {evidence['mean_dice_before']:.4f} -> "
+                f"{evidence['mean_dice_after']:.4f})" if pairs else ""))
+    if calibrate and samples:
+        fitted = {**fit_temperature(samples, multilabel=spec.multilabel), "images": len(samples)}
+        write_calibration(artifact_dir, fitted)
+        found["calibration"] = fitted
+        log(f"confidence calibrated on {len(samples)} {split} image(s): temperature "
+            f"{fitted['temperature']:.3f}, pixel ECE {fitted['ece_before']:.4f} -> "
+            f"{fitted['ece_after']:.4f}")
+    return found
 
 
 def tune_artifact(cfg: Any, log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:

@@ -357,8 +357,8 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                                                              data_rows=data_rows,
                                                              fold=cfg.fold),
                       metrics=summary)
-        if cfg.tune_postprocess and cfg.fold is None:
-            report["postprocess"] = choose_postprocess(cfg, local)
+        if (cfg.tune_postprocess or cfg.calibrate) and cfg.fold is None:
+            report.update(fit_on_val(cfg, local))
         (local / "metrics.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
         (local / "config.yaml").write_text(dump_config(cfg))
         learning_curve_png(history, local / "learning_curve.png",
@@ -374,17 +374,24 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                        stopped=state["stopped"])
 
 
-def choose_postprocess(cfg: TrainConfig, artifact_dir: Path) -> dict[str, Any]:
-    """The per-class post-processing chosen on the val split, recorded in the artifact
-    (:mod:`pipelines.train.postprocess`); its rules and evidence for ``metrics.json``."""
-    from pipelines.train.postprocess import tune_postprocess
+def fit_on_val(cfg: TrainConfig, artifact_dir: Path) -> dict[str, Any]:
+    """The per-class post-processing and the confidence temperature fitted on the val split and
+    recorded in the artifact (:mod:`pipelines.train.postprocess`): ``metrics.json``'s
+    ``postprocess`` (rules and evidence) and ``calibration`` entries."""
+    from pipelines.train import postprocess
     from seg_core.config import to_dict
 
-    rules, evidence = tune_postprocess(
+    found = postprocess.fit_on_val(
         artifact_dir, cfg.data.manifest or cfg.data.shards,
         kind="auto" if cfg.data.manifest else "shards", split=cfg.data.val_split,
+        postprocess=cfg.tune_postprocess, calibrate=cfg.calibrate,
         log=lambda line: print(f"[{cfg.run_name}] {line}", flush=True))
-    return {"rules": to_dict(rules), **evidence}
+    report: dict[str, Any] = {}
+    if found["rules"] is not None:
+        report["postprocess"] = {"rules": to_dict(found["rules"]), **found["evidence"]}
+    if found["calibration"] is not None:
+        report["calibration"] = found["calibration"]
+    return report
 
 
 def write_val_baseline(cfg: TrainConfig, artifact_dir: Path) -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seg_core.artifact import Artifact
+from seg_core.calibration import scale_probs
 from seg_core.codecs import encode_png
 from seg_core.config import MaskSpec, PostProcess, Preprocessing, oversized_tile
 from seg_core.errors import InputError
@@ -87,9 +88,13 @@ class Segmenter:
     def __init__(self, artifact: Artifact, device: str | torch.device = "cpu", tta: bool = False,
                  batch_size: int | None = None, channels_last: bool = True,
                  engine: EngineKind = "auto", amp_dtype: AmpSetting = "auto",
-                 postprocess: PostProcess | None = None) -> None:
+                 postprocess: PostProcess | None = None,
+                 temperature: float | None = None) -> None:
         self._init(artifact.model, artifact.mask_spec, artifact.preprocessing, device, tta,
                    batch_size, channels_last, fold_norms=True, amp_dtype=amp_dtype)
+        # confidence calibration fitted on val by training (seg_core.calibration); 1: none
+        self.temperature = float(temperature if temperature is not None else
+                                 (artifact.meta.get("calibration") or {}).get("temperature", 1.0))
         self.postprocess = (artifact.postprocess if postprocess is None
                             else postprocess).check(artifact.mask_spec.num_classes)
         if engine == "auto" and artifact.path is None:
@@ -119,6 +124,7 @@ class Segmenter:
         segmenter._init(model, mask_spec, preprocessing, device, tta, batch_size, channels_last,
                         fold_norms=fold_norms, amp_dtype=amp_dtype)
         segmenter.postprocess = postprocess.check(mask_spec.num_classes)
+        segmenter.temperature = 1.0
         return segmenter
 
     def _init(self, model: nn.Module, mask_spec: MaskSpec, preprocessing: Preprocessing,
@@ -268,7 +274,10 @@ class Segmenter:
             if tuple(probs.shape[-2:]) != (height, width):
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
                                       align_corners=False)[0]
-            prediction = _finish(probs.clamp_(0.0, 1.0), self.mask_spec.multilabel, fields)
+            probs = probs.clamp_(0.0, 1.0)
+            if self.temperature != 1.0:   # the mask does not move; confidences do
+                probs = scale_probs(probs, self.temperature, multilabel=self.mask_spec.multilabel)
+            prediction = _finish(probs, self.mask_spec.multilabel, fields)
             if self.postprocess.active:   # on the host: the mask is there now (postprocess doc)
                 prediction = dataclasses.replace(prediction, mask=apply_postprocess(
                     prediction.mask, self.postprocess, multilabel=self.mask_spec.multilabel))

@@ -247,13 +247,27 @@ def test_evaluate_with_model_matches_direct_segmenter_scores(ray_session, sample
     segmenter = Segmenter(load_artifact(artifact), engine="auto")   # predict's default engine
     spec = segmenter.mask_spec
     total = {k: np.zeros(3, np.int64) for k in ("tp", "fp", "fn")}
+    confidence, right = [], []
     with open(sample_dataset, newline="") as handle:
         for row in (r for r in csv.DictReader(handle) if r["split"] == "val"):
             image = decode_image((sample_dataset.parent / row["image"]).read_bytes())
             truth = decode_mask((sample_dataset.parent / row["mask"]).read_bytes(), spec)
-            counts = confusion_counts(segmenter.predict(image).mask, truth, 3)
+            prediction = segmenter.predict(image)
+            counts = confusion_counts(prediction.mask, truth, 3)
             for k in total:
                 total[k] += counts[k]
+            confidence.append(np.rint(prediction.confidence * 255).ravel() / 255)  # 8-bit map
+            right.append((prediction.mask == truth).ravel())
+    # pixel ECE over 15 equal bins, computed here with plain NumPy
+    confidence, right = np.concatenate(confidence), np.concatenate(right)
+    bins = np.minimum((confidence * 15).astype(int), 14)
+    ece = sum((bins == b).mean() * abs(right[bins == b].mean() - confidence[bins == b].mean())
+              for b in range(15) if (bins == b).any())
+    calibration = report["calibration"]
+    assert calibration["ece"] == pytest.approx(ece, abs=1e-3) and calibration["images"] == 6
+    assert calibration["temperature"] == 1.0    # this artifact was never calibrated
+    assert (tmp_path / "eval" / "reliability.png").stat().st_size > 1000
+    assert f"**{calibration['ece']:.4f}**" in (tmp_path / "eval" / "report.md").read_text()
     expected = compute_metrics(total["tp"], total["fp"], total["fn"], reduction="macro")
     assert report["images_scored"] == 6
     assert report["metrics"]["macro"]["iou"] == pytest.approx(expected["iou"], abs=1e-12)

@@ -286,6 +286,11 @@ def test_two_workers_on_s3_lose_one_resume_from_s3_and_the_artifact_predicts(
     for evidence in chosen["classes"].values():
         assert evidence["dice_after"] >= evidence["dice_before"]
         assert "keep_largest" in evidence["tried"] and "min_size 10" in evidence["tried"]
+    # the confidence temperature fitted on the same val pairs, in the artifact and metrics.json
+    calibration = json.loads((local / "metrics.json").read_text())["calibration"]
+    assert calibration == artifact.meta["calibration"] and calibration["images"] == 6
+    assert 0.05 <= calibration["temperature"] <= 20
+    assert calibration["nll_after"] <= calibration["nll_before"]
     # validation scored the raw masks: re-predict them without the post-processing
     segmenter = Segmenter(artifact, engine="torch", postprocess=PostProcess())
 
