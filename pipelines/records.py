@@ -113,7 +113,12 @@ COUNT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("messag
                           # confidence bin, pixels, their confidence summed, and how many were right
                           ("calibration_pixels", pa.list_(pa.int64())),
                           ("calibration_confidence", pa.list_(pa.float64())),
-                          ("calibration_correct", pa.list_(pa.int64()))])
+                          ("calibration_correct", pa.list_(pa.int64())),
+                          # objects (truth from instance label masks, predictions with their
+                          # instance_png): seg_core.instances.instance_metrics of the image
+                          ("instances", pa.struct([(name, pa.float64()) for name in (
+                              "map", "tp", "fp", "fn", "iou_sum", "splits", "merges",
+                              "truth_objects", "pred_objects")]))])
 """One scored image: status ``ok`` or a reason code, counts per class, flattened K x K matrix."""
 
 
@@ -160,16 +165,20 @@ def prediction_row(prediction: "Prediction", segmenter: "Segmenter", *, id: str,
     return {"id": id, "source_uri": source_uri, "source_sha256": source_sha256,
             "model_name": model_name, "model_version": model_version,
             "weights_sha256": weights_sha256, "height": int(height), "width": int(width), **encoded,
-            **instance_fields(prediction, instances, source=source_uri or id),
+            **instance_fields(prediction, instances, source=source_uri or id,
+                              spec=segmenter.mask_spec),
             "request_id": None, "latency_ms": None, "created_at": created_at or now_utc()}
 
 
 MAX_OBJECTS = 2**16 - 1   # objects a 16-bit label PNG holds
 
 
-def instance_fields(prediction: "Prediction", method: str, *, source: str) -> dict[str, Any]:
+def instance_fields(prediction: "Prediction", method: str, *, source: str,
+                    spec: "MaskSpec | None" = None) -> dict[str, Any]:
     """``instance_png`` and ``objects`` of a multi-class prediction cut into objects by
-    ``method`` (:func:`seg_core.instances.label_instances`), or both null for ``none``.
+    ``method`` (:func:`seg_core.instances.label_instances`), or both null for ``none``.  A
+    model trained on instance labels with 3 classes (``spec.instance_labels``) predicts a
+    boundary class: its interiors are labelled and grown back over it.
 
     More than :data:`MAX_OBJECTS` objects is refused as ``too_large`` (an :class:`InputError`
     naming ``source``: the batch job quarantines the image, the endpoint answers 413).
@@ -180,14 +189,18 @@ def instance_fields(prediction: "Prediction", method: str, *, source: str) -> di
     from seg_core.errors import InputError
     from seg_core.instances import label_instances, object_table
 
-    labels = label_instances(prediction.mask, method=method)   # type: ignore[arg-type]
+    boundary = 2 if spec is not None and spec.instance_labels and spec.num_classes == 3 \
+        else None
+    labels = label_instances(prediction.mask, method=method,   # type: ignore[arg-type]
+                             boundary_class=boundary)
     count = int(labels.max(initial=0))
     if count > MAX_OBJECTS:
         raise InputError("too_large", f"the mask holds {count:,} objects; a 16-bit label image "
                          f"holds {MAX_OBJECTS:,}", source=source,
                          hint="remove specks with postprocess min_size, or set instances: none")
     return {"instance_png": encode_png(labels.astype(np.uint16)),
-            "objects": object_table(labels, prediction.mask, prediction.confidence)}
+            "objects": object_table(labels, prediction.mask, prediction.confidence,
+                                    boundary_class=boundary)}
 
 
 def decode_prediction(row: dict[str, Any], spec: "MaskSpec") -> np.ndarray:

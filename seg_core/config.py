@@ -190,6 +190,12 @@ class MaskSpec:
       "ignore" when ``mask_values`` is None.
     - ``multilabel``: each class is its own binary channel (one file per class, or a
       multi-channel TIFF); classes may overlap.
+    - ``instance_labels``: mask files are instance label images (8- or 16-bit grey): 0 is the
+      background and every other value one object.  The classes are derived from them: with 2
+      classes background and object; with 3, background, object interior and object boundary
+      (:func:`seg_core.instances.boundary_target`), so a model learns to keep touching objects
+      apart and ``instances`` grows its interiors back over the boundary.  ``rayseg evaluate``
+      then also scores the objects (mean AP, panoptic quality).
     """
 
     num_classes: int = 2
@@ -198,8 +204,16 @@ class MaskSpec:
     palette: tuple[tuple[int, int, int], ...] | None = None
     ignore_index: int = 255
     multilabel: bool = False
+    instance_labels: bool = False
 
     def __post_init__(self) -> None:
+        if self.instance_labels and (self.multilabel or self.num_classes not in (2, 3)
+                                     or self.mask_values is not None or self.palette is not None):
+            raise ValueError(
+                f"MaskSpec: instance_labels derives 2 classes (background, object) or 3 "
+                f"(background, interior, boundary) from label images; got num_classes="
+                f"{self.num_classes}, multilabel={self.multilabel}, mask_values="
+                f"{self.mask_values}, palette={self.palette}")
         if self.num_classes < 1:
             raise ValueError(f"MaskSpec: num_classes must be >= 1, got {self.num_classes}")
         for name, seq in (("mask_values", self.mask_values), ("palette", self.palette)):

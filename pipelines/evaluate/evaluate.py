@@ -36,6 +36,7 @@ from pipelines.config import EvaluateConfig
 from pipelines.model import InputLimits
 from pipelines.predictions import model_record, read_quarantine, scan
 from pipelines.records import COUNT_SCHEMA, decode_prediction
+from seg_core.codecs import instance_classes
 from seg_core.config import EmptyPolicy, MaskSpec, from_dict
 from seg_core.errors import InputError
 from seg_core.metrics import SCORES, Reduction
@@ -84,19 +85,52 @@ def score_batch(batch: pa.Table, truth: dict[str, tuple[str | None, str | None]]
             if uri is None:
                 raise InputError("missing_mask", "the manifest gives no mask for this image")
             _check_source(row, image_uri, read_limited, storage_options)
-            mask = read_mask(uri, mask_spec, storage_options)  # multi-label: one file per class
+            labels = None
+            if mask_spec.instance_labels:   # the truth's objects, and the classes they give
+                labels = _truth_labels(uri, storage_options)
+                mask = instance_classes(labels, mask_spec)
+            else:
+                mask = read_mask(uri, mask_spec, storage_options)  # multi-label: one per class
             predicted = decode_prediction(row, mask_spec)
             counts = score_mask(predicted, mask, mask_spec)
             counts.update(calibration_sums(row, predicted, mask, mask_spec))
+            objects = _object_scores(row, labels)
         except FileNotFoundError:
             out.append(_unscored(row["id"], "missing_mask", f"{uri}: no such file"))
             continue
         except InputError as error:
             out.append(_unscored(row["id"], error.reason, str(error)))
             continue
-        out.append({"id": row["id"], "status": "ok", "message": None,
+        out.append({"id": row["id"], "status": "ok", "message": None, "instances": objects,
                     **{k: v.reshape(-1).tolist() for k, v in counts.items()}})
     return pa.Table.from_pylist(out, schema=COUNT_SCHEMA)
+
+
+def _truth_labels(uri: str, storage_options: dict[str, Any] | None) -> np.ndarray:
+    from pipelines.ingest import read_mask_bytes
+    from seg_core.codecs import decode_instance_labels
+
+    data = read_mask_bytes(uri, storage_options)
+    if data is None:
+        raise FileNotFoundError(f"{uri}: a mask file is missing")
+    return decode_instance_labels(data, source=uri)
+
+
+def _object_scores(row: dict[str, Any], truth: np.ndarray | None) -> dict[str, float] | None:
+    """:func:`seg_core.instances.instance_metrics` of the row's objects against the truth's,
+    when both are there (instance-labelled truth, a prediction made with ``instances``)."""
+    from PIL import Image
+
+    from seg_core.instances import instance_metrics
+
+    if truth is None or row.get("instance_png") is None:
+        return None
+    predicted = np.asarray(Image.open(io.BytesIO(row["instance_png"])), np.int32)
+    if predicted.shape != truth.shape:
+        return None   # score_mask refused the masks already
+    found = instance_metrics(truth, predicted)
+    return {key: float(found[key]) for key in ("map", "tp", "fp", "fn", "iou_sum", "splits",
+                                               "merges", "truth_objects", "pred_objects")}
 
 
 def calibration_sums(row: dict[str, Any], predicted: np.ndarray, truth: np.ndarray,
@@ -246,7 +280,8 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     return report
 
 
-_SCORED = ["id", "source_uri", "source_sha256", "mask_png", "class_mask_pngs", "confidence_png"]
+_SCORED = ["id", "source_uri", "source_sha256", "mask_png", "class_mask_pngs", "confidence_png",
+           "instance_png"]
 _ROWS_PER_TASK = 64   # scoring reads each row's truth mask: blocks of this many run in parallel
 
 
@@ -331,10 +366,27 @@ def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
         "bootstrap_ci95": bootstrap_ci(counts, spec, cfg.empty_policy,
                                        resamples=cfg.bootstrap, seed=cfg.seed),
         "calibration": _calibration(ok, record),
+        "instances": _instances(ok, spec),
         "per_image_iou": dict(ranked),
         "best": [i for i, _ in ranked[: cfg.overlays]],
         "worst": [i for i, _ in ranked[::-1][: cfg.overlays]],
     }
+
+
+def _instances(rows: list[dict[str, Any]], spec: MaskSpec) -> dict[str, Any] | None:
+    """The objects' scores over the images (:func:`seg_core.instances.aggregate_instance_metrics`),
+    or None when the truth is not instance-labelled; why none were scored otherwise."""
+    from seg_core.instances import aggregate_instance_metrics
+
+    if not spec.instance_labels:
+        return None
+    scored = [r["instances"] for r in rows if r.get("instances")]
+    if not scored:
+        return {"images": 0, "why_none": "no prediction carries objects: predict with "
+                                          "instances: components or watershed"}
+    counts = ("tp", "fp", "fn", "splits", "merges", "truth_objects", "pred_objects")
+    return aggregate_instance_metrics([{**r, **{k: int(r[k]) for k in counts}}
+                                       for r in scored])
 
 
 def _calibration(rows: list[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:

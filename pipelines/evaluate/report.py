@@ -118,6 +118,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- training's fit on its val split: ECE "
                      f"{calibration['val_ece_before_scaling']:.4f} before temperature scaling, "
                      f"{calibration['val_ece_after_scaling']:.4f} after")
+    objects = report.get("instances")
+    if objects is not None:
+        lines += ["", "## Objects (instance-labelled truth)", ""]
+        if not objects.get("images"):
+            lines.append(f"- not scored: {objects['why_none']}")
+        else:
+            lines += [f"- images: {objects['images']}; objects: {int(objects['truth_objects'])} "
+                      f"true, {int(objects['pred_objects'])} predicted",
+                      f"- mean average precision over IoU 0.5:0.05:0.95 (Data Science Bowl "
+                      f"2018): **{objects['map']:.4f}**",
+                      f"- panoptic quality {objects['pq']:.4f} (SQ {objects['sq']:.4f} x RQ "
+                      f"{objects['rq']:.4f}); at IoU > 0.5 precision {objects['precision']:.4f}, "
+                      f"recall {objects['recall']:.4f}",
+                      f"- splits {int(objects['splits'])}, merges {int(objects['merges'])}"]
     if report["unscored"]:
         lines += ["", "## Unscored", ""]
         lines += [f"- `{u['id']}`: {u['reason']}: {u['message']}" for u in report["unscored"]]

@@ -38,7 +38,9 @@ from seg_core.codecs.mask import (
     IGNORE_PART,
     pack_mask_parts,
     unpack_mask_parts,
+    decode_instance_labels,
     decode_mask,
+    instance_classes,
 )
 
 __all__ = [
@@ -48,8 +50,10 @@ __all__ = [
     "LOSSY_FORMATS",
     "SUPPORTED_FORMATS",
     "decode_image",
+    "decode_instance_labels",
     "decode_mask",
     "encode_png",
+    "instance_classes",
     "pack_mask_parts",
     "sniff_format",
     "unpack_mask_parts",

@@ -67,11 +67,37 @@ def _decode_mask_files(files: list, spec: MaskSpec, *, source: str,
         raise InputError("bad_channels", f"got {len(files)} mask files for a multi-class mask",
                          source=source,
                          hint="give one index mask per image, or declare the task multi-label")
+    if spec.instance_labels:
+        return instance_classes(decode_instance_labels(bytes(files[0]), source=source,
+                                                       max_pixels=max_pixels), spec)
     raw = _decode(bytes(files[0]), source=source, max_pixels=max_pixels,
                   palette_indices=spec.palette is None)
     if spec.palette is not None:
         return _map_palette(raw, spec, source)
     return _map_values(_single_channel(raw, source), spec, source)
+
+
+def decode_instance_labels(data: bytes, *, source: str = "<bytes>",
+                           max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An instance label image (8- or 16-bit grey, lossless) -> H x W int32: 0 background,
+    every other value one object (``MaskSpec.instance_labels``)."""
+    blob = unpack_mask_parts(bytes(data))
+    if not isinstance(blob, bytes):
+        raise InputError("bad_channels", f"got {len(blob)} files for one instance label image",
+                         source=source, hint="give one label image per image")
+    _refuse_lossy(blob, source)
+    raw = _decode(blob, source=source, max_pixels=max_pixels, palette_indices=True)
+    return _single_channel(raw, source).astype(np.int32)
+
+
+def instance_classes(labels: np.ndarray, spec: MaskSpec) -> np.ndarray:
+    """The class mask an instance label image stands for (``MaskSpec.instance_labels``): 0/1
+    background and object, or with 3 classes 0/1/2 background, interior and boundary."""
+    if spec.num_classes == 3:
+        from seg_core.instances import boundary_target
+
+        return boundary_target(labels).astype(np.int64)
+    return (labels > 0).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------ mask internals

@@ -123,9 +123,12 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
 
 
 def write_predictions(out: Path, rows: list[tuple[str, np.ndarray]], spec: MaskSpec,
-                      sources: dict[str, tuple[str, str]] | None = None) -> str:
+                      sources: dict[str, tuple[str, str]] | None = None,
+                      objects: dict[str, np.ndarray] | None = None) -> str:
     """A hand-made prediction output: one committed file plus the model record.  ``sources``:
-    id -> (source URI, SHA-256) recorded in the rows (default: none recorded)."""
+    id -> (source URI, SHA-256) recorded in the rows (default: none recorded); ``objects``:
+    id -> predicted instance labels (``instance_png``)."""
+    objects = objects or {}
     now = dt.datetime.now(dt.timezone.utc)
     sources = sources or {}
     table = pa.Table.from_pylist([{
@@ -137,6 +140,8 @@ def write_predictions(out: Path, rows: list[tuple[str, np.ndarray]], spec: MaskS
                             for k in range(spec.num_classes)],
         "class_pixel_counts": [int((mask == k).sum()) for k in range(spec.num_classes)],
         "mean_confidence": 1.0, "confidence_png": None, "request_id": None, "latency_ms": None,
+        "instance_png": (encode_png(objects[image_id].astype(np.uint16))
+                         if image_id in objects else None),
         "created_at": now} for image_id, mask in rows], schema=PREDICTION_SCHEMA)
     predictions.write_table(table, str(out / "part-hand.parquet"))
     store.claim_output(str(out), {"name": "hand", "version": "0", "mask_spec": to_dict(spec),
@@ -186,6 +191,46 @@ def test_evaluate_hand_built_end_to_end(ray_session, tmp_path):
 
     overlay = Image.open(tmp_path / "eval" / saved["overlays"]["best"][0])
     assert overlay.width == 4 * 2 and overlay.height == 2 + 16  # 4 panels of 2 px + caption
+
+
+def test_instance_labelled_truth_scores_the_objects(ray_session, tmp_path):
+    """Truth masks are 16-bit instance label images (ids past 255); the classes come from them
+    (background, object) and the predicted objects are scored against the true ones."""
+    from seg_core.instances import aggregate_instance_metrics, instance_metrics
+
+    truth_a = np.zeros((12, 16), np.uint16)
+    truth_a[1:6, 1:6], truth_a[1:6, 6:11], truth_a[8:11, 12:15] = 300, 301, 7   # two touch
+    truth_b = np.zeros((12, 16), np.uint16)
+    truth_b[2:10, 2:10] = 1000
+    merged = (truth_a > 0).astype(np.int32)
+    merged[8:11, 12:15] = 2                      # the touching pair predicted as one object
+    exact = (truth_b > 0).astype(np.int32)
+    spec = MaskSpec(num_classes=2, class_names=("bg", "obj"), instance_labels=True)
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    lines = ["id,image,mask,split"]
+    for image_id, labels in (("a", truth_a), ("b", truth_b)):
+        image = np.full(labels.shape, 9 if image_id == "a" else 99, np.uint8)
+        (tmp_path / "data" / "images" / f"{image_id}.png").write_bytes(encode_png(image))
+        (tmp_path / "data" / "masks" / f"{image_id}.png").write_bytes(encode_png(labels))
+        lines.append(f"{image_id},images/{image_id}.png,masks/{image_id}.png,val")
+    (tmp_path / "data" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    preds = write_predictions(tmp_path / "preds", [("a", merged > 0), ("b", exact > 0)], spec,
+                              objects={"a": merged, "b": exact})
+    report = run_evaluate(EvaluateConfig(manifest=str(tmp_path / "data" / "manifest.csv"),
+                                         predictions=preds, out=str(tmp_path / "eval"),
+                                         bootstrap=10, overlays=1, progress=False),
+                          log=lambda _: None)
+    assert report["metrics"]["micro"]["iou"] == pytest.approx(1.0)   # the pixels are right
+    expected = aggregate_instance_metrics([instance_metrics(truth_a.astype(np.int32), merged),
+                                           instance_metrics(truth_b.astype(np.int32), exact)])
+    found = report["instances"]
+    assert found["images"] == 2 and found["truth_objects"] == 4 and found["pred_objects"] == 3
+    assert found["merges"] == 1 and found["tp"] == 2
+    for key in ("map", "pq", "sq", "rq", "precision", "recall"):
+        assert found[key] == pytest.approx(expected[key]), key
+    assert found["map"] < 1.0
+    assert "## Objects (instance-labelled truth)" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_predictions_of_another_image_are_reported_not_scored(ray_session, tmp_path):

@@ -94,3 +94,27 @@ def test_instance_fields_label_objects_and_refuse_too_many(monkeypatch):
     with pytest.raises(InputError, match="2 objects") as refused:
         records.instance_fields(prediction, "components", source="img.png")
     assert refused.value.reason == "too_large" and refused.value.source == "img.png"
+
+
+def test_a_boundary_class_model_separates_touching_objects_in_its_rows():
+    import io
+
+    from PIL import Image
+
+    from seg_core.inference.segmenter import Prediction
+    from seg_core.instances import boundary_target
+
+    truth = np.zeros((12, 16), np.int32)
+    truth[1:7, 1:7], truth[1:7, 7:13] = 1, 2             # two touching squares
+    classes = boundary_target(truth)                       # what a 3-class model predicts
+    prediction = Prediction(probs=None, mask=classes, entropy=None,
+                            confidence=np.ones(truth.shape, np.float32))
+    spec = MaskSpec(num_classes=3, instance_labels=True)
+    found = records.instance_fields(prediction, "components", source="x", spec=spec)
+    labels = np.asarray(Image.open(io.BytesIO(found["instance_png"])))
+    assert labels.max() == 2 and np.array_equal(labels > 0, truth > 0)   # grown over the edge
+    assert [o["area"] for o in found["objects"]] == [36, 36]
+    assert [o["class"] for o in found["objects"]] == [1, 1]              # interior, not edge
+    # without the spec the boundary is a class like any other: its ring becomes objects too
+    plain = records.instance_fields(prediction, "components", source="x")
+    assert any(o["class"] == 2 for o in plain["objects"])

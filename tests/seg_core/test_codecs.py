@@ -280,3 +280,22 @@ def test_decode_mask_unpacks_a_packed_multilabel_blob():
     blob = pack_mask_parts([encode_png(a), encode_png(b), IGNORE_PART + encode_png(ignore)])
     mask = decode_mask(blob, spec)
     assert mask.tolist() == [[[0, 1, spec.ignore_index]], [[1, 1, spec.ignore_index]]]
+
+
+def test_instance_label_masks_give_object_or_boundary_classes():
+    from seg_core.codecs import decode_instance_labels
+    from seg_core.instances import boundary_target
+
+    labels = np.zeros((10, 14), np.uint16)
+    labels[1:6, 1:6], labels[1:6, 6:11] = 300, 65000      # two touching objects, 16-bit ids
+    data = encode_png(labels)
+    assert np.array_equal(decode_instance_labels(data), labels.astype(np.int32))
+    two = decode_mask(data, MaskSpec(num_classes=2, instance_labels=True))
+    assert np.array_equal(two, (labels > 0).astype(np.int64))
+    three = decode_mask(data, MaskSpec(num_classes=3, instance_labels=True))
+    assert np.array_equal(three, boundary_target(labels.astype(np.int32)))
+    assert (three[1:6, 5] == 2).all() and (three[1:6, 6] == 2).all()   # the shared edge
+    for bad in ({"num_classes": 4}, {"num_classes": 2, "mask_values": (0, 255)},
+                {"num_classes": 2, "multilabel": True}):
+        with pytest.raises(ValueError, match="instance_labels"):
+            MaskSpec(instance_labels=True, **bad)
