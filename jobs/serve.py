@@ -14,6 +14,8 @@ URL and a curl example, and serves until Ctrl-C; then the replicas drain and flu
                      base64 mask PNG, per-class areas, mean confidence, model version, timing.
                      `Accept: image/png` answers the mask PNG; ?confidence=true adds the
                      confidence map.  Too large: 413; not an image / undecodable: 415 / 422.
+  POST /v1/explain   ?class=NAME&method=gradcam|occlusion|integrated_gradients: why the model
+                     put the class there, an attribution map PNG at the image's size
   GET  /v1/model     the artifact's metadata and the serving settings
   GET  /healthz      liveness
   /v2/...            the Open Inference Protocol (KServe V2 REST, binary tensor data), for

@@ -9,6 +9,8 @@ Routes (``route_prefix`` from the Serve config, ``/`` by default):
   a missing or wrong ``X-API-Key`` (when a key is configured) answers 401.  While the prediction
   log is too far behind storage, requests answer 503 with ``Retry-After`` (nothing is answered 200
   that is not in the log).
+- ``POST /v1/explain?class=C&method=M``: an attribution map of class C for the uploaded image
+  (:func:`seg_core.explain.explain`), computed in the forward thread; not logged.
 - ``GET /v1/model``: the artifact's metadata and the serving settings.
 - ``GET /``: the page that segments a dropped image through ``POST /v1/segment``
   (:mod:`pipelines.serve.page`; public, its requests carry the key).
@@ -131,6 +133,26 @@ def _refusal(error: Exception) -> http.RequestRefused:
     if isinstance(error, SinkUnavailable):
         return http.RequestRefused.unavailable(error.reason, error.detail, error.retry_after_s)
     raise error
+
+
+def _explain(model: LoadedModel, data: bytes, name: str, target: int,
+             method: str) -> dict[str, Any]:
+    """``POST /v1/explain``'s work, in the forward thread (the torch model it differentiates is
+    the one predictions use, so the two never run at once)."""
+    import base64
+
+    import numpy as np
+
+    from seg_core.codecs import encode_png
+    from seg_core.explain import explain
+
+    image = model.decode(data, name)
+    attribution = explain(model.segmenter, image, target, method=method)  # type: ignore[arg-type]
+    scaled = attribution if method == "gradcam" else (attribution + 1.0) / 2.0
+    png = encode_png(np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8))
+    height, width = attribution.shape
+    return {"height": int(height), "width": int(width),
+            "map_png": base64.b64encode(png).decode("ascii")}
 
 
 @dataclass(frozen=True)
@@ -293,6 +315,31 @@ class SegmentService:
             multilabel=model.artifact.mask_spec.multilabel, timing_ms=timing)
         payload = await run_in_threadpool(http.json_bytes, body)
         return Response(payload, media_type="application/json", headers=headers)
+
+    @api.post("/v1/explain")
+    async def explain(self, request: Request) -> Response:
+        """Why a class is where it is: an attribution map of ``?class=`` (a class name or
+        index) for the uploaded image, by ``?method=`` (``gradcam``, the default, ``occlusion``
+        or ``integrated_gradients``; :func:`seg_core.explain.explain`).  JSON: the map as an
+        8-bit PNG at the image's size (Grad-CAM 0..1 as 0..255; the signed methods -1..1 with
+        0 at 128), the pixels predicted as the class, and the model.  Explanations are not
+        logged: they hold no prediction."""
+        started = time.perf_counter()
+        request_id = http.request_id(request)
+        try:
+            http.check_api_key(request, self._api_key)
+            model = self._model
+            target, method = http.explain_params(request, model.artifact.mask_spec.names)
+            data, name = await http.read_image_bytes(request, self._args.max_request_bytes)
+            found = await asyncio.get_running_loop().run_in_executor(
+                self._forward_pool, functools.partial(_explain, model, data, name, target,
+                                                      method))
+        except Exception as error:  # noqa: BLE001 - every refusal is a 4xx
+            return http.error_response(_refusal(error), request_id)
+        body = {"request_id": request_id, "model": model.describe(), "method": method,
+                "class": model.artifact.mask_spec.names[target], **found,
+                "timing_ms": {"total": round((time.perf_counter() - started) * 1e3, 3)}}
+        return JSONResponse(body, headers={"X-Model-Ref": model.ref})
 
     # ---------------------------------------------- the Open Inference Protocol (KServe V2)
     @api.post("/v2/models/{model_name}/infer")

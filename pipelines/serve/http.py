@@ -132,6 +132,25 @@ def ingress_middlewares() -> list:
     return [Middleware(HeaderGuard)]
 
 
+def explain_params(request: Request, class_names: tuple[str, ...]) -> tuple[int, str]:
+    """``POST /v1/explain``'s ``class`` (a name or an index) and ``method``, or a 422 that
+    lists the choices."""
+    from seg_core.explain import METHODS
+
+    given = request.query_params.get("class", "")
+    method = request.query_params.get("method", "gradcam")
+    if method not in METHODS:
+        raise RequestRefused(422, "unknown_method", f"method {method[:40]!r} is not one of "
+                             f"{', '.join(METHODS)}", hint="e.g. ?method=gradcam")
+    if given in class_names:
+        return class_names.index(given), method
+    if given.isascii() and given.isdigit() and int(given) < len(class_names):
+        return int(given), method
+    raise RequestRefused(422, "unknown_class", f"class {given[:40]!r} is not one of this "
+                         f"model's: {', '.join(class_names)}",
+                         hint="name the class, e.g. ?class=" + class_names[-1])
+
+
 def wants_png(request: Request) -> bool:
     """True when the client asks for the bare mask (``Accept: image/png``)."""
     return "image/png" in request.headers.get("accept", "").lower()

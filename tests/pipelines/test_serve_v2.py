@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import urllib.error
 import struct
 import uuid
 from urllib.parse import urlsplit
@@ -446,6 +447,44 @@ def test_batch_online_and_evaluate_give_the_same_objects(endpoint, scenes, model
         [row] = predictions.scan(out, ["instance_png", "objects"]).to_pylist()
         assert row["instance_png"] == online
         assert row["objects"] == table
+
+
+@pytest.mark.slow
+def test_explain_answers_the_map_seg_core_computes(endpoint, scenes, model_dir):
+    """``POST /v1/explain``: the replica's map is seg_core's for the same image and class (the
+    replica predicts with OpenVINO; maps come from its folded torch network), and a class or
+    method it does not know is a 422 that lists the choices."""
+    import base64
+    import urllib.request
+
+    from seg_core.artifact import load_artifact
+    from seg_core.explain import explain
+    from seg_core.inference import Segmenter
+
+    png = encode_as(scenes[1], "png")
+
+    def call(query: str) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{endpoint['url']}/v1/explain?{query}", data=png,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    status, answer = call("class=a&method=gradcam")
+    assert status == 200, answer
+    assert (answer["class"], answer["height"], answer["width"]) == ("a", 64, 112)
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["map_png"]))), np.int16)
+    local = explain(Segmenter(load_artifact(model_dir), engine="torch"),
+                    scenes[1], 1, method="gradcam")
+    assert served.shape == local.shape and served.max() > 0
+    assert np.abs(served - np.rint(local * 255)).max() <= 1
+    status, answer = call("class=2&method=occlusion")    # by index; signed: 0 at 128
+    assert status == 200 and answer["class"] == "b"
+    assert call("class=zebra")[0] == 422
+    status, answer = call("class=a&method=lime")
+    assert status == 422 and "gradcam" in answer["detail"]
 
 
 @pytest.mark.slow
