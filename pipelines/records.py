@@ -101,6 +101,17 @@ PREDICTION_SCHEMA = pa.schema([
 ])
 """One predicted mask per row; written by batch predict and by the Serve endpoint."""
 
+RANK_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string()),
+    pa.field("rank", pa.int32()),                  # 1 = label first; null: not picked
+    pa.field("score", pa.float64()),               # uncertainty, higher = less sure
+    pa.field("embedding", pa.list_(pa.float32())),  # pooled bottleneck features (unit length)
+    pa.field("reason", pa.string()),               # an image that could not be read: why
+    pa.field("message", pa.string()),
+])
+"""One image of ``rayseg rank`` (:mod:`pipelines.predict.rank`)."""
+
 _EXTRA = [f for f in QUARANTINE_SCHEMA if f.name not in PREDICTION_SCHEMA.names]
 RESULT_SCHEMA = pa.schema([f.with_nullable(True) for f in list(PREDICTION_SCHEMA) + _EXTRA])
 """What the predictor emits: a prediction row has ``reason`` null, a quarantine row has it set."""

@@ -28,16 +28,16 @@ image, and scores compare images, not models.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from seg_core.config import ScoreKind
 from seg_core.explain import inference_windows
 from seg_core.inference import Prediction, Segmenter, prepare_image
 
-ScoreKind = Literal["entropy", "margin", "tta"]
 
 # A symmetry of the square as (quarter turns, mirror first): the image is mirrored left-right
 # when ``mirror``, then turned ``k`` quarter turns.  The 4 flips keep any H x W; all 8 need H == W.

@@ -35,6 +35,8 @@ PredictFormat = Literal["parquet", "coco-rle"]
 # how a predicted mask is cut into objects (seg_core.instances): not at all, connected
 # components per class, or a watershed from the distance transform's maxima
 InstanceMethod = Literal["none", "components", "watershed"]
+# how sure a model is of an unlabelled image (seg_core.active.uncertainty_score)
+ScoreKind = Literal["entropy", "margin", "tta"]
 
 
 def check_engine(engine: str) -> str:

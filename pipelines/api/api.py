@@ -22,6 +22,7 @@ node can read them).
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import uuid
@@ -45,6 +46,7 @@ from pipelines.api.session import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas
 
     from pipelines.config import TrainConfig
@@ -279,6 +281,50 @@ class UNetSegmentationEstimator:
                                   confidence_maps=confidence_maps, progress=False),
                     log=lambda line: None)
         return read_frame(out)
+
+    def suggest_labels(self, frame: Frame, n: int = 10, *, by: str = "entropy",
+                       out: str | os.PathLike | None = None) -> Frame:
+        """The ``n`` rows of ``frame`` (unlabelled images) worth labelling first, most
+        uncertain first, near-duplicates of a pick left out (``rayseg rank``: by ``entropy``,
+        ``margin`` or ``tta``).  ``ranked.parquet`` and ``contact_sheet.png`` go to ``out``
+        (default ``<work_dir>/rank/<model_id>-<random>``)."""
+        import pyarrow.parquet as pq
+
+        from pipelines.config import RankConfig
+        from pipelines.predict.rank import RANKED_FILE, run_rank
+
+        model = self._require_model()
+        token = uuid.uuid4().hex[:8]
+        manifest = write_manifest([(frame, None)], storage.join_uri(
+            work_directory(), "frames", f"rank-{token}.csv"), x=self.x, y=None)
+        out = storage.as_uri(out) if out else storage.join_uri(
+            work_directory(), "rank", f"{self.model_id}-{token}")
+        _connected()
+        run_rank(RankConfig(model=model, input=manifest, out=out, by=by, top=n,  # type: ignore[arg-type]
+                            progress=False), log=lambda line: None)
+        ranked = pq.read_table(io.BytesIO(storage.read_bytes(storage.join_uri(
+            out, RANKED_FILE)))).to_pylist()
+        picks = sorted((r for r in ranked if r["rank"] is not None), key=lambda r: r["rank"])
+        row_of = {str(v): i for i, v in enumerate(frame.to_arrow()["id"].to_pylist())}
+        return frame.take([row_of[r["id"]] for r in picks])
+
+    def explain(self, frame: Frame, class_name: str, *, row: int = 0,
+                method: str = "gradcam") -> "np.ndarray":
+        """Why ``class_name`` is where the model put it in image ``row`` of ``frame``: an H x W
+        attribution map (:func:`seg_core.explain.explain`; ``gradcam``, ``occlusion`` or
+        ``integrated_gradients``), through the same preprocessing and windows as
+        :meth:`predict`."""
+        from pipelines.model import open_model
+        from seg_core.explain import explain
+
+        loaded = open_model(self._require_model(), engine="torch")
+        names = loaded.mask_spec.names
+        if class_name not in names:
+            raise ValueError(f"explain(): class {class_name!r} is not one of {list(names)}")
+        uri = frame.resolved(self.x)[row]
+        image = loaded.decode(storage.read_bytes(uri, frame.storage_options or None), uri)
+        return explain(loaded.segmenter, image, names.index(class_name),
+                       method=method)  # type: ignore[arg-type]
 
     def model_performance(self, test_data: Frame | None = None, *, valid: bool = False,
                           out: str | os.PathLike | None = None) -> ModelPerformance:

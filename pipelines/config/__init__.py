@@ -1,7 +1,8 @@
 """Every job's configuration, one dialect: frozen dataclasses that map one-to-one onto YAML.
 
 :class:`TrainConfig` (``jobs/configs/train_*.yaml``), :class:`PredictConfig`,
-:class:`ExportMasksConfig`, :class:`TunePostprocessConfig`, :class:`EvaluateConfig`,
+:class:`ExportMasksConfig`, :class:`TunePostprocessConfig`, :class:`RankConfig`,
+:class:`EvaluateConfig`,
 :class:`ValidateConfig`, :class:`PackConfig`, :class:`DemoConfig`, and the Serve application's :class:`ServeArgs` / :class:`BatchSettings`.
 :func:`load_config` builds any of them from a YAML file, a command's flags and ``--set``
 overrides, through the one strict builder :func:`seg_core.config.from_dict`.
@@ -19,6 +20,7 @@ Names follow H2O where H2O has one (``epochs``, ``max_iterations``, ``max_runtim
 from pipelines.config.jobs import (
     PredictConfig,
     ExportMasksConfig,
+    RankConfig,
     TunePostprocessConfig,
     EvaluateConfig,
     PromoteConfig,
@@ -65,6 +67,7 @@ __all__ = [
     "DriftThresholds",
     "EvaluateConfig",
     "ExportMasksConfig",
+    "RankConfig",
     "TunePostprocessConfig",
     "FoldAssignment",
     "MonitorConfig",

@@ -19,6 +19,7 @@ from seg_core.config import (
     MaskSpec,
     PostProcess,
     PredictFormat,
+    ScoreKind,
     check_engine,
 )
 
@@ -88,6 +89,31 @@ class ExportMasksConfig:
     def __post_init__(self) -> None:
         path_fields(self, "predictions", "out")
         _check_format("export-masks", self.format, MaskExportFormat)
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """Everything ``rayseg rank`` needs (:mod:`pipelines.predict.rank`)."""
+
+    model: str                          # artifact URI (local or s3://) or models:/name/N
+    input: str                          # unlabelled images: a prefix, manifest or shards
+    out: str                            # ranked.parquet and contact_sheet.png go here
+    by: ScoreKind = "entropy"           # seg_core.active.uncertainty_score
+    top: int = 50                       # images to pick
+    # cosine distance under which an image is a near-duplicate of a pick, and skipped
+    # (seg_core.active.rank; check the pool's nearest-neighbour distances before raising it)
+    min_distance: float = 1e-3
+    split: str | None = None            # only rows of this split (manifests and shards)
+    actors: int | None = None           # scoring actors; None: one per CPU
+    keep_embeddings: bool = False       # keep each image's embedding in ranked.parquet
+    address: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        path_fields(self, "model", "input", "out")
+        if self.top < 1 or (self.actors is not None and self.actors < 1):
+            raise ValueError(f"rank: top and actors must be >= 1, got {self.top} and "
+                             f"{self.actors}")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ def test_all_subcommands_registered():
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == set(SUBCOMMANDS)
     assert set(SUBCOMMANDS) == {"demo", "validate", "plan", "pack", "train", "tune", "auto",
-                                "runs", "predict", "export-masks", "tune-postprocess", "evaluate",
+                                "runs", "predict", "export-masks", "tune-postprocess", "rank",
+                                "evaluate",
                                 "promote", "serve", "monitor", "bench"}
 
 

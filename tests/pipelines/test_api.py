@@ -209,6 +209,36 @@ def test_predict_returns_a_frame_of_mask_rows(trained, predictions):
 
 
 @pytest.mark.slow
+def test_suggest_labels_and_explain(trained):
+    """suggest_labels: rayseg rank's picks as a frame of the input's rows, most uncertain
+    first; explain: seg_core's map for one row and class."""
+    from pipelines.model import open_model
+    from seg_core.active import uncertainty_score
+    from seg_core.codecs import decode_image
+    from seg_core.explain import explain
+
+    model, train, _, _ = trained
+    picks = model.suggest_labels(train, 3)
+    assert isinstance(picks, Frame) and picks.nrow == 3 and picks.kind == train.kind
+    loaded = open_model(model.artifact_uri, engine="torch")
+    uris = dict(zip(train.to_arrow()["id"].to_pylist(), train.resolved("image")))
+    scores = {i: uncertainty_score(loaded.segmenter.predict(decode_image(Path(u).read_bytes())))
+              for i, u in uris.items()}
+    chosen = picks.to_arrow()["id"].to_pylist()
+    assert [scores[i] for i in chosen] == sorted([scores[i] for i in chosen], reverse=True)
+    assert chosen[0] == max(scores, key=scores.get)     # the first pick is never skipped
+    image = decode_image(Path(train.resolved("image")[0]).read_bytes())
+    names = loaded.mask_spec.names
+    present = int(np.bincount(loaded.segmenter.predict(image).mask.ravel(),
+                              minlength=3)[1:].argmax()) + 1   # a class the model predicts
+    found = model.explain(train, names[present], row=0)
+    assert found.shape == image.shape[:2] and found.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(found, explain(loaded.segmenter, image, present), atol=1e-5)
+    with pytest.raises(ValueError, match="not one of"):
+        model.explain(train, "zebra")
+
+
+@pytest.mark.slow
 def test_model_performance_matches_training_record(trained):
     model, _, valid, _ = trained
     perf = model.model_performance(valid)

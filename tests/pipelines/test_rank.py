@@ -1,0 +1,50 @@
+"""``rayseg rank`` on the session's local Ray: scores, picks, a skipped near-duplicate, a
+quarantined file, and the contact sheet."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jobs.cli import main
+from seg_core.sample_data import render_sample
+from tests.serve_util import encode_as, make_artifact
+
+
+def test_rank_picks_the_most_uncertain_and_skips_a_duplicate(ray_session, tmp_path, capsys):
+    from seg_core.active import uncertainty_score
+    from seg_core.artifact import load_artifact
+    from seg_core.inference import Segmenter
+
+    model_dir = make_artifact(tmp_path / "model")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    images = {f"img{i}.png": render_sample(i, size=(48, 72), shape_types=2, seed=i)[0]
+              for i in range(7)}
+    for name, image in images.items():
+        (pool / name).write_bytes(encode_as(image, "png"))
+    segmenter = Segmenter(load_artifact(model_dir), engine="torch")
+    scores = {name: uncertainty_score(segmenter.predict(image), by="entropy")
+              for name, image in images.items()}
+    top = max(scores, key=scores.get)
+    (pool / "copy_of_top.png").write_bytes((pool / top).read_bytes())   # a near-duplicate
+    (pool / "broken.png").write_bytes(b"not an image at all")
+    out = tmp_path / "rank"
+    assert main(["rank", "--model", str(model_dir), "--input", str(pool), "--out", str(out),
+                 "--top", "4", "--set", "progress=false"]) == 0
+    assert "1 unreadable" in capsys.readouterr().out
+    rows = pq.read_table(out / "ranked.parquet").to_pylist()
+    assert len(rows) == 9                                     # rows in = rows out
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["broken.png"]["reason"] == "not_an_image" and by_id["broken.png"]["rank"] is None
+    picked = sorted((r for r in rows if r["rank"] is not None), key=lambda r: r["rank"])
+    assert [r["rank"] for r in picked] == [1, 2, 3, 4]
+    # the top image (or its byte-identical copy) first, and never both
+    assert picked[0]["id"] in (top, "copy_of_top.png")
+    assert sum(r["id"] in (top, "copy_of_top.png") for r in picked) == 1
+    expected = sorted((s for s in scores.values()), reverse=True)[:4]
+    np.testing.assert_allclose([r["score"] for r in picked], expected, rtol=1e-4)
+    sheet = Image.open(io.BytesIO((out / "contact_sheet.png").read_bytes()))
+    assert sheet.size == (4 * 128, 128 + 14)
