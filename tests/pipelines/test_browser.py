@@ -195,6 +195,37 @@ def test_legend_model_and_timing(browser, segmented, answer):
     assert origins and set(origins) == {browser.execute_script("return location.origin")}
 
 
+def test_why_overlays_the_map_the_api_answers(browser, endpoint, segmented, answer, scene):
+    """The "why" toggle: clicking a legend row asks POST /v1/explain for that class and paints
+    its map (red, strength as alpha) over the image; unticking brings the mask back."""
+    assert not segmented.startswith("error"), segmented
+    height, width = answer["height"], answer["width"]
+    request = urllib.request.Request(f"{endpoint['url']}/v1/explain?class=1&method=gradcam",
+                                     data=scene.read_bytes(), method="POST",
+                                     headers={"X-API-Key": KEY})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        expected = decode(json.loads(response.read())["map_png"])
+    assert expected.max() == 255 and expected.shape == (height, width)
+    browser.execute_script("document.getElementById('why').click()")
+    browser.execute_script("document.querySelector('#legend tbody tr[data-class=\"1\"]')"
+                           ".click()")
+    assert wait_for(browser, "document.body.dataset.explained || "
+                             "(document.getElementById('status').className === 'error' && "
+                             "'error: ' + document.getElementById('status').textContent)"
+                    ) == CLASSES[1]
+    heat = rgba(browser, "why-map", height, width)
+    np.testing.assert_array_equal(heat[..., 3], expected)
+    assert (heat[..., 0][expected >= 16] == 255).all() and not heat[..., 1:3].any()
+    assert browser.find_element("id", "overlay-caption").text.startswith(f"why {CLASSES[1]}")
+    set_opacity(browser, 1.0)
+    overlay = rgba(browser, "overlay", height, width)[..., :3]
+    assert (overlay[expected == 255] == (255, 0, 0)).all()     # full strength: pure red
+    browser.execute_script("document.getElementById('why').click()")   # off: the mask again
+    np.testing.assert_array_equal(rgba(browser, "overlay", height, width)[..., :3],
+                                  np.asarray(PALETTE, np.uint8)[decode(answer["mask_png"])])
+    set_opacity(browser, 0.5)
+
+
 def test_the_pages_request_is_in_parquet(endpoint, segmented):
     """Last page test: stops the endpoint, whose replica then writes its rows."""
     from pipelines.serve.control import stop_endpoint
