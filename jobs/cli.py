@@ -14,7 +14,7 @@ from typing import Sequence
 
 VERBOSE_ENV = "RAYSEG_VERBOSE"   # read by pipelines.raycluster.ensure_ray
 SUBCOMMANDS = ("demo", "validate", "plan", "pack", "train", "tune", "auto", "runs", "predict",
-               "export-masks", "tune-postprocess", "rank", "evaluate", "promote", "serve", "monitor", "bench")
+               "export-masks", "tune-postprocess", "rank", "explain", "evaluate", "promote", "serve", "monitor", "bench")
 
 DESCRIPTION = """\
 rayseg: U-Net image segmentation on Ray, from a laptop to a cluster.

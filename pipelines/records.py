@@ -101,6 +101,20 @@ PREDICTION_SCHEMA = pa.schema([
 ])
 """One predicted mask per row; written by batch predict and by the Serve endpoint."""
 
+EXPLANATION_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string()),
+    pa.field("class", pa.string()),
+    pa.field("method", pa.string()),               # gradcam | occlusion | integrated_gradients
+    pa.field("map_png", pa.binary()),              # seg_core.explain.map_png; null: no map
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("class_pixels", pa.int64()),          # pixels predicted as the class
+    pa.field("reason", pa.string()),               # an image that could not be read: why
+    pa.field("message", pa.string()),
+])
+"""One image's attribution map of ``rayseg explain`` (:mod:`pipelines.predict.explain`)."""
+
 RANK_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("source_uri", pa.string()),

@@ -37,6 +37,8 @@ PredictFormat = Literal["parquet", "coco-rle"]
 InstanceMethod = Literal["none", "components", "watershed"]
 # how sure a model is of an unlabelled image (seg_core.active.uncertainty_score)
 ScoreKind = Literal["entropy", "margin", "tta"]
+# attribution methods of seg_core.explain
+ExplainMethod = Literal["gradcam", "occlusion", "integrated_gradients"]
 
 
 def check_engine(engine: str) -> str:

@@ -54,19 +54,17 @@ when ``seg_core`` is.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_core.config import Preprocessing
+from seg_core.config import ExplainMethod, Preprocessing
 from seg_core.inference import Segmenter, prepare_image
 from seg_core.inference.budget import _size_multiple
 from seg_core.tiling import blend_weights, padded_side, tile_shape, tile_starts, window_stride
 
-Method = Literal["gradcam", "occlusion", "integrated_gradients"]
+Method = ExplainMethod   # declared once, in seg_core.config
 METHODS: tuple[str, ...] = ("gradcam", "occlusion", "integrated_gradients")
 
 # Occluded square side and step, pixels of the prepared input.  Small on purpose: a window the
@@ -246,3 +244,12 @@ def _attribute(method: Method, segmenter: Segmenter, window: torch.Tensor, targe
             attr = IntegratedGradients(scorer).attribute(
                 window, baselines=baselines, n_steps=IG_STEPS, internal_batch_size=IG_STEPS)
     return attr[0].sum(dim=0).detach()   # h x w, summed over channels
+
+
+def map_png(attribution: np.ndarray, method: Method) -> bytes:
+    """A normalised map as the 8-bit PNG every surface shows (``POST /v1/explain``, ``rayseg
+    explain``, the page): Grad-CAM's 0..1 as 0..255; the signed methods' -1..1 with 0 at 128."""
+    from seg_core.codecs import encode_png
+
+    scaled = attribution if method == "gradcam" else (attribution + 1.0) / 2.0
+    return encode_png(np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8))

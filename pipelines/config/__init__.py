@@ -2,6 +2,7 @@
 
 :class:`TrainConfig` (``jobs/configs/train_*.yaml``), :class:`PredictConfig`,
 :class:`ExportMasksConfig`, :class:`TunePostprocessConfig`, :class:`RankConfig`,
+:class:`ExplainConfig`,
 :class:`EvaluateConfig`,
 :class:`ValidateConfig`, :class:`PackConfig`, :class:`DemoConfig`, and the Serve application's :class:`ServeArgs` / :class:`BatchSettings`.
 :func:`load_config` builds any of them from a YAML file, a command's flags and ``--set``
@@ -20,6 +21,7 @@ Names follow H2O where H2O has one (``epochs``, ``max_iterations``, ``max_runtim
 from pipelines.config.jobs import (
     PredictConfig,
     ExportMasksConfig,
+    ExplainConfig,
     RankConfig,
     TunePostprocessConfig,
     EvaluateConfig,
@@ -67,6 +69,7 @@ __all__ = [
     "DriftThresholds",
     "EvaluateConfig",
     "ExportMasksConfig",
+    "ExplainConfig",
     "RankConfig",
     "TunePostprocessConfig",
     "FoldAssignment",

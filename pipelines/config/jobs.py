@@ -14,6 +14,7 @@ from pipelines.config.train import check_resources
 from seg_core.config import (
     EmptyPolicy,
     EngineKind,
+    ExplainMethod,
     InstanceMethod,
     MaskExportFormat,
     MaskSpec,
@@ -89,6 +90,26 @@ class ExportMasksConfig:
     def __post_init__(self) -> None:
         path_fields(self, "predictions", "out")
         _check_format("export-masks", self.format, MaskExportFormat)
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Everything ``rayseg explain`` needs (:mod:`pipelines.predict.explain`)."""
+
+    model: str                          # artifact URI (local or s3://) or models:/name/N
+    input: str                          # images: a prefix, manifest or shards
+    out: str                            # explanations.parquet goes here
+    target_class: str                   # a class name (or index) of the model
+    method: ExplainMethod = "gradcam"
+    split: str | None = None
+    actors: int | None = None           # None: one per CPU
+    address: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        path_fields(self, "model", "input", "out")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"explain: actors must be >= 1, got {self.actors}")
 
 
 @dataclass(frozen=True)

@@ -141,15 +141,11 @@ def _explain(model: LoadedModel, data: bytes, name: str, target: int,
     the one predictions use, so the two never run at once)."""
     import base64
 
-    import numpy as np
-
-    from seg_core.codecs import encode_png
-    from seg_core.explain import explain
+    from seg_core.explain import explain, map_png
 
     image = model.decode(data, name)
     attribution = explain(model.segmenter, image, target, method=method)  # type: ignore[arg-type]
-    scaled = attribution if method == "gradcam" else (attribution + 1.0) / 2.0
-    png = encode_png(np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8))
+    png = map_png(attribution, method)  # type: ignore[arg-type]
     height, width = attribution.shape
     return {"height": int(height), "width": int(width),
             "map_png": base64.b64encode(png).decode("ascii")}

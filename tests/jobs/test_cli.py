@@ -16,7 +16,7 @@ def test_all_subcommands_registered():
     assert set(sub.choices) == set(SUBCOMMANDS)
     assert set(SUBCOMMANDS) == {"demo", "validate", "plan", "pack", "train", "tune", "auto",
                                 "runs", "predict", "export-masks", "tune-postprocess", "rank",
-                                "evaluate",
+                                "explain", "evaluate",
                                 "promote", "serve", "monitor", "bench"}
 
 

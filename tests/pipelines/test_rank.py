@@ -1,11 +1,13 @@
-"""``rayseg rank`` on the session's local Ray: scores, picks, a skipped near-duplicate, a
-quarantined file, and the contact sheet."""
+"""``rayseg rank`` and ``rayseg explain`` on the session's local Ray: scores, picks, a skipped
+near-duplicate, an unreadable file kept with its reason, the contact sheet, and maps equal to
+seg_core's."""
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from jobs.cli import main
@@ -48,3 +50,38 @@ def test_rank_picks_the_most_uncertain_and_skips_a_duplicate(ray_session, tmp_pa
     np.testing.assert_allclose([r["score"] for r in picked], expected, rtol=1e-4)
     sheet = Image.open(io.BytesIO((out / "contact_sheet.png").read_bytes()))
     assert sheet.size == (4 * 128, 128 + 14)
+
+
+def test_explain_writes_seg_cores_maps_and_keeps_bad_rows(ray_session, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from seg_core.artifact import load_artifact
+    from seg_core.explain import explain, map_png
+    from seg_core.inference import Segmenter
+
+    model_dir = make_artifact(tmp_path / "model")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    images = {f"img{i}.png": render_sample(i, size=(40, 56), shape_types=2, seed=i)[0]
+              for i in range(3)}
+    for name, image in images.items():
+        (pool / name).write_bytes(encode_as(image, "png"))
+    (pool / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "explain"
+    assert main(["explain", "--model", str(model_dir), "--input", str(pool), "--class", "a",
+                 "--out", str(out), "--set", "progress=false"]) == 0
+    rows = {r["id"]: r for r in pq.read_table(out / "explanations.parquet").to_pylist()}
+    assert len(rows) == 4 and rows["broken.png"]["reason"] in ("truncated", "corrupt")
+    segmenter = Segmenter(load_artifact(model_dir), engine="torch")
+    for name, image in images.items():
+        row = rows[name]
+        assert (row["class"], row["method"], row["height"], row["width"]) == ("a", "gradcam",
+                                                                              40, 56)
+        assert row["class_pixels"] == int((segmenter.predict(image).mask == 1).sum()) > 0
+        served = np.asarray(Image.open(io.BytesIO(row["map_png"])), np.int16)
+        local = np.asarray(Image.open(io.BytesIO(map_png(explain(segmenter, image, 1),
+                                                         "gradcam"))), np.int16)
+        assert np.abs(served - local).max() <= 1
+    with pytest.raises(SystemExit, match="not one of the model's: bg, a, b"):
+        main(["explain", "--model", str(model_dir), "--input", str(pool), "--class", "zebra",
+              "--out", str(out)])
