@@ -352,8 +352,8 @@ def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
     reported = record.get("reported_metrics") or {}
     return {
         "predictions": predictions, "manifest": cfg.manifest, "split": cfg.split,
-        "model": {k_: record.get(k_) for k_ in ("uri", "name", "version", "weights_sha256",
-                                                "registry_uri", "tta")},
+        "model": {k_: record.get(k_) for k_ in ("uri", "source", "name", "version",
+                                                "weights_sha256", "registry_uri", "tta")},
         "mask_spec": _spec_dict(spec), "class_names": list(spec.names),
         "empty_policy": cfg.empty_policy,
         "empty_policy_meaning": _POLICY_TEXT[cfg.empty_policy],
@@ -370,7 +370,21 @@ def build_report(table: pa.Table, spec: MaskSpec, cfg: EvaluateConfig, *,
         "per_image_iou": dict(ranked),
         "best": [i for i, _ in ranked[: cfg.overlays]],
         "worst": [i for i, _ in ranked[::-1][: cfg.overlays]],
+        "worst_classes": _worst_classes(ok, spec, [i for i, _ in ranked[::-1][: cfg.overlays]]),
     }
+
+
+def _worst_classes(rows: list[dict[str, Any]], spec: MaskSpec,
+                   ids: list[str]) -> dict[str, int]:
+    """Per image of ``ids``, the class with the most wrong pixels (false positives plus false
+    negatives; the background left out of a multi-class mask): what report.html explains."""
+    by_id = {r["id"]: r for r in rows}
+    first = 0 if spec.multilabel or spec.num_classes == 1 else 1
+    found = {}
+    for image_id in ids:
+        errors = np.add(by_id[image_id]["fp"], by_id[image_id]["fn"])[first:]
+        found[image_id] = first + int(np.argmax(errors))
+    return found
 
 
 def _instances(rows: list[dict[str, Any]], spec: MaskSpec) -> dict[str, Any] | None:

@@ -135,3 +135,62 @@ def _png(array: np.ndarray) -> bytes:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
+
+
+def render_why(ids: list[str], classes: dict[str, int], *, truth: pa.Table,
+               predictions: pa.Table, spec: "MaskSpec", model_uri: str, out_dir: str,
+               limits: InputLimits, max_side: int = 384) -> tuple[list[str | None], str]:
+    """``why_<rank>_<id>.png`` per id: the image and the Grad-CAM map (red) of the class it got
+    most wrong (``classes``: id -> class), over the pixels predicted as it, or, when the model
+    predicted it nowhere, over the truth's (what the model looked at there).  Returns the
+    relative paths (``None`` for an image that could not be read) and, when no map could be
+    made at all, why."""
+    from pipelines.ingest import read_limited, read_mask
+    from pipelines.model import open_model
+    from seg_core.explain import explain
+
+    if not ids:
+        return [], ""
+    try:
+        model = open_model(model_uri, engine="torch")
+    except Exception as error:  # noqa: BLE001 - the report stands without this panel
+        return [None] * len(ids), (f"the model at {model_uri} could not be opened "
+                                   f"({type(error).__name__}: {error})")
+    rows = predictions.filter(pc.is_in(predictions["id"], value_set=pa.array(ids, pa.string())))
+    by_id = {r["id"]: r for r in rows.to_pylist()}
+    uris = {r["id"]: r for r in truth.select(["id", "image_uri", "mask_uri"]).to_pylist()}
+    paths: list[str | None] = []
+    for rank, image_id in enumerate(ids):
+        target = classes[image_id]
+        try:
+            image = limits.decode(read_limited(uris[image_id]["image_uri"]),
+                                  uris[image_id]["image_uri"])
+            predicted = decode_prediction(by_id[image_id], spec)
+            region = predicted[target] if spec.multilabel else predicted == target
+            where = "predicted"
+            if not region.any():
+                true = read_mask(uris[image_id]["mask_uri"], spec)
+                region, where = (true[target] == 1 if spec.multilabel else true == target), "true"
+            if not region.any():   # neither predicted nor true here: nothing to explain
+                paths.append(None)
+                continue
+            heat = explain(model.segmenter, image, target, region=region.astype(bool))
+        except (InputError, KeyError, ValueError):
+            paths.append(None)
+            continue
+        rgb = _to_rgb(image)
+        red = np.zeros_like(rgb)
+        red[..., 0] = 255
+        alpha = np.clip(heat, 0.0, 1.0)[..., None] * 0.75
+        panel = np.concatenate([rgb, (rgb * (1 - alpha) + red * alpha).astype(np.uint8)], axis=1)
+        height, width = rgb.shape[:2]
+        scale = min(1.0, max_side / max(height, width))
+        size = (max(1, round(2 * width * scale)), max(1, round(height * scale)))
+        canvas = Image.new("RGB", (size[0], size[1] + _CAPTION), (255, 255, 255))
+        canvas.paste(Image.fromarray(panel).resize(size, Image.BILINEAR), (0, _CAPTION))
+        ImageDraw.Draw(canvas).text(
+            (2, 2), f"why {spec.names[target]} ({where} pixels): {image_id}", fill=(0, 0, 0))
+        name = f"why_{rank + 1}_{_safe(image_id)}.png"
+        storage.write_bytes(storage.join_uri(out_dir, name), _png(np.asarray(canvas)))
+        paths.append(f"overlays/{name}")
+    return paths, ""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.evaluate.overlays import render_overlays
+from pipelines.evaluate.overlays import render_overlays, render_why
 from pipelines.evaluate.plots import reliability_png
 from pipelines.evaluate.report_html import score_text, score_with_interval, write_html
 from seg_core.metrics import SCORES
@@ -40,6 +40,8 @@ def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,
             scores=report["per_image_iou"], out_dir=storage.join_uri(out, "overlays"),
             limits=limits)
         report["overlays_refused"] += refused
+    report["why"], report["why_missing"] = _why(report, out, spec, truth=truth,
+                                                predictions=predictions, limits=limits)
     calibration = report.get("calibration") or {}
     if calibration.get("ece") is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -51,6 +53,27 @@ def write_report(report: dict[str, Any], out: str, spec: "MaskSpec", *,
     storage.write_bytes(storage.join_uri(out, "report.json"), text.encode())
     storage.write_bytes(storage.join_uri(out, "report.md"), render_markdown(report).encode())
     write_html(report, out)
+
+
+def _why(report: dict[str, Any], out: str, spec: "MaskSpec", *, truth: pa.Table,
+         predictions: pa.Table, limits: "InputLimits") -> tuple[list[str | None], str]:
+    """The worst images' Grad-CAM panels (:func:`render_why`), when the predicting model can be
+    opened; else why not."""
+    from pipelines import registry
+
+    model = report["model"]
+    uri = model.get("source") or model.get("uri")
+    if not report.get("worst"):
+        return [], "no worst images asked for"
+    if not uri:
+        return [], "the predictions' model record names no artifact to explain with"
+    try:
+        uri = registry.resolve(uri).source if registry.is_models_uri(uri) else uri
+    except Exception as error:  # noqa: BLE001 - the report stands without this panel
+        return [], f"{uri} could not be resolved ({type(error).__name__}: {error})"
+    return render_why(report["worst"], report["worst_classes"], truth=truth,
+                      predictions=predictions, spec=spec, model_uri=uri,
+                      out_dir=storage.join_uri(out, "overlays"), limits=limits)
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 Everything is inside the file: the metrics tables, the confusion matrix as a heat map (a table
 whose cells are shaded by the share of their truth row), the per-class bar chart (SVG), the best
-and worst overlays and the training learning curve (PNG), each image a base64 data URI, so the
+and worst overlays, the worst images' "why" panels (Grad-CAM of the class each got most wrong,
+when the predicting model can be opened) and the training learning curve (PNG), each image a
+base64 data URI, so the
 page opens offline and still works when copied alone.  The charts are SVG and HTML written here
 rather than matplotlib figures: every evaluation writes this file, and like the overlays it must
 stay cheap.  The learning curve is the ``learning_curve.png`` that ``rayseg train`` saved in the
@@ -42,7 +44,8 @@ def write_html(report: Mapping[str, Any], out: str) -> str:
     write ``<out>/report.html``; returns its URI."""
     overlays = {group: [storage.read_bytes(storage.join_uri(out, path)) if path else None
                         for path in paths]
-                for group, paths in report.get("overlays", {}).items()}
+                for group, paths in {**report.get("overlays", {}),
+                                     "why": report.get("why") or []}.items()}
     curve, note = learning_curve(report)
     uri = storage.join_uri(out, "report.html")
     storage.write_bytes(uri, render_html(report, overlays, curve, note).encode())
@@ -78,6 +81,8 @@ def render_html(report: Mapping[str, Any], overlays: Mapping[str, Sequence[bytes
     for group in ("best", "worst"):
         sections += [f"<h2>{group.capitalize()} images <small>(per-image mean IoU)</small></h2>",
                      _overlays(report, group, overlays.get(group, ()))]
+    sections += ["<h2>Why the worst images look as they do <small>(Grad-CAM of the class each "
+                 "got most wrong, in red)</small></h2>", _why(report, overlays.get("why", ()))]
     sections += ["<h2>Learning curve</h2>",
                  _img(_png_uri(curve_png), "learning curve", "learning-curve") if curve_png
                  else f'<p class="note" id="learning-curve-note">No learning curve: '
@@ -212,6 +217,19 @@ def _overlays(report: Mapping[str, Any], group: str, pngs: Sequence[bytes | None
                        f"<code>{_e(image_id)}</code>: mean IoU {score} (image | truth | "
                        f"prediction | errors)</figcaption></figure>")
     return "".join(figures)
+
+
+def _why(report: Mapping[str, Any], pngs: Sequence[bytes | None]) -> str:
+    """The worst images' attribution panels (:func:`pipelines.evaluate.overlays.render_why`)."""
+    if not any(pngs):
+        why = report.get("why_missing") or "the class was nowhere in those images"
+        return f'<p class="note" id="why-note">No map: {_e(why)}.</p>'
+    names = report["class_names"]
+    return "".join(
+        f'<figure class="why">{_img(_png_uri(png), f"why: {image_id}")}<figcaption>'
+        f'<code>{_e(image_id)}</code>: what the model looked at for '
+        f'{_e(names[report["worst_classes"][image_id]])}</figcaption></figure>'
+        for image_id, png in zip(report["worst"], pngs) if png is not None)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -313,6 +313,13 @@ def test_evaluate_with_model_matches_direct_segmenter_scores(ray_session, sample
     assert calibration["temperature"] == 1.0    # this artifact was never calibrated
     assert (tmp_path / "eval" / "reliability.png").stat().st_size > 1000
     assert f"**{calibration['ece']:.4f}**" in (tmp_path / "eval" / "report.md").read_text()
+    # the worst image's "why" panel: Grad-CAM of the class it got most wrong, in report.html
+    [worst] = report["worst"]
+    assert report["worst_classes"][worst] in (1, 2)
+    [panel] = report["why"]
+    assert panel and (tmp_path / "eval" / panel).stat().st_size > 1000
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert html.count('<figure class="why">') == 1 and f"<code>{worst}</code>" in html
     expected = compute_metrics(total["tp"], total["fp"], total["fn"], reduction="macro")
     assert report["images_scored"] == 6
     assert report["metrics"]["macro"]["iou"] == pytest.approx(expected["iou"], abs=1e-12)
