@@ -45,7 +45,9 @@ def write_html(report: Mapping[str, Any], out: str) -> str:
     overlays = {group: [storage.read_bytes(storage.join_uri(out, path)) if path else None
                         for path in paths]
                 for group, paths in {**report.get("overlays", {}),
-                                     "why": report.get("why") or []}.items()}
+                                     "why": report.get("why") or [],
+                                     "reliability": [(report.get("calibration") or {}).get(
+                                         "diagram")]}.items()}
     curve, note = learning_curve(report)
     uri = storage.join_uri(out, "report.html")
     storage.write_bytes(uri, render_html(report, overlays, curve, note).encode())
@@ -81,6 +83,8 @@ def render_html(report: Mapping[str, Any], overlays: Mapping[str, Sequence[bytes
     for group in ("best", "worst"):
         sections += [f"<h2>{group.capitalize()} images <small>(per-image mean IoU)</small></h2>",
                      _overlays(report, group, overlays.get(group, ()))]
+    sections += ["<h2>Calibration of pixel confidence</h2>",
+                 _calibration(report, (overlays.get("reliability") or [None])[0])]
     sections += ["<h2>Why the worst images look as they do <small>(Grad-CAM of the class each "
                  "got most wrong, in red)</small></h2>", _why(report, overlays.get("why", ()))]
     sections += ["<h2>Learning curve</h2>",
@@ -217,6 +221,17 @@ def _overlays(report: Mapping[str, Any], group: str, pngs: Sequence[bytes | None
                        f"<code>{_e(image_id)}</code>: mean IoU {score} (image | truth | "
                        f"prediction | errors)</figcaption></figure>")
     return "".join(figures)
+
+
+def _calibration(report: Mapping[str, Any], diagram: bytes | None) -> str:
+    found = report.get("calibration") or {}
+    if found.get("ece") is None:
+        return f'<p class="note">Not measured: {_e(found.get("why_none", ""))}.</p>'
+    text = (f'<p id="ece">Expected calibration error (15 bins, pixel-weighted): '
+            f'<strong>{found["ece"]:.4f}</strong>; temperature applied '
+            f'{_e(found.get("temperature"))}.</p>')
+    return text + (_img(_png_uri(diagram), "reliability diagram", "reliability") if diagram
+                   else "")
 
 
 def _why(report: Mapping[str, Any], pngs: Sequence[bytes | None]) -> str:

@@ -320,6 +320,7 @@ def test_evaluate_with_model_matches_direct_segmenter_scores(ray_session, sample
     assert panel and (tmp_path / "eval" / panel).stat().st_size > 1000
     html = (tmp_path / "eval" / "report.html").read_text()
     assert html.count('<figure class="why">') == 1 and f"<code>{worst}</code>" in html
+    assert f"<strong>{calibration['ece']:.4f}</strong>" in html and 'id="reliability"' in html
     expected = compute_metrics(total["tp"], total["fp"], total["fn"], reduction="macro")
     assert report["images_scored"] == 6
     assert report["metrics"]["macro"]["iou"] == pytest.approx(expected["iou"], abs=1e-12)
