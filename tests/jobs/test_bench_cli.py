@@ -36,6 +36,8 @@ RATIO_FROM = {
     "quality_multiclass": ["rayseg_miou", "/", "plain_miou"],
     "quality_multilabel": ["rayseg_miou", "/", "plain_miou"],
     "autoconfig": ["zero_score", "/", "hand_score"],
+    "instances": ["watershed_map", "/", "components_map"],
+    "active_learning": ["uncertainty_final_miou", "-", "random_final_miou"],
 }
 
 
