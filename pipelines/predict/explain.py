@@ -21,7 +21,7 @@ import pyarrow as pa
 from pipelines import registry, storage
 from pipelines.config import ExplainConfig
 from pipelines.model import open_model
-from pipelines.predict.inputs import plan_inputs
+from pipelines.predict.inputs import map_with_actors, plan_inputs
 from pipelines.records import EXPLANATION_SCHEMA, refusal
 from seg_core.errors import InputError
 
@@ -67,8 +67,7 @@ class Explainer:
 
 def run_explain(cfg: ExplainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Maps for every input image (module docstring); returns the summary."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from pipelines.model import artifact_meta
 
@@ -87,17 +86,11 @@ def run_explain(cfg: ExplainConfig, *, log: Callable[[str], None] = print) -> di
                          f"{', '.join(names)}")
     options = storage.resolve_options()
     plan = plan_inputs(cfg.input, pa.array([], pa.string()), split=cfg.split)
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    actors = cfg.actors or max(1, int(cpus))
-    log(f"explain: {len(plan.ids)} images, class {names[target]} by {cfg.method}, "
-        f"{actors} actor(s) -> {cfg.out}")
-    table = pa.concat_tables(ray.get(plan.dataset.map_batches(
-        Explainer, batch_size=4, batch_format="pyarrow",
-        fn_constructor_kwargs={"model_uri": source, "target": target, "method": cfg.method,
-                               "storage_options": options},
-        compute=ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
-        num_cpus=max(0.25, min(1.0, (cpus - 0.5) / actors))).to_arrow_refs())) \
-        if plan.dataset is not None else EXPLANATION_SCHEMA.empty_table()
+    log(f"explain: {len(plan.ids)} images, class {names[target]} by {cfg.method} -> {cfg.out}")
+    table = map_with_actors(plan, Explainer, kwargs={
+        "model_uri": source, "target": target, "method": cfg.method,
+        "storage_options": options}, schema=EXPLANATION_SCHEMA, batch_size=4,
+        actors=cfg.actors)
     storage.write_bytes(storage.join_uri(cfg.out, EXPLANATIONS_FILE),
                         storage.parquet_bytes(table, {n: "none" if n == "map_png" else "zstd"
                                                       for n in table.column_names}))

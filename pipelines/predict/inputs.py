@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -158,3 +158,24 @@ def _check_unique(ids: pa.Array | pa.ChunkedArray, source: str) -> None:
         raise ValueError(f"{source}: ids must be unique for exactly-once output, but "
                          f"{len(repeated)} repeat (e.g. {repeated.field('values')[:3].to_pylist()}); "
                          f"give the manifest an explicit unique 'id' column")
+
+
+def map_with_actors(plan: InputPlan, cls: type, *, kwargs: dict[str, Any], schema: pa.Schema,
+                    batch_size: int, actors: int | None) -> pa.Table:
+    """Every input row through an actor pool of ``cls`` (each actor opens what it needs once,
+    as predict's do), gathered on the driver: for per-image results that are small (scores,
+    maps), not for masks at scale.  ``actors``: None is one per CPU; each asks for its share of
+    the CPUs, half a CPU left to the read tasks."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    size = actors or max(1, int(cpus))
+    if plan.dataset is None:
+        return schema.empty_table()
+    refs = plan.dataset.map_batches(
+        cls, batch_size=batch_size, batch_format="pyarrow", fn_constructor_kwargs=kwargs,
+        compute=ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+        num_cpus=max(0.25, min(1.0, (cpus - 0.5) / size))).to_arrow_refs()
+    tables = ray.get(refs)
+    return pa.concat_tables(tables) if tables else schema.empty_table()

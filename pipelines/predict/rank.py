@@ -28,7 +28,7 @@ import pyarrow as pa
 from pipelines import registry, storage
 from pipelines.config import RankConfig
 from pipelines.model import open_model
-from pipelines.predict.inputs import plan_inputs
+from pipelines.predict.inputs import map_with_actors, plan_inputs
 from pipelines.records import RANK_SCHEMA, refusal
 from seg_core.errors import InputError
 
@@ -78,8 +78,7 @@ class Scorer:
 
 def run_rank(cfg: RankConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score, rank and write (module docstring); returns the summary."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     from seg_core.active import rank
 
@@ -88,16 +87,10 @@ def run_rank(cfg: RankConfig, *, log: Callable[[str], None] = print) -> dict[str
     source = registry.resolve(cfg.model).source
     options = storage.resolve_options()
     plan = plan_inputs(cfg.input, pa.array([], pa.string()), split=cfg.split)
-    actors = cfg.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    log(f"rank: {len(plan.ids)} images by {cfg.by}, {actors} actor(s); the top {cfg.top} "
-        f"-> {cfg.out}")
-    scored = pa.concat_tables(ray.get(plan.dataset.map_batches(
-        Scorer, batch_size=8, batch_format="pyarrow",
-        fn_constructor_kwargs={"model_uri": source, "by": cfg.by, "storage_options": options},
-        compute=ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
-        num_cpus=max(0.25, min(1.0, (float(ray.cluster_resources().get("CPU", 1)) - 0.5)
-                               / actors))).to_arrow_refs())) if plan.dataset is not None \
-        else RANK_SCHEMA.empty_table()
+    log(f"rank: {len(plan.ids)} images by {cfg.by}; the top {cfg.top} -> {cfg.out}")
+    scored = map_with_actors(plan, Scorer, kwargs={"model_uri": source, "by": cfg.by,
+                                                   "storage_options": options},
+                             schema=RANK_SCHEMA, batch_size=8, actors=cfg.actors)
     rows = scored.to_pylist()
     good = [i for i, r in enumerate(rows) if r["reason"] is None]
     picks = rank([rows[i]["score"] for i in good],
