@@ -27,11 +27,20 @@ flips, never up-down (position is the cue).  It scores the test set through
   vectors, so that a near-duplicate of an image already in the batch is skipped
   (:data:`MIN_DISTANCE`).  Entropy was chosen before any run, as the module's default;
   ``margin`` ran only in a one-seed probe before the class weights, where no arm learned the
-  kite (all three within 0.001 mIoU); it is not an arm here, to keep the run near 7 minutes.
+  kite (all three within 0.001 mIoU); it is not an arm here, to keep the run near 10 minutes.
+- ``balanced``: ``rayseg rank``'s default, ``balanced_entropy``
+  (:func:`seg_core.active.class_entropy` of each unlabelled image's probabilities, then
+  :func:`seg_core.active.balanced_scores` over them: each class's part of the pixel entropy
+  weighted by the inverse of its predicted share of the pool), ranked with the same
+  embeddings and cut.  This arm came second: the first full run (2026-12-05) had only
+  ``uncertainty`` and missed the goal (+0.011), its kite images labelled 22 of 60 against
+  random's 16.3; a one-round probe then showed plain entropy putting 3-6 kite images in its
+  top 10 and the balanced score 10, for the 3 seeds' round-0 models.  Both arms are reported.
 - ``random``: the baseline, the same count drawn uniformly from the unlabelled pool.
 
-``ratio`` = uncertainty's final-round test mIoU - random's, each the mean over 3 seeds (a
-difference, not a quotient); the issue's goal is >= 0.02 (``goal_met``).  Every round's figures
+``ratio`` = balanced's final-round test mIoU - random's, each the mean over 3 seeds (a
+difference, not a quotient); the issue's goal is >= 0.02 (``goal_met``;
+``uncertainty_goal_met`` for the plain entropy arm).  Every round's figures
 are given per seed and as the mean, with how many labelled images hold a kite and how many
 near-duplicate pairs got labelled twice: the mechanism behind the number;
 ``random_gain_over_rounds`` says how much labels buy at all under this budget.  ``--quick`` is
@@ -42,8 +51,9 @@ predicted (IoU at most 0.002 at 150 and 300 steps, 20 and 60 labelled images), s
 scored the same 0.75; at the learning rate 3e-3 some initialisations still never learned it (see
 :data:`LR`); :data:`MIN_DISTANCE` from the round-0 models' embedding distances.
 
-Limits: the uncertainty scores are means over pixels, so a small uncertain kite weighs little
-against the long sky/grass and grass/water edges every image has; :func:`rank` knows nothing of
+Limits: the plain entropy score is a mean over pixels, so a small uncertain kite weighs little
+against the long sky/grass and grass/water edges every image has (what the balanced score
+answers); :func:`rank` knows nothing of
 the images labelled in earlier rounds, so the copy of an image labelled before can still be
 picked; a 300-step training from scratch still loses the kite now and then (IoU 0), which moves
 one seed's round by 0.2 mIoU; the data is generated, the networks tiny and the budget short,
@@ -61,7 +71,7 @@ from PIL import Image, ImageFilter
 
 from benchmarks import Context
 from benchmarks.common import result, torch_threads
-from seg_core.active import embedding, rank, uncertainty_score
+from seg_core.active import balanced_scores, class_entropy, embedding, rank, uncertainty_score
 from seg_core.config import MaskSpec, ModelConfig, Preprocessing, ScoreKind
 from seg_core.engine import build_optimizer, build_scheduler, train_step
 from seg_core.inference import Segmenter, prepare_image
@@ -73,8 +83,8 @@ CLASS_NAMES: tuple[str, ...] = ("sky", "grass", "water", "kite")
 SKY, GRASS, WATER, KITE = range(len(CLASS_NAMES))
 _WARM = np.array([[215, 50, 40], [235, 140, 35], [230, 205, 60], [200, 60, 150]], np.float32)
 
-Arm = Literal["uncertainty", "random"]
-ARMS: tuple[Arm, ...] = ("uncertainty", "random")
+Arm = Literal["balanced", "uncertainty", "random"]
+ARMS: tuple[Arm, ...] = ("balanced", "uncertainty", "random")
 UNCERTAINTY_BY: ScoreKind = "entropy"
 # rank's cut: an image closer than this (cosine distance of bottleneck embeddings) to one
 # already picked is skipped.  rank's default, 1e-3, would have skipped distinct scenes: on a
@@ -253,9 +263,13 @@ def choose(arm: Arm, segmenter: Segmenter, pool: Pool, unlabelled: np.ndarray, c
     if arm == "random":
         return [int(i) for i in rng.choice(unlabelled, count, replace=False)]
     images = [pool.images[i] for i in unlabelled]
-    wanted = frozenset({"mask", "confidence", "entropy"})
-    scores = [uncertainty_score(p, by=UNCERTAINTY_BY)
-              for p in segmenter.predict_batch(images, fields=wanted)]
+    if arm == "balanced":
+        predictions = segmenter.predict_batch(images, fields=frozenset({"mask", "probs"}))
+        scores = balanced_scores([class_entropy(p) for p in predictions])
+    else:
+        wanted = frozenset({"mask", "confidence", "entropy"})
+        scores = [uncertainty_score(p, by=UNCERTAINTY_BY)
+                  for p in segmenter.predict_batch(images, fields=wanted)]
     vectors = np.stack([embedding(segmenter, image) for image in images])
     return [int(unlabelled[i]) for i in rank(scores, vectors, count, min_distance=MIN_DISTANCE)]
 
@@ -364,16 +378,20 @@ def run(ctx: Context) -> dict[str, Any]:
             f"{arm}_duplicate_pairs_labelled_per_round":
                 _rounded(np.mean([c.duplicate_pairs for c in curves], axis=0), 2),
         })
-    gap = figures["uncertainty_final_miou"] - figures["random_final_miou"]
     kite_pixels = sum(int((m == KITE).sum()) for m in pool.masks)
+    for arm in ("balanced", "uncertainty"):
+        gap = figures[f"{arm}_final_miou"] - figures["random_final_miou"]
+        figures[f"{arm}_minus_random"] = round(gap, 4)
+        figures[f"{arm}_minus_random_per_seed"] = _rounded(
+            np.array(figures[f"{arm}_final_miou_per_seed"])
+            - np.array(figures["random_final_miou_per_seed"]))
+        figures[f"{arm}_goal_met"] = bool(round(gap, 3) >= 0.02)
     figures.update({
         "uncertainty_by": UNCERTAINTY_BY,
-        "uncertainty_minus_random_per_seed": _rounded(
-            np.array(figures["uncertainty_final_miou_per_seed"])
-            - np.array(figures["random_final_miou_per_seed"])),
+        "balanced_by": "balanced_entropy",
         "random_gain_over_rounds": round(figures["random_miou_per_round"][-1]
                                          - figures["random_miou_per_round"][0], 4),
-        "goal_met": bool(round(gap, 3) >= 0.02),
+        "goal_met": figures["balanced_goal_met"],
         "kite_pixel_share_pool": round(kite_pixels / (plan.pool * plan.size[0] * plan.size[1]), 5),
         "kite_image_share_pool": round(float(np.mean([(m == KITE).any() for m in pool.masks])), 3),
         "min_distance": MIN_DISTANCE,
@@ -384,9 +402,9 @@ def run(ctx: Context) -> dict[str, Any]:
         "training": "from scratch each round", "batch": plan.batch, "base_width": plan.width,
         "loop_s": round(loop_s, 1), "threads": 1,
     })
-    return result("active_learning", figures, ("uncertainty_final_miou", "-", "random_final_miou"),
-                  ">=0.02 (final-round test mIoU, entropy + near-duplicate-aware rank minus "
-                  "random picks, mean of 3 seeds, 10% -> 30% labelled)")
+    return result("active_learning", figures, ("balanced_final_miou", "-", "random_final_miou"),
+                  ">=0.02 (final-round test mIoU, balanced_entropy + near-duplicate-aware rank "
+                  "minus random picks, mean of 3 seeds, 10% -> 30% labelled)")
 
 
 def _rounded(values: np.ndarray | Sequence[float], digits: int = 4) -> list[float]:

@@ -11,13 +11,19 @@ Choose what to label next.  A Ray Data job scores every unlabelled image by how 
 is of it, and embeds it (pooled bottleneck features); the most uncertain images are picked, and
 an image that is a near-duplicate of one already picked is skipped, so the picks differ.
 
-  --by entropy   mean per-pixel entropy of the class probabilities (default)
-  --by margin    mean 1 - (top probability - second), per pixel
-  --by tta       how often the flipped (and, for square images, turned) predictions disagree
+  --by balanced_entropy  per-pixel entropy, each class's part weighted by how rare the class
+                        is in the pool's predictions (default): images unsure about a rare
+                        class come before images with long, mildly unsure edges
+  --by entropy           mean per-pixel entropy of the class probabilities
+  --by margin            mean 1 - (top probability - second), per pixel
+  --by tta               how often the flipped (and, for square images, turned) predictions
+                         disagree
 
 Writes to --out (local path or s3://):
   ranked.parquet      every image: id, source_uri, score, rank (1 = label first; null: not
-                      picked), and reason + message for images that could not be read
+                      picked), class_entropy and class_share (per class: its part of the
+                      image's doubt, its predicted share), and reason + message for images
+                      that could not be read
   contact_sheet.png   the picks' thumbnails with rank and score
 """
 
@@ -41,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--input", help="unlabelled images: a prefix, a manifest or shards")
     parser.add_argument("--out", help="where ranked.parquet and contact_sheet.png go")
     parser.add_argument("--by", choices=typing.get_args(ScoreKind),
-                        help="how uncertainty is scored (default entropy)")
+                        help="how uncertainty is scored (default balanced_entropy)")
     parser.add_argument("--top", type=int, help="images to pick (default 50)")
     parser.add_argument("--split", help="only rows of this split (manifests and shards)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or local)")

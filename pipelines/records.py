@@ -120,6 +120,10 @@ RANK_SCHEMA = pa.schema([
     pa.field("source_uri", pa.string()),
     pa.field("rank", pa.int32()),                  # 1 = label first; null: not picked
     pa.field("score", pa.float64()),               # uncertainty, higher = less sure
+    # per class (seg_core.active.class_entropy): the mean of pixel entropy x the class's
+    # probability, and the class's mean probability; null for --by tta
+    pa.field("class_entropy", pa.list_(pa.float64())),
+    pa.field("class_share", pa.list_(pa.float64())),
     pa.field("embedding", pa.list_(pa.float32())),  # pooled bottleneck features (unit length)
     pa.field("reason", pa.string()),               # an image that could not be read: why
     pa.field("message", pa.string()),

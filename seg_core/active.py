@@ -6,6 +6,13 @@ that keeps near-duplicates out of one labelling batch.
   ``1 - (p1 - p2)``, the two most likely classes; multi-label: ``1 - |2p - 1|`` per class), or
   ``tta`` (the disagreement of predictions under symmetries of the square, from
   :func:`tta_masks`).
+- ``balanced_entropy`` is a score of an image *within a pool*: :func:`class_entropy` splits each
+  image's pixel entropy over the classes by their probabilities, and :func:`balanced_scores`
+  weighs each class's part by the inverse of its share of the pool's predicted pixels
+  (median-frequency weights, the ones ``class_weights: auto`` gives training), so an unsure
+  small object of a rare class is not drowned by the long, mildly unsure edges of the common
+  ones (class-balanced acquisition, as in Cai et al., "Revisiting Superpixels for Active
+  Learning in Semantic Segmentation with Realistic Annotation Costs", CVPR 2021).
 - :func:`embedding`: the U-Net's bottleneck features (the deepest encoder stage), averaged
   over the image and L2-normalised: no second network, one forward per inference window.
 - :func:`rank`: indices by descending score, skipping any image whose embedding lies within
@@ -16,8 +23,9 @@ Why: labelling budget goes furthest on images the model is unsure about and that
 each other (uncertainty plus diversity, as in core-set and BADGE-style selection, with a greedy
 threshold instead of a clustering).
 
-Limits: scores are means over pixels, so a small uncertain object in a large confident image
-scores low; the embedding comes from the torch network (``segmenter.model``) whatever engine the
+Limits: ``entropy``, ``margin`` and ``tta`` are means over pixels, so a small uncertain object
+in a large confident image scores low (``balanced_entropy`` answers that for rare classes, not
+for a small object of a common one); the embedding comes from the torch network (``segmenter.model``) whatever engine the
 segmenter predicts with, and it sees every window at once only through the average (a
 near-duplicate of one tile of a large image is not recognised as one).  The TTA symmetries are
 the 8 of the square (flips and 90-degree rotations) for a square image and the 4 flips
@@ -62,6 +70,9 @@ def uncertainty_score(prediction_or_probs: Prediction | np.ndarray, *, by: Score
     """
     if by == "tta":
         return _disagreement(np.asarray(prediction_or_probs))
+    if by == "balanced_entropy":
+        raise ValueError("uncertainty_score: balanced_entropy scores an image within a pool: "
+                         "take class_entropy of each image, then balanced_scores of them all")
     if by not in ("entropy", "margin"):
         raise ValueError(f"uncertainty_score: by must be 'entropy', 'margin' or 'tta', got {by!r}")
     if isinstance(prediction_or_probs, Prediction):
@@ -87,6 +98,54 @@ def uncertainty_score(prediction_or_probs: Prediction | np.ndarray, *, by: Score
         return 0.0
     top2 = np.partition(probs, -2, axis=0)[-2:]   # 2 x H x W: runner-up, most likely
     return float((1.0 - (top2[1] - top2[0])).mean())
+
+
+def class_entropy(prediction_or_probs: Prediction | np.ndarray, *,
+                  multilabel: bool | None = None) -> np.ndarray:
+    """2 x K float64 for one image: row 0, per class, the mean over pixels of the pixel's
+    normalised entropy times the class's probability there (the pixel's doubt, shared out over
+    the classes in play); row 1, per class, the mean probability (the class's predicted share
+    of the image).  Rows of many images go to :func:`balanced_scores`.
+
+    Multi-label: the pixel's doubt is the mean binary entropy over the classes, as in
+    :func:`uncertainty_score`.  Needs probabilities (a Prediction predicted with ``probs``).
+    """
+    if isinstance(prediction_or_probs, Prediction):
+        if prediction_or_probs.probs is None:
+            raise ValueError("class_entropy: needs the prediction's probs; predict with fields "
+                             "including 'probs'")
+        multilabel = prediction_or_probs.mask.ndim == 3
+        probs = prediction_or_probs.probs
+    else:
+        probs = prediction_or_probs
+    probs = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    if probs.ndim != 3:
+        raise ValueError(f"class_entropy: expected K x H x W probabilities, got shape "
+                         f"{probs.shape}")
+    doubt = _entropy(probs, bool(multilabel))                   # H x W
+    flat = probs.reshape(len(probs), -1)
+    return np.stack([flat @ doubt.reshape(-1) / flat.shape[1], flat.mean(axis=1)])
+
+
+def balanced_scores(parts: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """``balanced_entropy`` of N images from their :func:`class_entropy` rows (N x 2 x K): per
+    image, the sum over classes of its class doubt times the class's weight,
+    ``median(f) / f_c`` where ``f_c`` is the class's share of the probability mass over all N
+    images (a class no image predicts weighs 0).  Higher = less sure; the scores rank images
+    of this pool against each other, not across pools."""
+    parts = np.asarray(parts, dtype=np.float64)
+    if parts.ndim != 3 or parts.shape[1] != 2:
+        raise ValueError(f"balanced_scores: expected N x 2 x K class_entropy rows, got shape "
+                         f"{parts.shape}")
+    if not len(parts):
+        return np.zeros(0)
+    mass = parts[:, 1].sum(axis=0)
+    share = mass / max(float(mass.sum()), 1e-300)
+    present = share > 0
+    weights = np.zeros_like(share)
+    if present.any():
+        weights[present] = np.median(share[present]) / share[present]
+    return parts[:, 0] @ weights
 
 
 def symmetries(height: int, width: int) -> tuple[Symmetry, ...]:

@@ -35,8 +35,9 @@ PredictFormat = Literal["parquet", "coco-rle"]
 # how a predicted mask is cut into objects (seg_core.instances): not at all, connected
 # components per class, or a watershed from the distance transform's maxima
 InstanceMethod = Literal["none", "components", "watershed"]
-# how sure a model is of an unlabelled image (seg_core.active.uncertainty_score)
-ScoreKind = Literal["entropy", "margin", "tta"]
+# how sure a model is of an unlabelled image (seg_core.active: uncertainty_score per image;
+# balanced_entropy over a pool, class_entropy then balanced_scores)
+ScoreKind = Literal["entropy", "balanced_entropy", "margin", "tta"]
 # attribution methods of seg_core.explain
 ExplainMethod = Literal["gradcam", "occlusion", "integrated_gradients"]
 

@@ -282,11 +282,11 @@ class UNetSegmentationEstimator:
                     log=lambda line: None)
         return read_frame(out)
 
-    def suggest_labels(self, frame: Frame, n: int = 10, *, by: str = "entropy",
+    def suggest_labels(self, frame: Frame, n: int = 10, *, by: str = "balanced_entropy",
                        out: str | os.PathLike | None = None) -> Frame:
         """The ``n`` rows of ``frame`` (unlabelled images) worth labelling first, most
-        uncertain first, near-duplicates of a pick left out (``rayseg rank``: by ``entropy``,
-        ``margin`` or ``tta``).  ``ranked.parquet`` and ``contact_sheet.png`` go to ``out``
+        uncertain first, near-duplicates of a pick left out (``rayseg rank``: by
+        ``balanced_entropy``, ``entropy``, ``margin`` or ``tta``).  ``ranked.parquet`` and ``contact_sheet.png`` go to ``out``
         (default ``<work_dir>/rank/<model_id>-<random>``)."""
         import pyarrow.parquet as pq
 

@@ -119,7 +119,9 @@ class RankConfig:
     model: str                          # artifact URI (local or s3://) or models:/name/N
     input: str                          # unlabelled images: a prefix, manifest or shards
     out: str                            # ranked.parquet and contact_sheet.png go here
-    by: ScoreKind = "entropy"           # seg_core.active.uncertainty_score
+    # seg_core.active: balanced_entropy (images unsure about a rare class first), entropy,
+    # margin or tta
+    by: ScoreKind = "balanced_entropy"
     top: int = 50                       # images to pick
     # cosine distance under which an image is a near-duplicate of a pick, and skipped
     # (seg_core.active.rank; check the pool's nearest-neighbour distances before raising it)

@@ -264,6 +264,7 @@ def _write_predictions(inputs: InputPlan, sink: Any, ref: Any, cfg: PredictConfi
 
 
 RELEASE_WAIT_S = 60.0   # how long a failed run waits for its predictors to be gone
+QUIET_LOOKS = 5         # looks 0.2 s apart that find no new predictor before it stops looking
 
 
 def release_actors_of(failure: Exception, *, wait_s: float = RELEASE_WAIT_S) -> Exception:
@@ -275,8 +276,9 @@ def release_actors_of(failure: Exception, *, wait_s: float = RELEASE_WAIT_S) -> 
     the life of the driver.  In a notebook, or any driver that runs the next job, that job
     could then wait for them forever.  So the failed run's predictors are killed here: every
     live handle of this module's :class:`Predictor` pool (one predict runs at a time in a
-    driver).  The handles are looked for until two looks in a row find no new one (on a busy
-    machine the executor's thread can still be starting an actor when the error arrives), and
+    driver).  The handles are looked for until :data:`QUIET_LOOKS` looks in a row (a second)
+    find no new one (on a busy machine the executor's thread can still be starting an actor
+    when the error arrives), and
     each killed actor is waited for until Ray reports it dead, so its CPUs are free when this
     returns (at most ``wait_s``).  The error keeps its type, message and traceback.
     """
@@ -298,7 +300,7 @@ def release_actors_of(failure: Exception, *, wait_s: float = RELEASE_WAIT_S) -> 
     deadline = time.monotonic() + wait_s
     killed: dict[str, ActorHandle] = {}
     quiet = 0
-    while quiet < 2 and time.monotonic() < deadline:
+    while quiet < QUIET_LOOKS and time.monotonic() < deadline:
         fresh = [h for h in predictors() if h._actor_id.hex() not in killed]
         for handle in fresh:
             ray.kill(handle)

@@ -3,7 +3,9 @@
 A Ray Data actor pool (the artifact opened once per actor, as for ``rayseg predict``) scores
 every input image by how unsure the model is of it (:func:`seg_core.active.uncertainty_score`:
 mean pixel ``entropy``, ``margin`` between the two likeliest classes, or ``tta`` disagreement
-over the square's symmetries) and embeds it (:func:`seg_core.active.embedding`, pooled bottleneck
+over the square's symmetries; ``balanced_entropy``, the default, is scored on the driver from
+each image's per-class doubt, :func:`seg_core.active.balanced_scores`, so that images unsure
+about a rare class come first) and embeds it (:func:`seg_core.active.embedding`, pooled bottleneck
 features).  The driver then ranks them (:func:`seg_core.active.rank`: most uncertain first,
 near-duplicates of a pick skipped) and writes, under ``--out``:
 
@@ -49,11 +51,12 @@ class Scorer:
         self.by = by
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from seg_core.active import embedding, tta_masks, uncertainty_score
+        from seg_core.active import class_entropy, embedding, tta_masks, uncertainty_score
 
         out = []
         for row in batch.to_pylist():
-            base = {"id": row["id"], "source_uri": row.get("image_uri"), "rank": None}
+            base = {"id": row["id"], "source_uri": row.get("image_uri"), "rank": None,
+                    "class_entropy": None, "class_share": None}
             try:
                 if (refused := refusal(row.get("refused"))) is not None:
                     raise refused
@@ -64,7 +67,11 @@ class Scorer:
                 else:
                     prediction = segmenter.predict(image, fields=frozenset(
                         {"mask", "probs", "entropy"}))
-                    score = uncertainty_score(prediction, by=self.by)  # type: ignore[arg-type]
+                    doubt, share = class_entropy(prediction).tolist()
+                    base.update(class_entropy=doubt, class_share=share)
+                    # balanced_entropy needs the whole pool: run_rank scores it
+                    score = uncertainty_score(prediction, by="entropy" if self.by == (
+                        "balanced_entropy") else self.by)  # type: ignore[arg-type]
                 vector = embedding(segmenter, image)
             except InputError as error:
                 out.append({**base, "score": None, "embedding": None, "reason": error.reason,
@@ -80,7 +87,7 @@ def run_rank(cfg: RankConfig, *, log: Callable[[str], None] = print) -> dict[str
     """Score, rank and write (module docstring); returns the summary."""
     from ray.data import DataContext
 
-    from seg_core.active import rank
+    from seg_core.active import balanced_scores, rank
 
     started = time.perf_counter()
     DataContext.get_current().enable_progress_bars = cfg.progress
@@ -93,6 +100,11 @@ def run_rank(cfg: RankConfig, *, log: Callable[[str], None] = print) -> dict[str
                              schema=RANK_SCHEMA, batch_size=8, actors=cfg.actors)
     rows = scored.to_pylist()
     good = [i for i, r in enumerate(rows) if r["reason"] is None]
+    if cfg.by == "balanced_entropy":
+        for i, score in zip(good, balanced_scores(np.asarray(
+                [[rows[i]["class_entropy"], rows[i]["class_share"]] for i in good],
+                np.float64).reshape(len(good), 2, -1))):
+            rows[i]["score"] = float(score)
     picks = rank([rows[i]["score"] for i in good],
                  np.asarray([rows[i]["embedding"] for i in good], np.float32).reshape(
                      len(good), -1), cfg.top, min_distance=cfg.min_distance)

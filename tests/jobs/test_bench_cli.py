@@ -37,7 +37,7 @@ RATIO_FROM = {
     "quality_multilabel": ["rayseg_miou", "/", "plain_miou"],
     "autoconfig": ["zero_score", "/", "hand_score"],
     "instances": ["watershed_map", "/", "components_map"],
-    "active_learning": ["uncertainty_final_miou", "-", "random_final_miou"],
+    "active_learning": ["balanced_final_miou", "-", "random_final_miou"],
 }
 
 
@@ -209,20 +209,21 @@ def test_instances_bench_quick_scores_every_route_beside_components_and_the_orac
 
 
 @pytest.mark.timeout(120)
-def test_active_learning_bench_quick_runs_both_arms_round_by_round():
+def test_active_learning_bench_quick_runs_every_arm_round_by_round():
     """``rayseg bench active_learning --quick`` needs no Ray: run on its own, within its 20 s."""
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "active_learning", "--quick"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     line = json.loads(next(x for x in done.stdout.splitlines() if x.startswith('{"bench"')))
     figures = line["figures"]
-    assert line["ratio_from"] == ["uncertainty_final_miou", "-", "random_final_miou"]
+    assert line["ratio_from"] == ["balanced_final_miou", "-", "random_final_miou"]
     check_ratio(line)
+    assert figures["balanced_minus_random"] == pytest.approx(line["ratio"], abs=5e-4)
     assert line["wall_s"] <= 20 and figures["goal_met"] is (line["ratio"] >= 0.02)
     rounds, pool = figures["rounds"], figures["pool_duplicates_test"][0]
     planned = [round(0.10 * pool) + r * round(0.05 * pool) for r in range(rounds + 1)]
     assert figures["random_labelled_per_round"] == planned   # 10%, then 5% more a round
-    for arm in ("uncertainty", "random"):
+    for arm in ("balanced", "uncertainty", "random"):
         assert len(figures[f"{arm}_miou_per_round"]) == rounds + 1, arm
         assert figures[f"{arm}_miou_per_seed"] == [figures[f"{arm}_miou_per_round"]], arm
         assert all(0 <= v <= 1 for v in figures[f"{arm}_miou_per_round"]
@@ -230,8 +231,10 @@ def test_active_learning_bench_quick_runs_both_arms_round_by_round():
         labelled = figures[f"{arm}_labelled_per_round"]   # rank may skip near-duplicates
         assert all(a < b <= p for a, b, p in zip(labelled, labelled[1:], planned[1:])), arm
     # round 0 is one model, shared: the arms differ only in what they label after it
-    assert figures["uncertainty_miou_per_round"][0] == figures["random_miou_per_round"][0]
+    assert (figures["balanced_miou_per_round"][0] == figures["uncertainty_miou_per_round"][0]
+            == figures["random_miou_per_round"][0])
     assert figures["uncertainty_by"] == "entropy"
+    assert figures["balanced_by"] == "balanced_entropy"
     assert 0 < figures["kite_pixel_share_pool"] < 0.02   # the rare class, in a minority of images
     assert 0 < figures["kite_image_share_pool"] < 0.5
     assert figures["near_duplicates_within_cut"] >= 0.5   # rank's cut catches the copies

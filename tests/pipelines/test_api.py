@@ -211,9 +211,9 @@ def test_predict_returns_a_frame_of_mask_rows(trained, predictions):
 @pytest.mark.slow
 def test_suggest_labels_and_explain(trained):
     """suggest_labels: rayseg rank's picks as a frame of the input's rows, most uncertain
-    first; explain: seg_core's map for one row and class."""
+    (balanced_entropy over the frame) first; explain: seg_core's map for one row and class."""
     from pipelines.model import open_model
-    from seg_core.active import uncertainty_score
+    from seg_core.active import balanced_scores, class_entropy
     from seg_core.codecs import decode_image
     from seg_core.explain import explain
 
@@ -222,8 +222,10 @@ def test_suggest_labels_and_explain(trained):
     assert isinstance(picks, Frame) and picks.nrow == 3 and picks.kind == train.kind
     loaded = open_model(model.artifact_uri, engine="torch")
     uris = dict(zip(train.to_arrow()["id"].to_pylist(), train.resolved("image")))
-    scores = {i: uncertainty_score(loaded.segmenter.predict(decode_image(Path(u).read_bytes())))
-              for i, u in uris.items()}
+    parts = [class_entropy(loaded.segmenter.predict(decode_image(Path(u).read_bytes()),
+                                                    fields=frozenset({"mask", "probs"})))
+             for u in uris.values()]
+    scores = dict(zip(uris, balanced_scores(parts)))   # the default, balanced_entropy
     chosen = picks.to_arrow()["id"].to_pylist()
     assert [scores[i] for i in chosen] == sorted([scores[i] for i in chosen], reverse=True)
     assert chosen[0] == max(scores, key=scores.get)     # the first pick is never skipped

@@ -16,7 +16,9 @@ from tests.serve_util import encode_as, make_artifact
 
 
 def test_rank_picks_the_most_uncertain_and_skips_a_duplicate(ray_session, tmp_path, capsys):
-    from seg_core.active import uncertainty_score
+    """The default score, balanced_entropy, is computed over the whole pool on the driver:
+    the expected scores come from seg_core over the same 8 readable images."""
+    from seg_core.active import balanced_scores, class_entropy
     from seg_core.artifact import load_artifact
     from seg_core.inference import Segmenter
 
@@ -28,9 +30,12 @@ def test_rank_picks_the_most_uncertain_and_skips_a_duplicate(ray_session, tmp_pa
     for name, image in images.items():
         (pool / name).write_bytes(encode_as(image, "png"))
     segmenter = Segmenter(load_artifact(model_dir), engine="torch")
-    scores = {name: uncertainty_score(segmenter.predict(image), by="entropy")
-              for name, image in images.items()}
-    top = max(scores, key=scores.get)
+    parts = {name: class_entropy(segmenter.predict(image, fields=frozenset({"mask", "probs"})))
+             for name, image in images.items()}
+    first = dict(zip(parts, balanced_scores(list(parts.values()))))
+    top = max(first, key=first.get)
+    parts["copy_of_top.png"] = parts[top]                                  # the pool has 8
+    scores = dict(zip(parts, balanced_scores(list(parts.values()))))
     (pool / "copy_of_top.png").write_bytes((pool / top).read_bytes())   # a near-duplicate
     (pool / "broken.png").write_bytes(b"not an image at all")
     out = tmp_path / "rank"
@@ -46,8 +51,13 @@ def test_rank_picks_the_most_uncertain_and_skips_a_duplicate(ray_session, tmp_pa
     # the top image (or its byte-identical copy) first, and never both
     assert picked[0]["id"] in (top, "copy_of_top.png")
     assert sum(r["id"] in (top, "copy_of_top.png") for r in picked) == 1
-    expected = sorted((s for s in scores.values()), reverse=True)[:4]
+    assert max(scores, key=scores.get) in (top, "copy_of_top.png")
+    expected = sorted((s for name, s in scores.items() if name != "copy_of_top.png"),
+                      reverse=True)[:4]
     np.testing.assert_allclose([r["score"] for r in picked], expected, rtol=1e-4)
+    for name, part in parts.items():   # each image's per-class doubt and share, kept
+        np.testing.assert_allclose([by_id[name]["class_entropy"], by_id[name]["class_share"]],
+                                   part, rtol=1e-4, atol=1e-7)
     sheet = Image.open(io.BytesIO((out / "contact_sheet.png").read_bytes()))
     assert sheet.size == (4 * 128, 128 + 14)
 

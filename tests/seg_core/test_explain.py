@@ -26,6 +26,8 @@ from torch import nn
 from seg_core.active import (
     FLIPS,
     SQUARE,
+    balanced_scores,
+    class_entropy,
     embedding,
     rank,
     tta_disagreement,
@@ -298,6 +300,34 @@ def test_entropy_and_margin_rank_a_confident_image_below_an_uncertain_one():
     assert uncertainty_score(sure, by="margin", multilabel=True) == pytest.approx(0.2)
 
 
+def test_balanced_entropy_lifts_the_image_unsure_about_a_rare_class():
+    """Hand-computed: two classes over a pool of two 1 x 2 images.  ``edges`` is unsure at
+    both pixels between two common classes; ``rare`` is sure of one pixel and unsure at the
+    other, where a class (2) that holds 1/16 of the pool's probability mass is in play."""
+    half = np.log(2) / np.log(3)                         # normalised entropy of (0.5, 0.5, 0)
+    edges = np.array([[[0.5, 0.5]], [[0.5, 0.5]], [[0.0, 0.0]]])
+    rare = np.array([[[1.0, 0.5]], [[0.0, 0.25]], [[0.0, 0.25]]])
+    parts = [class_entropy(edges), class_entropy(rare)]
+    doubt_rare = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25)) / np.log(3)   # 1.5 ln2 / ln3
+    np.testing.assert_allclose(parts[0], [[half / 2, half / 2, 0], [0.5, 0.5, 0]])
+    np.testing.assert_allclose(parts[1], [[doubt_rare / 4, doubt_rare / 8, doubt_rare / 8],
+                                          [0.75, 0.125, 0.125]])
+    # plain entropy prefers the long edge: half > doubt_rare / 2
+    assert uncertainty_score(edges, by="entropy") > uncertainty_score(rare, by="entropy")
+    # pool shares 1.25/2, 0.625/2, 0.125/2; weights median/share = 0.5, 1, 5
+    weights = np.array([0.5, 1.0, 5.0])
+    scores = balanced_scores(parts)
+    np.testing.assert_allclose(scores, [p[0] @ weights for p in parts])
+    assert scores[1] > scores[0]
+    # a class no image predicts weighs nothing; an empty pool scores nothing
+    np.testing.assert_allclose(balanced_scores([class_entropy(edges)]), [half / 2 * 2])
+    assert balanced_scores(np.zeros((0, 2, 3))).shape == (0,)
+    with pytest.raises(ValueError, match="within a pool"):
+        uncertainty_score(edges, by="balanced_entropy")
+    with pytest.raises(ValueError, match="N x 2 x K"):
+        balanced_scores(np.zeros((2, 3)))
+
+
 def test_uncertainty_reads_a_prediction(trained):
     prediction = trained.predict(scene(3)[0])
     from_probs = uncertainty_score(prediction.probs, by="entropy")
@@ -306,6 +336,10 @@ def test_uncertainty_reads_a_prediction(trained):
                       entropy=None)
     with pytest.raises(ValueError, match="probs"):
         uncertainty_score(bare, by="margin")
+    with pytest.raises(ValueError, match="probs"):
+        class_entropy(bare)
+    np.testing.assert_allclose(class_entropy(prediction), class_entropy(prediction.probs),
+                               atol=1e-6)
 
 
 def test_tta_disagreement_is_zero_for_a_constant_image(trained):
