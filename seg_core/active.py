@@ -25,9 +25,10 @@ threshold instead of a clustering).
 
 Limits: ``entropy``, ``margin`` and ``tta`` are means over pixels, so a small uncertain object
 in a large confident image scores low (``balanced_entropy`` answers that for rare classes, not
-for a small object of a common one); the embedding comes from the torch network (``segmenter.model``) whatever engine the
-segmenter predicts with, and it sees every window at once only through the average (a
-near-duplicate of one tile of a large image is not recognised as one).  The TTA symmetries are
+for a small object of a common one); the embedding comes from the torch network
+(``segmenter.model``) whatever engine the segmenter predicts with, and it sees every window at
+once only through the average (a near-duplicate of one tile of a large image is not recognised
+as one).  The TTA symmetries are
 the 8 of the square (flips and 90-degree rotations) for a square image and the 4 flips
 (identity, horizontal, vertical, both) otherwise; the network is not trained to be invariant to
 them, so part of the disagreement is the network's own orientation bias, the same for every
@@ -130,9 +131,10 @@ def class_entropy(prediction_or_probs: Prediction | np.ndarray, *,
 def balanced_scores(parts: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
     """``balanced_entropy`` of N images from their :func:`class_entropy` rows (N x 2 x K): per
     image, the sum over classes of its class doubt times the class's weight,
-    ``median(f) / f_c`` where ``f_c`` is the class's share of the probability mass over all N
-    images (a class no image predicts weighs 0).  Higher = less sure; the scores rank images
-    of this pool against each other, not across pools."""
+    ``median(f) / f_c`` where ``f_c`` is the class's predicted share averaged over the N images
+    (each image counts the same, whatever its size; a class no image predicts weighs 0).
+    Higher = less sure; the scores rank images of this pool against each other, not across
+    pools."""
     parts = np.asarray(parts, dtype=np.float64)
     if parts.ndim != 3 or parts.shape[1] != 2:
         raise ValueError(f"balanced_scores: expected N x 2 x K class_entropy rows, got shape "
