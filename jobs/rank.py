@@ -11,13 +11,13 @@ Choose what to label next.  A Ray Data job scores every unlabelled image by how 
 is of it, and embeds it (pooled bottleneck features); the most uncertain images are picked, and
 an image that is a near-duplicate of one already picked is skipped, so the picks differ.
 
-  --by balanced_entropy  per-pixel entropy, each class's part weighted by how rare the class
+  --by balanced_entropy per-pixel entropy, each class's part weighted by how rare the class
                         is in the pool's predictions (default): images unsure about a rare
                         class come before images with long, mildly unsure edges
-  --by entropy           mean per-pixel entropy of the class probabilities
-  --by margin            mean 1 - (top probability - second), per pixel
-  --by tta               how often the flipped (and, for square images, turned) predictions
-                         disagree
+  --by entropy          mean per-pixel entropy of the class probabilities
+  --by margin           mean 1 - (top probability - second), per pixel
+  --by tta              how often the flipped (and, for square images, turned) predictions
+                        disagree
 
 Writes to --out (local path or s3://):
   ranked.parquet      every image: id, source_uri, score, rank (1 = label first; null: not
