@@ -187,13 +187,18 @@ def test_table_shows_each_figure():
     assert "alpha" in table and "0.500" in table
 
 
+def run_quick(name: str) -> dict:
+    """``rayseg bench NAME --quick`` in a process of its own (no Ray): its JSON line."""
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", name, "--quick"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads(next(x for x in done.stdout.splitlines() if x.startswith('{"bench"')))
+
+
 @pytest.mark.timeout(120)
 def test_instances_bench_quick_scores_every_route_beside_components_and_the_oracle():
     """``rayseg bench instances --quick`` needs no Ray: run on its own, within its 20 s."""
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "instances", "--quick"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    line = json.loads(next(x for x in done.stdout.splitlines() if x.startswith('{"bench"')))
+    line = run_quick("instances")
     figures = line["figures"]
     assert line["ratio_from"] == ["watershed_map", "/", "components_map"]
     check_ratio(line)
@@ -211,10 +216,7 @@ def test_instances_bench_quick_scores_every_route_beside_components_and_the_orac
 @pytest.mark.timeout(120)
 def test_active_learning_bench_quick_runs_every_arm_round_by_round():
     """``rayseg bench active_learning --quick`` needs no Ray: run on its own, within its 20 s."""
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "active_learning", "--quick"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    line = json.loads(next(x for x in done.stdout.splitlines() if x.startswith('{"bench"')))
+    line = run_quick("active_learning")
     figures = line["figures"]
     assert line["ratio_from"] == ["balanced_final_miou", "-", "random_final_miou"]
     check_ratio(line)
