@@ -213,22 +213,28 @@ def test_suggest_labels_and_explain(trained):
     """suggest_labels: rayseg rank's picks as a frame of the input's rows, most uncertain
     (balanced_entropy over the frame) first; explain: seg_core's map for one row and class."""
     from pipelines.model import open_model
-    from seg_core.active import balanced_scores, class_entropy
+    from seg_core.active import balanced_scores, class_entropy, embedding, rank
     from seg_core.codecs import decode_image
     from seg_core.explain import explain
 
     model, train, _, _ = trained
     picks = model.suggest_labels(train, 3)
-    assert isinstance(picks, Frame) and picks.nrow == 3 and picks.kind == train.kind
+    assert isinstance(picks, Frame) and 1 <= picks.nrow <= 3 and picks.kind == train.kind
     loaded = open_model(model.artifact_uri, engine="torch")
     uris = dict(zip(train.to_arrow()["id"].to_pylist(), train.resolved("image")))
-    parts = [class_entropy(loaded.segmenter.predict(decode_image(Path(u).read_bytes()),
-                                                    fields=frozenset({"mask", "probs"})))
-             for u in uris.values()]
+    images = [decode_image(Path(u).read_bytes()) for u in uris.values()]
+    parts = [class_entropy(loaded.segmenter.predict(image, fields=frozenset({"mask", "probs"})))
+             for image in images]
     scores = dict(zip(uris, balanced_scores(parts)))   # the default, balanced_entropy
     chosen = picks.to_arrow()["id"].to_pylist()
     assert [scores[i] for i in chosen] == sorted([scores[i] for i in chosen], reverse=True)
     assert chosen[0] == max(scores, key=scores.get)     # the first pick is never skipped
+    # fewer than 3 only where the rest are near-duplicates of a pick (a briefly trained model's
+    # bottleneck can map different scenes close together): the same greedy walk over the same
+    # scores and embeddings, computed here image by image, picks the same rows
+    vectors = np.stack([embedding(loaded.segmenter, image) for image in images])
+    ids = list(uris)
+    assert chosen == [ids[i] for i in rank([scores[i] for i in ids], vectors, 3)]
     image = decode_image(Path(train.resolved("image")[0]).read_bytes())
     names = loaded.mask_spec.names
     present = int(np.bincount(loaded.segmenter.predict(image).mask.ravel(),
