@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from seg_core.config import as_hw
 from seg_core.errors import InputError
+from seg_core.pixels import resize_mask_nearest
 
 Mask = np.ndarray | None
 Pair = tuple[np.ndarray, Mask]
@@ -53,7 +54,7 @@ class Resize:
     def __call__(self, image: np.ndarray, mask: Mask, rng: np.random.Generator) -> Pair:
         _check_pair(image, mask)
         height, width = _positive_size(self.size, "Resize")
-        return _resize_image(image, height, width), _resize_mask_nearest(mask, height, width)
+        return _resize_image(image, height, width), resize_mask_nearest(mask, (height, width))
 
 
 @dataclass(frozen=True)
@@ -329,11 +330,6 @@ def _unit_step(size: int) -> float:
     return 2.0 / (size - 1) if size > 1 else 0.0
 
 
-def resize_mask_nearest(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of H x W or K x H x W to ``size`` = (H, W), at pixel centres."""
-    return _resize_mask_nearest(mask, int(size[0]), int(size[1]))
-
-
 def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of ``H, W, C`` keeping the dtype (integers are rounded and clipped)."""
     if image.shape[:2] == (height, width):
@@ -347,21 +343,6 @@ def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
         info = np.iinfo(image.dtype)
         result = np.clip(np.rint(result), info.min, info.max)
     return np.ascontiguousarray(result.astype(image.dtype))
-
-
-def _resize_mask_nearest(mask: Mask, height: int, width: int) -> Mask:
-    """Nearest-neighbour resize of ``H, W`` or ``K, H, W`` (pixel centres, as ``nearest-exact``)."""
-    if mask is None or mask.shape[-2:] == (height, width):
-        return mask
-    rows = _nearest_index(mask.shape[-2], height)
-    cols = _nearest_index(mask.shape[-1], width)
-    return np.ascontiguousarray(np.take(np.take(mask, rows, axis=-2), cols, axis=-1))
-
-
-def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
-    """Source index of each output pixel centre."""
-    centres = (np.arange(size_out) + 0.5) * (size_in / size_out)
-    return np.minimum(centres.astype(np.int64), size_in - 1)
 
 
 def _check_pair(image: np.ndarray, mask: Mask) -> None:

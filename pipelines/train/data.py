@@ -2,7 +2,7 @@
 
 - :func:`training_dataset`: rows ``{id, image, mask}``.  Without a resize, ``image`` is the
   decoded integers as C x H x W (uint8, or uint16 when ``preprocessing.bit_depth`` is set:
-  :func:`seg_core.inference.compact_pixels`) and the training worker turns each batch into the
+  :func:`seg_core.pixels.compact_pixels`) and the training worker turns each batch into the
   network's input on its device (:func:`seg_core.inference.normalise_pixels`, bit for bit what
   ``prepare_image`` gives).  With a resize, ``image`` is ``prepare_image``'s float32 C x H' x W'.
   ``mask`` is resized to match by nearest neighbour and stored in the smallest integer type
@@ -19,7 +19,9 @@ Bad pairs never crash the pipeline: they are dropped from the dataset and, when
 (named by the batch's ids, so a re-executed task overwrites rather than duplicates).
 
 CPU shares (notes §3.2): decode tasks ask for ``num_cpus=0.5`` by default, so Ray Data can keep
-running beside Train workers that reserve fractional CPUs on a 2-core machine.
+running beside Train workers that reserve fractional CPUs on a 2-core machine.  A decode task
+imports no torch (:mod:`seg_core.pixels`) unless training resizes: each of the up to eight
+worker processes a 2-core node starts would spend about 1.4 s of CPU on that import.
 """
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ from pipelines.ingest import SourceKind, decode_pairs, pair_table, read_pairs
 from pipelines.records import QUARANTINE_SCHEMA, quarantine_row
 from seg_core.config import MaskSpec, Preprocessing
 from seg_core.errors import InputError
-from seg_core.transforms import Augment, resize_mask_nearest
+from seg_core.pixels import compact_pixels, resize_mask_nearest
 
 if TYPE_CHECKING:
     import ray.data
     import torch
+
+    from seg_core.transforms import Augment
 
 
 def training_dataset(source: str, mask_spec: MaskSpec, preprocessing: Preprocessing, *,
@@ -138,6 +142,8 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     if cache or "auto" in (cfg.class_weights, cfg.pos_weight):
         per_class, labelled, data_sha256 = class_pixel_counts(train, cfg.mask)
         class_pixels = tuple(int(c) for c in per_class)
+    from seg_core.transforms import Augment
+
     augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
                       ignore_index=cfg.mask.ignore_index, seed=cfg.seed, elastic_px=aug.elastic)
     val = val_shards(val, cfg.scaling.num_workers, materialize=cache)
@@ -269,14 +275,9 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
     for row in ok:
         image, mask = row["image"], row["mask"]
         if preprocessing is not None:
-            from seg_core.inference import (  # torch: only when preprocessing
-                compact_pixels,
-                prepare_image,
-            )
-
             try:
                 image = compact_pixels(image, preprocessing, pixel_dtype) if pixel_dtype \
-                    else prepare_image(image, preprocessing).numpy()  # C x H' x W'
+                    else _prepared(image, preprocessing)
             except InputError as error:
                 bad.append(quarantine_row(row, error.with_source(row["image_uri"]), stage))
                 continue
@@ -291,11 +292,19 @@ def prepare_batch(batch: dict[str, np.ndarray], mask_spec: MaskSpec,
             "sha256": np.array([digests[i] for i in ids], dtype=object)}
 
 
+def _prepared(image: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """``prepare_image``'s float32 C x H' x W' (a resize is not per-pixel, so it is cached as
+    the network's input).  Only this path imports torch into a decode task."""
+    from seg_core.inference import prepare_image
+
+    return prepare_image(image, preprocessing).numpy()
+
+
 def cache_types(pre: Preprocessing, spec: MaskSpec) -> tuple[str | None, str]:
     """How training stores its decoded rows: (pixel dtype, or None for ``prepare_image``'s
     float32 when training resizes; mask dtype).  Pixels stay the integers they were decoded as,
     uint8, or uint16 when ``pre.bit_depth`` declares a high bit depth (an image of the other
-    depth is put on that scale, rounded: :func:`seg_core.inference.compact_pixels`)."""
+    depth is put on that scale, rounded: :func:`seg_core.pixels.compact_pixels`)."""
     pixels = None if pre.resize is not None else ("uint16" if pre.bit_depth else "uint8")
     return pixels, mask_dtype(spec)
 

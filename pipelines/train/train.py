@@ -98,13 +98,15 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     if cfg.init_from is not None:
         cfg = resolve_init_from(cfg)
 
+    # the console queue's actor process starts while the data is prepared, not beside the
+    # TrainController's (both on the path to the first step on a 2-core node)
+    progress = Queue(actor_options=driver_node_actor())
     data = build_train_data(cfg)
     cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
     plan = plan_steps(cfg, data.num_train)
     run_uri = cfg.run_uri
     _save_run_config(cfg, run_uri)
     fs, path = storage.filesystem_for(cfg.storage.storage_path)
-    progress = Queue(actor_options=driver_node_actor())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,

@@ -31,10 +31,10 @@ from seg_core.inference.budget import (
     activation_bytes,
 )
 from seg_core.inference.preprocessing import (
-    compact_pixels,
     normalise_pixels,
     prepare_image,
 )
+from seg_core.pixels import compact_pixels
 from seg_core.inference.segmenter import (
     ALL_FIELDS,
     AmpSetting,

@@ -28,8 +28,9 @@ from seg_core.inference.budget import (
     inference_bytes,
     tiles_per_forward,
 )
-from seg_core.inference.preprocessing import _pixels, prepare_image
+from seg_core.inference.preprocessing import prepare_image
 from seg_core.model import fold_batchnorm
+from seg_core.pixels import as_hwc
 from seg_core.postprocess import apply as apply_postprocess
 from seg_core.runtimes import ENGINE_DIR, engine_runner, EngineKind, resolve_engine
 from seg_core.tiling import forward_pixels, sliding_window_many
@@ -180,7 +181,7 @@ class Segmenter:
         if unknown:
             raise ValueError(f"Segmenter: unknown prediction fields {sorted(unknown)}; choose "
                              f"from {sorted(ALL_FIELDS)}")
-        arrays = [_pixels(image) for image in images]  # H x W x C
+        arrays = [as_hwc(image) for image in images]  # H x W x C
         needs = [self.check_budget(array.shape) for array in arrays]
         predictions: list[Prediction] = []
         for group in _groups(needs, self.preprocessing.max_inference_bytes):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pipelines
 
@@ -166,3 +168,14 @@ def test_engine_libraries_are_imported_only_in_seg_core_runtimes():
         for path in sorted((REPO / folder).rglob("*.py")) if path not in allowed
         for name in _source_imports(path) if name.split(".")[0] in ENGINE_LIBRARIES)
     assert offenders == []
+
+
+def test_the_training_decode_tasks_import_no_torch():
+    """Ray Data's decode tasks load ``pipelines.train.data`` (and the val path's decode); a
+    torch import there costs each of a node's decode workers ~1.4 s of CPU at every run's
+    start.  Only the resize path (``_prepared``) may import it, lazily."""
+    code = ("import sys\nimport pipelines.train.data, pipelines.ingest, seg_core.pixels\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT.parent)
+    assert out.stdout.strip() == "False"
