@@ -29,7 +29,8 @@ from pipelines.train.distributed import (RankZeroLog, agreed_min, agreed_stop,
                                          agreed_train_size, all_reduce_sum, any_worker,
                                          broadcast_buffers, gather_objects)
 from pipelines.faults import Faults, maybe_fail, maybe_nan, maybe_pause
-from pipelines.train.data import float_if_padded, mask_class_pixels, network_input
+from pipelines.train.data import (float_if_padded, mask_class_pixels, network_input,
+                                  shuffled_batches)
 from seg_core.engine import build_optimizer, build_scheduler, fit_batch, rng_state
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
@@ -283,11 +284,9 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
     ready = t0   # when the loop last asked for a batch
     rng = augment.rng(state.epoch, rank)  # per epoch and worker: reproducible on resume
     device_rng = augment.device_generator(state.epoch, rank, parts.device)
-    shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
-               "local_shuffle_seed": (cfg.seed * 10_000 + state.epoch) * 1_000 + rank
-               } if cfg.data.shuffle_buffer else {}
-    for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                    prefetch_batches=2, **shuffle):
+    order = np.random.default_rng((cfg.seed * 10_000 + state.epoch) * 1_000 + rank)
+    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    for batch in shuffled_batches(blocks, cfg.batch_size, cfg.data.shuffle_buffer, order):
         got = time.perf_counter()
         maybe_fail(faults, cfg.run_uri, state.step, rank, world)
         maybe_pause(faults, cfg.run_uri, state.step, rank, world)

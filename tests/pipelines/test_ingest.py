@@ -272,3 +272,48 @@ def test_the_local_object_store_is_sized_like_rays_default_within_shm():
     assert _store_plan(24_000, 1_000) == (950, "95% of the 1,000 MiB free in /dev/shm")
     assert _store_plan(24_000, 64)[0] == default_object_store_mb(24_000, 64) == 128
     assert _store_plan(2_000_000, 2_000_000)[0] == 200_000
+
+
+def _blocks(sizes: list[tuple[int, int]], rows_per_block: int) -> list[dict[str, np.ndarray]]:
+    """Blocks as ``iter_batches(batch_format="numpy")`` gives them: ids, and images of the given
+    H x W (an object column when they differ)."""
+    from pipelines.train.data import _column
+
+    rows = [(f"r{i}", np.full((3, h, w), i, np.uint8)) for i, (h, w) in enumerate(sizes)]
+    return [{"id": _column([r[0] for r in rows[at:at + rows_per_block]]),
+             "image": _column([r[1] for r in rows[at:at + rows_per_block]])}
+            for at in range(0, len(rows), rows_per_block)]
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_the_loops_shuffle_takes_every_row_once_by_seed_without_copying(same_size):
+    from pipelines.train.data import shuffled_batches
+
+    sizes = [(8, 8)] * 23 if same_size else [(8 + i % 5, 9 + i % 3) for i in range(23)]
+    blocks = _blocks(sizes, rows_per_block=5)
+    batches = list(shuffled_batches(iter(blocks), 4, 6, np.random.default_rng(1)))
+    ids = [str(i) for b in batches for i in b["id"]]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(23))          # each row once
+    assert [len(b["id"]) for b in batches] == [4] * 5 + [3]           # full batches, then the rest
+    assert ids != sorted(ids, key=lambda i: int(i[1:]))               # shuffled
+    for batch in batches:                                             # rows stay whole and paired
+        for id_, image in zip(batch["id"], batch["image"]):
+            assert image.shape == (3, *sizes[int(id_[1:])]) and (image == int(id_[1:])).all()
+    again = [str(i) for b in shuffled_batches(iter(blocks), 4, 6, np.random.default_rng(1))
+             for i in b["id"]]
+    other = [str(i) for b in shuffled_batches(iter(blocks), 4, 6, np.random.default_rng(2))
+             for i in b["id"]]
+    assert again == ids and other != ids                              # the seed fixes the order
+    if not same_size:   # variable shapes: the batch holds views of the blocks' arrays
+        owners = [a for block in blocks for a in block["image"]]
+        first = batches[0]["image"][0]
+        assert any(first is a for a in owners)
+
+
+def test_a_shuffle_buffer_of_zero_keeps_the_order():
+    from pipelines.train.data import shuffled_batches
+
+    blocks = _blocks([(4, 4)] * 10, rows_per_block=3)
+    batches = list(shuffled_batches(iter(blocks), 4, 0, np.random.default_rng(0)))
+    assert [list(map(str, b["id"])) for b in batches] == [
+        ["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"], ["r8", "r9"]]
