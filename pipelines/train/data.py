@@ -109,6 +109,8 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     ``data.cache_decoded`` the deterministic work (fetch, decode, resize, normalise) runs once
     here, before the trainer reserves CPUs; random augmentation stays per batch in the loop.
     """
+    from seg_core.transforms import Augment   # torch: here on the driver, not in decode tasks
+
     source = cfg.data.manifest or cfg.data.shards
     kind = "manifest" if cfg.data.manifest else "shards"
     train_sel: dict[str, Any] = {"split": cfg.data.train_split}
@@ -142,8 +144,6 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
     if cache or "auto" in (cfg.class_weights, cfg.pos_weight):
         per_class, labelled, data_sha256 = class_pixel_counts(train, cfg.mask)
         class_pixels = tuple(int(c) for c in per_class)
-    from seg_core.transforms import Augment
-
     augment = Augment(crop_size=aug.crop_hw, hflip=aug.hflip, vflip=aug.vflip, rot90=aug.rot90,
                       ignore_index=cfg.mask.ignore_index, seed=cfg.seed, elastic_px=aug.elastic)
     val = val_shards(val, cfg.scaling.num_workers, materialize=cache)
