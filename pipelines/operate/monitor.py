@@ -36,6 +36,7 @@ from pipelines import storage
 from pipelines.config import DriftThresholds as Thresholds
 
 if TYPE_CHECKING:
+    from pipelines.model import LoadedModel
     from seg_core.config import MaskSpec
 
 BASELINE_FILE = "baseline.json"
@@ -70,14 +71,26 @@ def write_baseline(artifact_dir: Path, blobs: Sequence[bytes | None]) -> dict[st
     ``baseline.json`` there; returns the baseline.  The images are decoded and predicted as
     ``rayseg predict`` would (:meth:`pipelines.model.LoadedModel.predict_rows`: the artifact's
     ``max_pixels`` and ``tiff_page``); images it refuses are left out of the baseline."""
-    from pipelines.model import open_model
-
-    # torch: the baseline is about masks, not engine speed
-    model = open_model(str(artifact_dir), engine="torch", device="cpu")
+    model = baseline_model(artifact_dir)
     inputs = [{"id": str(index), "image_uri": None, "image_bytes": blob}
               for index, blob in enumerate(blobs)]
-    rows = [row for row in model.predict_rows(inputs, with_confidence=False)
-            if row.get("reason") is None]
+    return save_baseline(artifact_dir, model, model.predict_rows(inputs, with_confidence=False))
+
+
+def baseline_model(artifact_dir: Path) -> "LoadedModel":
+    """The artifact in ``artifact_dir`` as the baseline predicts with it: the torch engine on
+    the CPU (the baseline is about masks, not engine speed), its post-processing and
+    temperature as recorded."""
+    from pipelines.model import open_model
+
+    return open_model(str(artifact_dir), engine="torch", device="cpu")
+
+
+def save_baseline(artifact_dir: Path, model: "LoadedModel",
+                  rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """``baseline.json`` in ``artifact_dir`` from ``model``'s prediction rows of the val images
+    (quarantine rows, with a ``reason``, are left out); returns the baseline."""
+    rows = [row for row in rows if row.get("reason") is None]
     artifact = model.artifact
     features = row_features(rows, artifact.mask_spec)
     baseline = {"images": len(rows), "class_names": list(artifact.mask_spec.names),

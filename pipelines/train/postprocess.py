@@ -8,7 +8,10 @@ by more than its tolerance without lowering another's.  The rules and the eviden
 tried, Dice before and after) go into ``artifact.json`` (:func:`seg_core.artifact.
 write_postprocess`), where every engine applies them, and into ``metrics.json`` for training.
 The same pass fits the confidence temperature (:mod:`seg_core.calibration`; ``calibrate: true``)
-on the raw probabilities of those pairs, recorded in ``artifact.json`` under ``calibration``.
+on the raw probabilities of those pairs, recorded in ``artifact.json`` under ``calibration``, and,
+at the end of training, finishes the drift baseline from those probabilities once both are
+recorded (:meth:`seg_core.inference.Segmenter.finish`): the val images go through the network
+once, not once more for the baseline.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ from typing import Any, Callable
 import numpy as np
 
 POSTPROCESS_IMAGES = 64   # val pairs the choice is made on (read and predicted on one process)
+# Probabilities kept for the drift baseline (float32, K x H x W per image): 64 val images of
+# 512 x 512 with 3 classes take 192 MiB.  Past it the baseline predicts the images again.
+HELD_PROBS_BYTES = 512 * 2**20
 
 
 def tune_postprocess(artifact_dir: Path, source: str, *, kind: str, split: str,
@@ -33,12 +39,15 @@ def tune_postprocess(artifact_dir: Path, source: str, *, kind: str, split: str,
 
 def fit_on_val(artifact_dir: Path, source: str, *, kind: str, split: str,
                log: Callable[[str], None] = print, limit: int = POSTPROCESS_IMAGES,
-               postprocess: bool = True, calibrate: bool = True) -> dict[str, Any]:
+               postprocess: bool = True, calibrate: bool = True,
+               baseline: bool = False) -> dict[str, Any]:
     """One pass over up to ``limit`` ``split`` pairs with the raw model (no post-processing,
     temperature 1): the post-processing rules (``postprocess``) and the confidence temperature
     (``calibrate``, :mod:`seg_core.calibration`), both written into the artifact's
-    ``artifact.json``.  Returns ``{"rules", "evidence", "calibration"}`` (None where not
-    asked)."""
+    ``artifact.json``; with ``baseline``, then the drift baseline of the artifact as it now
+    stands (:func:`pipelines.operate.monitor.write_baseline`'s ``baseline.json``) from the same
+    probabilities.  Returns ``{"rules", "evidence", "calibration", "baseline"}`` (None where
+    not asked)."""
     from pipelines.ingest import decode_pair, read_split_bytes
     from pipelines.model import open_model
     from seg_core.artifact import write_calibration, write_postprocess
@@ -51,12 +60,16 @@ def fit_on_val(artifact_dir: Path, source: str, *, kind: str, split: str,
                        postprocess=PostProcess())   # raw masks: the rules are what is chosen
     model.segmenter.temperature = 1.0              # raw confidences: T is what is fitted
     spec, limits = model.mask_spec, model.limits
-    fields = frozenset({"mask", "probs"} if calibrate else {"mask"})
-    table = read_split_bytes(source, kind=kind, split=split, limit=limit)
+    fields = frozenset({"mask", "probs"} if calibrate or baseline else {"mask"})
+    rows = read_split_bytes(source, kind=kind, split=split, limit=limit).to_pylist()
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     samples: list[tuple[np.ndarray, np.ndarray]] = []
+    # every image's probabilities, for the baseline; None once one is missing or they are
+    # over HELD_PROBS_BYTES (the baseline then predicts the images again, on its own terms)
+    held: list[np.ndarray] | None = [] if baseline else None
+    held_bytes = 0
     rng = np.random.default_rng(0)
-    for row in table.to_pylist():
+    for row in rows:
         try:
             image, truth = decode_pair(row["image_bytes"], row["mask_bytes"], spec,
                                        image_uri=row["image_uri"], mask_uri=row["mask_uri"],
@@ -64,12 +77,19 @@ def fit_on_val(artifact_dir: Path, source: str, *, kind: str, split: str,
                                        tiff_page=limits.tiff_page)
             prediction = model.segmenter.predict(image, fields=fields)
         except InputError:
+            held = None
             continue
         pairs.append((prediction.mask, truth))
         if calibrate:
             samples.append(sample_pixels(prediction.probs, truth, multilabel=spec.multilabel,
                                          ignore_index=spec.ignore_index, rng=rng))
-    found: dict[str, Any] = {"rules": None, "evidence": None, "calibration": None}
+        if held is not None and held_bytes + prediction.probs.nbytes <= HELD_PROBS_BYTES:
+            held.append(prediction.probs)
+            held_bytes += prediction.probs.nbytes
+        else:
+            held = None
+    found: dict[str, Any] = {"rules": None, "evidence": None, "calibration": None,
+                             "baseline": None}
     if postprocess:
         rules, evidence = (choose(pairs, spec) if pairs else
                            (PostProcess(), {"images": 0, "skipped": f"no {split} pairs decoded"}))
@@ -86,7 +106,35 @@ def fit_on_val(artifact_dir: Path, source: str, *, kind: str, split: str,
         log(f"confidence calibrated on {len(samples)} {split} image(s): temperature "
             f"{fitted['temperature']:.3f}, pixel ECE {fitted['ece_before']:.4f} -> "
             f"{fitted['ece_after']:.4f}")
+    if baseline:
+        found["baseline"] = finish_baseline(artifact_dir, [row["image_bytes"] for row in rows],
+                                            held)
     return found
+
+
+def finish_baseline(artifact_dir: Path, blobs: list[bytes | None],
+                    held: list[np.ndarray] | None) -> dict[str, Any]:
+    """The drift baseline of the artifact in ``artifact_dir`` (rules and temperature as now
+    recorded) over the val images ``blobs``: finished from ``held``, their probabilities at
+    temperature 1 (one per image, in order), or predicted again when ``held`` is None."""
+    import torch
+
+    from pipelines.operate import monitor
+    from seg_core.errors import InputError
+
+    blobs = blobs[:monitor.BASELINE_IMAGES]
+    if held is None or len(held) != len(blobs):
+        return monitor.write_baseline(artifact_dir, blobs)
+    model = monitor.baseline_model(artifact_dir)
+    rows = []
+    for index, (blob, probs) in enumerate(zip(blobs, held)):
+        prediction = model.segmenter.finish(torch.from_numpy(probs), model.fields)
+        try:
+            rows.append(model.row(prediction, id=str(index), source_uri=None, data=blob or b"",
+                                  with_confidence=False))
+        except InputError:   # too many objects to label: predict_rows would quarantine it
+            continue
+    return monitor.save_baseline(artifact_dir, model, rows)
 
 
 def tune_artifact(cfg: Any, log: Callable[[str], None] = print) -> tuple[Any, dict[str, Any]]:

@@ -359,7 +359,8 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                                                              data_rows=data_rows,
                                                              fold=cfg.fold),
                       metrics=summary)
-        if (cfg.tune_postprocess or cfg.calibrate) and cfg.fold is None:
+        fitted = (cfg.tune_postprocess or cfg.calibrate) and cfg.fold is None
+        if fitted:   # and the drift baseline, from the same pass over the val images
             report.update(fit_on_val(cfg, local))
         (local / "metrics.json").write_text(json.dumps(_finite(report), indent=2) + "\n")
         (local / "config.yaml").write_text(dump_config(cfg))
@@ -367,7 +368,7 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
                            title=f"{cfg.name} {cfg.version}")
         if calibration:
             save_calibration(local, calibration)
-        if cfg.fold is None:
+        if cfg.fold is None and not fitted:
             write_val_baseline(cfg, local)
         if not storage.is_local(uri):
             storage.copy_dir_from_local(local, uri)
@@ -378,15 +379,16 @@ def write_artifact(cfg: TrainConfig, state: dict[str, Any], source_sha256: str,
 
 def fit_on_val(cfg: TrainConfig, artifact_dir: Path) -> dict[str, Any]:
     """The per-class post-processing and the confidence temperature fitted on the val split and
-    recorded in the artifact (:mod:`pipelines.train.postprocess`): ``metrics.json``'s
-    ``postprocess`` (rules and evidence) and ``calibration`` entries."""
+    recorded in the artifact (:mod:`pipelines.train.postprocess`), then the drift baseline from
+    the same predictions; returns ``metrics.json``'s ``postprocess`` (rules and evidence) and
+    ``calibration`` entries."""
     from pipelines.train import postprocess
     from seg_core.config import to_dict
 
     found = postprocess.fit_on_val(
         artifact_dir, cfg.data.manifest or cfg.data.shards,
         kind="auto" if cfg.data.manifest else "shards", split=cfg.data.val_split,
-        postprocess=cfg.tune_postprocess, calibrate=cfg.calibrate,
+        postprocess=cfg.tune_postprocess, calibrate=cfg.calibrate, baseline=True,
         log=lambda line: print(f"[{cfg.run_name}] {line}", flush=True))
     report: dict[str, Any] = {}
     if found["rules"] is not None:

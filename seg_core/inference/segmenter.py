@@ -275,15 +275,24 @@ class Segmenter:
             if tuple(probs.shape[-2:]) != (height, width):
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear",
                                       align_corners=False)[0]
-            probs = probs.clamp_(0.0, 1.0)
-            if self.temperature != 1.0:   # the mask does not move; confidences do
-                probs = scale_probs(probs, self.temperature, multilabel=self.mask_spec.multilabel)
-            prediction = _finish(probs, self.mask_spec.multilabel, fields)
-            if self.postprocess.active:   # on the host: the mask is there now (postprocess doc)
-                prediction = dataclasses.replace(prediction, mask=apply_postprocess(
-                    prediction.mask, self.postprocess, multilabel=self.mask_spec.multilabel))
-            predictions.append(prediction)
+            predictions.append(self.finish(probs.clamp_(0.0, 1.0), fields))
         return predictions
+
+    def finish(self, probs: torch.Tensor, fields: frozenset[str] = ALL_FIELDS) -> Prediction:
+        """K x H x W stitched probabilities at temperature 1 -> this segmenter's prediction:
+        its temperature, then the mask, confidence and entropy, then its post-processing.
+
+        Every prediction ends here.  ``probs`` may also be what an earlier :meth:`predict`
+        returned (``fields`` with ``probs``, ``temperature`` 1 and no post-processing): the
+        end of training fits both on such a pass and finishes the drift baseline from the
+        same probabilities (:func:`pipelines.train.postprocess.fit_on_val`)."""
+        if self.temperature != 1.0:   # the mask does not move; confidences do
+            probs = scale_probs(probs, self.temperature, multilabel=self.mask_spec.multilabel)
+        prediction = _finish(probs, self.mask_spec.multilabel, fields)
+        if self.postprocess.active:   # on the host: the mask is there now (postprocess doc)
+            prediction = dataclasses.replace(prediction, mask=apply_postprocess(
+                prediction.mask, self.postprocess, multilabel=self.mask_spec.multilabel))
+        return prediction
 
     def _out_of_memory(self, shapes: list[tuple[int, ...]], need: int) -> InputError:
         sizes = ", ".join(f"{shape[0]}x{shape[1]}" for shape in shapes)
