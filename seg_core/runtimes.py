@@ -34,6 +34,7 @@ import os
 import tempfile
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -109,8 +110,14 @@ def save_calibration(directory: str | Path, images: Sequence[np.ndarray]) -> Pat
         raise ValueError("save_calibration: no images given")
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:   # a handle: np.savez would append .npz to a name
-            np.savez_compressed(handle, **arrays)
+        # np.savez_compressed's layout (a zip of .npy members, read by np.load) at deflate
+        # level 1: on sixteen 512 x 512 RGB windows 0.36 s for 12.1 MB, where its level 6
+        # took 3.0 s for 10.7 MB at the end of every training run
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED,
+                             compresslevel=1) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
 
     return _write_whole(Path(directory) / CALIBRATION_FILE, write)
 

@@ -163,6 +163,9 @@ def test_calibration_images_are_cropped_and_round_trip(tmp_path) -> None:
     assert len(stored) == 16
     assert stored[0].shape == (3, 512, 90)
     np.testing.assert_allclose(stored[0], big[:, 94:606], atol=1e-2)   # centred, float16
+    with np.load(tmp_path / CALIBRATION_FILE) as archive:   # numpy's own reader takes it
+        assert sorted(archive.files) == [f"image_{i:03d}" for i in range(16)]
+        np.testing.assert_array_equal(archive["image_000"], stored[0].astype(np.float16))
 
 
 def test_engine_choice_follows_the_device() -> None:
