@@ -81,7 +81,7 @@ def decoded_dataset(source: str, mask_spec: MaskSpec, *, max_pixels: int = 64_00
 
 # ------------------------------------------------------------------------------ one run's data
 
-DECODE_TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
+_TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
         digest = sha256_hex(storage.read_bytes(source))
     else:
         digest = sha256_hex("\n".join(storage.list_uri(source, suffixes=(".parquet",))).encode())
-    common = {"kind": kind, "num_cpus": DECODE_TASK_CPUS, "quarantine_uri": storage.join_uri(
+    common = {"kind": kind, "num_cpus": _TASK_CPUS, "quarantine_uri": storage.join_uri(
         cfg.storage.storage_path, cfg.run_name, "quarantine")}
     aug = cfg.augment
     train = training_dataset(source, cfg.mask, cfg.preprocessing, seed=cfg.seed, **train_sel,

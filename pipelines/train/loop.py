@@ -31,7 +31,6 @@ from pipelines.train.distributed import (RankZeroLog, agreed_min, agreed_stop,
 from pipelines.faults import Faults, maybe_fail, maybe_nan, maybe_pause
 from pipelines.train.data import (float_if_padded, mask_class_pixels, network_input,
                                   shuffled_batches)
-from pipelines.train.prepare import loop_inputs
 from seg_core.engine import build_optimizer, build_scheduler, fit_batch, rng_state
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
@@ -67,16 +66,13 @@ class Parts:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point.  ``loop_config``: ``prepared`` (the data handoff of
-    :mod:`pipelines.train.prepare`, which gives ``cfg`` (TrainConfig), ``plan`` (StepPlan),
-    ``augment`` (per-batch augmentation), ``cached`` and ``val_images``), ``progress``
-    (optional ``ray.util.queue.Queue`` for console lines on the driver), ``deadline``
-    (``time.time()`` at which a run with ``max_runtime_secs`` must be done:
-    :mod:`pipelines.train.budget`) and ``faults`` (:class:`pipelines.faults.Faults`, the tests'
-    fault injection; none otherwise)."""
+    """Ray Train entry point.  ``loop_config``: ``cfg`` (TrainConfig), ``plan`` (StepPlan),
+    ``augment`` (per-batch augmentation), ``progress`` (optional ``ray.util.queue.Queue`` for
+    console lines on the driver), ``deadline`` (``time.time()`` at which a run with
+    ``max_runtime_secs`` must be done: :mod:`pipelines.train.budget`) and ``val_images``,
+    ``faults`` (:class:`pipelines.faults.Faults`, the tests' fault injection; none otherwise)."""
     import ray.train
 
-    loop_config = loop_inputs(loop_config)   # waits until the driver has the data ready
     cfg: TrainConfig = loop_config["cfg"]
     plan: StepPlan = loop_config["plan"]
     context = ray.train.get_context()

@@ -27,11 +27,9 @@ from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
 from pipelines.train.budget import fitted_note
 from pipelines.train.checkpoint import NON_FINITE, load_newest_good
-from pipelines.train.data import DECODE_TASK_CPUS, build_train_data
+from pipelines.train.data import build_train_data
 from pipelines.faults import Faults
 from pipelines.train.loop import StepPlan, train_loop_per_worker
-from pipelines.train.prepare import (FromHandoff, Handed, Preparation, room_for_data,
-                                     start_handoff)
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +90,6 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     ``callbacks``: Ray Train ``UserCallback`` objects for the run (a Tune trial passes
     ``TuneReportCallback``, :mod:`pipelines.train.tune`).
     """
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -101,46 +98,27 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     if cfg.init_from is not None:
         cfg = resolve_init_from(cfg)
 
-    # The console queue and the data handoff start while the data is prepared, and the data
-    # is prepared while Ray Train starts its worker group (pipelines.train.prepare).
+    # the console queue's actor process starts while the data is prepared, not beside the
+    # TrainController's (both on the path to the first step on a 2-core node)
     progress = Queue(actor_options=driver_node_actor())
-    handoff = start_handoff(driver_node_actor())
-    scaling = scaling_config(cfg)
-    workers = cfg.scaling.num_workers
+    data = build_train_data(cfg)
+    cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
+    plan = plan_steps(cfg, data.num_train)
     run_uri = cfg.run_uri
-
-    def prepare() -> tuple[Handed, tuple[Any, TrainConfig]]:
-        data = build_train_data(cfg)
-        resolved = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
-        plan = plan_steps(resolved, data.num_train)
-        _save_run_config(resolved, run_uri)
-        print(f"[{cfg.run_name}] {data.num_train} train / {data.num_val} val images, "
-              f"{plan.steps_per_epoch} steps per epoch, schedule {plan.total_steps} steps"
-              f"{fitted_note(cfg.max_runtime_secs)}, checkpoints in {run_uri}", flush=True)
-        loop = {"cfg": resolved, "plan": plan, "augment": data.augment, "cached": data.cached,
-                "val_images": data.num_val}
-        return Handed({"train": data.train, **data.val}, loop), (data, resolved)
-
-    preparation = Preparation(prepare, handoff)
-    if room_for_data(ray.cluster_resources().get("CPU", 1.0), workers,
-                     scaling.resources_per_worker.get("CPU", 1.0), DECODE_TASK_CPUS):
-        preparation.start()
-    else:   # workers holding every CPU would wait for decode tasks that could never run
-        preparation.run()
-        preparation.raise_error()
+    _save_run_config(cfg, run_uri)
     fs, path = storage.filesystem_for(cfg.storage.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"prepared": handoff, "progress": progress,
+        train_loop_config={"cfg": cfg, "plan": plan, "augment": data.augment,
+                           "cached": data.cached, "progress": progress,
                            "deadline": None if cfg.max_runtime_secs is None
                            else started_at + cfg.max_runtime_secs,
-                           "faults": Faults.from_env()},
-        datasets={name: FromHandoff(handoff, name) for name in
-                  ("train", *(f"val_{rank}" for rank in range(workers)))},
-        # val_<rank>: one per worker (data.val_shards).  One worker reads "train" whole: a
-        # split would only add a coordinator actor (a process start before the first batch).
-        dataset_config=DataConfig(datasets_to_split=["train"] if workers > 1 else []),
-        scaling_config=scaling,
+                           "val_images": data.num_val, "faults": Faults.from_env()},
+        datasets={"train": data.train, **data.val},
+        # val_<rank>: one per worker.  One worker reads "train" whole: a split would only add
+        # a coordinator actor (a process start, seconds before the first batch).
+        dataset_config=DataConfig(datasets_to_split=["train"] if len(data.val) > 1 else []),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=path,  # scheme-less: the filesystem carries the endpoint
@@ -150,15 +128,14 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
             callbacks=list(callbacks or []),
         ),
     )
+    print(f"[{cfg.run_name}] {data.num_train} train / {data.num_val} val images, "
+          f"{plan.steps_per_epoch} steps per epoch, schedule {plan.total_steps} steps"
+          f"{fitted_note(cfg.max_runtime_secs)}, checkpoints in {run_uri}", flush=True)
     printer = _ProgressPrinter(progress)
     try:
         result = trainer.fit()
-    except Exception:
-        preparation.raise_error()   # the data's own error (it names the files and the fix)
-        raise
     finally:
         printer.stop()
-    data, cfg = preparation.result()
     if result.checkpoint is None:
         raise RuntimeError(f"{run_uri}: training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -101,16 +100,6 @@ def test_step_plan_matches_the_equal_split():
     assert capped.total_steps == 5
     with pytest.raises(ValueError, match="cannot feed 2 workers"):
         plan_steps(cfg, 1)
-
-
-def test_the_data_is_prepared_beside_the_worker_group_only_when_decode_tasks_fit():
-    from pipelines.train.data import DECODE_TASK_CPUS
-    from pipelines.train.prepare import room_for_data
-
-    assert room_for_data(2, 1, 1.0, DECODE_TASK_CPUS)          # the default: one CPU left
-    assert room_for_data(2, 2, 0.75, DECODE_TASK_CPUS)         # a quarter left
-    assert not room_for_data(2, 2, 1.0, DECODE_TASK_CPUS)      # every CPU held: first, alone
-    assert not room_for_data(4, 1, 3.9, DECODE_TASK_CPUS)
 
 
 def test_fractional_cpus_leave_one_cpu_for_ray_data():
@@ -522,31 +511,3 @@ def test_a_streaming_cpu_worker_takes_threads_while_the_data_keeps_up_and_gives_
     assert share.after_epoch(behind) == \
         "data fell behind (waited 40% of the epoch): back to 2 torch thread(s)"
     assert share.after_epoch(keeps_up) is None and torch.get_num_threads() == 2   # settled
-
-
-def test_data_that_cannot_train_fails_the_run_with_its_own_message(ray_session, tiny_dataset,
-                                                                   tmp_path):
-    """The data is prepared while the worker group starts (pipelines.train.prepare): when it
-    fails, the workers are not left waiting and the user sees the data's error, not Ray's."""
-    from pipelines.train.train import train
-
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=1", "data.val_split=holdout")
-    started = time.perf_counter()
-    with pytest.raises(ValueError, match="9 usable train and 0 val rows.*check split names"):
-        train(cfg)
-    assert time.perf_counter() - started < 120
-
-
-def test_a_worker_holding_every_cpu_trains_on_data_prepared_first(ray_session, tiny_dataset,
-                                                                   tmp_path):
-    """No CPU left beside the worker for decode tasks: the data is prepared before the worker
-    group starts (it would otherwise wait for ever), and the run trains as usual."""
-    import ray
-
-    from pipelines.train.train import train
-
-    cores = ray.cluster_resources()["CPU"]
-    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=1", f"scaling.cpus_per_worker={cores}",
-               "data.cache_decoded=true", "register=false")
-    result = train(cfg)
-    assert [h["epoch"] for h in result.history] == [1] and result.history[0]["step"] == 3
