@@ -237,6 +237,7 @@ def run_train(h: Harness, data: dict[str, Any]) -> str:
     job = h.start("train", "--config", "train_sample", "--set", f"data.manifest={data['manifest']}",
                   "--set", f"storage.storage_path={results}", "--set",
                   f"storage.models_uri={models}", *TRAIN_PLACEMENT, "--set", "epochs=3",
+                  "--set", "storage.checkpoint_every_secs=0",   # epoch 1's is the one resumed
                   "--set", "stopping_rounds=0", env={FAULTS_ENV: '{"pause_at_step": 4}'})
     h.wait_for("the pause at step 4", lambda: storage.exists(f"{run}/paused_at_step_4"), job)
     before = h.actors_on("RayTrainWorker")

@@ -150,9 +150,15 @@ class StorageSpec:
     run_name: str | None = None  # default: "<name>-<version>"; CV folds add "-fold<k>"
     max_failures: int = 2  # automatic restarts from the last checkpoint
     num_to_keep: int = 2  # checkpoints kept (the newest always survives)
+    # the least training seconds between two checkpoints (an epoch end reports either way);
+    # the last epoch always writes one.  0: every epoch.
+    checkpoint_every_secs: float = 30.0
 
     def __post_init__(self) -> None:
         path_fields(self, "storage_path", "models_uri")
+        if not self.checkpoint_every_secs >= 0:
+            raise ValueError(f"storage.checkpoint_every_secs must be >= 0 (0: every epoch), got "
+                             f"{self.checkpoint_every_secs}")
 
 
 @dataclass(frozen=True)

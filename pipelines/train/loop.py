@@ -2,7 +2,8 @@
 
 Training math (optimizer, schedule, step, loss, metrics, prediction) lives in seg_core; this
 module adds only what Ray needs: the dataset shards, ``prepare_model`` (DDP and device),
-``ray.train.report`` every epoch with a checkpoint written by rank zero, and restoring it after a
+``ray.train.report`` every epoch with a checkpoint written by rank zero (at most one per
+``storage.checkpoint_every_secs``, and always at the last epoch), and restoring it after a
 failure or on resume.  The checkpoint format and generator state are in
 :mod:`pipelines.train.checkpoint`; every collective is in :mod:`pipelines.train.distributed`.
 """
@@ -103,6 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         deadline, plan.total_steps, plan.steps_per_epoch,
         math.ceil(loop_config.get("val_images", 0) / world), cfg.batch_size, cfg.val_fraction)
     clock = ValClock(cfg.val_fraction)
+    saved = time.monotonic()   # the last checkpoint (storage.checkpoint_every_secs)
     while state.epoch < cfg.epochs and state.stopped is None:
         epoch_started, first_step = time.perf_counter(), state.step
         totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
@@ -135,7 +137,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         say(f"epoch {state.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} {val} "
             f"{record['images_per_s']:.1f} images/s (data wait {shares['data_wait']:.0%}, "
             f"augment {shares['augment']:.0%}, step {shares['step']:.0%})")
-        report(state, record, parts, rank, world)
+        last = state.epoch >= cfg.epochs or state.stopped is not None
+        due = last or time.monotonic() - saved >= cfg.storage.checkpoint_every_secs
+        if any_worker(due, parts.device, world):   # every worker, or none
+            saved = time.monotonic()
+            report(state, record, parts, rank, world)
+        else:
+            report(state, record, parts, rank, world, checkpoint=False)
         if budget is not None:
             budget.ended_epoch(time.perf_counter() - epoch_started, state.step - first_step,
                                val_s)
@@ -370,25 +378,30 @@ def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device,
 
 
 def report(state: LoopState, record: dict[str, Any] | None, parts: Parts, rank: int,
-           world: int) -> None:
-    """``ray.train.report`` on every worker (a barrier); rank 0 attaches the checkpoint.
-    ``record`` is None when the epoch was cut short by a non-finite loss (no validation)."""
+           world: int, *, checkpoint: bool = True) -> None:
+    """``ray.train.report`` on every worker (a barrier); rank 0 attaches the checkpoint unless
+    ``checkpoint`` is False (the metrics alone: ``storage.checkpoint_every_secs`` has not
+    passed).  ``record`` is None when the epoch was cut short by a non-finite loss (no
+    validation)."""
     import ray.train
 
-    rng = gather_objects(rng_state(), world)
     metrics: dict[str, Any] = {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
     if record is not None:
         metrics = {k: v for k, v in record.items() if k != "val" and v is not None}
         if record["val"] is not None:
             metrics.update({f"val_iou_{name}": value for name, value in
                             zip(record["val"]["class_names"], record["val"]["per_class"]["iou"])})
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    rng = gather_objects(rng_state(), world)
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
+        saved = None
         if rank == 0:
             save_state(os.path.join(directory, STATE_FILE), state, parts.unet,
                        parts.optimizer, parts.scheduler, rng)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint,
+            saved = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=saved,
                          checkpoint_dir_name=f"checkpoint_epoch_{state.epoch:04d}")
     # report() returns before the controller has registered the checkpoint; a worker lost in
     # that window would take it along.  Wait for the commit so a restart resumes from here.

@@ -26,7 +26,8 @@ def _cfg(manifest: str, root: str, *extra: str):
     return load_train_config("jobs/configs/train_sample.yaml", [
         f"data.manifest={manifest}", f"storage.storage_path={root}/ray_results",
         f"storage.models_uri={root}/models", "batch_size=3", "log_every_steps=0",
-        "optim.warmup_iterations=2", "stopping_rounds=null", *TINY_MODEL, *extra])
+        "optim.warmup_iterations=2", "stopping_rounds=null", *TINY_MODEL,
+        "storage.checkpoint_every_secs=0", *extra])   # resumes here expect every epoch's
 
 
 @pytest.fixture(scope="module")
@@ -511,3 +512,19 @@ def test_a_streaming_cpu_worker_takes_threads_while_the_data_keeps_up_and_gives_
     assert share.after_epoch(behind) == \
         "data fell behind (waited 40% of the epoch): back to 2 torch thread(s)"
     assert share.after_epoch(keeps_up) is None and torch.get_num_threads() == 2   # settled
+
+
+def test_checkpoints_wait_for_their_interval_and_the_last_epoch_always_writes_one(
+        ray_session, tiny_dataset, tmp_path):
+    from pipelines.train.train import train
+
+    cfg = _cfg(str(tiny_dataset), str(tmp_path), "epochs=3", "register=false",
+               "storage.checkpoint_every_secs=3600")
+    result = train(cfg)
+    run = tmp_path / "ray_results" / cfg.run_name
+    assert sorted(p.name for p in run.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0003"]
+    # every epoch still reported and recorded: the history came back whole in the last one
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert [h["step"] for h in result.history] == [3, 6, 9]
+    with pytest.raises(ValueError, match="checkpoint_every_secs must be >= 0"):
+        _cfg(str(tiny_dataset), str(tmp_path), "storage.checkpoint_every_secs=-1")
