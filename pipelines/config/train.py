@@ -150,7 +150,7 @@ class StorageSpec:
     run_name: str | None = None  # default: "<name>-<version>"; CV folds add "-fold<k>"
     max_failures: int = 2  # automatic restarts from the last checkpoint
     num_to_keep: int = 2  # checkpoints kept (the newest always survives)
-    # the least training seconds between two checkpoints (an epoch end reports either way);
+    # the least seconds between two checkpoints (an epoch end reports its metrics either way);
     # the last epoch always writes one.  0: every epoch.
     checkpoint_every_secs: float = 30.0
 
