@@ -177,6 +177,15 @@ _HA_PROXY_ENV = {
 # cluster has no cloud preemption notices either, so no process is started to watch for them.
 TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# How long an idle task worker is kept (Ray's default: 1 s).  Ray kills a task worker idle that
+# long once the node has more worker processes than CPUs, and actors count: with predictor
+# actors (or Ray Train's) holding most of a node, nearly every read, decode or write task that
+# comes more than a second after the last one starts a fresh Python process, about 2 s of CPU
+# to import Ray, Ray Data and pyarrow.  On this 2-core box a 4,000-image `rayseg predict` at 128²
+# from shards started 11 such processes and took 68-72 s (34-35 ms of CPU per image); with
+# workers kept 30 s it took 56-57 s (28 ms), two runs each, alternated.  An idle worker holds
+# its memory (about 150 MB) that much longer.
+WORKER_KEEP_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "30000"}
 # The endpoint's guard against request headers Ray Serve cannot take (its proxy and replicas
 # decode the request id as UTF-8 before the app runs): pipelines.serve.http.HeaderGuard.
 INGRESS_CALLBACK_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
@@ -187,8 +196,9 @@ INGRESS_CALLBACK_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
 def _serve_ingress_env(local: bool) -> Iterator[None]:
     """While a local Ray starts: Ray Serve's HAProxy ingress (:data:`_HA_PROXY_ENV`) when
     ``haproxy`` is on PATH and ``RAY_SERVE_ENABLE_HA_PROXY`` is not set already, the Ray
-    Train poll interval (:data:`TRAIN_POLL_ENV`) and the endpoint's header guard
-    (:data:`INGRESS_CALLBACK_ENV`) unless they are set.
+    Train poll interval (:data:`TRAIN_POLL_ENV`), the idle workers' keep time
+    (:data:`WORKER_KEEP_ENV`) and the endpoint's header guard (:data:`INGRESS_CALLBACK_ENV`)
+    unless they are set.
 
     Ray reads the variables in its own processes (controller, proxies, replicas), which inherit
     them from the raylet started here; this process's environment is left as it was.  On this
@@ -201,7 +211,7 @@ def _serve_ingress_env(local: bool) -> Iterator[None]:
     if not local:
         yield
         return
-    wanted = {**TRAIN_POLL_ENV, **INGRESS_CALLBACK_ENV}
+    wanted = {**TRAIN_POLL_ENV, **WORKER_KEEP_ENV, **INGRESS_CALLBACK_ENV}
     if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and shutil.which("haproxy"):
         wanted.update(_HA_PROXY_ENV)
     added = {k: v for k, v in wanted.items() if k not in os.environ}

@@ -64,9 +64,9 @@ class Harness:
         import ray
         from ray.cluster_utils import Cluster
 
-        from pipelines.raycluster import TRAIN_POLL_ENV
+        from pipelines.raycluster import TRAIN_POLL_ENV, WORKER_KEEP_ENV
 
-        for name, value in TRAIN_POLL_ENV.items():   # as ensure_ray does for a local cluster
+        for name, value in {**TRAIN_POLL_ENV, **WORKER_KEEP_ENV}.items():   # as ensure_ray does
             os.environ.setdefault(name, value)
         self.work, self.prefix, self.started = work, prefix, time.monotonic()
         self.evidence: dict[str, Any] = {"steps": {}}

@@ -1,0 +1,51 @@
+"""The local Ray cluster that :func:`pipelines.raycluster.ensure_ray` starts, on the session's Ray."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+
+def _started_at(pid: int) -> float:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        return float(handle.read().rsplit(")", 1)[1].split()[19])
+
+
+def _ticks_now() -> float:
+    with open("/proc/uptime") as handle:
+        return float(handle.read().split()[0]) * os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.ray
+def test_a_task_seconds_after_the_last_runs_in_a_kept_worker_while_actors_hold_the_node(
+        ray_session):
+    """As in ``rayseg predict``: actors hold most CPUs, and a read or write task comes every few
+    seconds.  Ray's default (an idle worker killed after 1 s once the node has more worker
+    processes than CPUs, actors counted) would start a fresh process for the second task."""
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    @ray.remote(num_cpus=0.25)
+    def pid() -> int:
+        return os.getpid()
+
+    cpus = ray_session["CPU"]
+    holders = [Holder.options(num_cpus=(cpus - 0.5) / 2).remote() for _ in range(2)]
+    try:
+        assert ray.get([h.ready.remote() for h in holders], timeout=120)
+        first = ray.get(pid.remote(), timeout=120)
+        gap_started = _ticks_now()
+        time.sleep(3.0)   # three times Ray's default keep time
+        second = ray.get(pid.remote(), timeout=120)
+        assert _started_at(second) < gap_started, \
+            f"the task after the gap ran in a process started during it (first {first}, " \
+            f"second {second}): its idle worker was not kept"
+    finally:
+        for holder in holders:
+            ray.kill(holder)
