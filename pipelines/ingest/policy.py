@@ -9,6 +9,7 @@ import stat
 import warnings
 from typing import Literal, Sequence
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines import storage
@@ -66,31 +67,51 @@ def read_limited(uri: str, storage_options: storage.StorageOptions | None = None
 
     Raises :class:`InputError` (``not_a_file``, ``too_large``) for a FIFO, device, directory or
     an object over the limit: a manifest row naming ``/dev/zero`` or a 30 GB object costs one
-    metadata call, not the task's memory.
+    metadata call, not the task's memory.  An object costs two requests: the open's HEAD, whose
+    size is checked before the GET.
     """
     fs, path = storage.filesystem_for(uri, storage_options)
-    if storage.is_local(uri):
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISREG(mode):
-            raise InputError("not_a_file", "not a regular file (a directory, device, pipe or "
-                             "socket)", source=uri, hint="point the manifest at image files")
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
+    if not storage.is_local(uri):
+        return _read_object(fs, path, uri, max_bytes)
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
         return None
-    if info.type != pafs.FileType.File:
-        raise InputError("not_a_file", "not a file or object", source=uri,
-                         hint="point the manifest at image files")
-    limit = _too_large(uri, info.size, max_bytes)
+    if not stat.S_ISREG(found.st_mode):
+        raise _not_a_file(uri, "not a regular file (a directory, device, pipe or socket)")
+    limit = _too_large(uri, found.st_size, max_bytes)
     if limit:
         raise limit
     with fs.open_input_stream(path) as stream:
-        data = stream.read(max_bytes + 1)      # the object may have grown since the listing
+        return _read_at_most(stream, uri, max_bytes)
+
+
+def _read_object(fs: pafs.FileSystem, path: str, uri: str, max_bytes: int) -> bytes | None:
+    try:
+        stream = fs.open_input_file(path)   # a HEAD: the object's size, or that it is none
+    except OSError:   # missing, a prefix, or unreadable: one more request says which
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.NotFound:
+            return None
+        if kind != pafs.FileType.File:      # a prefix ("directory")
+            raise _not_a_file(uri, "not a file or object") from None
+        raise
+    with stream:
+        limit = _too_large(uri, stream.size(), max_bytes)
+        if limit:
+            raise limit
+        return _read_at_most(stream, uri, max_bytes)
+
+
+def _read_at_most(stream: pa.NativeFile, uri: str, max_bytes: int) -> bytes:
+    data = stream.read(max_bytes + 1)      # the file may have grown since its size was read
     if len(data) > max_bytes:
-        raise _too_large(uri, len(data), max_bytes)
+        raise _too_large(uri, len(data), max_bytes)  # type: ignore[misc]  # over: never None
     return data
+
+
+def _not_a_file(uri: str, what: str) -> InputError:
+    return InputError("not_a_file", what, source=uri, hint="point the manifest at image files")
 
 
 def _too_large(uri: str, size: int | None, max_bytes: int) -> InputError | None:

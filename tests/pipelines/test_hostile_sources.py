@@ -109,6 +109,47 @@ def test_read_limited_refuses_before_reading(tmp_path):
         ingest.read_limited(str(tmp_path))
 
 
+def test_an_object_is_read_in_one_head_and_one_get_and_refused_before_its_get(s3_bucket):
+    """Per image of a manifest in object storage: the open's HEAD (its size) and one GET."""
+    import logging
+    import re
+    import time
+
+    base = f"s3://{s3_bucket}/hostile-reads"
+    storage.write_bytes(f"{base}/ok.bin", b"12345")
+    storage.write_bytes(f"{base}/prefix/inside.bin", b"1")
+    lines: list[str] = []   # werkzeug colours the lines of answers other than 200
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("werkzeug")   # moto's server logs one line per request
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        def requests(call):
+            """What ``call`` returned (or raised), and the requests it made."""
+            lines.clear()
+            try:
+                got = call()
+            except Exception as error:   # noqa: BLE001 - returned for the asserts
+                got = error
+            seen = -1
+            while seen != len(lines):   # the server logs a request after answering it
+                seen = len(lines)
+                time.sleep(0.3)
+            return got, sorted(re.findall(r'"(?:\x1b\[[0-9;]*m)*(HEAD|GET) ', " ".join(lines)))
+
+        assert requests(lambda: ingest.read_limited(f"{base}/ok.bin", max_bytes=5)) == \
+            (b"12345", ["GET", "HEAD"])
+        too_large, made = requests(lambda: ingest.read_limited(f"{base}/ok.bin", max_bytes=4))
+        assert "too_large" in str(too_large) and made == ["HEAD"]   # refused before the GET
+        assert requests(lambda: ingest.read_limited(f"{base}/missing.bin"))[0] is None
+        assert "not_a_file" in str(requests(lambda: ingest.read_limited(f"{base}/prefix"))[0])
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def test_allowed_roots_come_from_the_environment_too(tmp_path, monkeypatch):
     _pair(tmp_path / "elsewhere", "outside")
     (tmp_path / "data").mkdir()
