@@ -50,6 +50,7 @@ def fit_on_val(artifact_dir: Path, source: str, *, kind: str, split: str,
     not asked)."""
     from pipelines.ingest import decode_pair, read_split_bytes
     from pipelines.model import open_model
+    from pipelines.operate import monitor
     from seg_core.artifact import write_calibration, write_postprocess
     from seg_core.calibration import fit_temperature, sample_pixels
     from seg_core.config import PostProcess
@@ -83,11 +84,12 @@ def fit_on_val(artifact_dir: Path, source: str, *, kind: str, split: str,
         if calibrate:
             samples.append(sample_pixels(prediction.probs, truth, multilabel=spec.multilabel,
                                          ignore_index=spec.ignore_index, rng=rng))
-        if held is not None and held_bytes + prediction.probs.nbytes <= HELD_PROBS_BYTES:
-            held.append(prediction.probs)
-            held_bytes += prediction.probs.nbytes
-        else:
-            held = None
+        if held is not None and len(held) < monitor.BASELINE_IMAGES:   # the baseline's share
+            if held_bytes + prediction.probs.nbytes <= HELD_PROBS_BYTES:
+                held.append(prediction.probs)
+                held_bytes += prediction.probs.nbytes
+            else:
+                held = None
     found: dict[str, Any] = {"rules": None, "evidence": None, "calibration": None,
                              "baseline": None}
     if postprocess:
