@@ -21,6 +21,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +44,7 @@ _ALIASES = {
 S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S = 10.0, 120.0
 _S3_KEYS = ("endpoint_override", "access_key", "secret_key", "session_token", "region",
             "anonymous", "scheme", "request_timeout", "connect_timeout")
+_S3_CLIENT_LOCK = threading.Lock()
 
 # ---------------------------------------------------------------------------------- filesystems
 
@@ -274,17 +276,63 @@ def create_exclusive(uri: Uri, data: bytes, storage_options: StorageOptions | No
     return True
 
 
+def read_object_start(uri: Uri, nbytes: int, storage_options: StorageOptions | None = None
+                      ) -> tuple[int, Any] | None:
+    """One ranged GET of an S3 object's first ``nbytes``: ``(its whole size, the unread body)``,
+    or None when no object has that key (missing, or a prefix).
+
+    The size comes from the answer's headers, so a caller can refuse a huge object before
+    reading any of its body (``body.close()``); a read is one request, not a HEAD and a GET.
+    Errors other than a missing key raise ``OSError``, as pyarrow's do.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = strip_scheme(uri).partition("/")
+    client = _s3_client(resolve_options(storage_options))
+    try:
+        answer = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max(0, nbytes - 1)}")
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code")
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            return None
+        if code == "InvalidRange":   # the object is empty: no byte 0 to start from
+            import io
+
+            return 0, io.BytesIO(b"")
+        raise OSError(f"{uri}: {error}") from error
+    except BotoCoreError as error:   # connection refused, timeouts
+        raise OSError(f"{uri}: {error}") from error
+    whole = answer.get("ContentRange", "").rpartition("/")[2]   # "bytes 0-99/1234"
+    return (int(whole) if whole.isdigit() else answer["ContentLength"]), answer["Body"]
+
+
 def _s3_client(opts: Mapping[str, Any]) -> Any:
-    """A botocore S3 client from :func:`resolve_options`' dict (for the calls pyarrow lacks)."""
+    """A botocore S3 client from :func:`resolve_options`' dict (for the calls pyarrow lacks),
+    cached per options like :func:`filesystem_for`'s filesystems (clients are thread-safe, a
+    session creating them is not: fetch threads ask at once)."""
+    with _S3_CLIENT_LOCK:
+        return _s3_client_for(tuple(sorted(opts.items())))
+
+
+@functools.lru_cache(maxsize=32)
+def _s3_client_for(opts: tuple[tuple[str, Any], ...]) -> Any:
     import botocore.config
     import botocore.session
 
-    return botocore.session.get_session().create_client(
-        "s3", endpoint_url=opts.get("endpoint_override"), region_name=opts.get("region"),
-        aws_access_key_id=opts.get("access_key"), aws_secret_access_key=opts.get("secret_key"),
-        aws_session_token=opts.get("session_token"),
-        config=botocore.config.Config(signature_version=botocore.UNSIGNED)
-        if opts.get("anonymous") else None)
+    kw = dict(opts)
+    endpoint = kw.get("endpoint_override")
+    if endpoint and "://" not in str(endpoint):
+        endpoint = f"{kw.get('scheme', 'https')}://{endpoint}"
+    config = botocore.config.Config(
+        connect_timeout=kw.get("connect_timeout", S3_CONNECT_TIMEOUT_S),
+        read_timeout=kw.get("request_timeout", S3_REQUEST_TIMEOUT_S),
+        max_pool_connections=32,   # ingest's fetch threads share one client per process
+        s3={"addressing_style": "path"} if endpoint else None,   # as pyarrow addresses it
+        **({"signature_version": botocore.UNSIGNED} if kw.get("anonymous") else {}))
+    return botocore.session.Session().create_client(
+        "s3", endpoint_url=endpoint, region_name=kw.get("region", "us-east-1"),
+        aws_access_key_id=kw.get("access_key"), aws_secret_access_key=kw.get("secret_key"),
+        aws_session_token=kw.get("session_token"), config=config)
 
 
 def delete(uri: Uri, storage_options: StorageOptions | None = None) -> None:

@@ -1,8 +1,9 @@
 """What ingest will read: the path policy (:func:`path_refusal`) and reads bounded in size
-(:func:`read_limited`), so a manifest naming ``/dev/zero`` or a 30 GB object costs one metadata
-call."""
+(:func:`read_limited`), so a manifest naming ``/dev/zero`` or a 30 GB object costs one request
+and none of its bytes."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -67,10 +68,14 @@ def read_limited(uri: str, storage_options: storage.StorageOptions | None = None
 
     Raises :class:`InputError` (``not_a_file``, ``too_large``) for a FIFO, device, directory or
     an object over the limit: a manifest row naming ``/dev/zero`` or a 30 GB object costs one
-    metadata call, not the task's memory.  An object costs two requests: the open's HEAD, whose
-    size is checked before the GET.
+    request, not the task's memory.  An S3 object costs one request: a GET of at most
+    ``max_bytes + 1`` bytes whose answer gives the object's size before any of its body is read
+    (a missing key costs a look more, to tell a prefix from nothing); other object stores
+    cost pyarrow's HEAD (the size, checked first) and GET.
     """
     fs, path = storage.filesystem_for(uri, storage_options)
+    if storage.scheme_of(uri) in ("s3", "s3a"):
+        return _read_s3_object(fs, path, uri, max_bytes, storage_options)
     if not storage.is_local(uri):
         return _read_object(fs, path, uri, max_bytes)
     try:
@@ -84,6 +89,24 @@ def read_limited(uri: str, storage_options: storage.StorageOptions | None = None
         raise limit
     with fs.open_input_stream(path) as stream:
         return _read_at_most(stream, uri, max_bytes)
+
+
+def _read_s3_object(fs: pafs.FileSystem, path: str, uri: str, max_bytes: int,
+                    storage_options: storage.StorageOptions | None) -> bytes | None:
+    found = storage.read_object_start(uri, max_bytes + 1, storage_options)
+    if found is None:   # a missing key: nothing there, or a prefix ("directory")
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        raise _not_a_file(uri, "not a file or object")
+    size, body = found
+    with contextlib.closing(body):
+        limit = _too_large(uri, size, max_bytes)
+        if limit:
+            raise limit   # before its body is read: closing drops the connection
+        data = body.read()
+    if len(data) > max_bytes:   # the object may have grown since its size was read
+        raise _too_large(uri, len(data), max_bytes)  # type: ignore[misc]  # over: never None
+    return data
 
 
 def _read_object(fs: pafs.FileSystem, path: str, uri: str, max_bytes: int) -> bytes | None:

@@ -109,8 +109,9 @@ def test_read_limited_refuses_before_reading(tmp_path):
         ingest.read_limited(str(tmp_path))
 
 
-def test_an_object_is_read_in_one_head_and_one_get_and_refused_before_its_get(s3_bucket):
-    """Per image of a manifest in object storage: the open's HEAD (its size) and one GET."""
+def test_an_object_is_read_in_one_get_and_refused_before_its_body(s3_bucket):
+    """Per image of a manifest in object storage: one ranged GET, whose answer gives the size
+    (no HEAD first).  Only a missing key costs more: a look that tells a prefix from nothing."""
     import logging
     import re
     import time
@@ -137,14 +138,19 @@ def test_an_object_is_read_in_one_head_and_one_get_and_refused_before_its_get(s3
             while seen != len(lines):   # the server logs a request after answering it
                 seen = len(lines)
                 time.sleep(0.3)
-            return got, sorted(re.findall(r'"(?:\x1b\[[0-9;]*m)*(HEAD|GET) ', " ".join(lines)))
+            return got, re.findall(r'"(?:\x1b\[[0-9;]*m)*((?:HEAD|GET) \S+)', " ".join(lines))
 
         assert requests(lambda: ingest.read_limited(f"{base}/ok.bin", max_bytes=5)) == \
-            (b"12345", ["GET", "HEAD"])
+            (b"12345", [f"GET /{s3_bucket}/hostile-reads/ok.bin"])
+        assert requests(lambda: ingest.read_limited(f"{base}/ok.bin", max_bytes=6))[0] == b"12345"
         too_large, made = requests(lambda: ingest.read_limited(f"{base}/ok.bin", max_bytes=4))
-        assert "too_large" in str(too_large) and made == ["HEAD"]   # refused before the GET
-        assert requests(lambda: ingest.read_limited(f"{base}/missing.bin"))[0] is None
+        assert "too_large" in str(too_large)   # from the GET's headers: one request
+        assert made == [f"GET /{s3_bucket}/hostile-reads/ok.bin"]
+        missing, made = requests(lambda: ingest.read_limited(f"{base}/missing.bin"))
+        assert missing is None and made[0] == f"GET /{s3_bucket}/hostile-reads/missing.bin"
         assert "not_a_file" in str(requests(lambda: ingest.read_limited(f"{base}/prefix"))[0])
+        storage.write_bytes(f"{base}/empty.bin", b"")
+        assert requests(lambda: ingest.read_limited(f"{base}/empty.bin"))[0] == b""
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
