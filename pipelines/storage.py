@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -296,8 +297,6 @@ def read_object_start(uri: Uri, nbytes: int, storage_options: StorageOptions | N
         if code in ("NoSuchKey", "NoSuchBucket", "404"):
             return None
         if code == "InvalidRange":   # the object is empty: no byte 0 to start from
-            import io
-
             return 0, io.BytesIO(b"")
         raise OSError(f"{uri}: {error}") from error
     except BotoCoreError as error:   # connection refused, timeouts
@@ -327,6 +326,7 @@ def _s3_client_for(opts: tuple[tuple[str, Any], ...]) -> Any:
         connect_timeout=kw.get("connect_timeout", S3_CONNECT_TIMEOUT_S),
         read_timeout=kw.get("request_timeout", S3_REQUEST_TIMEOUT_S),
         max_pool_connections=32,   # ingest's fetch threads share one client per process
+        retries={"mode": "standard", "max_attempts": 3},   # pyarrow's S3 retry strategy
         s3={"addressing_style": "path"} if endpoint else None,   # as pyarrow addresses it
         **({"signature_version": botocore.UNSIGNED} if kw.get("anonymous") else {}))
     return botocore.session.Session().create_client(

@@ -86,6 +86,22 @@ def test_explicit_storage_options_reach_s3_even_with_a_wrong_env(s3_prefix, s3_e
     assert storage.read_bytes(f"{s3_prefix}/k", {"endpoint_url": s3_endpoint}) == b"v"
 
 
+def test_the_one_get_read_reaches_s3_with_the_options_the_filesystem_takes(s3_prefix,
+                                                                           s3_endpoint,
+                                                                           monkeypatch):
+    """:func:`storage.read_object_start` (botocore) honours the options pyarrow's filesystem
+    does: an endpoint as host:port plus ``scheme``, over a wrong environment; an endpoint
+    nobody answers is an ``OSError`` naming it (a read error, so ingest refuses the row)."""
+    storage.write_bytes(f"{s3_prefix}/k", b"value")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")   # nothing listens there
+    options = {"endpoint_override": s3_endpoint.removeprefix("http://"), "scheme": "http"}
+    size, body = storage.read_object_start(f"{s3_prefix}/k", 3, options)
+    assert (size, body.read()) == (5, b"val")
+    assert storage.read_object_start(f"{s3_prefix}/none", 3, options) is None
+    with pytest.raises(OSError, match="127.0.0.1:1"):
+        storage.read_object_start(f"{s3_prefix}/k", 3)
+
+
 def test_copy_dir_to_s3_and_back(tmp_path, s3_prefix):
     src = tmp_path / "artifact"
     (src / "sub").mkdir(parents=True)
