@@ -410,6 +410,36 @@ def release_orphaned_placement_groups() -> int:
     return removed
 
 
+def wait_note(what: str, needed: Mapping[str, float], *, settle_s: float = 1.0) -> str | None:
+    """The line to print before ``what`` asks Ray for ``needed`` at once (e.g. ``{"CPU": 1.0}``:
+    its first actor and a read task), when the cluster has less of it free; else None.
+
+    Ray then queues the job without a word until other work frees the resources: Ray Data warns
+    once after a minute without output, Ray Train's controller only with ``--verbose``.  A job
+    started beside a Serve app, or in a notebook beside another job's actors, looked hung.
+    A shortfall is looked at again for ``settle_s`` (tasks that just ended may still count as
+    holding theirs), so a job that fits pays one call.  Free resources spread over several
+    nodes may still not fit one actor: this only sees sums.
+    """
+    import ray
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        short = [(name, amount) for name, amount in needed.items()
+                 if amount > 0 and free.get(name, 0.0) + 1e-6 < amount]
+        if not short:
+            return None
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    wanted = ", ".join(f"{amount:g} {name} ({free.get(name, 0.0):g} of {total.get(name, 0.0):g} "
+                       f"free now)" for name, amount in short)
+    return (f"{what}: waiting for {wanted}. Other work in this cluster holds the rest (a Serve "
+            f"app, another job's actors or tasks; `ray status` shows what is in use). It starts "
+            f"when they are freed or a node joins.")
+
+
 def alive_nodes() -> int:
     """Nodes of the connected Ray cluster that are alive."""
     import ray

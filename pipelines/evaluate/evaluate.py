@@ -240,7 +240,7 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     from ray.data import DataContext
 
     from pipelines.evaluate.report import write_report
-    from pipelines.ingest import pair_table, select_rows
+    from pipelines.ingest import pair_table, select_rows, table_dataset
 
     started = time.perf_counter()
     DataContext.get_current().enable_progress_bars = cfg.progress
@@ -259,12 +259,10 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     if pc.any(pc.is_valid(rows["request_id"])).as_py():
         rows = match_by_content(rows, truth_masks)
     rows = rows.select(_SCORED)
-    blocks = [rows.slice(start, _ROWS_PER_TASK) for start in range(0, rows.num_rows,
-                                                                   _ROWS_PER_TASK)]
     kwargs = {"truth": truth_masks, "spec": _spec_dict(spec),
               "storage_options": storage.resolve_options()}
-    scored = ray.data.from_arrow(blocks).map_batches(score_batch, batch_format="pyarrow",
-                                                     fn_kwargs=kwargs).to_arrow_refs()
+    scored = table_dataset(rows, _ROWS_PER_TASK).map_batches(
+        score_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_arrow_refs()
     table = pa.concat_tables([*ray.get(scored), _quarantined(predictions, truth_masks)]
                              ).sort_by("id")
     report = build_report(table, spec, cfg, truth_ids=truth_masks, predictions=predictions,

@@ -34,6 +34,7 @@ from pipelines.ingest.fetch import (
     fetch_bytes,
     read_mask_bytes,
     read_mask,
+    table_dataset,
 )
 from pipelines.ingest.policy import (
     SourceKind,
@@ -88,4 +89,5 @@ __all__ = [
     "seeded_order",
     "select_rows",
     "shard_to_rows",
+    "table_dataset",
 ]

@@ -3,6 +3,7 @@ shards by Parquet, the few bytes one process needs (:func:`read_split_bytes`,
 :func:`read_mask`)."""
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence, TYPE_CHECKING
 
@@ -69,14 +70,30 @@ def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = 
     The table is cut into blocks of ``rows_per_block`` rows on the driver (metadata only); each
     block's objects are read by one Ray task with I/O threads.  Null URIs give null bytes.
     """
-    import ray
-
-    step = max(1, rows_per_block)
-    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
     options = storage.resolve_options(storage_options)   # driver's endpoint, shipped to tasks
-    return ray.data.from_arrow(blocks).map_batches(
+    return table_dataset(table, rows_per_block).map_batches(
         fetch_bytes, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
         fn_kwargs={"storage_options": options}, udf_modifying_row_count=False)
+
+
+def table_dataset(table: pa.Table, rows_per_block: int) -> "ray.data.Dataset":
+    """``table`` (metadata rows: URIs, ids) as a Ray Dataset of blocks of ``rows_per_block``
+    rows (the last ones a row shorter when they do not divide), built on the driver.
+
+    ``ray.data.from_arrow`` reads every block's metadata in a Ray task that asks for a whole
+    CPU, so planning a job waited, without a word, while other work (a Serve app, another
+    job's actors) held the CPUs, and forever on a node with less than one CPU free.  Ray
+    Data's ``from_items`` builds the blocks here and starts no task.  Column types are
+    inferred from the values (a column of nulls has Arrow's null type): readers cast to the
+    schema they expect.  No rows: one empty block of ``table``'s schema, as ``from_arrow`` gives
+    (``from_items`` would give a dataset without a schema).
+    """
+    import ray
+
+    if not table.num_rows:
+        return ray.data.from_arrow(table)
+    blocks = math.ceil(table.num_rows / max(1, rows_per_block))
+    return ray.data.from_items(table.to_pylist(), override_num_blocks=blocks)
 
 
 def read_shards(uri: str, *, split: str | None = None, folds: Sequence[int] | None = None,

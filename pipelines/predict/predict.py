@@ -37,6 +37,7 @@ from pipelines.predict import store
 from pipelines.predict.coco import coco_dir, export_coco
 from pipelines.predict.inputs import InputPlan, plan_inputs
 from pipelines.predictions import file_key
+from pipelines.raycluster import wait_note
 from pipelines.records import RESULT_SCHEMA
 from seg_core.config import to_dict
 
@@ -169,6 +170,10 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
         log(f"predict: {inputs.todo} inputs -> {plan.size} actor(s) x {plan.num_cpus:g} CPU"
             f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}{extra}, "
             f"{plan.threads} thread(s), files of {rows_per_file} rows")
+        # one actor and a read task must fit before the first row moves
+        if note := wait_note("predict", {"CPU": plan.num_cpus + 0.25, "GPU": plan.num_gpus,
+                                         **(cfg.resources_per_actor or {})}):
+            log(note)
         failure: Exception | None = None
         try:
             _write_predictions(inputs, sink, ref, cfg, plan, options)

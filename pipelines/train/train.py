@@ -29,6 +29,7 @@ from pipelines.train.budget import fitted_note
 from pipelines.train.checkpoint import NON_FINITE, load_newest_good
 from pipelines.train.data import build_train_data
 from pipelines.faults import Faults
+from pipelines.raycluster import wait_note
 from pipelines.train.loop import StepPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     # the console queue's actor process starts while the data is prepared, not beside the
     # TrainController's (both on the path to the first step on a 2-core node)
     progress = Queue(actor_options=driver_node_actor())
+    if note := wait_note(f"[{cfg.run_name}] data", {"CPU": 0.25}):   # a decode task
+        print(note, flush=True)
     data = build_train_data(cfg)
     cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
     plan = plan_steps(cfg, data.num_train)
@@ -131,6 +134,9 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     print(f"[{cfg.run_name}] {data.num_train} train / {data.num_val} val images, "
           f"{plan.steps_per_epoch} steps per epoch, schedule {plan.total_steps} steps"
           f"{fitted_note(cfg.max_runtime_secs)}, checkpoints in {run_uri}", flush=True)
+    # every worker at once (one placement group)
+    if note := wait_note(f"[{cfg.run_name}] training", trainer.scaling_config.total_resources):
+        print(note, flush=True)
     printer = _ProgressPrinter(progress)
     try:
         result = trainer.fit()

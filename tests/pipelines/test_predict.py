@@ -256,6 +256,40 @@ def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, a
     assert not [p for p in Path(out).rglob(".*")], "no staging leftovers"
 
 
+def test_a_run_whose_cpus_are_held_says_what_it_waits_for_then_runs(ray_session, sample_dataset,
+                                                                     artifact_dir, tmp_path):
+    """Beside work that holds every CPU (a Serve app, another job's actors), a run used to sit
+    without a word until they were freed (Ray Data warns once, after a minute)."""
+    import threading
+
+    import ray
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.options(num_cpus=settled_free_cpus()).remote()
+    lines: list[str] = []
+    summary: dict = {}
+    cfg = PredictConfig(model=str(artifact_dir), input=str(sample_dataset),
+                        out=str(tmp_path / "out"), batch_size=4, actors=1, cpus_per_actor=0.5,
+                        progress=False)
+    run = threading.Thread(target=lambda: summary.update(run_predict(cfg, log=lines.append)))
+    try:
+        assert ray.get(holder.ready.remote(), timeout=120)
+        run.start()
+        deadline = time.monotonic() + 120
+        while not any("waiting for" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        waiting = [line for line in lines if "waiting for" in line]
+        assert len(waiting) == 1 and waiting[0].startswith("predict: waiting for 0.75 CPU (0 of ")
+    finally:
+        ray.kill(holder)   # the run goes on once the CPUs are back
+        run.join(timeout=300)
+    assert summary["predicted"] + summary["quarantined"] == 24 and not summary["missing"]
+
+
 def test_an_id_that_now_names_another_image_is_reported_not_skipped(
         ray_session, sample_dataset, artifact_dir, tmp_path):
     import shutil

@@ -49,3 +49,33 @@ def test_a_task_seconds_after_the_last_runs_in_a_kept_worker_while_actors_hold_t
     finally:
         for holder in holders:
             ray.kill(holder)
+
+
+@pytest.mark.ray
+def test_a_job_that_will_wait_for_cpus_says_so_and_one_that_fits_says_nothing(ray_session):
+    """Ray queues a job whose actors do not fit without a word; ``wait_note`` is the line a job
+    prints first, naming what it waits for, and only while the resources are held."""
+    import ray
+
+    from pipelines.raycluster import wait_note
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    cpus = ray_session["CPU"]
+    holder = Holder.options(num_cpus=cpus).remote()   # what a Serve app or another job holds
+    try:
+        assert ray.get(holder.ready.remote(), timeout=120)
+        note = wait_note("predict", {"CPU": 0.5, "GPU": 0.0}, settle_s=0.3)
+        assert note is not None and note.startswith("predict: waiting for 0.5 CPU (0 of ")
+        assert "GPU" not in note and "ray status" in note
+    finally:
+        ray.kill(holder)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert wait_note("job", {"CPU": 0.5}) is None
+    assert wait_note("job", {"CPU": cpus + 1}, settle_s=0.3).startswith(
+        f"job: waiting for {cpus + 1:g} CPU ({cpus:g} of {cpus:g} free now)")
