@@ -67,8 +67,9 @@ def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = 
                 storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
     """Pair metadata (:data:`PAIR_SCHEMA`, e.g. a filtered :func:`pair_table`) -> fetched rows.
 
-    The table is cut into blocks of ``rows_per_block`` rows on the driver (metadata only); each
-    block's objects are read by one Ray task with I/O threads.  Null URIs give null bytes.
+    The table is cut into blocks of at most ``rows_per_block`` rows on the driver (metadata
+    only, :func:`table_dataset`); each block's objects are read by one Ray task with I/O
+    threads.  Null URIs give null bytes.
     """
     options = storage.resolve_options(storage_options)   # driver's endpoint, shipped to tasks
     return table_dataset(table, rows_per_block).map_batches(
@@ -77,8 +78,8 @@ def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = 
 
 
 def table_dataset(table: pa.Table, rows_per_block: int) -> "ray.data.Dataset":
-    """``table`` (metadata rows: URIs, ids) as a Ray Dataset of blocks of ``rows_per_block``
-    rows (the last ones a row shorter when they do not divide), built on the driver.
+    """``table`` (metadata rows: URIs, ids) as a Ray Dataset of ``ceil(rows / rows_per_block)``
+    blocks, as even as the rows allow (at most ``rows_per_block`` each), built on the driver.
 
     ``ray.data.from_arrow`` reads every block's metadata in a Ray task that asks for a whole
     CPU, so planning a job waited, without a word, while other work (a Serve app, another

@@ -90,7 +90,7 @@ def run_explain(cfg: ExplainConfig, *, log: Callable[[str], None] = print) -> di
     table = map_with_actors(plan, Explainer, kwargs={
         "model_uri": source, "target": target, "method": cfg.method,
         "storage_options": options}, schema=EXPLANATION_SCHEMA, batch_size=4,
-        actors=cfg.actors)
+        actors=cfg.actors, log=log, what="explain")
     storage.write_bytes(storage.join_uri(cfg.out, EXPLANATIONS_FILE),
                         storage.parquet_bytes(table, {n: "none" if n == "map_png" else "zstd"
                                                       for n in table.column_names}))

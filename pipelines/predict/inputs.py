@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -161,21 +161,28 @@ def _check_unique(ids: pa.Array | pa.ChunkedArray, source: str) -> None:
 
 
 def map_with_actors(plan: InputPlan, cls: type, *, kwargs: dict[str, Any], schema: pa.Schema,
-                    batch_size: int, actors: int | None) -> pa.Table:
+                    batch_size: int, actors: int | None,
+                    log: Callable[[str], None] | None = None, what: str = "") -> pa.Table:
     """Every input row through an actor pool of ``cls`` (each actor opens what it needs once,
     as predict's do), gathered on the driver: for per-image results that are small (scores,
     maps), not for masks at scale.  ``actors``: None is one per CPU; each asks for its share of
-    the CPUs, half a CPU left to the read tasks."""
+    the CPUs, half a CPU left to the read tasks.  ``log`` gets the line saying what the job
+    (``what``) waits for, when other work holds it (:func:`pipelines.raycluster.wait_note`)."""
     import ray
     from ray.data import ActorPoolStrategy
+
+    from pipelines.raycluster import wait_note
 
     cpus = float(ray.cluster_resources().get("CPU", 1))
     size = actors or max(1, int(cpus))
     if plan.dataset is None:
         return schema.empty_table()
+    share = max(0.25, min(1.0, (cpus - 0.5) / size))
+    if log is not None and (note := wait_note(what, {"CPU": share + 0.25})):
+        log(note)
     refs = plan.dataset.map_batches(
         cls, batch_size=batch_size, batch_format="pyarrow", fn_constructor_kwargs=kwargs,
         compute=ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
-        num_cpus=max(0.25, min(1.0, (cpus - 0.5) / size))).to_arrow_refs()
+        num_cpus=share).to_arrow_refs()
     tables = ray.get(refs)
     return pa.concat_tables(tables) if tables else schema.empty_table()

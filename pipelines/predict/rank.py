@@ -97,7 +97,8 @@ def run_rank(cfg: RankConfig, *, log: Callable[[str], None] = print) -> dict[str
     log(f"rank: {len(plan.ids)} images by {cfg.by}; the top {cfg.top} -> {cfg.out}")
     scored = map_with_actors(plan, Scorer, kwargs={"model_uri": source, "by": cfg.by,
                                                    "storage_options": options},
-                             schema=RANK_SCHEMA, batch_size=8, actors=cfg.actors)
+                             schema=RANK_SCHEMA, batch_size=8, actors=cfg.actors,
+                             log=log, what="rank")
     rows = scored.to_pylist()
     good = [i for i, r in enumerate(rows) if r["reason"] is None]
     if cfg.by == "balanced_entropy":
