@@ -362,10 +362,15 @@ def validate(unet: UNet, val_shard: Any, cfg: TrainConfig, device: torch.device,
     every worker.  Each worker reads and predicts only its share of the val rows (``val_<rank>``,
     see :func:`pipelines.train.data.val_shards`: every row once, none dropped), through the
     same Segmenter as batch predict, at the geometry the artifact will record (``train_size``).
+    Like a segmenter loaded from the artifact, it predicts with a copy whose BatchNorms are
+    folded into the convolutions, in NHWC: the training model keeps its layout, and an epoch's
+    validation takes about 0.6x the time of the unfolded NCHW model (8 images of 256-640 px
+    through 256^2 windows on 2 cores: 1.2 s against 1.9 s).
     """
     broadcast_buffers(unet, device, world)
     pre = dataclasses.replace(cfg.preprocessing, train_size=train_size)
-    segmenter = Segmenter.from_model(unet, cfg.mask, pre, device=device)
+    segmenter = Segmenter.from_model(unet, cfg.mask, pre, device=device, fold_norms=True,
+                                     channels_last=True)
     counts = np.zeros((len(COUNT_NAMES), cfg.mask.num_classes), dtype=np.int64)  # 4 x K
     for row in val_shard.iter_rows():
         prediction = segmenter.predict_each([np.asarray(row["image"])],
