@@ -9,11 +9,15 @@ whose tile equals the image size.
   committed file: S3 reads, decode, tiled inference, PNG encode, Parquet commits, and the actor
   pool's start-up (process spawn, imports, model load) included.
 - **plain** (the ``ratio``: what the pipeline costs): the same PNG bytes, already in memory,
-  decoded with PIL, normalised, batched as rayseg batches them, through *the same folded network
-  and engine* (:meth:`seg_core.inference.Segmenter.logits`: BatchNorm folded, channels_last for
-  torch, the compiled graph for OpenVINO), then argmax to uint8 masks; torch's default threads.
+  decoded with PIL, normalised, in batches of ``BATCH`` images as rayseg batches rows, through
+  *the same folded network and engine* (:meth:`seg_core.inference.Segmenter.logits`: BatchNorm
+  folded, channels_last for torch, the compiled graph for OpenVINO), then argmax to uint8
+  masks; torch's default threads.  Each batch goes through the network in forwards of as many
+  images as rayseg's rule gives for the loop's threads
+  (:func:`seg_core.inference.tiles_per_forward`: about 64K pixels per thread, the fastest
+  measured), as rayseg's actors do for theirs.
 - **user loop** (``vs_user_loop``: what a user would otherwise run): the same decode, normalise,
-  batches and argmax through the artifact's network as trained (not folded), eager fp32, the
+  forwards and argmax through the artifact's network as trained (not folded), eager fp32, the
   faster of NCHW and channels_last.
 
 Both plain loops run over (up to 128 of) the same images just before and just after each rayseg
@@ -195,11 +199,13 @@ class _PlainLoops:
     def _loop(self, forward: Callable[[Any], Any]) -> tuple[float, float]:
         """(images per second, CPU ms per image) of decode -> forward -> argmax masks."""
         torch = self.torch
+        per_forward = self.segmenter.batch_size   # the rule, for this process's threads
         with torch.inference_mode():
-            forward(next(self._batches())[:2])   # warm-up (kernels, graph)
+            forward(next(self._batches())[:per_forward])   # warm-up (kernels, graph)
             started, cpu = time.perf_counter(), time.process_time()
             for x in self._batches():
-                forward(x).argmax(dim=1).to(torch.uint8).numpy()
+                for part in x.split(per_forward):
+                    forward(part).argmax(dim=1).to(torch.uint8).numpy()
             cpu = time.process_time() - cpu
         return len(self.blobs) / (time.perf_counter() - started), cpu / len(self.blobs) * 1000
 

@@ -72,8 +72,9 @@ class Predictor:
         import torch
 
         torch.set_num_threads(threads)
-        # Tiles per forward: 4 on a CPU, more for small tiles (fastest per image measured), sized
-        # from free memory on a GPU, which also runs the forward in bf16 (seg_core.inference; `make gpu-check`).
+        # Tiles per forward (seg_core.inference.tiles_per_forward): on a CPU sized to the torch
+        # threads just set (one 256^2 window per thread, more of smaller ones: fastest measured),
+        # on a GPU from free memory, where the forward also runs in bf16 (`make gpu-check`).
         self.model: "LoadedModel" = open_model(model_uri, tta=tta, engine=engine,
                                                postprocess=postprocess, instances=instances,
                                                storage_options=storage_options)

@@ -24,8 +24,7 @@ anyway (another process took the memory) is the same :class:`InputError`, never 
 from __future__ import annotations
 
 from seg_core.inference.budget import (
-    CPU_PIXELS_PER_FORWARD,
-    CPU_TILES_PER_FORWARD,
+    CPU_PIXELS_PER_THREAD,
     tiles_per_forward,
     inference_bytes,
     activation_bytes,
@@ -48,8 +47,7 @@ from seg_core.inference.segmenter import (
 __all__ = [
     "ALL_FIELDS",
     "AmpSetting",
-    "CPU_PIXELS_PER_FORWARD",
-    "CPU_TILES_PER_FORWARD",
+    "CPU_PIXELS_PER_THREAD",
     "Prediction",
     "Segmenter",
     "activation_bytes",

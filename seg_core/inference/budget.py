@@ -21,13 +21,18 @@ _ACTIVATION_WORDS = 16
 _OVERHEAD_BYTES = 32 * 2**20
 
 
-# Windows per forward on a CPU: 4 tiles of 256^2 ran 1.27x faster per image than 16 here, and
-# 4 of 128^2 no slower than 16; small windows want more of them per forward (1 thread, quiet
-# 2-core box: 32^2 at 1.62 ms per image with 4, 1.18 with 16, 1.13 with 32; 64^2 at 5.15 with
-# 4, 4.47 with 16).  So: at least CPU_TILES_PER_FORWARD windows and at least
-# CPU_PIXELS_PER_FORWARD (padded) pixels, at most _CPU_TILES_CAP windows.
-CPU_TILES_PER_FORWARD = 4
-CPU_PIXELS_PER_FORWARD = 64 * 1024
+# Windows per forward on a CPU: about CPU_PIXELS_PER_THREAD (padded) pixels for each torch
+# thread, at least one window and at most _CPU_TILES_CAP.  Past that, a larger batch only costs
+# more per window (cache misses).  Folded base-16 U-Net, NHWC, fp32, quiet 2-core box, ms per
+# window, medians of 4 rounds, batch 1 / 2 / 4 / 8 windows:
+#   1 thread:  128^2 9.8 / 9.4 / 9.2 / 9.1;  256^2 33.5 / 35.5 / 37.5 / 41.3;
+#              512^2 143 / 168 / 190 / 201
+#   2 threads: 128^2 5.8 / 5.0 / 4.5 / 4.2;  256^2 18.2 / 16.9 / 18.9 / 22.0;
+#              512^2 75 / 94 / 104 / 112
+# (and with 1 thread, 32^2 windows: 1.62 ms per image with 4, 1.18 with 16, 1.13 with 32).
+# The rule picks the fastest measured batch in every case but 256^2 with 1 thread: 1 window
+# (33.5 ms) where 4, the fixed number before it, took 37.5; 512^2 windows go one at a time.
+CPU_PIXELS_PER_THREAD = 64 * 1024
 _CPU_TILES_CAP = 32
 
 
@@ -36,18 +41,18 @@ _GPU_MEMORY_SHARE, _GPU_TILES_CAP = 0.5, 64
 
 
 def tiles_per_forward(model: nn.Module, window: Sequence[int], device: str | torch.device,
-                      amp_dtype: torch.dtype | None = None) -> int:
-    """Windows per forward: on a CPU :data:`CPU_TILES_PER_FORWARD`, or as many as make
-    :data:`CPU_PIXELS_PER_FORWARD` pixels for small windows (at most 32: 32^2 windows go 32 at
-    a time); on a CUDA device as many ``window``-sized windows as half of the free memory
-    holds (at most 64), from the :func:`activation_bytes` estimate (halved under 16-bit
-    autocast), read when called."""
+                      amp_dtype: torch.dtype | None = None, threads: int | None = None) -> int:
+    """Windows per forward: on a CPU as many as make :data:`CPU_PIXELS_PER_THREAD` padded pixels
+    per torch thread (``threads``, default ``torch.get_num_threads()`` when called), at least 1
+    and at most 32 (one thread: 1 window of 256^2, 4 of 128^2, 32 of 32^2); on a CUDA device as
+    many ``window``-sized windows as half of the free memory holds (at most 64), from the
+    :func:`activation_bytes` estimate (halved under 16-bit autocast), read when called."""
     device = torch.device(device)
     multiple = _size_multiple(model)
     pixels = padded_side(int(window[0]), multiple) * padded_side(int(window[1]), multiple)
     if device.type != "cuda":
-        return max(CPU_TILES_PER_FORWARD,
-                   min(_CPU_TILES_CAP, CPU_PIXELS_PER_FORWARD // max(pixels, 1)))
+        budget = CPU_PIXELS_PER_THREAD * (threads or torch.get_num_threads())
+        return max(1, min(_CPU_TILES_CAP, budget // max(pixels, 1)))
     free, _ = torch.cuda.mem_get_info(device)
     per_window = pixels * activation_bytes(model) // (2 if amp_dtype in (torch.bfloat16,
                                                                           torch.float16) else 1)

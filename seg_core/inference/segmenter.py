@@ -75,8 +75,9 @@ class Segmenter:
     is moved to ``device`` and put in eval mode (training loops call ``model.train()`` again).
     ``amp_dtype`` runs the torch forward under autocast: ``"auto"`` (the default) is bfloat16 on
     a CUDA device and float32 elsewhere; None is always float32.  ``batch_size`` is windows per
-    forward; None sizes it with :func:`tiles_per_forward` (4 on a CPU, up to 32 for windows
-    under 128^2; from free memory on a GPU).
+    forward; None sizes it with :func:`tiles_per_forward` when the segmenter is made (on a CPU
+    about 64K pixels per torch thread: one 256^2 window a thread, more of smaller ones, at most
+    32; from free memory on a GPU).
     Built from an artifact, it predicts with a copy whose BatchNorms are folded into the
     convolutions (:func:`seg_core.model.fold_batchnorm`); the artifact's model is left as it is.
     ``engine`` runs that copy with torch eager or a CPU graph engine (OpenVINO, ONNX Runtime,
@@ -166,8 +167,9 @@ class Segmenter:
         ``preprocessing.resize`` every image has the same shape after resizing.  Each image is
         stitched, resized back and post-processed on its own, exactly as a batch of one; only
         the forward's batch composition differs, which moves probabilities by float rounding
-        at most.  (On the CPUs measured here, 4 tiles of 256^2 per forward ran 1.27x faster per
-        image than 16: larger batches only pay on GPUs.)
+        at most.  (On the CPUs measured here, one 256^2 window per forward and thread ran faster
+        per window than 4 or 8, and 512^2 windows 1.3x faster one at a time than four: large
+        batches only pay on GPUs and for small windows, ``seg_core.inference.budget``.)
 
         Every image is checked against the budget first (:meth:`check_budget`), and images are
         worked on in consecutive groups whose estimates together fit

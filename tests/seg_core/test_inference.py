@@ -141,7 +141,7 @@ def test_predict_batch_is_one_forward_and_matches_predict(tmp_path) -> None:
 
 
 def test_bf16_autocast_is_opt_in_on_the_cpu_and_the_default_on_gpus(tmp_path) -> None:
-    from seg_core.inference import CPU_TILES_PER_FORWARD, resolve_amp, tiles_per_forward
+    from seg_core.inference import resolve_amp, tiles_per_forward
 
     assert resolve_amp("auto", torch.device("cpu")) is None
     assert resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
@@ -149,11 +149,23 @@ def test_bf16_autocast_is_opt_in_on_the_cpu_and_the_default_on_gpus(tmp_path) ->
     with pytest.raises(ValueError, match="amp_dtype"):
         resolve_amp("fp16", torch.device("cpu"))
     fp32 = small_unet_segmenter(tmp_path)
-    # on a CPU: 4 windows of 128^2 and more, more of the small ones (32^2 tiles: 32 a forward)
-    assert fp32.amp_dtype is None and fp32.batch_size == 32
-    for side, windows in ((512, 4), (256, 4), (128, 4), (64, 16), (32, 32), (8, 32)):
-        assert tiles_per_forward(fp32.model, (side, side), "cpu") == windows, side
-    assert tiles_per_forward(fp32.model, (256, 256), "cpu") == CPU_TILES_PER_FORWARD
+    # on a CPU: 64K padded pixels per torch thread, at least one window, at most 32
+    assert fp32.amp_dtype is None and fp32.batch_size == 32   # 32^2 tiles
+    for threads, expected in ((1, ((512, 1), (256, 1), (200, 1), (128, 4), (64, 16), (32, 32),
+                                   (8, 32))),
+                              (2, ((512, 1), (256, 2), (128, 8), (64, 32))),
+                              (16, ((1024, 1), (512, 4), (256, 16), (128, 32)))):
+        for side, windows in expected:
+            assert tiles_per_forward(fp32.model, (side, side), "cpu",
+                                     threads=threads) == windows, (threads, side)
+    threads = torch.get_num_threads()   # by default, the threads when it is called
+    try:
+        torch.set_num_threads(2)
+        assert tiles_per_forward(fp32.model, (256, 256), "cpu") == 2
+        torch.set_num_threads(1)
+        assert tiles_per_forward(fp32.model, (256, 256), "cpu") == 1
+    finally:
+        torch.set_num_threads(threads)
     bf16 = small_unet_segmenter(tmp_path, amp_dtype=torch.bfloat16)
     seen: list[torch.dtype] = []
     hook = bf16.model.stem[0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
