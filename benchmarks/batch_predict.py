@@ -12,13 +12,13 @@ whose tile equals the image size.
   decoded with PIL, normalised, in batches of ``BATCH`` images as rayseg batches rows, through
   *the same folded network and engine* (:meth:`seg_core.inference.Segmenter.logits`: BatchNorm
   folded, channels_last for torch, the compiled graph for OpenVINO), then argmax to uint8
-  masks; torch's default threads.  Each batch goes through the network in forwards of as many
-  images as rayseg's rule gives for the loop's threads
-  (:func:`seg_core.inference.tiles_per_forward`: about 64K pixels per thread, the fastest
-  measured), as rayseg's actors do for theirs.
+  masks; torch's default threads.  Each batch goes through the network in the faster of two
+  ways: forwards of as many images as rayseg's rule gives for the loop's threads
+  (:func:`seg_core.inference.tiles_per_forward`: about 64K pixels per thread, as rayseg's actors
+  do for theirs), or one forward of the whole batch.
 - **user loop** (``vs_user_loop``: what a user would otherwise run): the same decode, normalise,
   forwards and argmax through the artifact's network as trained (not folded), eager fp32, the
-  faster of NCHW and channels_last.
+  fastest of NCHW and channels_last with either way of forwarding.
 
 Both plain loops run over (up to 128 of) the same images just before and just after each rayseg
 run, and their means are the baselines, so drift on a shared machine hits both sides.
@@ -196,10 +196,10 @@ class _PlainLoops:
             x = np.stack([(p / 255.0 - self.mean) / self.std for p in pixels])
             yield self.torch.from_numpy(x.transpose(0, 3, 1, 2))
 
-    def _loop(self, forward: Callable[[Any], Any]) -> tuple[float, float]:
-        """(images per second, CPU ms per image) of decode -> forward -> argmax masks."""
+    def _loop(self, forward: Callable[[Any], Any], per_forward: int) -> tuple[float, float]:
+        """(images per second, CPU ms per image) of decode -> forward -> argmax masks, with
+        ``per_forward`` images per forward."""
         torch = self.torch
-        per_forward = self.segmenter.batch_size   # the rule, for this process's threads
         with torch.inference_mode():
             forward(next(self._batches())[:per_forward])   # warm-up (kernels, graph)
             started, cpu = time.perf_counter(), time.process_time()
@@ -209,13 +209,17 @@ class _PlainLoops:
             cpu = time.process_time() - cpu
         return len(self.blobs) / (time.perf_counter() - started), cpu / len(self.blobs) * 1000
 
+    def _best(self, forward: Callable[[Any], Any]) -> tuple[float, float]:
+        """The faster of the rule's forwards for this process's threads and whole batches."""
+        return max(self._loop(forward, n) for n in {self.segmenter.batch_size, BATCH})
+
     def measure(self) -> dict[str, float]:
         torch = self.torch
-        plain, plain_cpu = self._loop(self.segmenter.logits)
+        plain, plain_cpu = self._best(self.segmenter.logits)
         user = 0.0
         for layout in (torch.contiguous_format, torch.channels_last):   # the faster one counts
             model = self.user.to(memory_format=layout)
-            user = max(user, self._loop(lambda x: model(x.contiguous(memory_format=layout)))[0])
+            user = max(user, self._best(lambda x: model(x.contiguous(memory_format=layout)))[0])
         return {"plain": plain, "plain_cpu_ms": plain_cpu, "user": user}
 
 
