@@ -30,8 +30,8 @@ _OVERHEAD_BYTES = 32 * 2**20
 #   2 threads: 128^2 5.8 / 5.0 / 4.5 / 4.2;  256^2 18.2 / 16.9 / 18.9 / 22.0;
 #              512^2 75 / 94 / 104 / 112
 # (and with 1 thread, 32^2 windows: 1.62 ms per image with 4, 1.18 with 16, 1.13 with 32).
-# The rule picks the fastest measured batch in every case but 256^2 with 1 thread: 1 window
-# (33.5 ms) where 4, the fixed number before it, took 37.5; 512^2 windows go one at a time.
+# The rule picks the fastest measured batch in every case but 128^2 with 1 thread (4 windows at
+# 9.2 ms, 8 at 9.1).  The fixed 4 before it cost 12% at 256^2 and 33% at 512^2 with 1 thread.
 CPU_PIXELS_PER_THREAD = 64 * 1024
 _CPU_TILES_CAP = 32
 
