@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     out = cfg.out or _default_out(cfg.source, "plan")
     ensure_ray(address=cfg.address)
     check_manifest_shared("SOURCE", cfg.source)
-    report, plan = plan_source(cfg.source, cfg.mask, out, max_pixels=cfg.max_pixels)
+    report, plan = plan_source(cfg.source, cfg.mask, out, max_pixels=cfg.max_pixels,
+                               log=lambda line: print(line, flush=True))
     print(f"{report.ok} of {report.total} pairs usable ({report.quarantined} quarantined: see "
           f"{out}/quarantine.parquet)")
     print("plan:")

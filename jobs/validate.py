@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_ray(address=cfg.address)
     check_manifest_shared("SOURCE", cfg.source)   # the report is written here, may be local
     report = validate(cfg.source, cfg.mask, out_uri=out, max_pixels=cfg.max_pixels,
-                      max_bad=cfg.max_bad)
+                      max_bad=cfg.max_bad, log=lambda line: print(line, flush=True))
     print(report.table())
     print(f"outputs: {out}  (report.json, report.md, class_frequency.png, quarantine.parquet, "
           f"fingerprint.json)")

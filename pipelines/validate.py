@@ -20,7 +20,7 @@ import io
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -104,15 +104,21 @@ def validate(source: str, mask_spec: MaskSpec, *, out_uri: str | None = None,
              max_pixels: int = DEFAULT_MAX_PIXELS, max_bad: float = 0.0,
              kind: SourceKind = "auto", num_cpus: float = 1.0, rows_per_block: int = 16,
              split: str | None = None,
-             storage_options: storage.StorageOptions | None = None) -> ValidationReport:
+             storage_options: storage.StorageOptions | None = None,
+             log: Callable[[str], None] | None = None) -> ValidationReport:
     """Decode and check every pair of ``source`` (only the rows of ``split`` when given); write
-    the outputs when ``out_uri`` is given."""
+    the outputs when ``out_uri`` is given.  ``log`` gets a line when other work holds the CPU
+    a decode task asks for (:func:`pipelines.raycluster.wait_note`): the run waits for it."""
+    from pipelines.raycluster import wait_note
+
     if not 0.0 <= max_bad <= 1.0:
         raise ValueError(f"validate: max_bad is a fraction in [0, 1], got {max_bad}")
     summaries = read_pairs(source, kind=kind, rows_per_block=rows_per_block, split=split,
                            storage_options=storage_options).map_batches(
         summarize_pairs, batch_format="numpy", num_cpus=num_cpus, udf_modifying_row_count=False,
         fn_kwargs={"mask_spec": mask_spec, "max_pixels": max_pixels})
+    if log is not None and (note := wait_note("validate", {"CPU": num_cpus})):
+        log(note)
     totals = _Totals(mask_spec)
     for batch in summaries.iter_batches(batch_format="pyarrow", batch_size=1024):
         totals.add(batch)

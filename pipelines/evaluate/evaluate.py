@@ -241,6 +241,7 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
 
     from pipelines.evaluate.report import write_report
     from pipelines.ingest import pair_table, select_rows, table_dataset
+    from pipelines.raycluster import wait_note
 
     started = time.perf_counter()
     DataContext.get_current().enable_progress_bars = cfg.progress
@@ -261,6 +262,8 @@ def run_evaluate(cfg: EvaluateConfig, *, log: Callable[[str], None] = print) -> 
     rows = rows.select(_SCORED)
     kwargs = {"truth": truth_masks, "spec": _spec_dict(spec),
               "storage_options": storage.resolve_options()}
+    if note := wait_note("evaluate", {"CPU": 1.0}):   # a scoring task
+        log(note)
     scored = table_dataset(rows, _ROWS_PER_TASK).map_batches(
         score_batch, batch_format="pyarrow", fn_kwargs=kwargs).to_arrow_refs()
     table = pa.concat_tables([*ray.get(scored), _quarantined(predictions, truth_masks)]

@@ -1,7 +1,7 @@
 """``rayseg plan SOURCE``: validate's one pass, its fingerprint, and the plan derived from it."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -12,18 +12,20 @@ from seg_core.config import MaskSpec
 
 def plan_source(source: str, mask: MaskSpec, out_uri: str, *, max_pixels: int | None = None,
                 split: str | None = None, gpu: bool | None = None,
-                storage_options: storage.StorageOptions | None = None) -> tuple[Any, Plan]:
+                storage_options: storage.StorageOptions | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[Any, Plan]:
     """Validate ``source`` (only its ``split`` rows when given; report, quarantine and
     ``fingerprint.json`` under ``out_uri``), then write ``plan.yaml`` there: the plan's
     ``TrainConfig`` fragment, its reasons as comments.  ``gpu``: plan for GPU workers (None:
-    when the cluster has GPUs).  Returns ``(validation report, plan)``."""
+    when the cluster has GPUs).  ``log``: as :func:`pipelines.validate.validate`'s.  Returns
+    ``(validation report, plan)``."""
     import ray
 
     from pipelines.validate import validate
 
     extra = {} if max_pixels is None else {"max_pixels": max_pixels}
     report = validate(source, mask, out_uri=out_uri, storage_options=storage_options,
-                      split=split, **extra)
+                      split=split, log=log, **extra)
     if gpu is None:
         gpu = ray.cluster_resources().get("GPU", 0) > 0
     plan = plan_from(report.fingerprint, gpu=gpu)

@@ -22,6 +22,7 @@ from pipelines import predictions
 from pipelines.records import PREDICTION_SCHEMA
 from seg_core.codecs import decode_mask, encode_png
 from seg_core.config import MaskSpec, to_dict
+from tests.ray_util import every_cpu_held, wait_for_line
 
 SPEC2 = MaskSpec(num_classes=2, class_names=("bg", "fg"))
 # Two 2x2 images.  A: one fg pixel missed.  B: all bg, one pixel wrongly called fg.
@@ -191,6 +192,27 @@ def test_evaluate_hand_built_end_to_end(ray_session, tmp_path):
 
     overlay = Image.open(tmp_path / "eval" / saved["overlays"]["best"][0])
     assert overlay.width == 4 * 2 and overlay.height == 2 + 16  # 4 panels of 2 px + caption
+
+
+def test_scoring_whose_cpus_are_held_says_what_it_waits_for_then_runs(ray_session, tmp_path):
+    import threading
+
+    manifest = write_case(tmp_path / "data", {"a": TRUTH_A, "b": TRUTH_B})
+    preds = write_predictions(tmp_path / "preds", [("a", PRED_A), ("b", PRED_B)], SPEC2)
+    cfg = EvaluateConfig(manifest=str(manifest), predictions=preds, out=str(tmp_path / "eval"),
+                         bootstrap=10, overlays=0, progress=False)
+    lines: list[str] = []
+    done: dict = {}
+    run = threading.Thread(target=lambda: done.update(report=run_evaluate(cfg, log=lines.append)))
+    try:
+        with every_cpu_held():
+            run.start()
+            waiting = wait_for_line(lines, "waiting for")
+            assert len(waiting) == 1 and waiting[0].startswith("evaluate: waiting for 1 CPU (0 of ")
+            assert "report" not in done
+    finally:   # it goes on once the CPUs are back
+        run.join(timeout=300)
+    assert done["report"]["images_scored"] == 2
 
 
 def test_instance_labelled_truth_scores_the_objects(ray_session, tmp_path):

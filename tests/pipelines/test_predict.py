@@ -26,6 +26,7 @@ from seg_core.config import MaskSpec, ModelConfig, Preprocessing
 from seg_core.inference import Segmenter
 from seg_core.model import UNet
 from tests.hostile_files import write_bad_files
+from tests.ray_util import every_cpu_held, settled_free_cpus, wait_for_line
 
 # Planted bad inputs and the quarantine reason each must get.
 BAD = {"corrupt": "corrupt", "truncated": "truncated", "empty": "empty_file",
@@ -202,22 +203,6 @@ def test_a_second_run_on_the_same_output_is_refused(s3_run):
     assert store.done_ids(s3_run["cfg"].out).equals(before)   # nothing written, no _SUCCESS race
 
 
-def settled_free_cpus(quiet_s: float = 2.0, limit_s: float = 30.0) -> float:
-    """The session's free CPUs once they have not changed for ``quiet_s`` (tasks of the test
-    before may still be finishing), or after ``limit_s``."""
-    import ray
-
-    free, since, deadline = -1.0, time.monotonic(), time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        now = ray.available_resources().get("CPU", 0)
-        if now != free:
-            free, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            break
-        time.sleep(0.1)
-    return free
-
-
 def test_crash_midway_then_resume_is_exactly_once(ray_session, sample_dataset, artifact_dir,
                                                   tmp_path, capsys, fault_env):
     """An injected failure after 2 committed files, then the same command again."""
@@ -262,14 +247,6 @@ def test_a_run_whose_cpus_are_held_says_what_it_waits_for_then_runs(ray_session,
     without a word until they were freed (Ray Data warns once, after a minute)."""
     import threading
 
-    import ray
-
-    @ray.remote
-    class Holder:
-        def ready(self) -> bool:
-            return True
-
-    holder = Holder.options(num_cpus=settled_free_cpus()).remote()
     lines: list[str] = []
     summary: dict = {}
     cfg = PredictConfig(model=str(artifact_dir), input=str(sample_dataset),
@@ -277,15 +254,12 @@ def test_a_run_whose_cpus_are_held_says_what_it_waits_for_then_runs(ray_session,
                         progress=False)
     run = threading.Thread(target=lambda: summary.update(run_predict(cfg, log=lines.append)))
     try:
-        assert ray.get(holder.ready.remote(), timeout=120)
-        run.start()
-        deadline = time.monotonic() + 120
-        while not any("waiting for" in line for line in lines) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        waiting = [line for line in lines if "waiting for" in line]
-        assert len(waiting) == 1 and waiting[0].startswith("predict: waiting for 0.75 CPU (0 of ")
-    finally:
-        ray.kill(holder)   # the run goes on once the CPUs are back
+        with every_cpu_held():
+            run.start()
+            waiting = wait_for_line(lines, "waiting for")
+            assert len(waiting) == 1 and waiting[0].startswith(
+                "predict: waiting for 0.75 CPU (0 of ")
+    finally:   # the run goes on once the CPUs are back
         run.join(timeout=300)
     assert summary["predicted"] + summary["quarantined"] == 24 and not summary["missing"]
 

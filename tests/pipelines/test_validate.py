@@ -16,6 +16,7 @@ from pipelines.validate import summarize_pairs, validate
 from seg_core.codecs import decode_mask, encode_png
 from seg_core.config import MaskSpec
 from tests.hostile_files import write_bad_files
+from tests.ray_util import every_cpu_held, wait_for_line
 from seg_core.sample_data import generate_sample_dataset, render_sample
 
 SPEC3 = MaskSpec(num_classes=3)
@@ -111,6 +112,28 @@ def test_class_frequencies_and_empty_masks_match_a_hand_count(ray_session, sampl
     assert report.class_frequency == pytest.approx(tuple(counts / counts.sum()))
     assert report.empty_masks >= 1
     assert report.min_size == report.max_size == (96, 96)
+
+
+def test_a_validation_whose_cpus_are_held_says_what_it_waits_for_then_runs(ray_session,
+                                                                            tmp_path):
+    """Its decode tasks ask for a CPU each: beside work holding every CPU, `rayseg validate`
+    used to wait without a word."""
+    import threading
+
+    manifest = generate_sample_dataset(tmp_path, n=6, num_classes=3, seed=2)
+    lines: list[str] = []
+    done: dict = {}
+    run = threading.Thread(target=lambda: done.update(
+        report=validate(str(manifest), SPEC3, log=lines.append)))
+    try:
+        with every_cpu_held():
+            run.start()
+            waiting = wait_for_line(lines, "waiting for")
+            assert len(waiting) == 1 and waiting[0].startswith("validate: waiting for 1 CPU (0 of ")
+            assert "report" not in done   # nothing decoded while the CPUs are held
+    finally:   # it goes on once the CPUs are back
+        run.join(timeout=300)
+    assert done["report"].passed and done["report"].ok == done["report"].total == 6
 
 
 def test_multilabel_masks_from_semicolon_joined_files(ray_session, tmp_path):
