@@ -25,6 +25,8 @@ from pipelines.ingest.decode import (
     decode_pairs,
 )
 from pipelines.ingest.fetch import (
+    IO_CPUS_LEFT,
+    IO_TASK_CPUS,
     read_pairs,
     seeded_order,
     fetch_pairs,
@@ -60,6 +62,8 @@ from pipelines.ingest.sources import (
 )
 
 __all__ = [
+    "IO_CPUS_LEFT",
+    "IO_TASK_CPUS",
     "ALLOWED_ROOTS_ENV",
     "DEFAULT_MAX_BYTES",
     "IGNORE_PREFIX",

@@ -30,9 +30,16 @@ if TYPE_CHECKING:
     import ray.data
 
 
+# CPUs a fetch, shard-read or write task asks for: its work is I/O bound, so it stays small on
+# 2-core machines.  A CPU actor pool leaves IO_CPUS_LEFT free for such tasks: a pool holding
+# every CPU starves its own reads and hangs (notes §3.2, ray #44687).
+IO_TASK_CPUS = 0.25
+IO_CPUS_LEFT = 0.5
+
+
 def read_pairs(source: str, *, kind: SourceKind = "auto", split: str | None = None,
                folds: Sequence[int] | None = None, shuffle_seed: int | None = None,
-               rows_per_block: int = 32, num_cpus: float = 0.25,
+               rows_per_block: int = 32, num_cpus: float = IO_TASK_CPUS,
                storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
     """A Ray Dataset of :data:`ROW_SCHEMA` rows from a manifest, a prefix or pack shards.
 
@@ -63,7 +70,7 @@ def seeded_order(dataset: "ray.data.Dataset") -> "ray.data.Dataset":
     return dataset
 
 
-def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = 0.25,
+def fetch_pairs(table: pa.Table, *, rows_per_block: int = 32, num_cpus: float = IO_TASK_CPUS,
                 storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
     """Pair metadata (:data:`PAIR_SCHEMA`, e.g. a filtered :func:`pair_table`) -> fetched rows.
 
@@ -98,7 +105,7 @@ def table_dataset(table: pa.Table, rows_per_block: int) -> "ray.data.Dataset":
 
 
 def read_shards(uri: str, *, split: str | None = None, folds: Sequence[int] | None = None,
-                shuffle_seed: int | None = None, num_cpus: float = 0.25,
+                shuffle_seed: int | None = None, num_cpus: float = IO_TASK_CPUS,
                 storage_options: storage.StorageOptions | None = None) -> "ray.data.Dataset":
     """Pack shards -> a Ray Dataset of :data:`ROW_SCHEMA` rows (file/block order seeded).
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import storage
+from pipelines.ingest.fetch import IO_CPUS_LEFT, IO_TASK_CPUS
 
 if TYPE_CHECKING:
     import ray.data
@@ -61,7 +62,7 @@ def plan_inputs(source: str, done: pa.Array, *, split: str | None = None,
         skipped = int(pc.sum(pc.is_in(ids, value_set=done)).as_py() or 0)
         ds = ingest.read_shards(source, split=split)
         if skipped:
-            ds = ds.map_batches(_drop_done, batch_format="pyarrow", num_cpus=0.25,
+            ds = ds.map_batches(_drop_done, batch_format="pyarrow", num_cpus=IO_TASK_CPUS,
                                 fn_kwargs={"done": done})
         return InputPlan(ds, ids, skipped, rows_per_shard=max(1, math.ceil(len(ids) / files)))
     table = ingest.list_images(_absolute(source)) if kind == "images" else \
@@ -160,6 +161,12 @@ def _check_unique(ids: pa.Array | pa.ChunkedArray, source: str) -> None:
                          f"give the manifest an explicit unique 'id' column")
 
 
+def actor_cpus(cpus: float, size: int) -> float:
+    """The CPUs each of ``size`` actors asks for on ``cpus`` CPUs: all but ``IO_CPUS_LEFT``
+    (for the pool's own read and write tasks), shared, and at least one I/O task's worth."""
+    return max(IO_TASK_CPUS, (cpus - IO_CPUS_LEFT) / size)
+
+
 def map_with_actors(plan: InputPlan, cls: type, *, kwargs: dict[str, Any], schema: pa.Schema,
                     batch_size: int, actors: int | None,
                     log: Callable[[str], None] | None = None, what: str = "") -> pa.Table:
@@ -177,8 +184,8 @@ def map_with_actors(plan: InputPlan, cls: type, *, kwargs: dict[str, Any], schem
     size = actors or max(1, int(cpus))
     if plan.dataset is None:
         return schema.empty_table()
-    share = max(0.25, min(1.0, (cpus - 0.5) / size))
-    if log is not None and (note := wait_note(what, {"CPU": share + 0.25})):
+    share = min(1.0, actor_cpus(cpus, size))
+    if log is not None and (note := wait_note(what, {"CPU": share + IO_TASK_CPUS})):
         log(note)
     refs = plan.dataset.map_batches(
         cls, batch_size=batch_size, batch_format="pyarrow", fn_constructor_kwargs=kwargs,

@@ -35,7 +35,8 @@ from pipelines.faults import Faults
 from pipelines.model import artifact_meta, open_model
 from pipelines.predict import store
 from pipelines.predict.coco import coco_dir, export_coco
-from pipelines.predict.inputs import InputPlan, plan_inputs
+from pipelines.ingest.fetch import IO_TASK_CPUS
+from pipelines.predict.inputs import InputPlan, actor_cpus, plan_inputs
 from pipelines.predictions import file_key
 from pipelines.raycluster import wait_note
 from pipelines.records import RESULT_SCHEMA
@@ -89,9 +90,9 @@ def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
     """One actor per GPU when there are GPUs; on CPUs, one single-threaded actor per CPU.
 
     On CPUs, separate processes scale better than torch's intra-op threads for images of a few
-    tiles, so the default is many one-thread actors.  Fetch and write tasks ask for 0.25 CPU
-    each, so the actors share all but half a CPU: a pool holding every CPU would starve the
-    reads and hang (notes §3.2, ray #44687).
+    tiles, so the default is many one-thread actors.  Fetch and write tasks ask for
+    ``IO_TASK_CPUS`` each, so the actors share all but ``IO_CPUS_LEFT``
+    (:func:`pipelines.predict.inputs.actor_cpus`).
     """
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     if gpus:
@@ -99,7 +100,7 @@ def plan_actors(cfg: PredictConfig, resources: dict[str, float]) -> ActorPlan:
         share = cfg.cpus_per_actor or 1.0
         return ActorPlan(size, share, 1.0, max(1, round(share)))
     size = cfg.actors or max(1, int(cpus))
-    share = cfg.cpus_per_actor or max(0.25, (cpus - 0.5) / size)
+    share = cfg.cpus_per_actor or actor_cpus(cpus, size)
     return ActorPlan(size, share, 0.0, max(1, round(share)))
 
 
@@ -172,7 +173,8 @@ def _predict_under_lease(cfg: PredictConfig, ref: registry.ModelRef, meta: dict[
             f"{f' + {plan.num_gpus:g} GPU' if plan.num_gpus else ''}{extra}, "
             f"{plan.threads} thread(s), files of {rows_per_file} rows")
         # one actor and a read task must fit before the first row moves
-        if note := wait_note("predict", {"CPU": plan.num_cpus + 0.25, "GPU": plan.num_gpus,
+        if note := wait_note("predict", {"CPU": plan.num_cpus + IO_TASK_CPUS,
+                                         "GPU": plan.num_gpus,
                                          **(cfg.resources_per_actor or {})}):
             log(note)
         failure: Exception | None = None
@@ -266,7 +268,7 @@ def _write_predictions(inputs: InputPlan, sink: Any, ref: Any, cfg: PredictConfi
         num_cpus=plan.num_cpus,
         num_gpus=plan.num_gpus or None, udf_modifying_row_count=False,
         **({"resources": dict(cfg.resources_per_actor)} if cfg.resources_per_actor else {}),
-    ).write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+    ).write_datasink(sink, ray_remote_args={"num_cpus": IO_TASK_CPUS})
 
 
 RELEASE_WAIT_S = 60.0   # how long a failed run waits for its predictors to be gone

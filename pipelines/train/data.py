@@ -81,7 +81,7 @@ def decoded_dataset(source: str, mask_spec: MaskSpec, *, max_pixels: int = 64_00
 
 # ------------------------------------------------------------------------------ one run's data
 
-_TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
+TASK_CPUS = 0.25  # Ray Data tasks stay small so that they fit next to fractional Train workers
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def build_train_data(cfg: TrainConfig) -> TrainData:
         digest = sha256_hex(storage.read_bytes(source))
     else:
         digest = sha256_hex("\n".join(storage.list_uri(source, suffixes=(".parquet",))).encode())
-    common = {"kind": kind, "num_cpus": _TASK_CPUS, "quarantine_uri": storage.join_uri(
+    common = {"kind": kind, "num_cpus": TASK_CPUS, "quarantine_uri": storage.join_uri(
         cfg.storage.storage_path, cfg.run_name, "quarantine")}
     aug = cfg.augment
     train = training_dataset(source, cfg.mask, cfg.preprocessing, seed=cfg.seed, **train_sel,
@@ -163,7 +163,8 @@ def val_shards(val: "ray.data.Dataset", workers: int, *,
     """
     if workers == 1:
         return {"val_0": val}
-    shards = {f"val_{rank}": val.map_batches(_rows_of_rank, batch_format="numpy", num_cpus=0.25,
+    shards = {f"val_{rank}": val.map_batches(_rows_of_rank, batch_format="numpy",
+                                             num_cpus=TASK_CPUS,
                                              fn_kwargs={"rank": rank, "workers": workers})
               for rank in range(workers)}
     return {name: ds.materialize() for name, ds in shards.items()} if materialize else shards
@@ -377,7 +378,7 @@ def class_pixel_counts(dataset: "ray.data.Dataset", mask_spec: MaskSpec
     layout, and one changed byte changes it.  One Ray Data pass; cheap on a materialised set.
     """
     k = mask_spec.num_classes
-    counted = dataset.map_batches(_count_classes, batch_format="numpy", num_cpus=0.25,
+    counted = dataset.map_batches(_count_classes, batch_format="numpy", num_cpus=TASK_CPUS,
                                   fn_kwargs={"mask_spec": mask_spec})
     total = np.zeros(k + 1, np.int64)
     rows: list[str] = []

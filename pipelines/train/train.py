@@ -27,7 +27,7 @@ from pipelines import storage
 from pipelines.config import TrainConfig, config_to_dict, dump_config
 from pipelines.train.budget import fitted_note
 from pipelines.train.checkpoint import NON_FINITE, load_newest_good
-from pipelines.train.data import build_train_data
+from pipelines.train.data import TASK_CPUS, build_train_data
 from pipelines.faults import Faults
 from pipelines.raycluster import wait_note
 from pipelines.train.loop import StepPlan, train_loop_per_worker
@@ -102,7 +102,7 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     # the console queue's actor process starts while the data is prepared, not beside the
     # TrainController's (both on the path to the first step on a 2-core node)
     progress = Queue(actor_options=driver_node_actor())
-    if note := wait_note(f"[{cfg.run_name}] data", {"CPU": 0.25}):   # a decode task
+    if note := wait_note(f"[{cfg.run_name}] data", {"CPU": TASK_CPUS}):   # a decode task
         print(note, flush=True)
     data = build_train_data(cfg)
     cfg = resolve_class_weights(cfg, data.class_pixels, data.labelled_pixels)
