@@ -12,6 +12,11 @@ torch threads, in one run of this module:
   time, taken before and after the Ray run (the mean of both, so a drifting machine load hits
   both sides).
 
+Beside the ratio: ``startup_s`` (from ``train()`` to the first optimizer step) and
+``shutdown_s`` (from the last step to ``train()``'s return: the last validation, checkpoint,
+shutdown, artifact and its val pass); issue 30's goal for their sum is 10 s on the 2-core box.
+``fit_wall_minus_steady_training_s`` also counts epoch 1's steps and every validation.
+
 Threads: the Ray worker gets ``max(1, cpus - 1)`` torch threads (one core stays free for Ray
 Data) and the plain loop the same number.
 """
@@ -107,9 +112,9 @@ def run(ctx: Context) -> dict[str, Any]:
             *(["model.base_width=8", "model.depth=2"] if ctx.quick else [])])
         repeats = 3 if ctx.quick else 30
         plain_before = plain_step_seconds(cfg, size=size, threads=threads, repeats=repeats)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         trained = train(cfg)
-        wall = time.perf_counter() - started
+        wall, ended_at = time.perf_counter() - started, time.time()
         plain_after = plain_step_seconds(cfg, size=size, threads=threads, repeats=repeats)
     history = trained.history
     steady = history[1:]  # epoch 1 pays for the pipeline's first execution
@@ -130,6 +135,11 @@ def run(ctx: Context) -> dict[str, Any]:
                                   for h in history],
         "fit_wall_s": round(wall, 1),
         "fit_wall_minus_steady_training_s": round(wall - train_seconds, 1),
+        # issue 30's start-up and shutdown: train() to the first optimizer step, and the last
+        # step to train()'s return (the worker's clock: the same node here); goal <= 10 s
+        "startup_s": round(history[0]["first_step_at"] - started_at, 2),
+        "shutdown_s": round(ended_at - history[-1]["last_step_at"], 2),
     }
+    figures["startup_plus_shutdown_s"] = round(figures["startup_s"] + figures["shutdown_s"], 2)
     return result("train_overhead", figures, ("ray_step_ms", "/", "plain_step_ms"),
                   "<=1.10 (Ray Train step time / the plain loop's, same augmentation)")

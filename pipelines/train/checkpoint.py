@@ -168,11 +168,14 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
-                 counts: dict[str, np.ndarray] | None, lr: float, world: int) -> dict[str, Any]:
+                 counts: dict[str, np.ndarray] | None, lr: float, world: int,
+                 stepped_at: tuple[float, float] | None = None) -> dict[str, Any]:
     """One history entry; ``totals`` = summed over workers: loss*images, images, seconds,
     seconds waiting for data, augmenting on the host and stepping, then K class pixel counts and
     the labelled pixels (:func:`pipelines.train.loop.train_epoch`).  ``counts`` is None for an
-    epoch that was not validated (``val_fraction``): its ``val*`` entries are None."""
+    epoch that was not validated (``val_fraction``): its ``val*`` entries are None.
+    ``stepped_at``: when the epoch's first and last optimizer step ended on this worker
+    (``time.time()``), so start-up and shutdown can be told from training."""
     loss_sum, images, seconds, wait, host, step = (float(x) for x in totals[:6])
     spent = max(wait + host + step, 1e-9)
     val = None if counts is None else val_metrics(counts, cfg)
@@ -185,6 +188,7 @@ def epoch_record(cfg: TrainConfig, state: LoopState, totals: torch.Tensor,
         # where the epoch's time went, as shares of the loop's time
         "time_shares": {"data_wait": wait / spent, "augment": host / spent, "step": step / spent},
         "class_pixels_seen": [int(x) for x in totals[6:]],   # K classes, then labelled
+        "first_step_at": stepped_at and stepped_at[0], "last_step_at": stepped_at and stepped_at[1],
     }
 
 

@@ -107,9 +107,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     saved = time.monotonic()   # the last checkpoint (storage.checkpoint_every_secs)
     while state.epoch < cfg.epochs and state.stopped is None:
         epoch_started, first_step = time.perf_counter(), state.step
-        totals = train_epoch(parts, train_shard, loop_config["augment"], cfg, plan, state,
-                             rank, world, deadline, say, loop_config.get("faults") or Faults(),
-                             budget)
+        totals, stepped_at = train_epoch(
+            parts, train_shard, loop_config["augment"], cfg, plan, state, rank, world, deadline,
+            say, loop_config.get("faults") or Faults(), budget)
         clock.trained(float(totals[2]) / world)
         if (state.stopped or "").startswith(NON_FINITE):   # no validation of broken weights,
             say(state.stopped)                              # no retry: the same data would
@@ -123,7 +123,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
                                   train_size=state.train_size)
             val_s = clock.last_val_s
-        record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world)
+        record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world,
+                              stepped_at)
         if sharing is not None and (change := sharing.after_epoch(record["time_shares"])):
             say(change)
         state.epoch += 1
@@ -282,13 +283,16 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
 def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: StepPlan,
                 state: LoopState, rank: int, world: int, deadline: float | None,
                 say: RankZeroLog, faults: Faults = Faults(),
-                budget: BudgetFit | None = None) -> torch.Tensor:
+                budget: BudgetFit | None = None
+                ) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """At most ``plan.steps_per_epoch`` steps; returns, summed over workers, the
     :data:`EPOCH_TOTALS` (loss*images, images, seconds; seconds waiting for data, on the host's
     augmentation, in the step) then the K class pixel counts and the labelled pixel count of
-    the batches trained on."""
+    the batches trained on; and when this worker's first and last optimizer step of the epoch
+    ended (``time.time()``; None without a step)."""
     totals = torch.zeros(len(EPOCH_TOTALS) + cfg.mask.num_classes + 1, dtype=torch.float64)
     steps, t0 = 0, time.perf_counter()
+    first_at = last_at = None
     ready = t0   # when the loop last asked for a batch
     rng = augment.rng(state.epoch, rank)  # per epoch and worker: reproducible on resume
     device_rng = augment.device_generator(state.epoch, rank, parts.device)
@@ -315,7 +319,8 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
         if any_worker(not math.isfinite(loss), parts.device, world):
             state.stop_non_finite()
             break
-        stepped = time.perf_counter()
+        stepped, last_at = time.perf_counter(), time.time()
+        first_at = first_at or last_at
         totals[0] += loss * images
         totals[1] += images
         totals[3:6] += torch.tensor([got - ready, augmented - got, stepped - augmented],
@@ -334,7 +339,8 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
             break  # an epoch is exactly steps_per_epoch steps on every worker
         ready = time.perf_counter()
     totals[2] = time.perf_counter() - t0
-    return all_reduce_sum(totals, parts.device, world)
+    return (all_reduce_sum(totals, parts.device, world),
+            None if first_at is None else (first_at, last_at))
 
 
 def fit_schedule(budget: BudgetFit, state: LoopState, parts: Parts, world: int,

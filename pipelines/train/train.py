@@ -156,6 +156,11 @@ def train(cfg: TrainConfig, *, callbacks: list[Any] | None = None) -> TrainResul
     return result
 
 
+# history entries that are not per-epoch metrics for the tracking store: the val details (their
+# scores are logged) and the wall-clock times of the epoch's first and last step
+_NOT_TRACKED = frozenset({"val", "first_step_at", "last_step_at"})
+
+
 def register_run(cfg: TrainConfig, result: TrainResult, data_sha256: str | None, *,
                  started_at: float | None = None) -> TrainResult:
     """Log the run to the tracking store (its start: ``started_at``, epoch seconds) and register
@@ -164,8 +169,9 @@ def register_run(cfg: TrainConfig, result: TrainResult, data_sha256: str | None,
     from seg_core.artifact import ARTIFACT_JSON
 
     meta = json.loads(storage.read_bytes(storage.join_uri(result.artifact_uri, ARTIFACT_JSON)))
-    history = [{k: v for k, v in h.items() if k != "val"} | ({"val_mdice": h["val"]["mdice"]}
-               if h.get("val") else {}) for h in result.history]
+    history = [{k: v for k, v in h.items() if k not in _NOT_TRACKED}
+               | ({"val_mdice": h["val"]["mdice"]} if h.get("val") else {})
+               for h in result.history]
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for name in ("learning_curve.png", "metrics.json"):

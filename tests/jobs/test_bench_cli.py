@@ -115,6 +115,11 @@ def test_baselines_run_the_same_work_in_the_same_run(quick_results):
         figures = quick_results[name]["figures"]
         assert figures["epochs_planned"] >= 1 and figures["plain_steps_per_round"][0] > 0
         assert figures["rayseg_steps_per_round"][0] > 0
+    overhead = quick_results["train_overhead"]["figures"]   # train() to the first step, and
+    assert 0 < overhead["startup_s"] and 0 < overhead["shutdown_s"]   # the last step to its end
+    assert overhead["startup_s"] + overhead["shutdown_s"] < overhead["fit_wall_s"]
+    assert overhead["startup_plus_shutdown_s"] == pytest.approx(
+        overhead["startup_s"] + overhead["shutdown_s"], abs=0.011)
     real = quick_results["train_real_sizes"]["figures"]
     assert real["rayseg_cached"] is True and "uint8 pixels" in real["rayseg_data_line"]
     isbi = quick_results["quality_isbi"]["figures"]
