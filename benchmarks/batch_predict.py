@@ -27,6 +27,9 @@ file (planning, the actor pool's start-up, the first file's rows), which the pla
 after a warm-up, never pay: the pipeline's pace once it runs, beside ``rayseg_first_file_s``.
 ``cpu_ratio`` compares CPU time per image (the plain process against the whole rayseg process
 tree): what the wall ratio becomes on an idle machine where both keep every core busy.
+``rayseg_cpu_ms_per_image_by_role`` splits the tree's CPU: the driver, Ray's workers (read,
+predict and write), Ray's own processes, and the S3 server, which here is moto in Python on the
+same two cores (a real object store's work is not on the machine that reads from it).
 
 Runs, torch engine unless named: 256² and 128², from shards and from loose objects (moto answers
 HEAD + GET per object from Python), and 256² from shards with ``engine: auto`` (OpenVINO on
@@ -125,6 +128,9 @@ def _measure(model: str, source: str, blobs: list[bytes], out: Path,
             "user_loop_images_per_s": round(mean["user"], 2),
             "plain_before_after": f"{before['plain']:.1f}/{after['plain']:.1f}",
             "rayseg_cpu_ms_per_image": round(rayseg_cpu, 1),
+            "rayseg_cpu_ms_per_image_by_role": {   # the S3 server's share is moto's, on this box
+                role: round(seconds / len(blobs) * 1000, 1)
+                for role, seconds in sorted(sampler.cpu_by_role.items())},
             "plain_cpu_ms_per_image": round(mean["plain_cpu_ms"], 1),
             "cpu_ratio": round(mean["plain_cpu_ms"] / rayseg_cpu, 3),
             "engine": loops.engine,

@@ -105,7 +105,8 @@ class TreeSampler:
 
     PSS counts pages shared between processes (the object store) once.  CPU time is the growth
     of each process's utime + stime while sampled; a process that exits between two samples
-    loses at most ``interval_s`` of it.  Linux only (reads ``/proc``).
+    loses at most ``interval_s`` of it.  :attr:`cpu_by_role` splits it by :func:`process_role`.
+    Linux only (reads ``/proc``).
     """
 
     def __init__(self, interval_s: float = 0.5) -> None:
@@ -113,6 +114,8 @@ class TreeSampler:
         self.peak_pss = self.peak_rss = self.start_pss = 0
         self.processes = 0
         self.cpu_seconds = 0.0
+        self.cpu_by_role: dict[str, float] = {}
+        self._roles: dict[int, str] = {}
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
@@ -128,6 +131,9 @@ class TreeSampler:
         self._thread.join()
         self._sample(memory=False)
         self.cpu_seconds = sum(self._last[p] - self._first[p] for p in self._last)
+        for pid, last in self._last.items():
+            role = self._roles.get(pid, "other")
+            self.cpu_by_role[role] = self.cpu_by_role.get(role, 0.0) + last - self._first[pid]
 
     @property
     def peak_pss_mb(self) -> float:
@@ -145,6 +151,7 @@ class TreeSampler:
             if cpu is not None:
                 self._first.setdefault(pid, cpu if baseline else 0.0)
                 self._last[pid] = cpu
+                self._roles[pid] = process_role(pid, os.getpid())   # Ray renames its workers
             if memory:
                 pss_kb, rss_kb = _memory_kb(pid)
                 pss, rss = pss + pss_kb * 1024, rss + rss_kb * 1024
@@ -173,6 +180,24 @@ def process_tree(root: int) -> list[int]:
         found.append(pid)
         todo.extend(children.get(pid, ()))
     return found
+
+
+def process_role(pid: int, driver: int) -> str:
+    """What a process of the tree does: ``driver`` (this process), ``s3 server`` (moto),
+    ``ray workers`` (tasks and actors: Ray titles them ``ray::...``), ``ray system`` (the
+    raylet, GCS, agents and monitors) or ``other``."""
+    if pid == driver:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "other"
+    if "moto" in command:
+        return "s3 server"
+    if command.startswith("ray::"):
+        return "ray workers"
+    return "ray system" if "ray" in command else "other"
 
 
 def _cpu_seconds(pid: int) -> float | None:
