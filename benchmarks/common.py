@@ -151,7 +151,9 @@ class TreeSampler:
             if cpu is not None:
                 self._first.setdefault(pid, cpu if baseline else 0.0)
                 self._last[pid] = cpu
-                self._roles[pid] = process_role(pid, os.getpid())   # Ray renames its workers
+                role = process_role(pid, os.getpid())   # Ray renames its workers; an exiting
+                if role != "other" or pid not in self._roles:   # one's cmdline reads empty
+                    self._roles[pid] = role
             if memory:
                 pss_kb, rss_kb = _memory_kb(pid)
                 pss, rss = pss + pss_kb * 1024, rss + rss_kb * 1024
@@ -193,6 +195,8 @@ def process_role(pid: int, driver: int) -> str:
             command = handle.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "other"
+    if not command:
+        return "other"   # a zombie, or a kernel thread
     if "moto" in command:
         return "s3 server"
     if command.startswith("ray::"):

@@ -4,8 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from benchmarks.common import TreeSampler, process_role
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_the_tree_samplers_cpu_is_split_by_what_each_process_does():
@@ -20,3 +26,19 @@ def test_the_tree_samplers_cpu_is_split_by_what_each_process_does():
     # every 0.05 s, so at most one interval of it is lost
     assert 0.5 <= roles.get("other", 0.0) <= 1.0, roles
     assert abs(sum(roles.values()) - sampler.cpu_seconds) < 1e-9
+
+
+def test_a_process_keeps_its_role_once_it_has_exited():
+    """An exited process that was not waited for (as Ray's killed workers are, for a moment)
+    still has its CPU times, but its command line reads empty."""
+    busy = ("import time\nend = time.process_time() + 0.3\n"
+            "while time.process_time() < end: pass\n")
+    with TreeSampler(interval_s=0.05) as sampler:
+        child = subprocess.Popen([sys.executable, "-c", busy, "moto"])   # a stand-in S3 server
+        while _state(child.pid) != "Z":
+            time.sleep(0.01)
+        assert process_role(child.pid, os.getpid()) == "other"   # what a zombie reads as
+        time.sleep(0.2)   # sampled as a zombie a few times
+    child.wait()
+    assert sampler.cpu_by_role.get("s3 server", 0.0) >= 0.2, sampler.cpu_by_role
+    assert "other" not in sampler.cpu_by_role, sampler.cpu_by_role
