@@ -201,7 +201,8 @@ def process_role(pid: int, driver: int) -> str:
         return "s3 server"
     if command.startswith("ray::"):
         return "ray workers"
-    return "ray system" if "ray" in command else "other"
+    # the raylet, GCS and Ray's Python daemons all run from the installed package
+    return "ray system" if re.search(r"(site|dist)-packages/ray/", command) else "other"
 
 
 def _cpu_seconds(pid: int) -> float | None:
