@@ -32,7 +32,7 @@ predict and write), Ray's own processes, and the S3 server, which here is moto i
 same two cores (a real object store's work is not on the machine that reads from it).
 
 Runs, torch engine unless named: 256² and 128², from shards and from loose objects (moto answers
-HEAD + GET per object from Python), and 256² from shards with ``engine: auto`` (OpenVINO on
+one GET per object from Python), and 256² from shards with ``engine: auto`` (OpenVINO on
 CPUs).  Memory: peak summed PSS (driver + local Ray cluster + moto) at 128² from shards over 1k
 and 4k images (goal: 4k / 1k <= 1.1).
 """
