@@ -62,12 +62,12 @@ from pipelines.ingest.sources import (
 )
 
 __all__ = [
-    "IO_CPUS_LEFT",
-    "IO_TASK_CPUS",
     "ALLOWED_ROOTS_ENV",
     "DEFAULT_MAX_BYTES",
     "IGNORE_PREFIX",
     "IMAGE_SUFFIXES",
+    "IO_CPUS_LEFT",
+    "IO_TASK_CPUS",
     "MASK_SEPARATOR",
     "SourceKind",
     "decode_pair",
