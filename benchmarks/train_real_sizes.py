@@ -11,8 +11,9 @@ the old rule (which streamed them) and about 0.27 GB as cached now (uint8 pixels
   size, crop, batch and the wall budget are set (as in ``train_throughput``).  The data line it
   prints (cache decision, sizes, object store) is kept in the figures.
 - **plain**: the loop of :func:`benchmarks.train_throughput.plain_run`: decode everything into
-  memory once, random 256 crops with flips and rot90, ``train_step`` on every core, one
-  validation pass at the end; same budget.
+  memory once, random 256 crops with flips and rot90, ``train_step`` on every core, validation
+  as often as rayseg's shipped ``val_fraction`` lets rayseg validate (once, at the end, until
+  2026-12-05); same budget.
 
 ``ratio`` = rayseg images/s over plain images/s (whole wall each); the goal is >= 0.9.
 """
@@ -30,7 +31,7 @@ import torch
 
 from benchmarks import Context
 from benchmarks.common import result
-from benchmarks.train_throughput import Case, make_dataset, plain_run, rayseg_run
+from benchmarks.train_throughput import Case, make_dataset, plain_run, rayseg_config, rayseg_run
 
 CASE = Case(train=96, val=8, sides=(256, 1400), budget_s=240.0)
 QUICK = Case(batch=2, crop=32, train=6, val=2, sides=(32, 140), budget_s=6.0, base_width=8,
@@ -81,9 +82,10 @@ def run(ctx: Context) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="rayseg-real-sizes-") as tmp:
             manifest = make_dataset(Path(tmp) / "data", case)
             sizes = data_sizes(manifest)
-            plain = plain_run(manifest, case)
+            cfg = rayseg_config(manifest, Path(tmp), case)
+            plain = plain_run(manifest, case, cfg.val_fraction)
             with contextlib.redirect_stdout(tee):
-                ours = rayseg_run(manifest, Path(tmp), case)
+                ours = rayseg_run(cfg, case)
     finally:
         torch.set_num_threads(threads)
     said = [line.split("data: ", 1)[1] for line in tee.kept.getvalue().splitlines()

@@ -120,6 +120,10 @@ def test_baselines_run_the_same_work_in_the_same_run(quick_results):
     assert overhead["startup_s"] + overhead["shutdown_s"] < overhead["fit_wall_s"]
     assert overhead["startup_plus_shutdown_s"] == pytest.approx(
         overhead["startup_s"] + overhead["shutdown_s"], abs=0.011)
+    for name in ("train_throughput", "train_real_sizes"):   # both sides validate on one rule
+        both = quick_results[name]["figures"]
+        assert both["plain_val_passes"] >= 1 and both["plain_val_s"] > 0, name
+        assert both["rayseg_val_passes"] >= 1, name
     real = quick_results["train_real_sizes"]["figures"]
     assert real["rayseg_cached"] is True and "uint8 pixels" in real["rayseg_data_line"]
     isbi = quick_results["quality_isbi"]["figures"]
