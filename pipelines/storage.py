@@ -45,7 +45,7 @@ _ALIASES = {
 S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S = 10.0, 120.0
 _S3_KEYS = ("endpoint_override", "access_key", "secret_key", "session_token", "region",
             "anonymous", "scheme", "request_timeout", "connect_timeout")
-_S3_CLIENT_LOCK = threading.Lock()
+_S3_STORE_LOCK = threading.Lock()
 
 # ---------------------------------------------------------------------------------- filesystems
 
@@ -263,17 +263,15 @@ def create_exclusive(uri: Uri, data: bytes, storage_options: StorageOptions | No
     if scheme_of(uri) != "s3":
         raise NotImplementedError(f"{uri}: exclusive create is implemented for local paths and "
                                   f"s3:// only")
-    from botocore.exceptions import ClientError
+    import obstore
+    from obstore.exceptions import AlreadyExistsError, PreconditionError
 
     bucket, _, key = strip_scheme(uri).partition("/")
-    try:
-        _s3_client(resolve_options(storage_options)).put_object(
-            Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("PreconditionFailed",
-                                                           "ConditionalRequestConflict"):
-            return False
-        raise
+    try:   # If-None-Match: *; a 412 answer (something is there) is AlreadyExistsError
+        obstore.put(_object_store(bucket, resolve_options(storage_options)), key, data,
+                    mode="create")
+    except (AlreadyExistsError, PreconditionError):
+        return False
     return True
 
 
@@ -285,54 +283,107 @@ def read_object_start(uri: Uri, nbytes: int, storage_options: StorageOptions | N
     The size comes from the answer's headers, so a caller can refuse a huge object before
     reading any of its body (``body.close()``); a read is one request, not a HEAD and a GET.
     Errors other than a missing key raise ``OSError``, as pyarrow's do.
+
+    The GET goes through obstore (Rust's ``object_store``): about 0.25 ms of CPU per request
+    against botocore's 1.15 ms (a 40 KB object from moto on this box), which is most of what a
+    loose object costs more than a row of a packed shard in bulk predict.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    import obstore
+    from obstore.exceptions import BaseError
 
     bucket, _, key = strip_scheme(uri).partition("/")
-    client = _s3_client(resolve_options(storage_options))
+    store = _object_store(bucket, resolve_options(storage_options))
     try:
-        answer = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max(0, nbytes - 1)}")
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code")
-        if code in ("NoSuchKey", "NoSuchBucket", "404"):
-            return None
-        if code == "InvalidRange":   # the object is empty: no byte 0 to start from
+        answer = obstore.get(store, key, options={"range": (0, max(1, nbytes))})
+    except FileNotFoundError:   # NoSuchKey; a missing bucket is a read error
+        return None
+    except (BaseError, OSError) as error:
+        first = str(error).split("\n", 1)[0]   # the rest is a debug dump of the request
+        if "InvalidRange" in str(error):   # the object is empty: no byte 0 to start from
             return 0, io.BytesIO(b"")
-        raise OSError(f"{uri}: {error}") from error
-    except BotoCoreError as error:   # connection refused, timeouts
-        raise OSError(f"{uri}: {error}") from error
-    whole = answer.get("ContentRange", "").rpartition("/")[2]   # "bytes 0-99/1234"
-    return (int(whole) if whole.isdigit() else answer["ContentLength"]), answer["Body"]
+        raise OSError(f"{uri}: {first}") from error
+    return answer.meta["size"], _Body(answer)
 
 
-def _s3_client(opts: Mapping[str, Any]) -> Any:
-    """A botocore S3 client from :func:`resolve_options`' dict (for the calls pyarrow lacks),
-    cached per options like :func:`filesystem_for`'s filesystems (clients are thread-safe, a
-    session creating them is not: fetch threads ask at once)."""
-    with _S3_CLIENT_LOCK:
-        return _s3_client_for(tuple(sorted(opts.items())))
+class _Body:
+    """An obstore answer as the readable, closable body :func:`read_object_start` returns."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def read(self) -> bytes:
+        return bytes(self.answer.bytes())
+
+    def close(self) -> None:
+        self.answer = None   # an unread body is dropped with the answer
+
+
+def _object_store(bucket: str, opts: Mapping[str, Any]) -> Any:
+    """An obstore ``S3Store`` for ``bucket`` from :func:`resolve_options`' dict, cached per
+    bucket and options like :func:`filesystem_for`'s filesystems (stores are thread-safe;
+    fetch threads ask at once)."""
+    with _S3_STORE_LOCK:
+        return _object_store_for(bucket, tuple(sorted(opts.items())))
 
 
 @functools.lru_cache(maxsize=32)
-def _s3_client_for(opts: tuple[tuple[str, Any], ...]) -> Any:
-    import botocore.config
-    import botocore.session
+def _object_store_for(bucket: str, opts: tuple[tuple[str, Any], ...]) -> Any:
+    from datetime import timedelta
+
+    from obstore.store import S3Store
 
     kw = dict(opts)
     endpoint = kw.get("endpoint_override")
     if endpoint and "://" not in str(endpoint):
         endpoint = f"{kw.get('scheme', 'https')}://{endpoint}"
-    config = botocore.config.Config(
-        connect_timeout=kw.get("connect_timeout", S3_CONNECT_TIMEOUT_S),
-        read_timeout=kw.get("request_timeout", S3_REQUEST_TIMEOUT_S),
-        max_pool_connections=32,   # ingest's fetch threads share one client per process
-        retries={"mode": "standard", "max_attempts": 3},   # pyarrow's S3 retry strategy
-        s3={"addressing_style": "path"} if endpoint else None,   # as pyarrow addresses it
-        **({"signature_version": botocore.UNSIGNED} if kw.get("anonymous") else {}))
-    return botocore.session.Session().create_client(
-        "s3", endpoint_url=endpoint, region_name=kw.get("region", "us-east-1"),
-        aws_access_key_id=kw.get("access_key"), aws_secret_access_key=kw.get("secret_key"),
-        aws_session_token=kw.get("session_token"), config=config)
+    config: dict[str, Any] = {"region": kw.get("region", "us-east-1"),
+                              "virtual_hosted_style_request": not endpoint}  # as pyarrow's
+    if endpoint:
+        config["endpoint"] = endpoint
+    if kw.get("anonymous"):
+        config["skip_signature"] = True
+    elif kw.get("access_key"):
+        config.update(access_key_id=kw["access_key"], secret_access_key=kw.get("secret_key"))
+        if kw.get("session_token"):
+            config["session_token"] = kw["session_token"]
+    provider = None if "skip_signature" in config or "access_key_id" in config else \
+        _botocore_credentials()
+    client = {"allow_http": str(endpoint or "").startswith("http://"),
+              "connect_timeout": timedelta(seconds=kw.get("connect_timeout",
+                                                          S3_CONNECT_TIMEOUT_S)),
+              "timeout": timedelta(seconds=kw.get("request_timeout", S3_REQUEST_TIMEOUT_S))}
+    return S3Store(bucket, config=config, client_options=client,  # type: ignore[arg-type]
+                   retry_config={"max_retries": 2},   # three tries, as pyarrow's and botocore's
+                   credential_provider=provider)
+
+
+def _botocore_credentials() -> Any:
+    """An obstore credential provider asking botocore's chain (the shared credentials file,
+    profiles, SSO, web identity, instance roles: what pyarrow's filesystem and the AWS CLI
+    find).  Refreshable keys are asked for again every 5 minutes; where the chain finds none,
+    each request fails saying so (obstore would otherwise try the instance metadata service
+    again, even where ``AWS_EC2_METADATA_DISABLED`` says not to)."""
+    import datetime as dt
+
+    import botocore.credentials
+    import botocore.session
+
+    found = botocore.session.Session().get_credentials()
+    refreshable = isinstance(found, botocore.credentials.RefreshableCredentials)
+
+    def provide() -> dict[str, Any]:
+        if found is None:
+            raise PermissionError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a "
+                "profile in ~/.aws/credentials, or storage_options (key, secret; anon: true "
+                "for a public bucket)")
+        frozen = found.get_frozen_credentials()
+        return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
+                "token": frozen.token,
+                "expires_at": dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
+                if refreshable else None}
+
+    return provide
 
 
 def delete(uri: Uri, storage_options: StorageOptions | None = None) -> None:

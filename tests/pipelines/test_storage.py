@@ -89,7 +89,7 @@ def test_explicit_storage_options_reach_s3_even_with_a_wrong_env(s3_prefix, s3_e
 def test_the_one_get_read_reaches_s3_with_the_options_the_filesystem_takes(s3_prefix,
                                                                            s3_endpoint,
                                                                            monkeypatch):
-    """:func:`storage.read_object_start` (botocore) honours the options pyarrow's filesystem
+    """:func:`storage.read_object_start` (obstore) honours the options pyarrow's filesystem
     does: an endpoint as host:port plus ``scheme``, over a wrong environment; an endpoint
     nobody answers is an ``OSError`` naming it (a read error, so ingest refuses the row)."""
     storage.write_bytes(f"{s3_prefix}/k", b"value")
@@ -100,6 +100,25 @@ def test_the_one_get_read_reaches_s3_with_the_options_the_filesystem_takes(s3_pr
     assert storage.read_object_start(f"{s3_prefix}/none", 3, options) is None
     with pytest.raises(OSError, match="127.0.0.1:1"):
         storage.read_object_start(f"{s3_prefix}/k", 3)
+
+
+def test_the_one_get_read_finds_keys_where_the_aws_cli_does(s3_prefix, tmp_path, monkeypatch):
+    """With no keys in the options or the environment, :func:`storage.read_object_start`
+    (obstore) signs with the keys botocore's chain finds: here the shared credentials file, as
+    pyarrow's filesystem and the AWS CLI read it.  Without them it says what to set."""
+    storage.write_bytes(f"{s3_prefix}/k", b"value")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with pytest.raises(OSError, match="no AWS credentials found"):
+        storage.read_object_start(f"{s3_prefix}/k", 3)
+    (tmp_path / "credentials").write_text(
+        "[default]\naws_access_key_id = from-file\naws_secret_access_key = s\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    storage._object_store_for.cache_clear()   # a store per options: these have no keys
+    size, body = storage.read_object_start(f"{s3_prefix}/k", 3)
+    assert (size, body.read()) == (5, b"val")
 
 
 def test_copy_dir_to_s3_and_back(tmp_path, s3_prefix):
