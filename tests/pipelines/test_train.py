@@ -498,23 +498,30 @@ def test_faults_are_armed_only_through_their_environment_variable(monkeypatch):
 
 
 
-def test_a_streaming_cpu_worker_takes_threads_while_the_data_keeps_up_and_gives_one_back():
+def test_a_streaming_cpu_worker_keeps_a_thread_that_trains_faster_and_drops_one_that_does_not():
     import torch
 
     from pipelines.train.loop import ThreadShare
 
     torch.set_num_threads(1)   # Ray's reservation on the 2-core box (restored after the test)
     share = ThreadShare(floor=1, ceiling=3)
-    keeps_up = {"data_wait": 0.04, "augment": 0.01, "step": 0.95}
-    assert share.after_epoch(keeps_up) == \
-        "data kept up (waited 4% of the epoch): 2 torch threads"
+    assert share.after_epoch(4.1) is None and torch.get_num_threads() == 1   # first execution
+    assert share.after_epoch(5.4) == "trying 2 torch threads (5.4 images/s on 1)"
     assert torch.get_num_threads() == 2
-    assert share.after_epoch(keeps_up) is not None and torch.get_num_threads() == 3
-    assert share.after_epoch(keeps_up) is None                        # the ceiling
-    behind = {"data_wait": 0.40, "augment": 0.02, "step": 0.58}
-    assert share.after_epoch(behind) == \
-        "data fell behind (waited 40% of the epoch): back to 2 torch thread(s)"
-    assert share.after_epoch(keeps_up) is None and torch.get_num_threads() == 2   # settled
+    assert share.after_epoch(8.1) == ("2 torch threads trained at 8.1 images/s against 5.4 on "
+                                      "1: keeping them; trying 3 torch threads (8.1 images/s "
+                                      "on 2)")
+    assert torch.get_num_threads() == 3
+    assert share.after_epoch(8.2) == \
+        "3 torch threads trained at 8.2 images/s against 8.1 on 2: back to 2"   # under 3% more
+    assert torch.get_num_threads() == 2
+    assert share.after_epoch(20.0) is None and torch.get_num_threads() == 2      # settled
+    at_the_ceiling = ThreadShare(floor=1, ceiling=2)
+    torch.set_num_threads(1)
+    at_the_ceiling.after_epoch(5.0), at_the_ceiling.after_epoch(5.0)
+    assert at_the_ceiling.after_epoch(9.0) == \
+        "2 torch threads trained at 9.0 images/s against 5.0 on 1: keeping them"
+    assert at_the_ceiling.after_epoch(1.0) is None and torch.get_num_threads() == 2
 
 
 def test_checkpoints_wait_for_their_interval_and_the_last_epoch_always_writes_one(
