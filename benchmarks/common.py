@@ -164,6 +164,47 @@ class TreeSampler:
         self.peak_rss = max(self.peak_rss, rss)
 
 
+class NodeCpu:
+    """How busy the machine's CPUs are, from ``/proc/stat`` every ``interval_s`` while the
+    block runs: :meth:`busy_share` of any span within it (``time.time()`` stamps, such as an
+    epoch's first and last step).  Every process counts, not only this tree's.  Linux only."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, int, int]] = []   # (time.time(), busy, all) jiffies
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "NodeCpu":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        with open("/proc/stat") as handle:   # cpu user nice system idle iowait irq softirq steal
+            jiffies = [int(x) for x in handle.readline().split()[1:9]]
+        idle = jiffies[3] + jiffies[4]
+        self.samples.append((time.time(), sum(jiffies) - idle, sum(jiffies)))
+
+    def busy_share(self, start: float, end: float) -> float | None:
+        """Busy CPU time over all CPU time between the samples nearest ``start`` and ``end``;
+        None when they are the same sample (a span shorter than the interval)."""
+        first = min(self.samples, key=lambda s: abs(s[0] - start))
+        last = min(self.samples, key=lambda s: abs(s[0] - end))
+        if last[2] <= first[2]:
+            return None
+        return (last[1] - first[1]) / (last[2] - first[2])
+
+
 def process_tree(root: int) -> list[int]:
     """``root`` and every descendant, from the parent ids in ``/proc/<pid>/stat``."""
     children: dict[int, list[int]] = {}

@@ -76,9 +76,9 @@ def make_dataset(root: Path, case: Case, seed: int = 0) -> Path:
     return write_manifest_csv(root / "manifest.csv", rows)
 
 
-def rayseg_config(manifest: Path, work: Path, case: Case) -> Any:
+def rayseg_config(manifest: Path, work: Path, case: Case, extra: tuple[str, ...] = ()) -> Any:
     """The TrainConfig of ``rayseg train`` with default settings on ``manifest`` for
-    ``budget_s`` seconds."""
+    ``budget_s`` seconds (and the ``extra`` overrides)."""
     from pipelines.config import load_train_config
 
     return load_train_config(REPO / "jobs/configs/train_sample.yaml", [
@@ -86,7 +86,7 @@ def rayseg_config(manifest: Path, work: Path, case: Case) -> Any:
         f"storage.models_uri={work}/models", f"model.depth={case.depth}",
         f"model.base_width={case.base_width}", f"augment.crop={case.crop}",
         f"batch_size={case.batch}", "epochs=1000", "stopping_rounds=null",
-        f"max_runtime_secs={case.budget_s}", "log_every_steps=0"])
+        f"max_runtime_secs={case.budget_s}", "log_every_steps=0", *extra])
 
 
 def rayseg_run(cfg: Any, case: Case) -> dict[str, Any]:

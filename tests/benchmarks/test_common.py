@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import TreeSampler, process_role
+from benchmarks.common import NodeCpu, TreeSampler, process_role
 
 
 def _state(pid: int) -> str:
@@ -42,3 +42,17 @@ def test_a_process_keeps_its_role_once_it_has_exited():
     child.wait()
     assert sampler.cpu_by_role.get("s3 server", 0.0) >= 0.2, sampler.cpu_by_role
     assert "other" not in sampler.cpu_by_role, sampler.cpu_by_role
+
+
+def test_the_node_cpu_share_sees_a_process_spinning():
+    """One process spinning for 1.5 s keeps at least one CPU of the node busy over that span."""
+    spin = "import time\nend = time.process_time() + 1.5\nwhile time.process_time() < end: pass\n"
+    with NodeCpu(interval_s=0.1) as node:
+        time.sleep(0.3)
+        started = time.time()
+        child = subprocess.Popen([sys.executable, "-c", spin])
+        assert child.wait(timeout=60) == 0
+        ended = time.time()
+    share = node.busy_share(started + 0.3, ended - 0.1)   # the interpreter's start left out
+    assert share is not None and 0.8 / os.cpu_count() <= share <= 1.0, share
+    assert node.busy_share(started, started) is None   # one sample: no span

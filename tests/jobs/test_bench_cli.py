@@ -125,6 +125,8 @@ def test_baselines_run_the_same_work_in_the_same_run(quick_results):
         assert both["plain_val_passes"] >= 1 and both["plain_val_s"] > 0, name
         assert both["rayseg_val_passes"] >= 1, name
     real = quick_results["train_real_sizes"]["figures"]
+    assert real["streamed_epochs"] >= 2 and "torch thread(s)" in real["streamed_thread_lines"][0]
+    assert real["streamed_node_busy_whole"] is None or 0 < real["streamed_node_busy_whole"] <= 1
     assert real["rayseg_cached"] is True and "uint8 pixels" in real["rayseg_data_line"]
     isbi = quick_results["quality_isbi"]["figures"]
     assert isbi["plain_steps"] > 0 and isbi["rayseg_steps"] > 0
