@@ -19,11 +19,13 @@ the old rule (which streamed them) and about 0.27 GB as cached now (uint8 pixels
 
 - **streamed** (``streamed_*``): the same images, ``data.cache_decoded=false`` (decoded again
   every epoch, as a set too big for the object store is), ``STREAM_BUDGET_S``, not registered.
-  How busy the node's CPUs are (``/proc/stat``, every process) over each epoch's steps after the
-  first (``streamed_node_busy_while_stepping``: their mean; goal >= 0.9 on 2 cores) and from
-  the second epoch's first step to the last (``streamed_node_busy_whole``: epoch starts and
-  validation included), the epochs' time shares (data wait, augmentation, step) and the
-  torch-thread changes the worker printed.
+  How busy the node's CPUs are (``/proc/stat``, every process) over each epoch's steps (listed
+  by epoch after the first, which pays for the first execution;
+  ``streamed_node_busy_while_stepping``: the mean from the third epoch on, once the worker's
+  thread rule has its yardstick, :class:`pipelines.train.loop.ThreadShare`; goal >= 0.9 on 2
+  cores) and from the second epoch's first step to the last (``streamed_node_busy_whole``:
+  epoch starts and validation included), the epochs' time shares (data wait, augmentation,
+  step) and the torch-thread changes the worker printed.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ def streamed_run(manifest: Path, work: Path, case: Case) -> dict[str, Any]:
     per_epoch = [[round(h["images_per_s"], 2), node.busy_share(h["first_step_at"],
                                                                h["last_step_at"])]
                  for h in steady]
-    busy = [b for _, b in per_epoch if b is not None]
+    busy = [b for _, b in per_epoch[1:] if b is not None]   # from the third epoch
     whole = node.busy_share(steady[0]["first_step_at"], steady[-1]["last_step_at"]) \
         if steady else None
     shares = {name: round(float(np.mean([h["time_shares"][name] for h in steady])), 3)
