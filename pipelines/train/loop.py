@@ -210,15 +210,14 @@ class ThreadShare:
     The share of an epoch spent waiting for data is no guide: a streamed epoch waits at its
     start while the pipeline decodes its first blocks, and then the decoders are done and idle
     while the trainer steps.  48 images of 256-1399 px on 2 cores waited 17% of each epoch on
-    one thread and 25% on two, yet trained at 5.4 and 8.1 images/s (the node 54% and 89% busy);
-    the old rule (one more thread below 10% waiting) kept one.
+    one thread and 25% on two, yet trained at 5.4 and 8.1 images/s (the node 54% and 97-99%
+    busy while stepping); the old rule (one more thread below 10% waiting) kept one.
     """
 
     GAIN = 1.03
 
-    def __init__(self, floor: int, ceiling: int) -> None:
-        self.floor, self.ceiling, self.settled = floor, ceiling, False
-        self.epochs = 0
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling, self.settled, self.epochs = ceiling, False, 0
         self.before: float | None = None   # images/s of the epoch before a trial
 
     @classmethod
@@ -228,8 +227,7 @@ class ThreadShare:
         if cached or device.type != "cpu" or cfg.scaling.torch_threads:
             return None
         ceiling = max(1, int(node_cpus() // max(1, local_workers)))
-        floor = torch.get_num_threads()
-        return cls(floor, ceiling) if ceiling > floor else None
+        return cls(ceiling) if ceiling > torch.get_num_threads() else None
 
     def after_epoch(self, images_per_s: float) -> str | None:
         """Adjust the threads for the next epoch from this one's pace; the sentence saying

@@ -504,7 +504,7 @@ def test_a_streaming_cpu_worker_keeps_a_thread_that_trains_faster_and_drops_one_
     from pipelines.train.loop import ThreadShare
 
     torch.set_num_threads(1)   # Ray's reservation on the 2-core box (restored after the test)
-    share = ThreadShare(floor=1, ceiling=3)
+    share = ThreadShare(ceiling=3)
     assert share.after_epoch(4.1) is None and torch.get_num_threads() == 1   # first execution
     assert share.after_epoch(5.4) == "trying 2 torch threads (5.4 images/s on 1)"
     assert torch.get_num_threads() == 2
@@ -516,7 +516,7 @@ def test_a_streaming_cpu_worker_keeps_a_thread_that_trains_faster_and_drops_one_
         "3 torch threads trained at 8.2 images/s against 8.1 on 2: back to 2"   # under 3% more
     assert torch.get_num_threads() == 2
     assert share.after_epoch(20.0) is None and torch.get_num_threads() == 2      # settled
-    at_the_ceiling = ThreadShare(floor=1, ceiling=2)
+    at_the_ceiling = ThreadShare(ceiling=2)
     torch.set_num_threads(1)
     at_the_ceiling.after_epoch(5.0), at_the_ceiling.after_epoch(5.0)
     assert at_the_ceiling.after_epoch(9.0) == \
