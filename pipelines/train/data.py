@@ -26,9 +26,11 @@ worker processes a 2-core node starts would spend about 1.4 s of CPU on that imp
 from __future__ import annotations
 
 import hashlib
+import threading
 import zlib
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -483,3 +485,108 @@ def _column(arrays: list[Any]) -> np.ndarray:
     for i, array in enumerate(arrays):   # element-wise: slice assignment would broadcast
         column[i] = array
     return column
+
+
+class EpochPrefetch:
+    """The blocks of successive epochs, read by a thread that starts the next epoch as soon as
+    this one's last block is in.
+
+    ``open_epoch()`` gives one epoch's blocks (column -> array batches: a Ray Data shard's
+    ``iter_batches``, called once per epoch).  :meth:`epoch` yields the next epoch's blocks in
+    order.  Without the thread, a streamed epoch began by waiting while its first blocks were
+    decoded: until :func:`shuffled_batches` held more than its buffer, which on a set smaller
+    than the buffer is the whole epoch (a quarter of a streamed epoch on the 2-core box,
+    issue 30).  Now that decode runs while the previous epoch's last steps train.
+
+    The thread stays at most ``ahead_rows`` rows and ``ahead_bytes`` bytes ahead of the reader,
+    and always one block; it opens at most ``epochs`` epochs.  An epoch the reader leaves
+    unfinished (a fixed number of steps per epoch) has its remaining blocks dropped.  An error
+    in the thread is raised in the reader.  :meth:`close` stops the thread.
+    """
+
+    def __init__(self, open_epoch: Callable[[], Iterable[dict[str, np.ndarray]]], *,
+                 ahead_rows: int, ahead_bytes: int = 256 << 20, epochs: int | None = None
+                 ) -> None:
+        self._open = open_epoch
+        self._ahead_rows, self._ahead_bytes, self._epochs = ahead_rows, ahead_bytes, epochs
+        self._ready = threading.Condition()
+        self._items: deque[tuple[int, dict[str, np.ndarray] | None, int, int]] = deque()
+        self._rows = self._bytes = 0   # what the queue holds
+        self._error: BaseException | None = None
+        self._closed = False
+        self._next = 0   # the epoch the reader asks for next
+        self._thread: threading.Thread | None = None
+
+    def epoch(self) -> Iterator[dict[str, np.ndarray]]:
+        """The next epoch's blocks."""
+        epoch, self._next = self._next, self._next + 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._read, name="epoch-prefetch",
+                                            daemon=True)
+            self._thread.start()
+        while True:
+            with self._ready:
+                while not self._items and self._error is None:
+                    self._ready.wait()
+                if not self._items:
+                    raise self._error   # type: ignore[misc]  # the thread's own error
+                of, block, rows, size = self._items.popleft()
+                self._rows, self._bytes = self._rows - rows, self._bytes - size
+                self._ready.notify_all()
+            if of < epoch:
+                continue   # the rest of an epoch the reader left
+            if block is None:
+                return
+            yield block
+
+    def close(self) -> None:
+        """Stop reading ahead (the thread ends at its next block)."""
+        with self._ready:
+            self._closed = True
+            self._items.clear()
+            self._ready.notify_all()
+
+    def _read(self) -> None:
+        epoch = 0
+        try:
+            while not self._closed and (self._epochs is None or epoch < self._epochs):
+                blocks = self._open()
+                for block in blocks:
+                    if not self._put(epoch, block):
+                        getattr(blocks, "close", lambda: None)()
+                        return
+                if not self._put(epoch, None):
+                    return
+                epoch += 1
+        except BaseException as error:   # handed to the reader, raised there
+            with self._ready:
+                self._error = error
+                self._ready.notify_all()
+            return
+        with self._ready:   # no more epochs: a reader asking for one gets an error, not a hang
+            self._error = RuntimeError(f"EpochPrefetch: only {self._epochs} epoch(s) to read")
+            self._ready.notify_all()
+
+    def _put(self, epoch: int, block: dict[str, np.ndarray] | None) -> bool:
+        rows = size = 0
+        if block is not None:
+            columns = list(block.values())
+            rows = len(columns[0]) if columns else 0
+            size = sum(_nbytes(column) for column in columns)
+        with self._ready:
+            while not self._closed and self._items and (
+                    self._rows >= self._ahead_rows or self._bytes >= self._ahead_bytes):
+                self._ready.wait()
+            if self._closed:
+                return False
+            self._items.append((epoch, block, rows, size))
+            self._rows, self._bytes = self._rows + rows, self._bytes + size
+            self._ready.notify_all()
+        return True
+
+
+def _nbytes(column: np.ndarray) -> int:
+    """Bytes of a block's column, an object column's arrays included."""
+    if column.dtype == object:
+        return sum(getattr(value, "nbytes", 0) for value in column)
+    return column.nbytes

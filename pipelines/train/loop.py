@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ from pipelines.train.distributed import (RankZeroLog, agreed_min, agreed_stop,
                                          agreed_train_size, all_reduce_sum, any_worker,
                                          broadcast_buffers, gather_objects)
 from pipelines.faults import Faults, maybe_fail, maybe_nan, maybe_pause
-from pipelines.train.data import (float_if_padded, mask_class_pixels, network_input,
-                                  shuffled_batches)
+from pipelines.train.data import (EpochPrefetch, float_if_padded, mask_class_pixels,
+                                  network_input, shuffled_batches)
 from seg_core.engine import build_optimizer, build_scheduler, fit_batch, rng_state
 from seg_core.errors import InputError
 from seg_core.inference import Segmenter
@@ -105,49 +105,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         math.ceil(loop_config.get("val_images", 0) / world), cfg.batch_size, cfg.val_fraction)
     clock = ValClock(cfg.val_fraction)
     saved = time.monotonic()   # the last checkpoint (storage.checkpoint_every_secs)
-    while state.epoch < cfg.epochs and state.stopped is None:
-        epoch_started, first_step = time.perf_counter(), state.step
-        totals, stepped_at = train_epoch(
-            parts, train_shard, loop_config["augment"], cfg, plan, state, rank, world, deadline,
-            say, loop_config.get("faults") or Faults(), budget)
-        clock.trained(float(totals[2]) / world)
-        if (state.stopped or "").startswith(NON_FINITE):   # no validation of broken weights,
-            say(state.stopped)                              # no retry: the same data would
-            report(state, None, parts, rank, world)         # blow up again
-            break
-        state.train_size = agreed_train_size(state.train_size, parts.device, world)
-        last = state.epoch + 1 >= cfg.epochs or state.stopped is not None
-        counts, val_s = None, None
-        if any_worker(clock.due(last), parts.device, world):   # every worker, or none
-            with clock.validating():
-                counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
-                                  train_size=state.train_size)
-            val_s = clock.last_val_s
-        record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world,
-                              stepped_at)
-        if sharing is not None and (change := sharing.after_epoch(record["images_per_s"])):
-            say(change)
-        state.epoch += 1
-        state.history.append(record)
-        if counts is not None:
-            state.track_best(record, parts.unet, cfg.stopping_rounds, cfg.stopping_tolerance)
-            val = (f"val mIoU {record['val_miou']:.4f} acc {record['val_pixel_accuracy']:.4f}")
-        else:
-            val = f"val skipped (val_fraction {cfg.val_fraction:g})"
-        shares = record["time_shares"]
-        say(f"epoch {state.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} {val} "
-            f"{record['images_per_s']:.1f} images/s (data wait {shares['data_wait']:.0%}, "
-            f"augment {shares['augment']:.0%}, step {shares['step']:.0%})")
-        last = state.epoch >= cfg.epochs or state.stopped is not None
-        due = last or time.monotonic() - saved >= cfg.storage.checkpoint_every_secs
-        if any_worker(due, parts.device, world):   # every worker, or none
-            saved = time.monotonic()
-            report(state, record, parts, rank, world)
-        else:
-            report(state, record, parts, rank, world, checkpoint=False)
-        if budget is not None:
-            budget.ended_epoch(time.perf_counter() - epoch_started, state.step - first_step,
-                               val_s)
+    # the next epoch's blocks decode while this one's last steps train (EpochPrefetch)
+    stream = EpochPrefetch(lambda: train_shard.iter_batches(
+        batch_size=None, batch_format="numpy", prefetch_batches=2),
+        ahead_rows=cfg.data.shuffle_buffer + cfg.batch_size, epochs=cfg.epochs - state.epoch)
+    with contextlib.closing(stream):
+        while state.epoch < cfg.epochs and state.stopped is None:
+            epoch_started, first_step = time.perf_counter(), state.step
+            totals, stepped_at = train_epoch(
+                parts, stream.epoch(), loop_config["augment"], cfg, plan, state, rank, world,
+                deadline, say, loop_config.get("faults") or Faults(), budget)
+            clock.trained(float(totals[2]) / world)
+            if (state.stopped or "").startswith(NON_FINITE):   # no validation of broken weights,
+                say(state.stopped)                              # no retry: the same data would
+                report(state, None, parts, rank, world)         # blow up again
+                break
+            state.train_size = agreed_train_size(state.train_size, parts.device, world)
+            last = state.epoch + 1 >= cfg.epochs or state.stopped is not None
+            counts, val_s = None, None
+            if any_worker(clock.due(last), parts.device, world):   # every worker, or none
+                with clock.validating():
+                    counts = validate(parts.unet, val_shard, cfg, parts.device, rank, world,
+                                      train_size=state.train_size)
+                val_s = clock.last_val_s
+            record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world,
+                                  stepped_at)
+            if sharing is not None and (change := sharing.after_epoch(record["images_per_s"])):
+                say(change)
+            state.epoch += 1
+            state.history.append(record)
+            if counts is not None:
+                state.track_best(record, parts.unet, cfg.stopping_rounds, cfg.stopping_tolerance)
+                val = (f"val mIoU {record['val_miou']:.4f} acc {record['val_pixel_accuracy']:.4f}")
+            else:
+                val = f"val skipped (val_fraction {cfg.val_fraction:g})"
+            shares = record["time_shares"]
+            say(f"epoch {state.epoch}/{cfg.epochs} loss {record['train_loss']:.4f} {val} "
+                f"{record['images_per_s']:.1f} images/s (data wait {shares['data_wait']:.0%}, "
+                f"augment {shares['augment']:.0%}, step {shares['step']:.0%})")
+            last = state.epoch >= cfg.epochs or state.stopped is not None
+            due = last or time.monotonic() - saved >= cfg.storage.checkpoint_every_secs
+            if any_worker(due, parts.device, world):   # every worker, or none
+                saved = time.monotonic()
+                report(state, record, parts, rank, world)
+            else:
+                report(state, record, parts, rank, world, checkpoint=False)
+            if budget is not None:
+                budget.ended_epoch(time.perf_counter() - epoch_started, state.step - first_step,
+                                   val_s)
     return {"epoch": state.epoch, "step": state.step, "stopped": state.stopped}
 
 
@@ -294,12 +299,12 @@ def build_parts(cfg: TrainConfig, plan: StepPlan) -> Parts:
                  torch.bfloat16 if amp else None, channels_last)
 
 
-def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: StepPlan,
-                state: LoopState, rank: int, world: int, deadline: float | None,
-                say: RankZeroLog, faults: Faults = Faults(),
+def train_epoch(parts: Parts, blocks: Iterable[dict[str, np.ndarray]], augment: Any,
+                cfg: TrainConfig, plan: StepPlan, state: LoopState, rank: int, world: int,
+                deadline: float | None, say: RankZeroLog, faults: Faults = Faults(),
                 budget: BudgetFit | None = None
                 ) -> tuple[torch.Tensor, tuple[float, float] | None]:
-    """At most ``plan.steps_per_epoch`` steps; returns, summed over workers, the
+    """At most ``plan.steps_per_epoch`` steps over ``blocks`` (one epoch's); returns, summed over workers, the
     :data:`EPOCH_TOTALS` (loss*images, images, seconds; seconds waiting for data, on the host's
     augmentation, in the step) then the K class pixel counts and the labelled pixel count of
     the batches trained on; and when this worker's first and last optimizer step of the epoch
@@ -311,7 +316,6 @@ def train_epoch(parts: Parts, shard: Any, augment: Any, cfg: TrainConfig, plan: 
     rng = augment.rng(state.epoch, rank)  # per epoch and worker: reproducible on resume
     device_rng = augment.device_generator(state.epoch, rank, parts.device)
     order = np.random.default_rng((cfg.seed * 10_000 + state.epoch) * 1_000 + rank)
-    blocks = shard.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
     for batch in shuffled_batches(blocks, cfg.batch_size, cfg.data.shuffle_buffer, order):
         got = time.perf_counter()
         maybe_fail(faults, cfg.run_uri, state.step, rank, world)

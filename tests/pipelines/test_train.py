@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -538,3 +539,43 @@ def test_checkpoints_wait_for_their_interval_and_the_last_epoch_always_writes_on
     assert [h["step"] for h in result.history] == [3, 6, 9]
     with pytest.raises(ValueError, match="checkpoint_every_secs must be >= 0"):
         _cfg(str(tiny_dataset), str(tmp_path), "storage.checkpoint_every_secs=-1")
+
+
+def test_the_next_epoch_is_read_while_this_one_trains_in_order_and_bounded():
+    from pipelines.train.data import EpochPrefetch
+
+    made: list[int] = []   # ids of the blocks the epochs produced
+
+    def open_epoch():   # 3 blocks of 4 rows per epoch, numbered 100 * epoch + 10 * block
+        epoch = len({i // 100 for i in made})
+        for b in range(3):
+            made.append(100 * epoch + 10 * b)
+            yield {"id": np.arange(4) + made[-1], "image": np.zeros((4, 8), np.uint8)}
+
+    stream = EpochPrefetch(open_epoch, ahead_rows=4, epochs=3)
+    first = stream.epoch()
+    assert [b["id"][0] for b in first] == [0, 10, 20]
+    # epoch 1 opens before anything asks for it, and stops one block past the 4 rows ahead:
+    # block 100 queued, block 110 made and waiting
+    deadline = time.monotonic() + 5
+    while len(made) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert made == [0, 10, 20, 100, 110]
+    second = stream.epoch()
+    assert next(second)["id"][0] == 100   # epoch 1 left after one block: the rest is dropped
+    assert [b["id"][0] for b in stream.epoch()] == [200, 210, 220]
+    with pytest.raises(RuntimeError, match="only 3 epoch"):
+        next(stream.epoch())
+    stream.close()
+
+    def broken():
+        yield {"id": np.arange(2)}
+        raise OSError("s3://bucket/shard-7.parquet: connection reset")
+
+    failing = EpochPrefetch(broken, ahead_rows=64)
+    epoch = failing.epoch()
+    assert next(epoch)["id"].tolist() == [0, 1]
+    with pytest.raises(OSError, match="shard-7"):   # the thread's error, raised in the reader
+        next(epoch)
+    failing.close()
