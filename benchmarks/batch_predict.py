@@ -16,6 +16,10 @@ whose tile equals the image size.
   ways: forwards of as many images as rayseg's rule gives for the loop's threads
   (:func:`seg_core.inference.tiles_per_forward`: about 64K pixels per thread, as rayseg's actors
   do for theirs), or one forward of the whole batch.
+- **plain from S3** (loose objects only, ``steady_ratio_vs_plain_from_s3``): the plain loop
+  with its bytes read from the same moto server as rayseg's (16 threads, every GET issued at
+  once, through the same one-GET reader), so that both sides pay the S3 server's CPU on the
+  same two cores.  The issue's goal stays against the plain loop from memory.
 - **user loop** (``vs_user_loop``: what a user would otherwise run): the same decode, normalise,
   forwards and argmax through the artifact's network as trained (not folded), eager fp32, the
   fastest of NCHW and channels_last with either way of forwarding.
@@ -76,8 +80,10 @@ def run(ctx: Context) -> dict[str, Any]:
             model, inputs, blobs = _setup(Path(tmp) / str(size), size, wanted)
             for layout, n, engine in wanted:
                 key = f"{size}px_{layout}_{n}" + ("" if engine == "torch" else f"_{engine}")
+                uris = [f"s3://bench{size}/images/{i:05d}.png" for i in range(n)] \
+                    if layout == "loose" else None   # as _setup wrote them
                 measured = _measure(model, inputs[layout, n], blobs[:n],
-                                    Path(tmp) / f"out-{key}", engine)
+                                    Path(tmp) / f"out-{key}", engine, uris)
                 figures.update({f"{name}_{key}": value for name, value in measured.items()})
     for size, layout, n, engine in runs:
         key = f"{size}px_{layout}_{n}" + ("" if engine == "torch" else f"_{engine}")
@@ -98,12 +104,14 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def _measure(model: str, source: str, blobs: list[bytes], out: Path,
-             engine: str) -> dict[str, Any]:
-    """One rayseg run between two timings of each plain loop, with the tree sampler running."""
+             engine: str, uris: list[str] | None = None) -> dict[str, Any]:
+    """One rayseg run between two timings of each plain loop, with the tree sampler running
+    (``uris``: the loose objects, which the plain loop then also reads from S3)."""
     from pipelines.config import PredictConfig
     from pipelines.predict.predict import run_predict
 
-    loops = _PlainLoops(model, blobs[:PLAIN_IMAGES], engine)
+    loops = _PlainLoops(model, blobs[:PLAIN_IMAGES], engine,
+                        None if uris is None else uris[:PLAIN_IMAGES])
     before = loops.measure()
     with TreeSampler() as sampler, _FirstFile(str(out)) as first:
         started = time.perf_counter()
@@ -119,6 +127,10 @@ def _measure(model: str, source: str, blobs: list[bytes], out: Path,
     steady = None   # rows after the first committed file, over the time after it
     if first.at is not None and first.rows <= len(blobs) // 2:   # else too few rows to time
         steady = round((len(blobs) - first.rows) / (ended - first.at), 2)
+    from_s3 = {} if uris is None else {   # the same loop, its bytes read from the same moto
+        "plain_from_s3_images_per_s": round(mean["from_s3"], 2),
+        "steady_ratio_vs_plain_from_s3": None if steady is None
+        else round(steady / mean["from_s3"], 3)}
     return {"rayseg_images_per_s": round(len(blobs) / summary["seconds"], 2),
             "rayseg_seconds": summary["seconds"],
             "rayseg_first_file_s": None if first.at is None else round(first.at - started, 2),
@@ -136,7 +148,7 @@ def _measure(model: str, source: str, blobs: list[bytes], out: Path,
             "engine": loops.engine,
             "peak_pss_mb": sampler.peak_pss_mb,
             "pss_before_run_mb": round(sampler.start_pss / 2**20, 1),
-            "processes": sampler.processes}
+            "processes": sampler.processes, **from_s3}
 
 
 class _FirstFile:
@@ -175,7 +187,8 @@ class _FirstFile:
 class _PlainLoops:
     """The two plain loops over the same image bytes (see the module docstring)."""
 
-    def __init__(self, model_dir: str, blobs: list[bytes], engine: str) -> None:
+    def __init__(self, model_dir: str, blobs: list[bytes], engine: str,
+                 uris: list[str] | None = None) -> None:
         import torch
 
         from pipelines.storage import fetch_artifact
@@ -189,44 +202,56 @@ class _PlainLoops:
         pre = artifact.preprocessing
         self.mean = np.asarray(pre.mean, np.float32).reshape(1, 1, -1)
         self.std = np.asarray(pre.std, np.float32).reshape(1, 1, -1)
-        self.blobs = blobs
+        self.blobs, self.uris = blobs, uris
         self.torch = torch
 
-    def _batches(self) -> Any:
-        """Decoded, normalised N x C x H x W float tensors of ``BATCH`` images each."""
+    def _batches(self, fetched: bool = False) -> Any:
+        """Decoded, normalised N x C x H x W float tensors of ``BATCH`` images each; with
+        ``fetched``, of the bytes read from ``uris`` (16 threads, every GET issued at once)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from PIL import Image
 
-        for start in range(0, len(self.blobs), BATCH):
-            pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32)
-                      for b in self.blobs[start:start + BATCH]]
-            x = np.stack([(p / 255.0 - self.mean) / self.std for p in pixels])
-            yield self.torch.from_numpy(x.transpose(0, 3, 1, 2))
+        from pipelines.ingest.policy import read_limited
 
-    def _loop(self, forward: Callable[[Any], Any], per_forward: int) -> tuple[float, float]:
+        with ThreadPoolExecutor(16) as pool:
+            blobs = iter(pool.map(read_limited, self.uris) if fetched and self.uris
+                         else self.blobs)
+            while chunk := [b for _, b in zip(range(BATCH), blobs)]:
+                pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32)
+                          for b in chunk]
+                x = np.stack([(p / 255.0 - self.mean) / self.std for p in pixels])
+                yield self.torch.from_numpy(x.transpose(0, 3, 1, 2))
+
+    def _loop(self, forward: Callable[[Any], Any], per_forward: int,
+              fetched: bool = False) -> tuple[float, float]:
         """(images per second, CPU ms per image) of decode -> forward -> argmax masks, with
         ``per_forward`` images per forward."""
         torch = self.torch
         with torch.inference_mode():
             forward(next(self._batches())[:per_forward])   # warm-up (kernels, graph)
             started, cpu = time.perf_counter(), time.process_time()
-            for x in self._batches():
+            for x in self._batches(fetched):
                 for part in x.split(per_forward):
                     forward(part).argmax(dim=1).to(torch.uint8).numpy()
             cpu = time.process_time() - cpu
         return len(self.blobs) / (time.perf_counter() - started), cpu / len(self.blobs) * 1000
 
-    def _best(self, forward: Callable[[Any], Any]) -> tuple[float, float]:
+    def _best(self, forward: Callable[[Any], Any], fetched: bool = False
+              ) -> tuple[float, float]:
         """The faster of the rule's forwards for this process's threads and whole batches."""
-        return max(self._loop(forward, n) for n in {self.segmenter.batch_size, BATCH})
+        return max(self._loop(forward, n, fetched) for n in {self.segmenter.batch_size, BATCH})
 
     def measure(self) -> dict[str, float]:
         torch = self.torch
         plain, plain_cpu = self._best(self.segmenter.logits)
+        # loose objects: the plain loop again, reading them from the same S3 server
+        from_s3 = self._best(self.segmenter.logits, fetched=True)[0] if self.uris else 0.0
         user = 0.0
         for layout in (torch.contiguous_format, torch.channels_last):   # the faster one counts
             model = self.user.to(memory_format=layout)
             user = max(user, self._best(lambda x: model(x.contiguous(memory_format=layout)))[0])
-        return {"plain": plain, "plain_cpu_ms": plain_cpu, "user": user}
+        return {"plain": plain, "plain_cpu_ms": plain_cpu, "user": user, "from_s3": from_s3}
 
 
 def _setup(tmp: Path, size: int, wanted: list[tuple[str, int, str]]

@@ -19,13 +19,15 @@ the old rule (which streamed them) and about 0.27 GB as cached now (uint8 pixels
 
 - **streamed** (``streamed_*``): the same images, ``data.cache_decoded=false`` (decoded again
   every epoch, as a set too big for the object store is), ``STREAM_BUDGET_S``, not registered.
-  How busy the node's CPUs are (``/proc/stat``, every process) over each epoch's steps (listed
-  by epoch after the first, which pays for the first execution;
-  ``streamed_node_busy_while_stepping``: the mean from the third epoch on, once the worker's
-  thread rule has its yardstick, :class:`pipelines.train.loop.ThreadShare`; goal >= 0.9 on 2
-  cores) and from the second epoch's first step to the last (``streamed_node_busy_whole``:
-  epoch starts and validation included), the epochs' time shares (data wait, augmentation,
-  step) and the torch-thread changes the worker printed.
+  How busy the node's CPUs are (``/proc/stat``, every process) over each epoch's steps,
+  listed by epoch after the first (which pays for the first execution) with its torch
+  threads.  ``streamed_node_busy_while_stepping``: the mean over the settled epochs, the last
+  ones on the threads the worker's rule ended on (:class:`pipelines.train.loop.ThreadShare`;
+  goal >= 0.9 on 2 cores); ``streamed_node_busy_settled``: from the first settled epoch's
+  first step to the last step, epoch boundaries and validation included;
+  ``streamed_node_busy_whole``: the same from the second epoch, the rule's trial epoch
+  included.  Also the epochs' time shares (data wait, augmentation, step) and the
+  torch-thread changes the worker printed.
 """
 from __future__ import annotations
 
@@ -93,19 +95,25 @@ def streamed_run(manifest: Path, work: Path, case: Case) -> dict[str, Any]:
         history = train(cfg).history
     steady = [h for h in history[1:] if h["first_step_at"] is not None]   # epoch 1: first run
     per_epoch = [[round(h["images_per_s"], 2), node.busy_share(h["first_step_at"],
-                                                               h["last_step_at"])]
-                 for h in steady]
-    busy = [b for _, b in per_epoch[1:] if b is not None]   # from the third epoch
-    whole = node.busy_share(steady[0]["first_step_at"], steady[-1]["last_step_at"]) \
-        if steady else None
+                                                               h["last_step_at"]),
+                  h["torch_threads"]] for h in steady]
+    settled = len(steady)   # the last epochs on the threads the rule ended on
+    while settled > 1 and steady[settled - 2]["torch_threads"] == steady[-1]["torch_threads"]:
+        settled -= 1
+    busy = [b for _, b, _ in per_epoch[settled - 1:] if b is not None]
+    whole, after = (node.busy_share(steady[i]["first_step_at"], steady[-1]["last_step_at"])
+                    if steady else None for i in (0, settled - 1))
     shares = {name: round(float(np.mean([h["time_shares"][name] for h in steady])), 3)
               for name in ("data_wait", "augment", "step")} if steady else None
     return {"epochs": len(history),
             "node_busy_while_stepping": round(float(np.mean(busy)), 3) if busy else None,
             "node_busy_whole": None if whole is None else round(whole, 3),
+            "node_busy_settled": None if after is None else round(after, 3),
+            "settled_from_epoch": steady[settled - 1]["epoch"] if steady else None,
             "steady_time_shares": shares,
-            "images_per_s_and_node_busy_by_epoch": [
-                [ips, None if b is None else round(b, 3)] for ips, b in per_epoch]}
+            "images_per_s_node_busy_and_threads_by_epoch": [
+                [ips, None if b is None else round(b, 3), threads]
+                for ips, b, threads in per_epoch]}
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -81,12 +81,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     say = RankZeroLog(loop_config.get("progress"), cfg.run_name, rank)
     seed_everything(cfg.seed * 1000 + rank)
     parts = build_parts(cfg, plan)
-    threads = torch_threads(cfg, parts.device, loop_config.get("cached", False),
-                            context.get_local_world_size())
+    threads = torch_threads(cfg, parts.device, context.get_local_world_size())
     if threads:
         torch.set_num_threads(threads)
-    sharing = ThreadShare.for_streaming(cfg, parts.device, loop_config.get("cached", False),
-                                        context.get_local_world_size())
+    sharing = ThreadShare.for_streaming(cfg, parts.device, loop_config.get("cached", False))
     say(f"{world} worker(s) on {parts.device.type}, {torch.get_num_threads()} torch thread(s) "
         f"each")
     state = LoopState()
@@ -130,6 +128,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 val_s = clock.last_val_s
             record = epoch_record(cfg, state, totals, counts, current_lr(parts.optimizer), world,
                                   stepped_at)
+            record["torch_threads"] = torch.get_num_threads()   # this epoch's (rank 0's)
             if sharing is not None and (change := sharing.after_epoch(record["images_per_s"])):
                 say(change)
             state.epoch += 1
@@ -182,22 +181,22 @@ class ValClock:
         self.validations += 1
 
 
-def torch_threads(cfg: TrainConfig, device: torch.device, cached: bool,
-                  local_workers: int) -> int | None:
-    """Intra-op threads of this worker: ``scaling.torch_threads`` when set; on the CPU with the
-    data cached, every CPU of the node shared among its workers; otherwise None (Ray's setting:
-    one per reserved CPU).
+def torch_threads(cfg: TrainConfig, device: torch.device, local_workers: int) -> int | None:
+    """Intra-op threads of this worker: ``scaling.torch_threads`` when set; on the CPU, every
+    CPU of the node shared among its workers; otherwise None (Ray's setting: one per reserved
+    CPU).
 
     Ray reserves fewer CPUs for the trainer than the node has, so that Ray Data's tasks get
     cores (one stays free on a small box).  Once the decoded data sits in the object store, an
     epoch only reads it back, and those cores idle: on the 2-core box the trainer ran one
     thread while the other core waited (3.4 against 4.9 images/s with both,
-    ``rayseg bench train_throughput``).  Streaming data starts on Ray's reservation, since
-    decoding then competes for the cores, and :class:`ThreadShare` tries more.
+    ``rayseg bench train_throughput``).  Streamed data is decoded while the trainer steps
+    (:class:`pipelines.train.data.EpochPrefetch`), and :class:`ThreadShare` tries fewer
+    threads in case the decoders need the cores more.
     """
     if cfg.scaling.torch_threads:
         return cfg.scaling.torch_threads
-    if device.type != "cpu" or not cached:
+    if device.type != "cpu":
         return None
     return max(1, int(node_cpus() // max(1, local_workers)))
 
@@ -206,33 +205,33 @@ class ThreadShare:
     """Torch threads of a CPU worker whose data streams, set by measured throughput.
 
     While the data streams, Ray Data's decode tasks and the trainer share the node's cores.  The
-    worker starts on Ray's reservation (one thread per reserved CPU).  From the third epoch on
-    (the first pays for the first execution, the second is the yardstick), it tries one more
-    thread for an epoch, up to the node's CPUs per local worker, and keeps it when that epoch
-    trained at least ``GAIN`` times as fast (images/s, waits for data included); otherwise it
-    goes back and stays there.  Every worker sees the same summed times, so all decide alike.
+    worker starts on every CPU of the node it may use (:func:`torch_threads`).  From the third
+    epoch on (the first pays for the first execution, the second is the yardstick), it tries
+    one thread fewer for an epoch, and keeps it when that epoch trained at least ``GAIN``
+    times as fast (images/s, waits for data included), then tries another; otherwise it goes
+    back and stays there.  Every worker sees the same summed times, so all decide alike.
 
-    The share of an epoch spent waiting for data is no guide: a streamed epoch waits at its
-    start while the pipeline decodes its first blocks, and then the decoders are done and idle
-    while the trainer steps.  48 images of 256-1399 px on 2 cores waited 17% of each epoch on
-    one thread and 25% on two, yet trained at 5.4 and 8.1 images/s (the node 54% and 97-99%
-    busy while stepping); the old rule (one more thread below 10% waiting) kept one.
+    A rule that started on Ray's reservation (one thread per reserved CPU) and tried more
+    trained the first two epochs of every streamed run on one thread of the 2-core box, at
+    5.5 images/s against 7.5 on two (48 images of 256-1399 px; the node 58% busy against 99%).
+    The share of an epoch spent waiting for data is no guide either: it measures when the
+    decode happens, not whether the cores are full.
     """
 
     GAIN = 1.03
 
-    def __init__(self, ceiling: int) -> None:
-        self.ceiling, self.settled, self.epochs = ceiling, False, 0
+    def __init__(self) -> None:
+        self.settled, self.epochs = False, 0
         self.before: float | None = None   # images/s of the epoch before a trial
 
     @classmethod
-    def for_streaming(cls, cfg: TrainConfig, device: torch.device, cached: bool,
-                      local_workers: int) -> "ThreadShare | None":
-        """None unless this worker streams on the CPU with no thread count set."""
+    def for_streaming(cls, cfg: TrainConfig, device: torch.device, cached: bool
+                      ) -> "ThreadShare | None":
+        """None unless this worker streams on the CPU with no thread count set and more than
+        one thread to try fewer of."""
         if cached or device.type != "cpu" or cfg.scaling.torch_threads:
             return None
-        ceiling = max(1, int(node_cpus() // max(1, local_workers)))
-        return cls(ceiling) if ceiling > torch.get_num_threads() else None
+        return cls() if torch.get_num_threads() > 1 else None
 
     def after_epoch(self, images_per_s: float) -> str | None:
         """Adjust the threads for the next epoch from this one's pace; the sentence saying
@@ -243,20 +242,24 @@ class ThreadShare:
         threads, before = torch.get_num_threads(), self.before
         self.before = None
         if before is not None and images_per_s < before * self.GAIN:   # the trial lost
-            torch.set_num_threads(threads - 1)
+            torch.set_num_threads(threads + 1)
             self.settled = True
-            return (f"{threads} torch threads trained at {images_per_s:.1f} images/s against "
-                    f"{before:.1f} on {threads - 1}: back to {threads - 1}")
+            return (f"{_threads(threads)} trained at {images_per_s:.1f} images/s against "
+                    f"{before:.1f} on {threads + 1}: back to {threads + 1}")
         kept = "" if before is None else \
-            f"{threads} torch threads trained at {images_per_s:.1f} images/s against " \
-            f"{before:.1f} on {threads - 1}: keeping them"
-        if threads >= self.ceiling:
+            f"{_threads(threads)} trained at {images_per_s:.1f} images/s against " \
+            f"{before:.1f} on {threads + 1}: keeping {threads}"
+        if threads <= 1:
             self.settled = True
             return kept or None
         self.before = images_per_s
-        torch.set_num_threads(threads + 1)
+        torch.set_num_threads(threads - 1)
         return (f"{kept}; " if kept else "") + \
-            f"trying {threads + 1} torch threads ({images_per_s:.1f} images/s on {threads})"
+            f"trying {_threads(threads - 1)} ({images_per_s:.1f} images/s on {threads})"
+
+
+def _threads(n: int) -> str:
+    return f"{n} torch thread{'s' if n != 1 else ''}"
 
 
 def node_cpus() -> float:
@@ -304,11 +307,11 @@ def train_epoch(parts: Parts, blocks: Iterable[dict[str, np.ndarray]], augment: 
                 deadline: float | None, say: RankZeroLog, faults: Faults = Faults(),
                 budget: BudgetFit | None = None
                 ) -> tuple[torch.Tensor, tuple[float, float] | None]:
-    """At most ``plan.steps_per_epoch`` steps over ``blocks`` (one epoch's); returns, summed over workers, the
-    :data:`EPOCH_TOTALS` (loss*images, images, seconds; seconds waiting for data, on the host's
-    augmentation, in the step) then the K class pixel counts and the labelled pixel count of
-    the batches trained on; and when this worker's first and last optimizer step of the epoch
-    ended (``time.time()``; None without a step)."""
+    """At most ``plan.steps_per_epoch`` steps over ``blocks`` (one epoch's); returns, summed
+    over workers, the :data:`EPOCH_TOTALS` (loss*images, images, seconds; seconds waiting for
+    data, on the host's augmentation, in the step) then the K class pixel counts and the
+    labelled pixel count of the batches trained on; and when this worker's first and last
+    optimizer step of the epoch ended (``time.time()``; None without a step)."""
     totals = torch.zeros(len(EPOCH_TOTALS) + cfg.mask.num_classes + 1, dtype=torch.float64)
     steps, t0 = 0, time.perf_counter()
     first_at = last_at = None
