@@ -121,8 +121,8 @@ class ScalingSpec:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: 1, or a fraction on small boxes (2-core hang)
     gpus_per_worker: float = 1.0
-    # None: on CPUs with the data cached, the node's CPUs shared by its workers; otherwise what
-    # Ray sets (one per reserved CPU, at least 1)
+    # None: on CPUs, the node's CPUs shared by its workers (streamed data: fewer tried from the
+    # third epoch, kept when faster: pipelines.train.loop.ThreadShare); on GPUs what Ray sets
     torch_threads: int | None = None
     # custom Ray resources each worker also needs, e.g. {train_node: 1} keeps workers on the nodes
     # that declare `train_node` (KubeRay: rayStartParams.resources); one each spreads them
