@@ -122,7 +122,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
 
     Args:
         address: existing cluster to join; ``None`` starts a local one (or honours
-            ``RAY_ADDRESS`` when that variable is set).
+            ``RAY_ADDRESS`` when that variable is set), never joining a cluster that a
+            ``ray start`` elsewhere on this machine recorded.
         num_cpus: CPUs for a local cluster (ignored when joining).  Default: all cores.
         object_store_mb: object store for a local cluster.  Default: :func:`default_object_store_mb`.
         env_vars: extra worker environment, on top of the propagated AWS variables.
@@ -144,7 +145,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
             **init_kwargs,
         }
         address = address or os.environ.get("RAY_ADDRESS") or None
-        if address is None:
+        local = address is None
+        if local:
             kwargs.setdefault("num_cpus", num_cpus or os.cpu_count() or 1)
             _small_cluster_parquet(int(kwargs["num_cpus"]), kwargs["runtime_env"]["env_vars"])
             if object_store_mb is None and "object_store_memory" not in kwargs:
@@ -152,8 +154,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *,
                 _STORE_NOTE.append(why)
             kwargs.setdefault("object_store_memory", object_store_mb * _MB)
             kwargs.setdefault("include_dashboard", False)
-        with _serve_ingress_env(address is None):
-            ray.init(address=address, **kwargs)
+        with _serve_ingress_env(local):
+            # "local", not None: given None, ray.init joins the cluster that the last `ray start`
+            # (or ray.cluster_utils.Cluster) on this machine recorded in
+            # /tmp/ray/ray_current_cluster, then refuses num_cpus or waits on a dead address
+            ray.init(address=address or "local", **kwargs)
     if quiet:
         _quiet_data()
         _absorb_actor_arg_notice()

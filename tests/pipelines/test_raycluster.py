@@ -79,3 +79,42 @@ def test_a_job_that_will_wait_for_cpus_says_so_and_one_that_fits_says_nothing(ra
     assert wait_note("job", {"CPU": 0.5}) is None
     assert wait_note("job", {"CPU": cpus + 1}, settle_s=0.3).startswith(
         f"job: waiting for {cpus + 1:g} CPU ({cpus:g} of {cpus:g} free now)")
+
+
+_RECORDED_CLUSTER = """
+import json, os
+from ray.cluster_utils import Cluster
+
+# a cluster that records its address in /tmp/ray/ray_current_cluster, as `ray start --head` does
+other = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False})
+import ray
+from pipelines.raycluster import ensure_ray
+
+resources = ensure_ray(num_cpus=2, object_store_mb=80)
+print("SEEN " + json.dumps({"cpus": resources["CPU"], "joined": ray.get_runtime_context().gcs_address,
+                            "recorded": other.address}), flush=True)
+ray.shutdown()
+other.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_job_without_an_address_starts_its_own_cluster_beside_one_that_ray_start_recorded():
+    """Given no address, ``ray.init`` joins the cluster the last ``ray start`` on the machine
+    recorded (and then refuses ``num_cpus``); a rayseg job without ``--address`` or
+    ``RAY_ADDRESS`` starts its own instead, as its help says."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", _RECORDED_CLUSTER], capture_output=True,
+                          text=True, timeout=240, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    line = next((l for l in done.stdout.splitlines() if l.startswith("SEEN ")), None)
+    assert line, done.stdout[-2000:] + done.stderr[-3000:]
+    seen = json.loads(line[len("SEEN "):])
+    assert seen["joined"] != seen["recorded"] and seen["cpus"] == 2, seen
