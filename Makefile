@@ -23,8 +23,13 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects nothing: that is a failure here, never a silent pass.  The
 # 15 slowest durations close the run, so that the time each test costs stays in view.
+# TEST_WORKERS pytest processes (pytest-xdist) share the modules, each with its own Ray and S3
+# server; a module stays on one worker (its fixtures are built once), in the order collected,
+# so `rayseg bench all --quick` (tests/jobs) starts early.  TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests; rc=$$?; \
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope \
+	  --no-loadscope-reorder tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The inner loop: everything that needs no Ray, no multi-node cluster, no browser and is not
