@@ -47,7 +47,9 @@ from benchmarks.common import result
 from benchmarks.train_throughput import Case, make_dataset, plain_run, rayseg_config, rayseg_run
 
 CASE = Case(train=96, val=8, sides=(256, 1400), budget_s=240.0)
-STREAM_BUDGET_S, QUICK_STREAM_BUDGET_S = 150.0, 12.0
+STREAM_BUDGET_S = 150.0
+# --quick: three epochs (under a loaded box's pace a few seconds' budget gave one), 60 s at most
+QUICK_STREAM = (60.0, ("epochs=3",))
 QUICK = Case(batch=2, crop=32, train=6, val=2, sides=(32, 140), budget_s=6.0, base_width=8,
              depth=2)
 OLD_STORE_MB, OLD_SHARE, OLD_BYTES = 2048, 0.5, (3 * 4 + 8, 3 + 8)   # the rule before issue 30
@@ -85,12 +87,14 @@ def data_sizes(manifest: Path) -> dict[str, Any]:
             "old_rule_streams": old > OLD_SHARE * OLD_STORE_MB * 2**20}
 
 
-def streamed_run(manifest: Path, work: Path, case: Case) -> dict[str, Any]:
+def streamed_run(manifest: Path, work: Path, case: Case, extra: tuple[str, ...] = ()
+                 ) -> dict[str, Any]:
     """``train()`` on ``manifest`` streamed: pace, time shares and the node's CPU use."""
     from benchmarks.common import NodeCpu
     from pipelines.train.train import train
 
-    cfg = rayseg_config(manifest, work, case, ("data.cache_decoded=false", "register=false"))
+    cfg = rayseg_config(manifest, work, case,
+                        ("data.cache_decoded=false", "register=false", *extra))
     with NodeCpu() as node:
         history = train(cfg).history
     steady = [h for h in history[1:] if h["first_step_at"] is not None]   # epoch 1: first run
@@ -120,6 +124,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from pipelines.raycluster import ensure_ray
 
     case = QUICK if ctx.quick else CASE
+    stream_budget_s, stream_extra = QUICK_STREAM if ctx.quick else (STREAM_BUDGET_S, ())
     ensure_ray()
     threads = torch.get_num_threads()
     tee = _Tee(sys.stdout)
@@ -133,7 +138,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 ours = rayseg_run(cfg, case)
                 cached_lines = len(tee.kept.getvalue().splitlines())
                 streamed = streamed_run(manifest, Path(tmp) / "streamed", dataclasses.replace(
-                    case, budget_s=QUICK_STREAM_BUDGET_S if ctx.quick else STREAM_BUDGET_S))
+                    case, budget_s=stream_budget_s), stream_extra)
     finally:
         torch.set_num_threads(threads)
     lines = tee.kept.getvalue().splitlines()
@@ -152,7 +157,7 @@ def run(ctx: Context) -> dict[str, Any]:
                "rayseg_cached": bool(said) and "caching them" in said[0],
                **{f"rayseg_{k}": v for k, v in ours.items()},
                **{f"plain_{k}": v for k, v in plain.items()},
-               "streamed_budget_s": QUICK_STREAM_BUDGET_S if ctx.quick else STREAM_BUDGET_S,
+               "streamed_budget_s": stream_budget_s,
                **{f"streamed_{k}": v for k, v in streamed.items()}}
     return result("train_real_sizes", figures, ("rayseg_images_per_s", "/", "plain_images_per_s"),
                   ">=0.9 (rayseg train / plain loop images/s, whole wall; images up to 1399 px "

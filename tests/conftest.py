@@ -37,6 +37,36 @@ import pytest
 os.environ.setdefault("RAYSEG_TRACKING_URI", "sqlite:///" + os.path.join(
     tempfile.mkdtemp(prefix="rayseg-mlflow-"), "mlflow.db"))
 
+
+def _ports_of_this_worker() -> dict[str, str]:
+    """Under ``make test``'s pytest-xdist workers (``gw0``, ``gw1``, ...), each worker's Ray
+    serves with HAProxy on ports of its own: Ray Serve's HAProxy binds fixed stats (8404) and
+    metrics (9101) ports and hands replicas ports from 30000 up, so a second local cluster's
+    endpoint on the same machine fails to start ("cannot bind socket").  Ray's defaults stay
+    free for jobs the tests run as a fresh shell would (``rayseg demo``)."""
+    import socket
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return {}
+    n = int(worker[2:])
+
+    def free() -> str:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return str(sock.getsockname()[1])
+
+    http, grpc = 31100 + 250 * n, 41100 + 250 * n   # past Ray's 30000-31000 and 40000-41000
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": free(), "RAY_SERVE_HAPROXY_METRICS_PORT": free(),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + 249),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 249)}
+
+
+for _name, _value in _ports_of_this_worker().items():
+    os.environ.setdefault(_name, _value)
+
 S3_BUCKET = "rayseg-test"
 RAY_TEST_CPUS = 2
 RAY_TEST_OBJECT_STORE_MB = 300
