@@ -82,7 +82,7 @@ def test_a_job_that_will_wait_for_cpus_says_so_and_one_that_fits_says_nothing(ra
 
 
 _RECORDED_CLUSTER = """
-import json, os
+import json
 from ray.cluster_utils import Cluster
 
 # a cluster that records its address in /tmp/ray/ray_current_cluster, as `ray start --head` does
@@ -92,8 +92,9 @@ import ray
 from pipelines.raycluster import ensure_ray
 
 resources = ensure_ray(num_cpus=2, object_store_mb=80)
-print("SEEN " + json.dumps({"cpus": resources["CPU"], "joined": ray.get_runtime_context().gcs_address,
-                            "recorded": other.address}), flush=True)
+joined = ray.get_runtime_context().gcs_address
+print("SEEN " + json.dumps({"cpus": resources["CPU"], "joined": joined, "recorded": other.address}),
+      flush=True)
 ray.shutdown()
 other.shutdown()
 """
